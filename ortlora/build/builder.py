@@ -1,0 +1,274 @@
+"""The build step: HF model directory -> artifact directory (ONNX graphs, ORT artifacts, manifest)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ortlora.build import training_artifacts
+from ortlora.build.model_dir import TOKENIZER_FILES, check_model_dir, weights_sha256
+from ortlora.errors import OrtloraError
+from ortlora.manifest import PEFT_PREFIX, LoraParameter, Manifest
+
+INFERENCE_MODEL = "inference_model.onnx"
+BASE_CONFIG = "config.json"
+BUNDLED_BASE = "base_model"
+
+
+@dataclass
+class BuildOptions:
+    model_dir: Path
+    out_dir: Path
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    label_smoothing: float = 0.0
+    seed: int = 0
+    force: bool = False
+    bundle_base: bool = False  # copy the base model into the artifacts (the tiny default)
+
+
+class Stages:
+    """Prints each stage of the build with its wall time."""
+
+    def __init__(self, total: int, echo=print):
+        self.total, self.done, self.echo, self.times = total, 0, echo, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        self.done += 1
+        self.echo(f"[{self.done}/{self.total}] {name} ...", flush=True)
+        start = time.perf_counter()
+        yield
+        self.times[name] = round(time.perf_counter() - start, 2)
+        self.echo(f"      done in {self.times[name]:.1f} s", flush=True)
+
+
+def check_out_dir(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OrtloraError(f"--out {out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise OrtloraError(f"--out {out_dir} already holds files; pass --force to replace them")
+
+
+def build(options: BuildOptions, echo=print) -> Manifest:
+    """Build the artifacts into a staging directory beside ``out_dir``, then move them in place.
+
+    A build that fails leaves ``out_dir`` as it was: nothing half-written carries a manifest.
+    """
+    config = check_model_dir(options.model_dir)
+    check_out_dir(options.out_dir, options.force)
+    if not 0.0 <= options.label_smoothing < 1.0:
+        raise OrtloraError(f"--label-smoothing must be in [0, 1), got {options.label_smoothing}")
+    options.out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{options.out_dir.name}.partial-", dir=options.out_dir.parent))
+    try:
+        manifest = _build_into(staging, config, options, echo)
+        if options.out_dir.exists():
+            shutil.rmtree(options.out_dir)
+        staging.rename(options.out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Manifest:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from ortlora.build.export import (
+        CausalLMLogits,
+        CausalLMLoss,
+        export_onnx,
+        inputs_to_initializers,
+        stamp_ir_version,
+    )
+    from ortlora.build.lora import inject_lora
+
+    onnxruntime.set_default_logger_severity(3)  # ORT's graph-transformer chatter is not for users
+    transformers.logging.disable_progress_bar()
+    stages = Stages(6, echo)
+    with stages("loading the model"):
+        model = AutoModelForCausalLM.from_pretrained(options.model_dir, attn_implementation="eager", dtype=torch.float32)
+        model.eval()
+        total_base = sum(p.numel() for p in model.parameters())
+        lora_names = inject_lora(model, list(options.targets), options.rank, options.alpha, options.dropout, options.seed)
+        params = dict(model.named_parameters())
+        lora_values = {name: params[name].detach().clone() for name in lora_names}
+        trainable = sum(v.numel() for v in lora_values.values())
+        echo(f"      trainable params: {trainable:,} || all params: {total_base + trainable:,} "
+             f"|| trainable%: {100 * trainable / (total_base + trainable):.4f}")
+
+    # A small example batch drives tracing; every axis that matters is exported as dynamic.
+    example_ids = torch.randint(0, config["vocab_size"], (2, 8))
+    example_mask = torch.ones_like(example_ids)
+    example_labels = example_ids.clone()
+    lora_inputs = tuple(lora_values.values())
+    work = staging / "work"
+    work.mkdir()
+
+    with stages("exporting the loss graph"):
+        if options.dropout > 0:
+            for module in model.modules():
+                if type(module).__name__ == "LoRALinear":
+                    module.lora_dropout.train()
+        export_onnx(
+            CausalLMLoss(model, lora_names, options.label_smoothing),
+            (example_ids, example_mask, example_labels, *lora_inputs),
+            ["input_ids", "attention_mask", "labels", *lora_names],
+            ["loss"],
+            work / "loss.onnx",
+            fold=options.dropout == 0,
+        )
+        model.eval()
+        loss_model = onnx.load(str(work / "loss.onnx"))
+        inputs_to_initializers(loss_model, lora_values, keep_as_inputs=False)
+        _check_lora_initializers(loss_model, lora_values)
+
+    with stages("generating training artifacts (gradient graph, optimizer, checkpoint)"):
+        stamp_ir_version(loss_model)
+        training_artifacts.generate(loss_model, lora_names, staging)
+        del loss_model
+
+    with stages("exporting the inference graph"):
+        export_onnx(
+            CausalLMLogits(model, lora_names),
+            (example_ids, example_mask, *lora_inputs),
+            ["input_ids", "attention_mask", *lora_names],
+            ["logits"],
+            work / "inference.onnx",
+            fold=True,
+        )
+        inference = onnx.load(str(work / "inference.onnx"))
+        # LoRA weights stay inputs with their initial values as defaults: any adapter can be fed in.
+        inputs_to_initializers(inference, lora_values, keep_as_inputs=True)
+        stamp_ir_version(inference)
+        onnx.save(inference, str(staging / INFERENCE_MODEL))
+        del inference
+        shutil.rmtree(work)
+
+    with stages("copying tokenizer and config"):
+        tokenizer_files = [f for f in TOKENIZER_FILES if (options.model_dir / f).is_file()]
+        for name in [*tokenizer_files, BASE_CONFIG]:
+            shutil.copy2(options.model_dir / name, staging / name)
+        base_hash = weights_sha256(options.model_dir)
+        if options.bundle_base:
+            shutil.copytree(options.model_dir, staging / BUNDLED_BASE)
+
+    with stages("checking that ONNX Runtime loads every artifact"):
+        _check_loads(staging, lora_names)
+
+    files = {
+        "training_model": training_artifacts.TRAINING_MODEL,
+        "eval_model": training_artifacts.EVAL_MODEL,
+        "optimizer_model": training_artifacts.OPTIMIZER_MODEL,
+        "checkpoint": training_artifacts.CHECKPOINT,
+        "inference_model": INFERENCE_MODEL,
+        "config": BASE_CONFIG,
+        "tokenizer": tokenizer_files,
+    }
+    lora = {
+        "rank": options.rank,
+        "alpha": options.alpha,
+        "scaling": options.alpha / options.rank,
+        "dropout": options.dropout,
+        "targets": list(options.targets),
+        "init": "gaussian",
+        "seed": options.seed,
+    }
+    model_info = {
+        "architecture": (config.get("architectures") or ["Qwen2ForCausalLM"])[0],
+        "model_type": config["model_type"],
+        # Relative paths are inside the artifact directory.
+        "source": BUNDLED_BASE if options.bundle_base else str(options.model_dir.resolve()),
+        "weights_sha256": base_hash,
+    }
+    identity = json.dumps([model_info["weights_sha256"], lora, options.label_smoothing], sort_keys=True)
+    manifest = Manifest(
+        model=model_info,
+        lora=lora,
+        label_smoothing=options.label_smoothing,
+        parameters=[_describe(name, tuple(value.shape)) for name, value in lora_values.items()],
+        files=files,
+        io={
+            "training": {"inputs": ["input_ids", "attention_mask", "labels"], "outputs": ["loss"]},
+            "inference": {"inputs": ["input_ids", "attention_mask", *lora_names], "outputs": ["logits"]},
+        },
+        counts={"trainable": trainable, "total": total_base + trainable},
+        versions=_versions(),
+        artifact_id=hashlib.sha256(identity.encode()).hexdigest()[:16],
+        extra={"build_seconds": stages.times},
+    )
+    manifest.save(staging)  # written last: its presence marks a complete build
+    return manifest
+
+
+def _describe(name: str, shape: tuple[int, ...]) -> LoraParameter:
+    # name: model.layers.{layer}.{self_attn|mlp}.{module}.lora_{A|B}.weight
+    parts = name.split(".")
+    return LoraParameter(
+        onnx_name=name,
+        peft_name=PEFT_PREFIX + name,
+        shape=shape,
+        layer=int(parts[2]),
+        module=parts[4],
+        kind=parts[5][-1],
+    )
+
+
+def _check_lora_initializers(model, lora_values: dict) -> None:
+    """Every LoRA weight must be its own initializer (see the exporter's de-duplication pass)."""
+    initializers = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    bad = [n for n, v in lora_values.items() if initializers.get(n) != tuple(v.shape)]
+    if bad:
+        raise RuntimeError(f"export lost or reshaped LoRA weights: {bad[:3]}")
+
+
+def _check_loads(directory: Path, lora_names: list[str]) -> None:
+    import onnxruntime as ort
+    from onnxruntime.capi import _pybind_state as C
+
+    state = C.load_checkpoint(str(directory / training_artifacts.CHECKPOINT))
+    device = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
+    module = C.Module(
+        str(directory / training_artifacts.TRAINING_MODEL),
+        state,
+        str(directory / training_artifacts.EVAL_MODEL),
+        device,
+        ort.SessionOptions(),
+    )
+    C.Optimizer(str(directory / training_artifacts.OPTIMIZER_MODEL), state, device, ort.SessionOptions())
+    trainable = sorted(n for n in state.parameter_names() if state.get_parameter(n).requires_grad)
+    if trainable != sorted(lora_names):
+        raise RuntimeError(f"trainable parameters in the checkpoint differ from the LoRA weights: {trainable[:4]}")
+    del module
+    quiet = ort.SessionOptions()
+    quiet.log_severity_level = 3  # LoRA inputs with default initializers are intended, not a warning
+    ort.InferenceSession(str(directory / INFERENCE_MODEL), quiet, providers=["CPUExecutionProvider"])
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    import ortlora
+
+    return {
+        "ortlora": ortlora.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }

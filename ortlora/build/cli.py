@@ -1,0 +1,74 @@
+"""ortlora-build: export a Qwen2 model with LoRA and generate ONNX Runtime training artifacts."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from ortlora.errors import OrtloraError, cli_entry
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="ortlora-build",
+        description="Inject LoRA into a Qwen2/Qwen2.5 model, export it to ONNX with a causal-LM loss "
+        "and generate ONNX Runtime training artifacts in which only the LoRA weights are trainable.",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", type=Path, help="local Hugging Face model directory (config.json, *.safetensors, tokenizer)")
+    source.add_argument("--tiny", action="store_true", help="the built-in tiny Qwen2 model (created, seeded, no download)")
+    parser.add_argument("--out", type=Path, default=Path("artifacts/tiny"), help="artifact directory (default: artifacts/tiny)")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: 8)")
+    parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; scaling = alpha / rank (default: 16)")
+    parser.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input, training only (default: 0)")
+    parser.add_argument("--targets", default="q_proj,v_proj",
+                        help="comma-separated projections (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj) or all-linear")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the loss (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for LoRA A initialisation and the tiny model (default: 0)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for the export (default: all cores)")
+    parser.add_argument("--force", action="store_true", help="replace an existing artifact directory")
+    return parser.parse_args(argv)
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from ortlora.build.builder import BuildOptions, build, check_out_dir
+    from ortlora.build.lora import parse_targets
+
+    targets = tuple(parse_targets(args.targets))
+    if args.rank <= 0:
+        raise OrtloraError(f"--rank must be a positive integer, got {args.rank}")
+    check_out_dir(args.out, args.force)  # fail before any slow work
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="ortlora-tiny-") as tmp:
+        model_dir = args.model
+        if args.tiny:
+            from ortlora.build.tiny import create_tiny_model
+
+            model_dir = create_tiny_model(Path(tmp) / "tiny-qwen2", seed=args.seed)
+            print(f"created the built-in tiny Qwen2 model (seed {args.seed})")
+        options = BuildOptions(
+            model_dir=model_dir,
+            out_dir=args.out,
+            rank=args.rank,
+            alpha=args.alpha,
+            dropout=args.dropout,
+            targets=targets,
+            label_smoothing=args.label_smoothing,
+            seed=args.seed,
+            force=args.force,
+            # The tiny base model lives with its artifacts: PEFT and merges need a base directory.
+            bundle_base=args.tiny,
+        )
+        manifest = build(options)
+    print(f"built {args.out} in {time.perf_counter() - start:.1f} s: "
+          f"{manifest.counts['trainable']:,} trainable of {manifest.counts['total']:,} parameters; "
+          f"next: ortlora-train --artifacts {args.out}")
+    return 0

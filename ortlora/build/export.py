@@ -1,0 +1,107 @@
+"""Export the LoRA-injected model to ONNX: a loss graph for training and a logits graph for inference.
+
+The LoRA weights enter both exports as graph *inputs*. That does two things: the TorchScript
+exporter cannot de-duplicate them (it merges initializers with identical values, which would tie
+every all-zero lora_B together), and constant folding cannot rename or transpose them. Frozen
+weights stay initializers and are folded (pre-transposed) by the exporter. Afterwards
+``inputs_to_initializers`` turns the LoRA inputs back into named initializers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+from torch import nn
+
+from ortlora.build.lora import external_lora_weights
+
+IGNORE_INDEX = -100
+OPSET = 17
+MAX_IR_VERSION = 10  # onnxruntime-training 1.19 loads IR <= 10
+
+
+class CausalLMLoss(nn.Module):
+    """Mean next-token cross-entropy over positions whose (already shifted) label is not ignored.
+
+    Hidden states are gathered at labelled positions *before* the LM head, so ignored positions
+    (padding, masked prompts) cost no vocabulary projection and no softmax. With label smoothing e
+    the loss is (1 - e) * nll + e * mean_over_vocab(-log p), as torch.nn.functional.cross_entropy.
+    """
+
+    def __init__(self, model: nn.Module, lora_names: list[str], label_smoothing: float):
+        super().__init__()
+        self.model = model
+        self.lora_names = lora_names
+        self.label_smoothing = label_smoothing
+
+    def forward(self, input_ids, attention_mask, labels, *lora):
+        with external_lora_weights(self.model, dict(zip(self.lora_names, lora))):
+            hidden = self.model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        flat_labels = labels.reshape(-1)
+        keep = torch.nonzero(flat_labels != IGNORE_INDEX).squeeze(1)
+        logits = self.model.lm_head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep))
+        targets = flat_labels.index_select(0, keep)
+        loss = F.cross_entropy(logits, targets)
+        if self.label_smoothing > 0:
+            # A separate LogSoftmax keeps the gradient exact (see ORT_FACTS: SoftmaxCrossEntropyLossGrad
+            # ignores gradients that flow into its log_prob output).
+            smooth = -F.log_softmax(logits, dim=-1).mean()
+            loss = (1 - self.label_smoothing) * loss + self.label_smoothing * smooth
+        return loss
+
+
+class CausalLMLogits(nn.Module):
+    """input_ids, attention_mask, LoRA weights -> logits [batch, seq, vocab]."""
+
+    def __init__(self, model: nn.Module, lora_names: list[str]):
+        super().__init__()
+        self.model = model
+        self.lora_names = lora_names
+
+    def forward(self, input_ids, attention_mask, *lora):
+        with external_lora_weights(self.model, dict(zip(self.lora_names, lora))):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def export_onnx(module: nn.Module, args: tuple, input_names: list[str], output_names: list[str], path: Path, fold: bool) -> None:
+    dynamic = {name: {0: "batch", 1: "sequence"} for name in ("input_ids", "attention_mask", "labels") if name in input_names}
+    if "logits" in output_names:
+        dynamic["logits"] = {0: "batch", 1: "sequence"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic,
+            opset_version=OPSET,
+            do_constant_folding=fold,
+            training=torch.onnx.TrainingMode.EVAL if fold else torch.onnx.TrainingMode.PRESERVE,
+            dynamo=False,
+        )
+
+
+def inputs_to_initializers(model: onnx.ModelProto, values: dict[str, torch.Tensor], keep_as_inputs: bool) -> None:
+    """Give each named graph input an initializer holding its value.
+
+    keep_as_inputs=False: the input disappears (a training parameter of ORT's artifacts).
+    keep_as_inputs=True: it stays an input whose initializer is its default (overridable at run time).
+    """
+    graph = model.graph
+    for name, value in values.items():
+        graph.initializer.append(numpy_helper.from_array(value.detach().cpu().numpy(), name))
+    if not keep_as_inputs:
+        kept = [i for i in graph.input if i.name not in values]
+        del graph.input[:]
+        graph.input.extend(kept)
+
+
+def stamp_ir_version(model: onnx.ModelProto) -> None:
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
