@@ -1,0 +1,124 @@
+"""Training backends: what the trainer needs from a training step, and ORT's training API behind it.
+
+A backend computes the loss of a batch and accumulates the gradients of the LoRA weights; the
+optimizer (ours, in numpy) reads weights and gradients by name and writes the weights back.
+A second backend (for instance a plain InferenceSession running a portable gradient graph)
+implements the same small protocol.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from ortlora.errors import OrtloraError
+from ortlora.manifest import Manifest
+
+Batch = dict[str, np.ndarray]  # input_ids, attention_mask, labels: int64 [batch, seq]
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+}
+
+
+class TrainingBackend(Protocol):
+    def train_step(self, batch: Batch) -> float:
+        """Loss of the batch; adds the gradients of the LoRA weights to the accumulated ones."""
+
+    def eval_loss(self, batch: Batch) -> float:
+        """Loss of the batch without dropout and without touching gradients."""
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """Current LoRA weights by ONNX name (copies)."""
+
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None: ...
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        """Accumulated gradients since the last ``zero_grad``, by ONNX name."""
+
+    def zero_grad(self) -> None: ...
+
+
+def check_provider(ep: str) -> str:
+    """Map --ep to an ORT provider name, or raise naming the providers this onnxruntime has."""
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    short = {v: k for k, v in PROVIDERS.items()}
+    names = ", ".join(short.get(p, p) for p in available)
+    if ep not in PROVIDERS:
+        raise OrtloraError(f"unknown execution provider {ep!r}; this onnxruntime has: {names}")
+    if PROVIDERS[ep] not in available:
+        hint = " (install onnxruntime-training, the CUDA build, instead of onnxruntime-training-cpu)" if ep == "cuda" else ""
+        raise OrtloraError(f"execution provider {ep} is not available{hint}; this onnxruntime has: {names}")
+    return PROVIDERS[ep]
+
+
+class OrtTrainingBackend:
+    """ORT's on-device training API (training + eval graphs from generate_artifacts).
+
+    Uses the compiled bindings directly: ``onnxruntime.training.api`` imports torch, this does not.
+    """
+
+    def __init__(self, artifacts: Path, manifest: Manifest, ep: str = "cpu", threads: int | None = None):
+        from onnxruntime.capi import _pybind_state as C
+        from onnxruntime.capi.onnxruntime_inference_collection import OrtValue
+
+        if ep not in ("cpu", "cuda"):
+            raise OrtloraError(
+                f"ORT's training API runs on cpu and cuda only, not {ep}; "
+                "the portable training-graph backend is the way to other providers"
+            )
+        check_provider(ep)
+        self._C, self._OrtValue = C, OrtValue
+        options = C.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        device_type = C.OrtDevice.cuda() if ep == "cuda" else C.OrtDevice.cpu()
+        self._device = C.OrtDevice(device_type, C.OrtDevice.default_memory(), 0)
+        self._state = C.load_checkpoint(str(artifacts / manifest.files["checkpoint"]))
+        self._module = C.Module(
+            str(artifacts / manifest.files["training_model"]),
+            self._state,
+            str(artifacts / manifest.files["eval_model"]),
+            self._device,
+            options,
+        )
+        self.names = [p.onnx_name for p in manifest.parameters]
+        self._params = {name: self._state.get_parameter(name) for name in self.names}
+        self._inputs = manifest.io["training"]["inputs"]
+        self._module.lazy_reset_grad()
+
+    def _run(self, batch: Batch, training: bool) -> float:
+        fetches = self._C.OrtValueVector()
+        feeds = [np.ascontiguousarray(batch[name], dtype=np.int64) for name in self._inputs]
+        if training:
+            self._module.train_step(feeds, fetches)
+        else:
+            self._module.eval_step(feeds, fetches)
+        return float(fetches[0].numpy())
+
+    def train_step(self, batch: Batch) -> float:
+        return self._run(batch, training=True)
+
+    def eval_loss(self, batch: Batch) -> float:
+        return self._run(batch, training=False)
+
+    def weights(self) -> dict[str, np.ndarray]:
+        return {name: param.data.numpy() for name, param in self._params.items()}
+
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        for name, value in weights.items():
+            ort_value = self._OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+            self._params[name].copy_from(self._state, ort_value._ortvalue)
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        return {name: param.grad.numpy() for name, param in self._params.items()}
+
+    def zero_grad(self) -> None:
+        self._module.lazy_reset_grad()

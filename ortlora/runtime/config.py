@@ -1,0 +1,131 @@
+"""Training settings: defaults < saved run config (on resume) < TOML file < command line.
+
+Every field carries its help text; the command line is generated from the fields, and unknown
+keys or wrong types in a config file are refused, not ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_type_hints
+
+from ortlora.errors import OrtloraError
+
+BACKENDS = ("ort-training",)
+EPS = ("cpu", "cuda", "coreml")
+
+
+def _f(default, help: str, choices=None, **kw):
+    return field(default=default, metadata={"help": help, "choices": choices, **kw})
+
+
+@dataclass
+class TrainConfig:
+    artifacts: str = _f("artifacts/tiny", "artifact directory made by ortlora-build")
+    data: str = _f("builtin:chat", "training data (JSON Lines), or builtin:chat|completions|text for the shipped sets")
+    eval_data: str | None = _f(None, "evaluation data; builtin data comes with its own validation split")
+    eval_split: float = _f(0.0, "hold out this fraction of the training data for evaluation when no --eval-data")
+    out: str | None = _f(None, "run directory: checkpoints, log, config, summary, loss curve (default: runs/NAME-TIME)")
+    overwrite: bool = _f(False, "allow --out to be a directory that already holds checkpoints")
+    backend: str = _f("ort-training", "training backend", choices=BACKENDS)
+    ep: str = _f("cpu", "execution provider", choices=EPS)
+    threads: int | None = _f(None, "intra-op threads (default: ONNX Runtime's choice, all cores)")
+    epochs: int = _f(1, "passes over the training data (ignored when --max-steps is set)")
+    max_steps: int | None = _f(None, "optimizer steps to train; overrides --epochs")
+    batch_size: int = _f(8, "examples per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step (gradient accumulation)")
+    max_seq_len: int = _f(512, "longer examples are truncated (and counted)")
+    pack: bool = _f(False, "pack short examples into sequences of up to --max-seq-len tokens")
+    shuffle: bool = _f(True, "shuffle the training data each epoch")
+    seed: int = _f(0, "seed for data order and the evaluation split")
+    lr: float = _f(2e-4, "peak learning rate")
+    schedule: str = _f("cosine", "learning-rate schedule", choices=("constant", "linear", "cosine", "warmup-cosine"))
+    warmup_steps: int = _f(0, "linear warmup steps (warmup-cosine defaults to 10%% of the steps)")
+    min_lr: float = _f(0.0, "final learning rate of the linear and cosine schedules")
+    weight_decay: float = _f(0.01, "AdamW decoupled weight decay")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.999, "AdamW beta2")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    max_grad_norm: float | None = _f(1.0, "clip gradients to this global norm (0: no clipping)")
+    eval_every: int = _f(0, "evaluate every N optimizer steps (0: at the end only)")
+    eval_batches: int | None = _f(None, "evaluate on at most this many batches")
+    save_every: int = _f(0, "save a checkpoint every N optimizer steps (one is always saved at the end)")
+    log_every: int = _f(1, "write a log line every N optimizer steps")
+    on_bad_data: str = _f("stop", "a malformed data line: stop, or skip it and count it", choices=("stop", "skip"))
+    on_nan: str = _f("stop", "a NaN/inf loss: stop (keeping the last checkpoint), or skip the step", choices=("stop", "skip"))
+    resume: str | None = _f(None, "continue a run: a run directory (its latest checkpoint) or a checkpoint directory")
+    init_adapter: str | None = _f(None, "start from an existing PEFT adapter directory")
+    plot: bool = _f(True, "write a loss-curve PNG into the run directory")
+    progress: bool = _f(True, "show a progress bar")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
+_HINTS = get_type_hints(TrainConfig)
+
+
+def _types(name: str) -> tuple[tuple[type, ...], bool]:
+    """The accepted types of a field, and whether it may be None."""
+    args = get_args(_HINTS[name]) or (_HINTS[name],)
+    return tuple(t for t in args if t is not type(None)), type(None) in args
+
+
+def _check(key: str, value: Any, source: str) -> Any:
+    if key not in _FIELDS:
+        raise OrtloraError(f"{source}: unknown setting {key!r}")
+    expected, nullable = _types(key)
+    if value is None and nullable:
+        return None
+    if float in expected and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
+        names = " or ".join(t.__name__ for t in expected)
+        raise OrtloraError(f"{source}: {key} must be {names}, got {value!r}")
+    choices = _FIELDS[key].metadata.get("choices")
+    if choices and value not in choices:
+        raise OrtloraError(f"{source}: {key} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def from_mapping(values: dict, source: str, base: TrainConfig | None = None) -> TrainConfig:
+    config = dataclasses.replace(base) if base else TrainConfig()
+    for key, value in values.items():
+        setattr(config, key.replace("-", "_"), _check(key.replace("-", "_"), value, source))
+    return config
+
+
+def load_toml(path: Path, base: TrainConfig | None = None) -> TrainConfig:
+    if not path.is_file():
+        raise OrtloraError(f"config file {path} does not exist")
+    try:
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise OrtloraError(f"{path} is not valid TOML: {e}") from None
+    return from_mapping(values, str(path), base)
+
+
+def load_json(path: Path) -> TrainConfig:
+    return from_mapping(json.loads(path.read_text(encoding="utf-8")), str(path))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per field; defaults are None so that only what the user typed overrides."""
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _types(f.name)[0][0]
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=None, choices=f.metadata.get("choices"), help=help_text)
+
+
+def given(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k in _FIELDS and v is not None}

@@ -1,0 +1,80 @@
+"""What the user sees: a progress bar, a JSON Lines log, a summary and a loss-curve picture.
+
+Every record is a plain dict handed to each callback, so a progress bar, a log file and a test
+consume the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+
+def peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def format_step(r: dict) -> str:
+    return (f"step {r['step']}/{r['total_steps']}: loss {r['loss']:.4f}, lr {r['lr']:.2e}, "
+            f"grad norm {r['grad_norm']:.3f}, {r['tokens_per_s']:.0f} tok/s")
+
+
+class JsonlLog:
+    def __init__(self, path: Path, append: bool):
+        self._file = path.open("a" if append else "w", encoding="utf-8")
+
+    def __call__(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class ProgressBar:
+    def __init__(self, total: int, initial: int, enabled: bool):
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, initial=initial, unit="step", disable=not enabled, dynamic_ncols=True, file=sys.stderr)
+
+    def __call__(self, record: dict) -> None:
+        if record["kind"] == "train":
+            self._bar.update(record["step"] - self._bar.n)
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.1e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        elif record["kind"] == "eval":
+            self._bar.write(f"step {record['step']}: eval loss {record['eval_loss']:.4f}, perplexity {record['eval_perplexity']:.2f}")
+        elif record["kind"] == "message":
+            self._bar.write(record["text"])
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def plot_losses(log_path: Path, out_path: Path) -> bool:
+    """Train (and eval) loss against step as a PNG. Returns False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    records = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
+    evals = [(r["step"], r["eval_loss"]) for r in records if r["kind"] == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path)
+    plt.close(fig)
+    return True
