@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny artifact directories, built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ortlora.build.builder import BuildOptions, build
+from ortlora.build.tiny import create_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return create_tiny_model(tmp_path_factory.mktemp("model") / "tiny-qwen2", seed=0)
+
+
+def _build(tmp_path_factory, tiny_model: Path, name: str, **options) -> Path:
+    out = tmp_path_factory.mktemp("artifacts") / name
+    build(BuildOptions(model_dir=tiny_model, out_dir=out, bundle_base=True, **options), echo=lambda *a, **k: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory, tiny_model) -> Path:
+    """The default build: r=8, alpha=16 on q_proj,v_proj."""
+    return _build(tmp_path_factory, tiny_model, "default")
+
+
+@pytest.fixture(scope="session")
+def artifacts_all_linear(tmp_path_factory, tiny_model) -> Path:
+    """Every projection, another rank and alpha, and label smoothing."""
+    return _build(tmp_path_factory, tiny_model, "all-linear", rank=4, alpha=8.0,
+                  targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                  label_smoothing=0.1)

@@ -1,0 +1,201 @@
+"""The build step against PyTorch + PEFT: parameters, loss, gradients and logits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from ortlora.build import cli as build_cli
+from ortlora.manifest import MANIFEST_NAME, Manifest
+from ortlora.runtime.backend import OrtTrainingBackend
+from tests.reference import loss_and_grads, peft_model, random_weights, rel_err
+
+TOL = 1e-4
+
+
+def make_batch(vocab: int, case: str, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, size=(3, 19), dtype=np.int64)
+    mask = np.ones_like(ids)
+    labels = np.roll(ids, -1, axis=1)
+    labels[:, -1] = -100
+    if case == "ignored":  # masked prompts: a random third of the labels ignored
+        labels[rng.random(labels.shape) < 0.33] = -100
+    if case == "padding":  # right padding of different lengths
+        for row, n in ((1, 11), (2, 4)):
+            ids[row, n:] = 0
+            mask[row, n:] = 0
+            labels[row, n - 1:] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def test_every_lora_weight_is_its_own_trainable_parameter(artifacts_all_linear):
+    from onnxruntime.capi import _pybind_state as C
+
+    manifest = Manifest.load(artifacts_all_linear)
+    state = C.load_checkpoint(str(artifacts_all_linear / manifest.files["checkpoint"]))
+    trainable = {n: state.get_parameter(n).data.numpy().shape for n in state.parameter_names()
+                 if state.get_parameter(n).requires_grad}
+    # 2 layers x 7 projections x (A, B)
+    assert len(manifest.parameters) == 28
+    assert trainable == {p.onnx_name: p.shape for p in manifest.parameters}
+    # GQA: k/v project 64 -> 32 (2 KV heads of 16), q/o 64 -> 64, MLP 64 <-> 176; rank 4
+    shapes = {(p.layer, p.module, p.kind): p.shape for p in manifest.parameters}
+    assert shapes[(1, "k_proj", "B")] == (32, 4)
+    assert shapes[(1, "q_proj", "B")] == (64, 4)
+    assert shapes[(0, "down_proj", "A")] == (4, 176)
+    assert shapes[(0, "up_proj", "B")] == (176, 4)
+    # Exporter de-duplication guard: all-zero B matrices must not have been merged into one.
+    training = onnx.load(str(artifacts_all_linear / manifest.files["training_model"]), load_external_data=False)
+    graph_names = {i.name for i in training.graph.input} | {i.name for i in training.graph.initializer}
+    assert all(p.onnx_name in graph_names for p in manifest.parameters)
+
+
+def test_initialisation_gaussian_a_zero_b(artifacts):
+    from onnxruntime.capi import _pybind_state as C
+
+    manifest = Manifest.load(artifacts)
+    state = C.load_checkpoint(str(artifacts / manifest.files["checkpoint"]))
+    a = np.concatenate([state.get_parameter(p.onnx_name).data.numpy().ravel() for p in manifest.parameters if p.kind == "A"])
+    for p in manifest.parameters:
+        if p.kind == "B":
+            assert not state.get_parameter(p.onnx_name).data.numpy().any()
+    assert abs(a.std() - 1 / 8) < 0.01 and abs(a.mean()) < 0.01  # N(0, 1/r), r = 8
+    assert manifest.lora["scaling"] == 2.0
+    assert manifest.counts["trainable"] == 2 * (8 * 64 + 64 * 8 + 8 * 64 + 32 * 8)
+
+
+def test_qwen25_05b_trainable_count():
+    """The real Qwen2.5-0.5B shape with r=8 on q_proj,v_proj (on the meta device: no weights)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from ortlora.build.lora import inject_lora
+
+    config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    names = inject_lora(model, ["q_proj", "v_proj"], 8, 16, 0.0, 0)
+    params = dict(model.named_parameters())
+    assert sum(params[n].numel() for n in names) == 540_672
+
+
+@pytest.mark.parametrize("case", ["plain", "ignored", "padding"])
+def test_loss_and_gradients_match_peft(artifacts, case):
+    _check_against_peft(artifacts, case)
+
+
+@pytest.mark.parametrize("case", ["ignored", "padding"])
+def test_all_linear_with_label_smoothing_matches_peft(artifacts_all_linear, case):
+    _check_against_peft(artifacts_all_linear, case)
+
+
+def _check_against_peft(directory, case):
+    manifest = Manifest.load(directory)
+    weights = random_weights(manifest, seed=1)
+    backend = OrtTrainingBackend(directory, manifest)
+    backend.set_weights(weights)
+    batch = make_batch(int(json.loads((directory / "config.json").read_text())["vocab_size"]), case)
+    backend.zero_grad()
+    loss = backend.train_step(batch)
+    grads = backend.gradients()
+    ref_loss, ref_grads = loss_and_grads(peft_model(directory, weights), manifest, batch, manifest.label_smoothing)
+    assert abs(loss - ref_loss) / ref_loss < TOL
+    worst = max(rel_err(grads[n], ref_grads[n]) for n in ref_grads)
+    assert worst < TOL, worst
+    assert backend.eval_loss(batch) == pytest.approx(ref_loss, rel=TOL)
+
+
+def test_inference_logits_match_transformers(artifacts):
+    import onnxruntime as ort
+
+    manifest = Manifest.load(artifacts)
+    weights = random_weights(manifest, seed=2)
+    batch = make_batch(512, "padding", seed=3)
+    session = ort.InferenceSession(str(artifacts / manifest.files["inference_model"]), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **weights}
+    logits = session.run(["logits"], feeds)[0]
+    with torch.no_grad():
+        ref = peft_model(artifacts, weights)(input_ids=torch.from_numpy(batch["input_ids"]),
+                                             attention_mask=torch.from_numpy(batch["attention_mask"])).logits.numpy()
+    valid = batch["attention_mask"].astype(bool)
+    assert rel_err(logits[valid], ref[valid]) < TOL
+    # Without LoRA inputs the initial weights (B = 0) are used: the base model's logits.
+    base = session.run(["logits"], {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})[0]
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(artifacts / "base_model")(input_ids=torch.from_numpy(batch["input_ids"]),
+                                                                              attention_mask=torch.from_numpy(batch["attention_mask"])).logits.numpy()
+    assert rel_err(base[valid], plain[valid]) < TOL
+
+
+def test_dropout_is_in_training_graph_only(tmp_path, tiny_model):
+    from ortlora.build.builder import BuildOptions, build
+
+    out = tmp_path / "dropout"
+    build(BuildOptions(model_dir=tiny_model, out_dir=out, dropout=0.3), echo=lambda *a, **k: None)
+    manifest = Manifest.load(out)
+    ops = lambda name: {n.op_type for n in onnx.load(str(out / manifest.files[name]), load_external_data=False).graph.node}
+    assert "Dropout" in ops("training_model")
+    assert "Dropout" not in ops("eval_model") and "Dropout" not in ops("inference_model")
+    backend = OrtTrainingBackend(out, manifest)
+    backend.set_weights(random_weights(manifest, seed=4))
+    batch = make_batch(512, "plain")
+    assert backend.eval_loss(batch) == backend.eval_loss(batch)  # deterministic without dropout
+    assert backend.train_step(batch) != backend.eval_loss(batch)
+
+
+def _run_build(argv, capsys):
+    code = build_cli.main(argv)
+    err = capsys.readouterr().err
+    return code, err
+
+
+@pytest.mark.parametrize("argv_fn, message", [
+    (lambda d, m: ["--model", str(d / "nope"), "--out", str(d / "o")], "does not exist"),
+    (lambda d, m: ["--model", str(d), "--out", str(d / "o")], "no config.json"),
+    (lambda d, m: ["--model", str(m), "--out", str(d / "o"), "--targets", "q_proj,wq"], "unknown target module"),
+    (lambda d, m: ["--model", str(m), "--out", str(d / "o"), "--rank", "0"], "--rank must be a positive integer"),
+])
+def test_bad_build_input_is_one_line_error(tmp_path, tiny_model, capsys, argv_fn, message):
+    code, err = _run_build(argv_fn(tmp_path, tiny_model), capsys)
+    assert code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_other_architecture_and_missing_weights(tmp_path, tiny_model, capsys):
+    llama = tmp_path / "llama"
+    shutil.copytree(tiny_model, llama)
+    config = json.loads((llama / "config.json").read_text())
+    (llama / "config.json").write_text(json.dumps({**config, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    code, err = _run_build(["--model", str(llama), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "llama model" in err and "Qwen2" in err
+    (llama / "config.json").write_text(json.dumps(config))
+    (llama / "model.safetensors").unlink()
+    code, err = _run_build(["--model", str(llama), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "no *.safetensors" in err
+
+
+def test_existing_output_needs_force(artifacts, tiny_model, capsys):
+    code, err = _run_build(["--model", str(tiny_model), "--out", str(artifacts)], capsys)
+    assert code == 2 and "--force" in err
+
+
+def test_failed_build_leaves_nothing_that_looks_complete(tmp_path, tiny_model, monkeypatch):
+    from ortlora.build import builder, training_artifacts
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(training_artifacts, "generate", broken)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="simulated"):
+        builder.build(builder.BuildOptions(model_dir=tiny_model, out_dir=out), echo=lambda *a, **k: None)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # the staging directory is gone too
+    assert not (out / MANIFEST_NAME).exists()
