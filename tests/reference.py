@@ -49,7 +49,7 @@ def loss_and_grads(model, manifest: Manifest, batch: dict[str, np.ndarray], labe
     for p in manifest.parameters:
         key = p.peft_name.replace(f".lora_{p.kind}.weight", f".lora_{p.kind}.default.weight")
         grads[p.onnx_name] = params[key].grad.numpy().copy()
-    return float(loss), grads
+    return float(loss.detach()), grads
 
 
 def random_weights(manifest: Manifest, seed: int, scale: float = 0.1) -> dict[str, np.ndarray]:

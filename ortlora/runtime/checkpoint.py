@@ -113,7 +113,7 @@ def find_checkpoint(path: Path) -> Path:
 
 def load_adapter(directory: Path, manifest: Manifest) -> dict[str, np.ndarray]:
     """LoRA weights of a PEFT adapter (ours or PyTorch's), by ONNX name, checked against the artifacts."""
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     path = directory / ADAPTER_WEIGHTS
@@ -121,7 +121,7 @@ def load_adapter(directory: Path, manifest: Manifest) -> dict[str, np.ndarray]:
         raise OrtloraError(f"{directory} has no {ADAPTER_WEIGHTS}")
     try:
         tensors = load_file(str(path))
-    except (SafetensorsError, OSError) as e:
+    except (SafetensorError, OSError) as e:
         raise OrtloraError(f"{path} cannot be read: {e}") from None
     # PEFT may keep the adapter name in keys ("lora_A.default.weight") when saved by hand.
     tensors = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v for k, v in tensors.items()}

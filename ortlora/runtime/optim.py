@@ -63,13 +63,13 @@ class AdamW:
         return norm
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        state = {"step": np.array(self.t, dtype=np.int64)}
+        state = {"step": np.array([self.t], dtype=np.int64)}
         state.update({f"exp_avg.{k}": v for k, v in self.m.items()})
         state.update({f"exp_avg_sq.{k}": v for k, v in self.v.items()})
         return state
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        self.t = int(state["step"])
+        self.t = int(state["step"].reshape(-1)[0])
         self.m = {k[len("exp_avg."):]: v.copy() for k, v in state.items() if k.startswith("exp_avg.")}
         self.v = {k[len("exp_avg_sq."):]: v.copy() for k, v in state.items() if k.startswith("exp_avg_sq.")}
 
