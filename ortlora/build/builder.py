@@ -91,6 +91,7 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
         CausalLMLoss,
         export_onnx,
         inputs_to_initializers,
+        save_model,
         stamp_ir_version,
     )
     from ortlora.build.lora import inject_lora
@@ -137,7 +138,7 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
 
     with stages("generating training artifacts (gradient graph, optimizer, checkpoint)"):
         stamp_ir_version(loss_model)
-        training_artifacts.generate(loss_model, lora_names, staging)
+        training_artifacts.generate(loss_model, lora_names, staging, work)
         del loss_model
 
     with stages("exporting the inference graph"):
@@ -153,7 +154,7 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
         # LoRA weights stay inputs with their initial values as defaults: any adapter can be fed in.
         inputs_to_initializers(inference, lora_values, keep_as_inputs=True)
         stamp_ir_version(inference)
-        onnx.save(inference, str(staging / INFERENCE_MODEL))
+        save_model(inference, staging / INFERENCE_MODEL)
         del inference
         shutil.rmtree(work)
 

@@ -103,5 +103,22 @@ def inputs_to_initializers(model: onnx.ModelProto, values: dict[str, torch.Tenso
         graph.input.extend(kept)
 
 
+PROTOBUF_LIMIT = 2**31 - 2**26  # protobuf cannot serialise 2 GiB; keep a margin
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    # ByteSize() itself serialises, and fails past 2 GB: count the weights instead.
+    return sum(len(t.raw_data) for t in model.graph.initializer) > PROTOBUF_LIMIT
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """Save, with every weight in one external ``NAME.data`` file when the model exceeds 2 GB."""
+    if is_large(model):
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save(model, str(path))
+
+
 def stamp_ir_version(model: onnx.ModelProto) -> None:
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import onnx
 
-from ortlora.build.export import stamp_ir_version
+from ortlora.build.export import is_large, save_model, stamp_ir_version
 
 TRAINING_MODEL = "training_model.onnx"
 EVAL_MODEL = "eval_model.onnx"
@@ -23,15 +23,19 @@ OPTIMIZER_MODEL = "optimizer_model.onnx"
 CHECKPOINT = "checkpoint"
 
 
-def generate(loss_model: onnx.ModelProto, trainable: list[str], out_dir: Path) -> None:
+def generate(loss_model: onnx.ModelProto, trainable: list[str], out_dir: Path, work_dir: Path) -> None:
     from onnxruntime.training import artifacts
 
     frozen = [init.name for init in loss_model.graph.initializer if init.name not in set(trainable)]
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
     # loss=None: the exported graph's single output already is the loss.
+    model_arg = loss_model
+    if is_large(loss_model):  # over 2 GB the model must be handed over as a path, weights external
+        save_model(loss_model, work_dir / "loss_external.onnx")
+        model_arg = str(work_dir / "loss_external.onnx")
     with native_stderr_silenced():  # ORT's gradient builder logs every graph pass at INFO level
         artifacts.generate_artifacts(
-            loss_model,
+            model_arg,
             requires_grad=trainable,
             frozen_params=frozen,
             loss=None,
@@ -43,7 +47,7 @@ def generate(loss_model: onnx.ModelProto, trainable: list[str], out_dir: Path) -
         if name == EVAL_MODEL:
             disable_dropout(model)
         stamp_ir_version(model)
-        onnx.save(model, str(out_dir / name))
+        onnx.save(model, str(out_dir / name))  # weights, if external, stay where they are
 
 
 @contextlib.contextmanager
