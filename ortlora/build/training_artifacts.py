@@ -26,8 +26,8 @@ CHECKPOINT = "checkpoint"
 def generate(loss_model: onnx.ModelProto, trainable: list[str], out_dir: Path, work_dir: Path) -> None:
     from onnxruntime.training import artifacts
 
-    out_dir, work_dir = out_dir.resolve(), work_dir.resolve()  # generation runs inside work_dir
-
+    # Known gap: over 2 GB, onnxblock's shape inference of the path-given model fails under
+    # onnx >= 1.17 (it re-saves temp.onnx.data in the working directory, which onnx refuses).
     frozen = [init.name for init in loss_model.graph.initializer if init.name not in set(trainable)]
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
     # loss=None: the exported graph's single output already is the loss.
@@ -35,7 +35,7 @@ def generate(loss_model: onnx.ModelProto, trainable: list[str], out_dir: Path, w
     if is_large(loss_model):  # over 2 GB the model must be handed over as a path, weights external
         save_model(loss_model, work_dir / "loss_external.onnx")
         model_arg = str(work_dir / "loss_external.onnx")
-    with native_stderr_silenced(), _onnxblock_temp_files_in(work_dir):
+    with native_stderr_silenced():  # ORT's gradient builder logs every graph pass at INFO level
         artifacts.generate_artifacts(
             model_arg,
             requires_grad=trainable,
@@ -65,36 +65,6 @@ def native_stderr_silenced():
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
-
-
-@contextlib.contextmanager
-def _onnxblock_temp_files_in(work_dir: Path):
-    """Let onnxblock's shape inference of a path-given (>2 GB) model run under onnx >= 1.17.
-
-    onnxblock saves the model to ``temp.onnx`` + ``temp.onnx.data`` in the working directory once
-    per block, but deletes them only when a block is garbage-collected; onnx >= 1.17 refuses to
-    overwrite an existing external-data file (FileExistsError). The stale file holds nothing that is
-    still needed (the model it belonged to was loaded into memory), so remove it before each save,
-    and keep the temporary files in our work directory.
-    """
-    original_save = onnx.save
-
-    def save(model, f, *args, **kwargs):
-        location = kwargs.get("location")
-        if kwargs.get("save_as_external_data") and location:
-            stale = Path(os.fspath(f)).parent / location
-            if stale.exists():
-                stale.unlink()
-        return original_save(model, f, *args, **kwargs)
-
-    cwd = os.getcwd()
-    onnx.save = save
-    os.chdir(work_dir)
-    try:
-        yield
-    finally:
-        os.chdir(cwd)
-        onnx.save = original_save
 
 
 def disable_dropout(model: onnx.ModelProto) -> int:
