@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -109,10 +108,6 @@ def load_toml(path: Path, base: TrainConfig | None = None) -> TrainConfig:
     except tomllib.TOMLDecodeError as e:
         raise OrtloraError(f"{path} is not valid TOML: {e}") from None
     return from_mapping(values, str(path), base)
-
-
-def load_json(path: Path) -> TrainConfig:
-    return from_mapping(json.loads(path.read_text(encoding="utf-8")), str(path))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
