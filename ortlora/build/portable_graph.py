@@ -1,0 +1,350 @@
+"""The portable training graph: ORT's gradient graph rewritten into standard ONNX.
+
+ONNX Runtime's training packages ended at 1.19.2, and the training model that
+``generate_artifacts`` writes uses operators only training builds implement (ConcatTraining,
+SliceGrad, SoftmaxCrossEntropyLossGrad, InPlaceAccumulatorV2, ...). Each of them is a few lines of
+standard ONNX, so the build rewrites that model into one any ONNX Runtime can run with an
+InferenceSession, on any execution provider:
+
+    inputs   input_ids, attention_mask, labels, and every LoRA weight (by its ONNX name)
+    outputs  loss, and NAME_grad, the gradient of every LoRA weight
+    frozen   weights are initializers (external data, one file shared with the eval graph)
+
+The contrib operators of ORT's forward graph (FusedMatMul, QuickGelu, SimplifiedLayerNormalization)
+are decomposed too, so the result is plain ai.onnx opset 17 and passes ``onnx.checker``'s full
+check. Each rewrite writes the outputs of the node it replaces under their own names, so the rest of
+the graph is untouched; tests/test_portable.py checks every rewrite against ORT's own kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+ACCUMULATOR = "InPlaceAccumulatorV2"
+GRAD_SUFFIX = "_grad"
+
+
+class UnsupportedNode(ValueError):
+    """A node of the gradient graph that no rewrite covers (or an attribute value it does not)."""
+
+
+class Emitter:
+    """Collects the standard nodes that replace one node; names are unique per replaced node."""
+
+    def __init__(self, node: onnx.NodeProto):
+        self.node, self.nodes, self._count = node, [], 0
+        self._prefix = (node.name or node.output[0]) + "/portable"
+
+    def fresh(self) -> str:
+        self._count += 1
+        return f"{self._prefix}_{self._count}"
+
+    def __call__(self, op: str, inputs: list[str], outputs: list[str] | None = None, **attrs) -> str:
+        """Add a node; returns the name of its first output (a fresh one unless given)."""
+        outputs = outputs or [self.fresh()]
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=self.fresh(), **attrs))
+        return outputs[0]
+
+    def const(self, value, dtype=np.int64) -> str:
+        return self("Constant", [], value=numpy_helper.from_array(np.asarray(value, dtype=dtype), self.fresh()))
+
+    def zeros(self, shape: str) -> str:
+        return self("ConstantOfShape", [shape], value=numpy_helper.from_array(np.zeros(1, np.float32)))
+
+    def transpose_last_two(self, x: str) -> str:
+        """[..., m, n] -> [..., n, m] for any rank >= 2, without knowing the rank."""
+        shape = self("Shape", [x])
+        batch = self("Shape", [x], start=0, end=-2)
+        m_n = self("Shape", [x], start=-2)
+        as_3d = self("Reshape", [x, self("Concat", [self.const([-1]), m_n], axis=0)])
+        swapped = self("Transpose", [as_3d], perm=[0, 2, 1])
+        n_m = self("Slice", [shape, self.const([-1]), self.const([-3]), self.const([0]), self.const([-1])])
+        return self("Reshape", [swapped, self("Concat", [batch, n_m], axis=0)])
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _input(node: onnx.NodeProto, i: int) -> str:
+    return node.input[i] if len(node.input) > i else ""
+
+
+def _live_output(node: onnx.NodeProto, i: int) -> str:
+    return node.output[i] if len(node.output) > i else ""
+
+
+def _require(condition: bool, node: onnx.NodeProto, what: str) -> None:
+    if not condition:
+        raise UnsupportedNode(f"{node.op_type} node {node.name!r}: {what} is not supported by the portable graph")
+
+
+# -- rewrites: one function per operator, (node, emitter) -> nodes added to the emitter -----------
+
+def concat_training(node, e: Emitter) -> None:
+    axis = _attrs(node)["axis"]
+    e("Concat", list(node.input), [node.output[0]], axis=axis)
+    if _live_output(node, 1):  # the length of every input along the axis, as SplitTraining wants it
+        bounds = {"start": axis} if axis == -1 else {"start": axis, "end": axis + 1}
+        lengths = [e("Shape", [x], **bounds) for x in node.input]
+        e("Concat", lengths, [node.output[1]], axis=0)
+
+
+def split_training(node, e: Emitter) -> None:
+    e("Split", [node.input[0], _input(node, 1)], list(node.output), axis=_attrs(node).get("axis", 0))
+
+
+def slice_grad(node, e: Emitter) -> None:
+    """dX = zeros(shape) with dY written where the forward Slice read.
+
+    The positions are found by slicing a tensor of flat indices with the forward Slice's own
+    starts/ends/axes/steps, so every form of Slice is covered.
+    """
+    dy, shape = node.input[0], node.input[1]
+    count = e("ReduceProd", [shape], keepdims=1)
+    flat_index = e("Range", [e.const(0), e("Squeeze", [count]), e.const(1)])
+    index = e("Reshape", [flat_index, shape])
+    picked = e("Slice", [index, *node.input[2:]])
+    minus_one = e.const([-1])
+    scattered = e("ScatterElements", [e.zeros(count), e("Reshape", [picked, minus_one]), e("Reshape", [dy, minus_one])], axis=0)
+    e("Reshape", [scattered, shape], [node.output[0]])
+
+
+def gather_grad(node, e: Emitter) -> None:
+    """dX = zeros(shape) with the rows of dY added at the gathered indices (repeats add up)."""
+    _require(_attrs(node).get("axis", 0) == 0, node, "an axis other than 0")
+    shape, indices, dy = node.input
+    e("ScatterND", [e.zeros(shape), e("Unsqueeze", [indices, e.const([-1])]), dy], [node.output[0]], reduction="add")
+
+
+def softmax_cross_entropy_loss_grad(node, e: Emitter) -> None:
+    """d logits = (softmax - onehot(label)) * dY, zero on ignored rows, / count for 'mean'."""
+    a = _attrs(node)
+    _require(len([i for i in node.input[3:] if i]) == 0, node, "a weight or bias input")
+    dy, log_prob, label = node.input[:3]
+    reduction = a.get("reduction", b"mean")
+    reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
+    classes = e("Squeeze", [e("Shape", [log_prob], start=1, end=2)])
+    class_ids = e("Range", [e.const(0), classes, e.const(1)])
+    onehot = e("Cast", [e("Equal", [e("Unsqueeze", [label, e.const([1])]), class_ids])], to=TensorProto.FLOAT)
+    diff = e("Sub", [e("Exp", [log_prob]), onehot])
+    if "ignore_index" in a:
+        valid = e("Cast", [e("Not", [e("Equal", [label, e.const(a["ignore_index"])])])], to=TensorProto.FLOAT)
+    else:
+        valid = e("Cast", [e("Greater", [e("Add", [label, e.const(1)]), e.const(0)])], to=TensorProto.FLOAT)  # all ones
+    diff = e("Mul", [diff, e("Unsqueeze", [valid, e.const([1])])])
+    if reduction == "mean":
+        scale = e("Div", [dy, e("ReduceSum", [valid], keepdims=0)])
+    elif reduction == "sum":
+        scale = dy
+    elif reduction == "none":
+        scale = e("Unsqueeze", [dy, e.const([1])])
+    else:
+        raise UnsupportedNode(f"{node.op_type}: reduction {reduction!r}")
+    e("Mul", [diff, scale], [node.output[0]])
+
+
+def softmax_grad_13(node, e: Emitter) -> None:
+    """Y = softmax(X): dX = Y * (dY - sum(dY * Y, axis))."""
+    dy, y = node.input[:2]
+    axis = e.const([_attrs(node).get("axis", -1)])
+    inner = e("ReduceSum", [e("Mul", [dy, y]), axis], keepdims=1)
+    e("Mul", [y, e("Sub", [dy, inner])], [node.output[0]])
+
+
+def log_softmax_grad_13(node, e: Emitter) -> None:
+    """Y = log_softmax(X): dX = dY - exp(Y) * sum(dY, axis)."""
+    dy, y = node.input[:2]
+    axis = e.const([_attrs(node).get("axis", -1)])
+    e("Sub", [dy, e("Mul", [e("Exp", [y]), e("ReduceSum", [dy, axis], keepdims=1)])], [node.output[0]])
+
+
+def quick_gelu(node, e: Emitter) -> None:
+    """Y = X * sigmoid(alpha * X) (SiLU when alpha is 1)."""
+    x = node.input[0]
+    alpha = _attrs(node).get("alpha", 1.702)
+    scaled = x if alpha == 1.0 else e("Mul", [x, e.const(alpha, np.float32)])
+    e("Mul", [x, e("Sigmoid", [scaled])], [node.output[0]])
+
+
+def quick_gelu_grad(node, e: Emitter) -> None:
+    """dX = dY * s * (1 + alpha * X * (1 - s)), s = sigmoid(alpha * X)."""
+    dy, x = node.input[:2]
+    alpha = _attrs(node).get("alpha", 1.702)
+    scaled = x if alpha == 1.0 else e("Mul", [x, e.const(alpha, np.float32)])
+    s = e("Sigmoid", [scaled])
+    one = e.const(1.0, np.float32)
+    inner = e("Add", [one, e("Mul", [scaled, e("Sub", [one, s])])])
+    e("Mul", [dy, e("Mul", [s, inner])], [node.output[0]])
+
+
+def simplified_layer_norm(node, e: Emitter) -> None:
+    """RMSNorm: Y = X * inv * scale, inv = 1 / sqrt(mean(X^2, last axis) + eps); inv is output 1."""
+    a = _attrs(node)
+    _require(a.get("axis", -1) == -1, node, f"axis {a.get('axis')}")
+    x, scale = node.input[:2]
+    mean_square = e("ReduceMean", [e("Mul", [x, x])], axes=[-1], keepdims=1)
+    inv_name = _live_output(node, 1) or e.fresh()
+    inv = e("Reciprocal", [e("Sqrt", [e("Add", [mean_square, e.const(a.get("epsilon", 1e-5), np.float32)])])], [inv_name])
+    e("Mul", [e("Mul", [x, inv]), scale], [node.output[0]])
+
+
+def simplified_layer_norm_grad(node, e: Emitter) -> None:
+    """dX = inv * (g - x_hat * mean(g * x_hat)), g = dY * scale, x_hat = X * inv (last axis)."""
+    a = _attrs(node)
+    _require(a.get("axis", -1) == -1, node, f"axis {a.get('axis')}")
+    _require(not _live_output(node, 1), node, "the gradient of a trainable norm scale")
+    dy, x, scale, inv = node.input[:4]
+    x_hat = e("Mul", [x, inv])
+    g = e("Mul", [dy, scale])
+    mean = e("ReduceMean", [e("Mul", [g, x_hat])], axes=[-1], keepdims=1)
+    e("Mul", [inv, e("Sub", [g, e("Mul", [x_hat, mean])])], [node.output[0]])
+
+
+def fused_matmul(node, e: Emitter) -> None:
+    """alpha * op(A) @ op(B), op transposing the last two axes where transA/transB say so."""
+    a = _attrs(node)
+    _require(not a.get("transBatchA") and not a.get("transBatchB"), node, "transBatchA/transBatchB")
+    left, right = node.input[:2]
+    left = e.transpose_last_two(left) if a.get("transA") else left
+    right = e.transpose_last_two(right) if a.get("transB") else right
+    alpha = a.get("alpha", 1.0)
+    if alpha == 1.0:
+        e("MatMul", [left, right], [node.output[0]])
+    else:
+        e("Mul", [e("MatMul", [left, right]), e.const(alpha, np.float32)], [node.output[0]])
+
+
+def dropout_grad(node, e: Emitter) -> None:
+    """dX = dY * mask / (1 - ratio) in training mode, dY otherwise."""
+    dy, mask = node.input[:2]
+    ratio, training = _input(node, 2), _input(node, 3)
+    _require(bool(training), node, "a missing training_mode input")
+    ratio = ratio or e.const(0.5, np.float32)
+    one = e.const(1.0, np.float32)
+    keep_scale = e("Div", [one, e("Sub", [one, e("Cast", [ratio], to=TensorProto.FLOAT)])])
+    dropped = e("Mul", [e("Mul", [dy, e("Cast", [mask], to=TensorProto.FLOAT)]), keep_scale])
+    e("Where", [training, dropped, dy], [node.output[0]])
+
+
+def scale(node, e: Emitter) -> None:
+    x, factor = node.input[:2]
+    factor = e("Cast", [factor], to=TensorProto.FLOAT)
+    e("Div" if _attrs(node).get("scale_down") else "Mul", [x, factor], [node.output[0]])
+
+
+REWRITES: dict[str, Callable[[onnx.NodeProto, Emitter], None]] = {
+    "ConcatTraining": concat_training,
+    "SplitTraining": split_training,
+    "SliceGrad": slice_grad,
+    "GatherGrad": gather_grad,
+    "SoftmaxCrossEntropyLossGrad": softmax_cross_entropy_loss_grad,
+    "SoftmaxGrad_13": softmax_grad_13,
+    "LogSoftmaxGrad_13": log_softmax_grad_13,
+    "QuickGelu": quick_gelu,
+    "QuickGeluGrad": quick_gelu_grad,
+    "SimplifiedLayerNormalization": simplified_layer_norm,
+    "SimplifiedLayerNormalizationGrad": simplified_layer_norm_grad,
+    "FusedMatMul": fused_matmul,
+    "DropoutGrad": dropout_grad,
+    "Scale": scale,
+}
+
+
+def is_standard(node: onnx.NodeProto) -> bool:
+    return node.domain in ("", "ai.onnx") and node.op_type not in REWRITES
+
+
+def rewrite_node(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """The standard nodes that compute ``node``'s outputs (the node itself if it is standard)."""
+    if is_standard(node):
+        return [node]
+    if node.op_type not in REWRITES:
+        raise UnsupportedNode(f"{node.domain}.{node.op_type} (node {node.name!r}) has no portable rewrite")
+    emitter = Emitter(node)
+    REWRITES[node.op_type](node, emitter)
+    return emitter.nodes
+
+
+# -- the whole graph ---------------------------------------------------------------------------
+
+def make_portable(training_model: onnx.ModelProto, frozen: dict[str, TensorProto],
+                  lora_shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """Turn ORT's training model into the portable training graph.
+
+    ``frozen``: the initializer of every frozen weight (ORT's training model takes them as inputs
+    from its checkpoint; here they become the graph's own initializers). ``lora_shapes``: every
+    LoRA weight by ONNX name, in the order the gradients are to be output.
+    """
+    graph = training_model.graph
+    lora_names = list(lora_shapes)
+    grads = _strip_accumulators(graph, set(lora_names))
+    missing = [n for n in lora_names if n not in grads]
+    if missing:
+        raise UnsupportedNode(f"the training model has no gradient for {missing[:3]}")
+
+    loss = graph.output[0]
+    outputs = [loss] + [helper.make_tensor_value_info(n + GRAD_SUFFIX, TensorProto.FLOAT, lora_shapes[n]) for n in lora_names]
+    renames = [helper.make_node("Identity", [grads[n]], [n + GRAD_SUFFIX]) for n in lora_names if grads[n] != n + GRAD_SUFFIX]
+    live = _live_nodes(list(graph.node) + renames, [o.name for o in outputs])
+    nodes = [new for node in live for new in rewrite_node(node)]
+
+    feeds = {"input_ids", "attention_mask", "labels", *lora_names}
+    inputs = [i for i in graph.input if i.name in feeds]
+    used = {name for node in nodes for name in node.input}
+    initializers = [t for t in graph.initializer if t.name in used]
+    initializers += [frozen[i.name] for i in graph.input if i.name not in feeds and i.name in used]
+    absent = [i.name for i in graph.input if i.name not in feeds and i.name in used and i.name not in frozen]
+    if absent:
+        raise UnsupportedNode(f"no value for the frozen inputs {absent[:3]}")
+
+    portable = helper.make_graph(nodes, "ortlora_portable_training", inputs, outputs, initializers)
+    model = helper.make_model(portable, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="ortlora")
+    model.ir_version = 10
+    return model
+
+
+def _strip_accumulators(graph: onnx.GraphProto, lora: set[str]) -> dict[str, str]:
+    """Drop ORT's gradient accumulators (the runtime accumulates); return parameter -> gradient tensor."""
+    grads, kept = {}, []
+    for node in graph.node:
+        if node.op_type == ACCUMULATOR:
+            buffer, value = node.input[0], node.input[1]
+            param = buffer.split(GRAD_SUFFIX + ".accumulation.buffer")[0]
+            if param in lora:
+                grads[param] = value
+            continue
+        kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return grads
+
+
+def _live_nodes(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProto]:
+    """The nodes the outputs depend on, in their original (topological) order."""
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    needed, stack, live = set(), list(outputs), set()
+    while stack:
+        name = stack.pop()
+        if name in needed or name not in producer:
+            needed.add(name)
+            continue
+        needed.add(name)
+        index = producer[name]
+        if index not in live:
+            live.add(index)
+            stack.extend(i for i in nodes[index].input if i)
+    result = []
+    for i, node in enumerate(nodes):
+        if i in live:
+            # Outputs nobody reads become optional (""), so rewrites skip computing them.
+            for k, out in enumerate(node.output):
+                if k > 0 and out and out not in needed and not is_standard(node):
+                    node.output[k] = ""
+            result.append(node)
+    return result
