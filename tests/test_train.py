@@ -165,12 +165,16 @@ def test_config_file_and_command_line(artifacts, tmp_path, capsys):
     assert "max_steps must be int" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("ep, message", [("cuda", "execution provider cuda is not available"),
-                                         ("coreml", "training API runs on cpu and cuda only")])
-def test_unavailable_provider(artifacts, tmp_path, capsys, ep, message):
-    assert train(artifacts, tmp_path / "run", "--ep", ep, "--max-steps", "1") == 2
+@pytest.mark.parametrize("args, message", [
+    (["--ep", "cuda"], "execution provider cuda is not available"),
+    (["--ep", "coreml"], "execution provider coreml is not available"),  # auto: the portable backend
+    (["--ep", "dml", "--backend", "ort-session"], "execution provider dml is not available"),
+    (["--ep", "coreml", "--backend", "ort-training"], "training API runs on cpu and cuda only"),
+])
+def test_unavailable_provider(artifacts, tmp_path, capsys, args, message):
+    assert train(artifacts, tmp_path / "run", *args, "--max-steps", "1") == 2
     err = capsys.readouterr().err
-    assert message in err and ("this onnxruntime has: cpu" in err or ep == "coreml")
+    assert message in err and ("this onnxruntime has: cpu" in err or "training API" in message)
 
 
 def test_missing_artifacts_say_what_to_run(tmp_path, capsys):
@@ -198,7 +202,7 @@ def test_nan_loss_stops_and_keeps_last_good_weights(artifacts, tmp_path, monkeyp
 
     def make(c, directory, manifest):
         holder["backend"] = NanAfter(OrtTrainingBackend(directory, manifest), 3)
-        return holder["backend"]
+        return "ort-training", holder["backend"]
 
     monkeypatch.setattr(train_cli, "make_backend", make)
     assert train(artifacts, tmp_path / "run", "--max-steps", "5", "--lr", "1e-2") == 2

@@ -11,12 +11,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ortlora.build import training_artifacts
+from ortlora.build import portable_graph, training_artifacts
 from ortlora.build.model_dir import TOKENIZER_FILES, check_model_dir, weights_sha256
 from ortlora.errors import OrtloraError
 from ortlora.manifest import PEFT_PREFIX, LoraParameter, Manifest
 
 INFERENCE_MODEL = "inference_model.onnx"
+INITIAL_LORA = "initial_lora.safetensors"  # the LoRA weights before training, by ONNX name
 BASE_CONFIG = "config.json"
 BUNDLED_BASE = "base_model"
 
@@ -84,6 +85,7 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
     import onnxruntime
     import torch
     import transformers
+    from safetensors.numpy import save_file
     from transformers import AutoModelForCausalLM
 
     from ortlora.build.export import (
@@ -98,7 +100,7 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
 
     onnxruntime.set_default_logger_severity(3)  # ORT's graph-transformer chatter is not for users
     transformers.logging.disable_progress_bar()
-    stages = Stages(6, echo)
+    stages = Stages(7, echo)
     with stages("loading the model"):
         model = AutoModelForCausalLM.from_pretrained(options.model_dir, attn_implementation="eager", dtype=torch.float32)
         model.eval()
@@ -139,6 +141,11 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
     with stages("generating training artifacts (gradient graph, optimizer, checkpoint)"):
         stamp_ir_version(loss_model)
         training_artifacts.generate(loss_model, lora_names, staging, work)
+
+    with stages("writing the portable training graph (standard ONNX for any onnxruntime)"):
+        lora_shapes = {name: tuple(value.shape) for name, value in lora_values.items()}
+        portable_graph.write(loss_model, work, staging / training_artifacts.TRAINING_MODEL, lora_shapes, staging)
+        save_file({name: value.numpy() for name, value in lora_values.items()}, str(staging / INITIAL_LORA))
         del loss_model
 
     with stages("exporting the inference graph"):
@@ -175,6 +182,10 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
         "optimizer_model": training_artifacts.OPTIMIZER_MODEL,
         "checkpoint": training_artifacts.CHECKPOINT,
         "inference_model": INFERENCE_MODEL,
+        "portable_training_model": portable_graph.PORTABLE_TRAINING,
+        "portable_eval_model": portable_graph.PORTABLE_EVAL,
+        "portable_weights": portable_graph.PORTABLE_WEIGHTS,
+        "initial_lora": INITIAL_LORA,
         "config": BASE_CONFIG,
         "tokenizer": tokenizer_files,
     }
@@ -204,6 +215,8 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
         io={
             "training": {"inputs": ["input_ids", "attention_mask", "labels"], "outputs": ["loss"]},
             "inference": {"inputs": ["input_ids", "attention_mask", *lora_names], "outputs": ["logits"]},
+            "portable_training": {"inputs": ["input_ids", "attention_mask", "labels", *lora_names],
+                                  "outputs": ["loss", *(n + portable_graph.GRAD_SUFFIX for n in lora_names)]},
         },
         counts={"trainable": trainable, "total": total_base + trainable},
         versions=_versions(),
@@ -255,7 +268,8 @@ def _check_loads(directory: Path, lora_names: list[str]) -> None:
     del module
     quiet = ort.SessionOptions()
     quiet.log_severity_level = 3  # LoRA inputs with default initializers are intended, not a warning
-    ort.InferenceSession(str(directory / INFERENCE_MODEL), quiet, providers=["CPUExecutionProvider"])
+    for name in (INFERENCE_MODEL, portable_graph.PORTABLE_TRAINING, portable_graph.PORTABLE_EVAL):
+        ort.InferenceSession(str(directory / name), quiet, providers=["CPUExecutionProvider"])
 
 
 def _versions() -> dict:

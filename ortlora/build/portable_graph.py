@@ -19,10 +19,13 @@ the graph is untouched; tests/test_portable.py checks every rewrite against ORT'
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from ortlora.build.training_artifacts import disable_dropout
 
 OPSET = 17
 ACCUMULATOR = "InPlaceAccumulatorV2"
@@ -221,15 +224,13 @@ def fused_matmul(node, e: Emitter) -> None:
 
 
 def dropout_grad(node, e: Emitter) -> None:
-    """dX = dY * mask / (1 - ratio) in training mode, dY otherwise."""
+    """dX = dY * mask / (1 - ratio). As ORT's kernel, whatever training_mode says: a forward pass
+    in evaluation mode has an all-true mask."""
     dy, mask = node.input[:2]
-    ratio, training = _input(node, 2), _input(node, 3)
-    _require(bool(training), node, "a missing training_mode input")
-    ratio = ratio or e.const(0.5, np.float32)
+    ratio = _input(node, 2) or e.const(0.5, np.float32)
     one = e.const(1.0, np.float32)
     keep_scale = e("Div", [one, e("Sub", [one, e("Cast", [ratio], to=TensorProto.FLOAT)])])
-    dropped = e("Mul", [e("Mul", [dy, e("Cast", [mask], to=TensorProto.FLOAT)]), keep_scale])
-    e("Where", [training, dropped, dy], [node.output[0]])
+    e("Mul", [e("Mul", [dy, e("Cast", [mask], to=TensorProto.FLOAT)]), keep_scale], [node.output[0]])
 
 
 def scale(node, e: Emitter) -> None:
@@ -348,3 +349,65 @@ def _live_nodes(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.No
                     node.output[k] = ""
             result.append(node)
     return result
+
+
+# -- files -------------------------------------------------------------------------------------
+
+PORTABLE_TRAINING = "portable_training.onnx"
+PORTABLE_EVAL = "portable_eval.onnx"
+PORTABLE_WEIGHTS = "portable_weights.bin"
+PAGE = 4096  # page-aligned offsets let ONNX Runtime map large weights instead of copying them
+
+
+def write_shared_weights(tensors: list[TensorProto], path: Path, base_dir: Path) -> dict[str, TensorProto]:
+    """Write the tensors' data into one file; return data-less TensorProtos that point into it.
+
+    ``base_dir``: where tensors that are themselves stored as external data have their files.
+
+    Both portable graphs reference the same file, so the frozen weights are stored once, and no
+    graph approaches protobuf's 2 GB limit whatever the model's size.
+    """
+    references = {}
+    with open(path, "wb") as f:
+        for tensor in tensors:
+            if tensor.HasField("raw_data") and tensor.data_location != TensorProto.EXTERNAL:
+                data = tensor.raw_data
+            else:
+                data = numpy_helper.to_array(tensor, base_dir=str(base_dir)).tobytes()
+            align = PAGE if len(data) >= PAGE else 16
+            f.write(b"\0" * (-f.tell() % align))
+            reference = TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+            reference.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", path.name), ("offset", f.tell()), ("length", len(data))):
+                reference.external_data.add(key=key, value=str(value))
+            f.write(data)
+            references[tensor.name] = reference
+    return references
+
+
+def eval_graph(loss_model: onnx.ModelProto, weights: dict[str, TensorProto], lora_shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """The forward loss graph with the LoRA weights as inputs and without dropout."""
+    graph = loss_model.graph
+    lora_inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n, shape in lora_shapes.items()]
+    inputs = [i for i in graph.input if i.name not in lora_shapes] + lora_inputs
+    initializers = [weights[t.name] for t in graph.initializer if t.name not in lora_shapes]
+    result = helper.make_graph(graph.node, "ortlora_portable_eval", inputs, list(graph.output), initializers)
+    model = helper.make_model(result, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="ortlora")
+    model.ir_version = 10
+    disable_dropout(model)  # evaluation runs without dropout
+    return model
+
+
+def write(loss_model: onnx.ModelProto, loss_dir: Path, training_model: Path, lora_shapes: dict[str, tuple[int, ...]],
+          out_dir: Path) -> None:
+    """Write the portable training and eval graphs and their shared weights into ``out_dir``.
+
+    ``loss_model``: the exported loss graph, every weight an initializer (LoRA ones included);
+    those stored as external data have their files in ``loss_dir``.
+    ``training_model``: ORT's training model from ``generate_artifacts``.
+    """
+    frozen = [t for t in loss_model.graph.initializer if t.name not in lora_shapes]
+    weights = write_shared_weights(frozen, out_dir / PORTABLE_WEIGHTS, loss_dir)
+    onnx.save(eval_graph(loss_model, weights, lora_shapes), str(out_dir / PORTABLE_EVAL))
+    training = onnx.load(str(training_model), load_external_data=False)
+    onnx.save(make_portable(training, weights, lora_shapes), str(out_dir / PORTABLE_TRAINING))

@@ -2,8 +2,8 @@
 
 A backend computes the loss of a batch and accumulates the gradients of the LoRA weights; the
 optimizer (ours, in numpy) reads weights and gradients by name and writes the weights back.
-A second backend (for instance a plain InferenceSession running a portable gradient graph)
-implements the same small protocol.
+The portable backend (session_backend.py: a plain InferenceSession running the standard-ONNX
+training graph) implements the same small protocol.
 """
 
 from __future__ import annotations
@@ -22,7 +22,22 @@ PROVIDERS = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "coreml": "CoreMLExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "migraphx": "MIGraphXExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "webgpu": "WebGpuExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+    "xnnpack": "XnnpackExecutionProvider",
 }
+
+
+def has_training_api() -> bool:
+    """Whether the installed onnxruntime is a training build (onnxruntime-training[-cpu] 1.19.2)."""
+    from onnxruntime.capi import _pybind_state as C
+
+    return hasattr(C, "Module") and hasattr(C, "load_checkpoint")
 
 
 class TrainingBackend(Protocol):
@@ -53,7 +68,8 @@ def check_provider(ep: str) -> str:
     if ep not in PROVIDERS:
         raise OrtloraError(f"unknown execution provider {ep!r}; this onnxruntime has: {names}")
     if PROVIDERS[ep] not in available:
-        hint = " (install onnxruntime-training, the CUDA build, instead of onnxruntime-training-cpu)" if ep == "cuda" else ""
+        hint = (" (install onnxruntime-gpu, or onnxruntime-training for the training API, in place of the CPU package)"
+                if ep == "cuda" else "")
         raise OrtloraError(f"execution provider {ep} is not available{hint}; this onnxruntime has: {names}")
     return PROVIDERS[ep]
 
@@ -71,8 +87,13 @@ class OrtTrainingBackend:
         if ep not in ("cpu", "cuda"):
             raise OrtloraError(
                 f"ORT's training API runs on cpu and cuda only, not {ep}; "
-                "the portable training-graph backend is the way to other providers"
+                "use --backend ort-session (the portable training graph) for other providers"
             )
+        if not has_training_api():
+            import onnxruntime
+
+            raise OrtloraError(f"--backend ort-training needs onnxruntime-training(-cpu) 1.19.2, and this onnxruntime "
+                               f"{onnxruntime.__version__} has no training API; use --backend ort-session")
         check_provider(ep)
         self._C, self._OrtValue = C, OrtValue
         options = C.SessionOptions()

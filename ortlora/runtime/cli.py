@@ -74,9 +74,18 @@ def check_values(c: cfg.TrainConfig) -> None:
 
 
 def make_backend(c: cfg.TrainConfig, artifacts: Path, manifest: Manifest):
-    from ortlora.runtime.backend import OrtTrainingBackend
+    """The backend the settings ask for: auto takes ORT's training API where it exists and runs the
+    provider, the portable training graph otherwise. Returns its name and the backend."""
+    from ortlora.runtime.backend import OrtTrainingBackend, has_training_api
 
-    return OrtTrainingBackend(artifacts, manifest, ep=c.ep, threads=c.threads)
+    name = c.backend
+    if name == "auto":
+        name = "ort-training" if c.ep in ("cpu", "cuda") and has_training_api() else "ort-session"
+    if name == "ort-training":
+        return name, OrtTrainingBackend(artifacts, manifest, ep=c.ep, threads=c.threads)
+    from ortlora.runtime.session_backend import OrtSessionBackend
+
+    return name, OrtSessionBackend(artifacts, manifest, ep=c.ep, threads=c.threads)
 
 
 def prepare_run_dir(c: cfg.TrainConfig, artifacts: Path, resuming: bool) -> Path:
@@ -120,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         train = pack(train, c.max_seq_len)
         messages.append(f"packed {n} examples into {len(train)} sequences")
 
-    backend = make_backend(c, artifacts, manifest)
+    backend_name, backend = make_backend(c, artifacts, manifest)
     run_dir = prepare_run_dir(c, artifacts, resuming=resume_from is not None)
     log = JsonlLog(run_dir / "log.jsonl", append=resume_from is not None)
     trainer = Trainer(c, manifest, backend, train, evaluation, tokenizer.pad_id, run_dir, base_model)
@@ -140,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.callbacks.append(lambda r: print(format_step(r), flush=True)
                                  if r["kind"] == "train" and (r["step"] % every == 0 or r["step"] == r["total_steps"]) else None)
     print(f"ortlora-train: {manifest.counts['trainable']:,} LoRA parameters, {trainer.total_steps} steps "
-          f"({trainer.steps_per_epoch} per epoch), backend {c.backend} on {c.ep}, run {run_dir}")
+          f"({trainer.steps_per_epoch} per epoch), backend {backend_name} on {c.ep}, run {run_dir}")
     for line in messages:
         print("  " + line)
     try:
@@ -148,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bar.close()
         log.close()
+    if getattr(backend, "placement", None):
+        summary["nodes_per_provider"] = backend.placement
+        print("nodes run per execution provider: " + ", ".join(f"{ep} {n}" for ep, n in backend.placement.items()))
     if c.plot and plot_losses(run_dir / "log.jsonl", run_dir / "loss.png"):
         summary["loss_curve"] = str(run_dir / "loss.png")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
 from ortlora.errors import OrtloraError
+from ortlora.runtime.backend import PROVIDERS
 
-BACKENDS = ("ort-training",)
-EPS = ("cpu", "cuda", "coreml")
+BACKENDS = ("auto", "ort-training", "ort-session")
+EPS = tuple(PROVIDERS)
 
 
 def _f(default, help: str, choices=None, **kw):
@@ -31,8 +32,9 @@ class TrainConfig:
     eval_split: float = _f(0.0, "hold out this fraction of the training data for evaluation when no --eval-data")
     out: str | None = _f(None, "run directory: checkpoints, log, config, summary, loss curve (default: runs/NAME-TIME)")
     overwrite: bool = _f(False, "allow --out to be a directory that already holds checkpoints")
-    backend: str = _f("ort-training", "training backend", choices=BACKENDS)
-    ep: str = _f("cpu", "execution provider", choices=EPS)
+    backend: str = _f("auto", "ort-training: ORT's training API (onnxruntime-training, cpu/cuda); ort-session: the "
+                      "portable training graph on any onnxruntime and provider; auto: the first that fits", choices=BACKENDS)
+    ep: str = _f("cpu", "execution provider (the CPU provider runs what an accelerator does not take)", choices=EPS)
     threads: int | None = _f(None, "intra-op threads (default: ONNX Runtime's choice, all cores)")
     epochs: int = _f(1, "passes over the training data (ignored when --max-steps is set)")
     max_steps: int | None = _f(None, "optimizer steps to train; overrides --epochs")

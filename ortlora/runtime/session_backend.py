@@ -1,0 +1,111 @@
+"""The portable backend: the standard-ONNX training graph in a plain InferenceSession.
+
+Needs only the maintained ``onnxruntime`` package (any version that runs opset 17, on any Python it
+has wheels for) and runs on whichever execution providers that package has: the build step's
+``portable_training.onnx`` computes the loss and the gradient of every LoRA weight, which are
+graph inputs. The CPU provider stays in the list as the fallback for nodes an accelerator does
+not take. Gradients are written by ONNX Runtime straight into preallocated numpy buffers (IO
+binding) and summed here across micro-batches, like ORT's training API does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ortlora.errors import OrtloraError
+from ortlora.manifest import Manifest
+from ortlora.runtime.backend import Batch, check_provider
+
+GRAD_SUFFIX = "_grad"
+
+
+class OrtSessionBackend:
+    def __init__(self, artifacts: Path, manifest: Manifest, ep: str = "cpu", threads: int | None = None):
+        import onnxruntime as ort
+        from safetensors.numpy import load_file
+
+        files = manifest.files
+        if "portable_training_model" not in files:
+            raise OrtloraError(f"{artifacts} has no portable training graph (it was built by an older ortlora); "
+                               f"rebuild it with ortlora-build")
+        self._ort, self._artifacts, self._files = ort, artifacts, files
+        provider = check_provider(ep)
+        self.providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
+        self._threads = threads
+        self.names = [p.onnx_name for p in manifest.parameters]
+        initial = load_file(str(artifacts / files["initial_lora"]))
+        self._weights = {n: np.ascontiguousarray(initial[n], dtype=np.float32) for n in self.names}
+        self._grads = {n: np.zeros_like(w) for n, w in self._weights.items()}
+        self._step_grads = {n: np.zeros_like(w) for n, w in self._weights.items()}
+        self._loss = np.zeros((), np.float32)
+        self._inputs = ["input_ids", "attention_mask", "labels"]
+
+        self._train = self._session(files["portable_training_model"], profile=True)
+        self.placement: dict[str, int] | None = None  # provider -> nodes run, known after the first step
+        self._eval = None  # created on first use: many runs evaluate only at the end
+        self._binding = self._train.io_binding()
+        self._binding.bind_output("loss", "cpu", 0, np.float32, [], self._loss.ctypes.data)
+        for name, buffer in self._step_grads.items():
+            self._binding.bind_output(name + GRAD_SUFFIX, "cpu", 0, np.float32, list(buffer.shape), buffer.ctypes.data)
+
+    def _session(self, file_name: str, profile: bool = False):
+        options = self._ort.SessionOptions()
+        options.log_severity_level = 3
+        if self._threads:
+            options.intra_op_num_threads = self._threads
+        if profile:  # the first step's profile tells which provider ran each node
+            options.enable_profiling = True
+            options.profile_file_prefix = os.path.join(tempfile.gettempdir(), f"ortlora-profile-{os.getpid()}")
+        return self._ort.InferenceSession(str(self._artifacts / file_name), options, providers=self.providers)
+
+    def train_step(self, batch: Batch) -> float:
+        feeds = {name: np.ascontiguousarray(batch[name], dtype=np.int64) for name in self._inputs}
+        for name, value in (*feeds.items(), *self._weights.items()):
+            self._binding.bind_cpu_input(name, value)
+        self._train.run_with_iobinding(self._binding)
+        if self.placement is None:
+            self.placement = _placement(self._train.end_profiling())  # also ends profiling
+        for name, grad in self._step_grads.items():
+            self._grads[name] += grad
+        return float(self._loss)
+
+    def eval_loss(self, batch: Batch) -> float:
+        if self._eval is None:
+            self._eval = self._session(self._files["portable_eval_model"])
+        feeds = {name: np.ascontiguousarray(batch[name], dtype=np.int64) for name in self._inputs}
+        (loss,) = self._eval.run(["loss"], {**feeds, **self._weights})
+        return float(loss)
+
+    def weights(self) -> dict[str, np.ndarray]:
+        return {name: value.copy() for name, value in self._weights.items()}
+
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        for name, value in weights.items():
+            np.copyto(self._weights[name], value)  # in place: the arrays stay bound to the session
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        return {name: grad.copy() for name, grad in self._grads.items()}
+
+    def zero_grad(self) -> None:
+        for grad in self._grads.values():
+            grad.fill(0.0)
+
+
+def _placement(profile_path: str) -> dict[str, int]:
+    """How many nodes each execution provider ran, from an ONNX Runtime profile (then deleted)."""
+    path = Path(profile_path)
+    try:
+        events = json.loads(path.read_text())
+    finally:
+        path.unlink(missing_ok=True)
+    nodes: dict[str, set[str]] = {}
+    for event in events:
+        provider = event.get("args", {}).get("provider")
+        if event.get("cat") == "Node" and provider:
+            nodes.setdefault(provider, set()).add(event["name"].removesuffix("_kernel_time"))
+    return {provider: len(names) for provider, names in sorted(nodes.items(), key=lambda kv: -len(kv[1]))}

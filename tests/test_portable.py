@@ -1,0 +1,312 @@
+"""The portable training graph: every rewrite against ORT's own training kernel, the whole graph
+against ORT's training API and PyTorch + PEFT, and training with the newest plain onnxruntime."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from ortlora.build import portable_graph
+from ortlora.manifest import Manifest
+from ortlora.runtime import cli as train_cli
+from ortlora.runtime.backend import OrtTrainingBackend
+from ortlora.runtime.checkpoint import load_adapter
+from ortlora.runtime.session_backend import OrtSessionBackend
+from tests.reference import loss_and_grads, peft_model, random_weights, rel_err
+from tests.test_build import make_batch
+
+ROOT = Path(__file__).parents[1]
+TOL = 1e-4
+INT64_MAX = np.iinfo(np.int64).max
+RNG = np.random.default_rng(0)
+F32 = TensorProto.FLOAT
+
+
+def normal(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def log_softmax(x, axis=-1):
+    shifted = x - x.max(axis=axis, keepdims=True)
+    return (shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))).astype(np.float32)
+
+
+def run_single(op: str, inputs: dict, outputs: dict, attrs: dict, domain: str, rewrite: bool, shapes=None):
+    """Run one node (or its portable rewrite) in an InferenceSession; inputs named "" are absent.
+
+    ``shapes``: the outputs' shapes, which onnx.checker's full check of the rewrite wants declared.
+    """
+    node = helper.make_node(op, list(inputs), list(outputs), domain=domain, **attrs)
+    nodes = portable_graph.rewrite_node(node) if rewrite else [node]
+    if rewrite:
+        assert all(n.domain == "" for n in nodes), f"{op}: the rewrite left a non-standard node"
+    graph = helper.make_graph(
+        nodes, "single",
+        [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for n, v in inputs.items() if n],
+        [helper.make_tensor_value_info(n, t, shapes[i] if shapes else None) for i, (n, t) in enumerate(outputs.items()) if n],
+    )
+    opsets = [helper.make_opsetid("", 17)] + ([] if rewrite else [helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 10
+    if rewrite:
+        onnx.checker.check_model(model, full_check=True)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {n: v for n, v in inputs.items() if n})
+
+
+rows, cols = 5, 7
+labels = np.array([1, -100, 6, 0, 3], np.int64)
+CASES = {
+    "ConcatTraining": ({"a": normal(2, 3, 4), "b": normal(2, 5, 4)}, {"y": F32, "lengths": TensorProto.INT64}, {"axis": 1}),
+    "ConcatTraining last axis": ({"a": normal(2, 3), "b": normal(2, 2)}, {"y": F32, "lengths": TensorProto.INT64}, {"axis": -1}),
+    "SplitTraining": ({"x": normal(2, 8, 4), "split": np.array([3, 5], np.int64)}, {"y0": F32, "y1": F32}, {"axis": 1}),
+    "SliceGrad": ({"dy": normal(2, 3, 4), "shape": np.array([2, 3, 8], np.int64), "starts": np.array([4], np.int64),
+                   "ends": np.array([INT64_MAX], np.int64), "axes": np.array([-1], np.int64),
+                   "steps": np.array([1], np.int64)}, {"dx": F32}, {}),
+    "SliceGrad two axes": ({"dy": normal(2, 2, 3), "shape": np.array([2, 5, 8], np.int64),
+                            "starts": np.array([1, 2], np.int64), "ends": np.array([3, -1], np.int64),
+                            "axes": np.array([1, 2], np.int64), "steps": np.array([1, 2], np.int64)}, {"dx": F32}, {}),
+    "GatherGrad": ({"shape": np.array([6, 4], np.int64), "indices": np.array([1, 4, 1], np.int64), "dy": normal(3, 4)},
+                   {"dx": F32}, {"axis": 0}),
+    "SoftmaxCrossEntropyLossGrad": ({"dy": np.array(1.7, np.float32), "log_prob": log_softmax(normal(rows, cols)),
+                                     "label": labels}, {"dx": F32}, {"reduction": "mean", "ignore_index": -100}),
+    "SoftmaxCrossEntropyLossGrad sum": ({"dy": np.array(0.3, np.float32), "log_prob": log_softmax(normal(rows, cols)),
+                                         "label": np.abs(labels) % cols}, {"dx": F32}, {"reduction": "sum"}),
+    "SoftmaxCrossEntropyLossGrad none": ({"dy": normal(rows), "log_prob": log_softmax(normal(rows, cols)),
+                                          "label": labels}, {"dx": F32}, {"reduction": "none", "ignore_index": -100}),
+    "SoftmaxGrad_13": ({"dy": normal(2, 3, 5), "y": np.exp(log_softmax(normal(2, 3, 5)))}, {"dx": F32}, {"axis": -1}),
+    "SoftmaxGrad_13 axis 1": ({"dy": normal(2, 3, 5), "y": np.exp(log_softmax(normal(2, 3, 5), 1))}, {"dx": F32}, {"axis": 1}),
+    "LogSoftmaxGrad_13": ({"dy": normal(4, 6), "y": log_softmax(normal(4, 6))}, {"dx": F32}, {"axis": -1}),
+    "QuickGelu": ({"x": normal(3, 8)}, {"y": F32}, {"alpha": 1.0}),
+    "QuickGelu gelu": ({"x": normal(3, 8)}, {"y": F32}, {"alpha": 1.702}),
+    "QuickGeluGrad": ({"dy": normal(3, 8), "x": normal(3, 8)}, {"dx": F32}, {"alpha": 1.0}),
+    "QuickGeluGrad gelu": ({"dy": normal(3, 8), "x": normal(3, 8)}, {"dx": F32}, {"alpha": 1.702}),
+    "SimplifiedLayerNormalization": ({"x": normal(2, 3, 8), "scale": normal(8)}, {"y": F32, "inv_std": F32},
+                                     {"axis": -1, "epsilon": 1e-6}),
+    "FusedMatMul": ({"a": normal(2, 3, 4, 5), "b": normal(5, 6)}, {"y": F32}, {}),
+    "FusedMatMul transA": ({"a": normal(2, 3, 5, 4), "b": normal(5, 6)}, {"y": F32}, {"transA": 1, "alpha": 0.5}),
+    "FusedMatMul transB": ({"a": normal(3, 4, 5), "b": normal(3, 6, 5)}, {"y": F32}, {"transB": 1}),
+    "FusedMatMul both 2-D": ({"a": normal(5, 4), "b": normal(6, 5)}, {"y": F32}, {"transA": 1, "transB": 1, "alpha": 2.0}),
+    "DropoutGrad": ({"dy": normal(4, 6), "mask": RNG.random((4, 6)) > 0.3, "ratio": np.array(0.3, np.float32),
+                     "training_mode": np.array(True)}, {"dx": F32}, {}),
+    # ORT's kernel applies the mask whatever training_mode says (a forward pass in eval mode has
+    # an all-true mask); the rewrite does the same.
+    "DropoutGrad eval": ({"dy": normal(4, 6), "mask": RNG.random((4, 6)) > 0.3, "ratio": np.array(0.3, np.float32),
+                          "training_mode": np.array(False)}, {"dx": F32}, {}),
+    "Scale": ({"x": normal(3, 4), "scale": np.array(0.25, np.float32)}, {"y": F32}, {}),
+    "Scale down": ({"x": normal(3, 4), "scale": np.array(4.0, np.float32)}, {"y": F32}, {"scale_down": 1}),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_rewrite_matches_ort_kernel(case):
+    op = case.split()[0]
+    inputs, outputs, attrs = CASES[case]
+    domain = "" if op == "SimplifiedLayerNormalization" else "com.microsoft"
+    expected = run_single(op, inputs, outputs, attrs, domain, rewrite=False)
+    got = run_single(op, inputs, outputs, attrs, domain, rewrite=True, shapes=[e.shape for e in expected])
+    for e, g in zip(expected, got):
+        assert e.shape == g.shape
+        assert rel_err(g, e) < 1e-5, case
+
+
+def test_slice_grad_with_negative_steps_matches_numpy():
+    # ORT's own SliceGrad kernel fails on negative steps (narrowing_error): numpy is the reference.
+    dy = normal(2, 2, 4)
+    inputs = {"dy": dy, "shape": np.array([2, 5, 8], np.int64), "starts": np.array([-1, 1], np.int64),
+              "ends": np.array([-9, 3], np.int64), "axes": np.array([2, 1], np.int64), "steps": np.array([-2, 1], np.int64)}
+    (got,) = run_single("SliceGrad", inputs, {"dx": F32}, {}, "com.microsoft", rewrite=True, shapes=[(2, 5, 8)])
+    expected = np.zeros((2, 5, 8), np.float32)
+    expected[:, 1:3, -1:-9:-2] = dy
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_layer_norm_grad_matches_ort_kernel():
+    x, scale, dy = normal(2, 3, 8), normal(8), normal(2, 3, 8)
+    _, inv_std = run_single("SimplifiedLayerNormalization", {"x": x, "scale": scale}, {"y": F32, "inv_std": F32},
+                            {"axis": -1, "epsilon": 1e-6}, "", rewrite=False)
+    inputs = {"dy": dy, "x": x, "scale": scale, "inv_std": inv_std}
+    attrs = {"axis": -1, "epsilon": 1e-6}
+    (expected, _) = run_single("SimplifiedLayerNormalizationGrad", inputs, {"dx": F32, "dscale": F32}, attrs,
+                               "com.microsoft", rewrite=False)
+    (got,) = run_single("SimplifiedLayerNormalizationGrad", inputs, {"dx": F32, "": F32}, attrs, "com.microsoft",
+                        rewrite=True, shapes=[expected.shape])
+    assert rel_err(got, expected) < 1e-5
+
+
+def test_unknown_operator_is_named():
+    node = helper.make_node("YieldOp", ["x"], ["y"], domain="com.microsoft", name="yield")
+    with pytest.raises(portable_graph.UnsupportedNode, match="YieldOp"):
+        portable_graph.rewrite_node(node)
+
+
+# -- the whole graph -----------------------------------------------------------------------------
+
+def portable_loss_and_grads(artifacts: Path, weights: dict, batch: dict) -> tuple[float, dict]:
+    backend = OrtSessionBackend(artifacts, Manifest.load(artifacts))
+    backend.set_weights(weights)
+    loss = backend.train_step(batch)
+    return loss, backend.gradients()
+
+
+@pytest.mark.parametrize("fixture", ["artifacts", "artifacts_all_linear"])
+def test_portable_graph_is_standard_onnx(fixture, request):
+    directory = request.getfixturevalue(fixture)
+    manifest = Manifest.load(directory)
+    for role in ("portable_training_model", "portable_eval_model"):
+        path = directory / manifest.files[role]
+        onnx.checker.check_model(str(path), full_check=True)
+        model = onnx.load(str(path), load_external_data=False)
+        assert {n.domain for n in model.graph.node} == {""}
+        assert [o.domain for o in model.opset_import] == [""]
+    training = onnx.load(str(directory / manifest.files["portable_training_model"]), load_external_data=False)
+    assert [i.name for i in training.graph.input] == manifest.io["portable_training"]["inputs"]
+    assert [o.name for o in training.graph.output] == manifest.io["portable_training"]["outputs"]
+    # Frozen weights live once, in the shared external file, not inside either graph.
+    assert all(t.data_location == TensorProto.EXTERNAL for t in training.graph.initializer if len(t.dims) == 2)
+
+
+@pytest.mark.parametrize("fixture, case", [("artifacts", "plain"), ("artifacts", "ignored"), ("artifacts", "padding"),
+                                           ("artifacts_all_linear", "ignored")])
+def test_portable_loss_and_gradients_match_training_api_and_pytorch(fixture, case, request):
+    directory = request.getfixturevalue(fixture)
+    manifest = Manifest.load(directory)
+    weights = random_weights(manifest, seed=5)
+    batch = make_batch(512, case, seed=2)
+    loss, grads = portable_loss_and_grads(directory, weights, batch)
+
+    api = OrtTrainingBackend(directory, manifest)
+    api.set_weights(weights)
+    api_loss = api.train_step(batch)
+    api_grads = api.gradients()
+    ref_loss, ref_grads = loss_and_grads(peft_model(directory, weights), manifest, batch, manifest.label_smoothing)
+    assert abs(loss - api_loss) / abs(api_loss) < TOL
+    assert abs(loss - ref_loss) / abs(ref_loss) < TOL
+    for name in grads:
+        assert rel_err(grads[name], api_grads[name]) < TOL, name
+        assert rel_err(grads[name], ref_grads[name]) < TOL, name
+
+
+def test_portable_eval_loss_and_accumulation(artifacts):
+    manifest = Manifest.load(artifacts)
+    backend = OrtSessionBackend(artifacts, manifest)
+    backend.set_weights(random_weights(manifest, seed=1))
+    a, b = make_batch(512, "plain", seed=1), make_batch(512, "padding", seed=3)
+    loss_a = backend.train_step(a)
+    grads_a = backend.gradients()
+    backend.train_step(b)
+    summed = backend.gradients()
+    backend.zero_grad()
+    backend.train_step(b)
+    grads_b = backend.gradients()
+    for name in summed:  # gradients add up across micro-batches until zero_grad, as in ORT's training API
+        np.testing.assert_allclose(summed[name], grads_a[name] + grads_b[name], rtol=1e-5, atol=1e-7)
+    assert backend.eval_loss(a) == pytest.approx(loss_a, rel=1e-6)
+    assert backend.placement == {"CPUExecutionProvider": backend.placement["CPUExecutionProvider"]}
+
+
+def train(artifacts, out, *args):
+    return train_cli.main(["--artifacts", str(artifacts), "--out", str(out), "--no-progress", "--no-plot", *args])
+
+
+def test_training_and_resume_match_the_training_api(artifacts, tmp_path):
+    common = ["--max-steps", "6", "--grad-accum", "2", "--schedule", "warmup-cosine", "--lr", "5e-3"]
+    assert train(artifacts, tmp_path / "api", "--backend", "ort-training", *common) == 0
+    assert train(artifacts, tmp_path / "session", "--backend", "ort-session", *common, "--save-every", "3") == 0
+    # Resuming with the portable backend continues exactly.
+    assert train(artifacts, tmp_path / "resumed", "--resume", str(tmp_path / "session" / "checkpoint-3")) == 0
+    manifest = Manifest.load(artifacts)
+    api = load_adapter(tmp_path / "api" / "checkpoint-6", manifest)
+    for run in ("session", "resumed"):
+        got = load_adapter(tmp_path / run / "checkpoint-6", manifest)
+        assert max(rel_err(got[n], api[n]) for n in api) < 1e-4, run
+    summary = json.loads((tmp_path / "session" / "summary.json").read_text())
+    assert summary["nodes_per_provider"]["CPUExecutionProvider"] > 100
+
+
+def test_dropout_only_in_the_portable_training_graph(tmp_path_factory, tiny_model):
+    from tests.conftest import _build
+
+    directory = _build(tmp_path_factory, tiny_model, "dropout", dropout=0.5)
+    manifest = Manifest.load(directory)
+    training = onnx.load(str(directory / manifest.files["portable_training_model"]), load_external_data=False)
+    evaluation = onnx.load(str(directory / manifest.files["portable_eval_model"]), load_external_data=False)
+    assert any(n.op_type == "Dropout" for n in training.graph.node)
+    assert not any(n.op_type == "Dropout" for n in evaluation.graph.node)
+    backend = OrtSessionBackend(directory, manifest)
+    backend.set_weights(random_weights(manifest, seed=1))
+    batch = make_batch(512, "plain")
+    losses = {backend.train_step(batch) for _ in range(3)}
+    assert len(losses) == 3  # fresh dropout masks every step
+    assert backend.eval_loss(batch) == backend.eval_loss(batch)
+    assert all(np.isfinite(g).all() and np.abs(g).max() > 0 for g in backend.gradients().values())
+
+
+# -- the newest plain onnxruntime, in its own environment -----------------------------------------
+
+def plain_ort_python() -> Path | None:
+    """The interpreter of an environment with the plain onnxruntime package and ortlora (no training build)."""
+    given = os.environ.get("ORTLORA_PLAIN_ORT_PYTHON")
+    path = Path(given) if given else ROOT / ".venv-ort" / "bin" / "python"
+    return path if path.is_file() else None
+
+
+needs_plain_ort = pytest.mark.skipif(
+    plain_ort_python() is None,
+    reason="no plain-onnxruntime environment: create .venv-ort as the README says (CI does)")
+
+
+@needs_plain_ort
+def test_newest_plain_onnxruntime_trains_like_the_training_api(artifacts, tmp_path):
+    manifest = Manifest.load(artifacts)
+    weights = random_weights(manifest, seed=7)
+    batch = make_batch(512, "ignored", seed=4)
+    np.savez(tmp_path / "in.npz", **{f"w:{k}": v for k, v in weights.items()}, **{f"b:{k}": v for k, v in batch.items()})
+    script = textwrap.dedent(f"""
+        import json, sys
+        import numpy as np, onnxruntime
+        from onnxruntime.capi import _pybind_state as C
+        from ortlora.manifest import Manifest
+        from ortlora.runtime.session_backend import OrtSessionBackend
+        assert not hasattr(C, "Module"), "this environment must not hold a training build"
+        assert "torch" not in sys.modules
+        data = np.load(r"{tmp_path / 'in.npz'}")
+        from pathlib import Path
+        backend = OrtSessionBackend(Path(r"{artifacts}"), Manifest.load(r"{artifacts}"))
+        backend.set_weights({{k[2:]: data[k] for k in data.files if k.startswith("w:")}})
+        loss = backend.train_step({{k[2:]: data[k] for k in data.files if k.startswith("b:")}})
+        np.savez(r"{tmp_path / 'out.npz'}", loss=loss, **backend.gradients())
+        from ortlora.runtime.cli import main
+        common = ["--artifacts", r"{artifacts}", "--no-progress", "--no-plot", "--max-steps", "6", "--lr", "5e-3"]
+        assert main([*common, "--out", r"{tmp_path / 'plain'}", "--save-every", "3"]) == 0
+        assert main(["--resume", r"{tmp_path / 'plain' / 'checkpoint-3'}", "--out", r"{tmp_path / 'plain-resumed'}",
+                     "--no-progress", "--no-plot"]) == 0
+        print(json.dumps({{"onnxruntime": onnxruntime.__version__}}))
+    """)
+    result = subprocess.run([str(plain_ort_python()), "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    version = json.loads(result.stdout.strip().splitlines()[-1])["onnxruntime"]
+    assert tuple(int(p) for p in version.split(".")[:2]) >= (1, 20), version
+
+    out = np.load(tmp_path / "out.npz")
+    api = OrtTrainingBackend(artifacts, manifest)
+    api.set_weights(weights)
+    assert float(out["loss"]) == pytest.approx(api.train_step(batch), rel=TOL)
+    api_grads = api.gradients()
+    for name in api_grads:
+        assert rel_err(out[name], api_grads[name]) < TOL, name
+
+    assert train(artifacts, tmp_path / "api", "--backend", "ort-training", "--max-steps", "6", "--lr", "5e-3") == 0
+    reference = load_adapter(tmp_path / "api" / "checkpoint-6", manifest)
+    for run in ("plain", "plain-resumed"):
+        got = load_adapter(tmp_path / run / "checkpoint-6", manifest)
+        assert max(rel_err(got[n], reference[n]) for n in reference) < 1e-4, run
