@@ -1,0 +1,182 @@
+"""Training-step benchmark: ortlora's backends against PyTorch + PEFT on the same machine, in one run.
+
+    python scripts/bench.py --artifacts artifacts/tiny
+    python scripts/bench.py --artifacts artifacts/qwen05b --data masked --steps 5 --threads 2
+
+Each system runs in its own process (so peak memory is its own) on the same seeded batches:
+ort-training (ORT's training API), ort-session (the portable training graph in an InferenceSession,
+optionally under another interpreter with --plain-python, e.g. the newest plain onnxruntime) and
+torch (PyTorch + PEFT in eager mode, the same base weights, LoRA settings and thread count). A step
+is what the trainer does: forward, backward and an AdamW update of the LoRA weights. Printed: median
+step time after warm-up, trained tokens/s, peak resident memory, load time, and the ratio to torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SYSTEMS = ("ort-training", "ort-session", "torch")
+
+
+def make_batches(vocab: int, batch: int, seq: int, data: str, count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """plain: every position trained; masked: the first half of each row is a prompt (label -100)."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(count):
+        ids = rng.integers(0, vocab, size=(batch, seq + 1), dtype=np.int64)
+        labels = ids[:, 1:].copy()  # already shifted: position t holds token t + 1
+        if data == "masked":
+            labels[:, : seq // 2] = -100
+        batches.append({"input_ids": ids[:, :-1].copy(), "attention_mask": np.ones((batch, seq), np.int64), "labels": labels})
+    return batches
+
+
+def vocab_size(artifacts: Path) -> int:
+    from ortlora.manifest import Manifest
+
+    return json.loads((artifacts / Manifest.load(artifacts).files["config"]).read_text())["vocab_size"]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- workers: one system each, in its own process ------------------------------------------------
+
+def run_ort(system: str, args) -> dict:
+    from ortlora.manifest import Manifest
+    from ortlora.runtime.optim import AdamW, AdamWConfig
+
+    artifacts = Path(args.artifacts)
+    start = time.perf_counter()
+    manifest = Manifest.load(artifacts)
+    if system == "ort-training":
+        from ortlora.runtime.backend import OrtTrainingBackend
+
+        backend = OrtTrainingBackend(artifacts, manifest, threads=args.threads)
+    else:
+        from ortlora.runtime.session_backend import OrtSessionBackend
+
+        backend = OrtSessionBackend(artifacts, manifest, threads=args.threads)
+    load = time.perf_counter() - start
+    optimizer = AdamW(AdamWConfig())
+    times = []
+    for batch in make_batches(vocab_size(artifacts), args.batch, args.seq, args.data, args.warmup + args.steps):
+        t0 = time.perf_counter()
+        backend.zero_grad()
+        loss = backend.train_step(batch)
+        weights = backend.weights()
+        optimizer.step(weights, backend.gradients(), 1e-4)
+        backend.set_weights(weights)
+        times.append(time.perf_counter() - t0)
+    import onnxruntime
+
+    return {"load_s": load, "step_s": times[args.warmup:], "loss": loss, "peak_rss_mb": peak_rss_mb(),
+            "version": f"onnxruntime {onnxruntime.__version__}", "nodes": getattr(backend, "placement", None)}
+
+
+def run_torch(args) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ortlora.manifest import Manifest
+
+    torch.set_num_threads(args.threads or os.cpu_count())
+    manifest = Manifest.load(Path(args.artifacts))
+    source = Path(manifest.model["source"])
+    source = source if source.is_absolute() else Path(args.artifacts) / source
+    start = time.perf_counter()
+    base = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager", dtype=torch.float32)
+    lora = manifest.lora
+    model = get_peft_model(base, LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                                            target_modules=lora["targets"], init_lora_weights="gaussian"))
+    model.train()
+    load = time.perf_counter() - start
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    times = []
+    for batch in make_batches(vocab_size(Path(args.artifacts)), args.batch, args.seq, args.data, args.warmup + args.steps):
+        ids, mask, labels = (torch.from_numpy(batch[k]) for k in ("input_ids", "attention_mask", "labels"))
+        t0 = time.perf_counter()
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return {"load_s": load, "step_s": times[args.warmup:], "loss": float(loss), "peak_rss_mb": peak_rss_mb(),
+            "version": f"torch {torch.__version__}"}
+
+
+# -- the driver ------------------------------------------------------------------------------------
+
+def measure(system: str, args) -> dict:
+    python = args.plain_python if system == "ort-session" and args.plain_python else sys.executable
+    command = [python, __file__, "--worker", system, "--artifacts", args.artifacts, "--batch", str(args.batch),
+               "--seq", str(args.seq), "--data", args.data, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)} if args.threads else None
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--artifacts", default="artifacts/tiny", help="an ortlora-build artifact directory")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, from " + ", ".join(SYSTEMS))
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--data", choices=("plain", "masked"), default="plain",
+                        help="plain: every position trained; masked: first half of each sequence is a masked prompt")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (after --warmup)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads for every system (default: all cores)")
+    parser.add_argument("--plain-python", default=None, help="interpreter that runs ort-session (e.g. .venv-ort/bin/python)")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(run_torch(args) if args.worker == "torch" else run_ort(args.worker, args)))
+        return 0
+
+    tokens = {"plain": args.batch * args.seq, "masked": args.batch * (args.seq - args.seq // 2)}[args.data]
+    results = {s: measure(s, args) for s in args.systems.split(",")}
+    torch_step = statistics.median(results["torch"]["step_s"]) if "step_s" in results.get("torch", {}) else None
+    torch_rss = results.get("torch", {}).get("peak_rss_mb")
+    print(f"\n{args.artifacts}: batch {args.batch} x {args.seq}, {args.data} data ({tokens} trained tokens a step), "
+          f"threads {args.threads or os.cpu_count()}, median of {args.steps} steps after {args.warmup} warm-up")
+    print(f"{'system':<14}{'step ms':>10}{'tokens/s':>11}{'peak MB':>10}{'load s':>8}{'step/torch':>12}{'mem/torch':>11}  version")
+    for system, r in results.items():
+        if "error" in r:
+            print(f"{system:<14}failed: {r['error']}")
+            continue
+        step = statistics.median(r["step_s"])
+        ratio = f"{step / torch_step:.2f}" if torch_step else "-"
+        mem = f"{r['peak_rss_mb'] / torch_rss:.2f}" if torch_rss else "-"
+        print(f"{system:<14}{step * 1e3:>10.1f}{tokens / step:>11,.0f}{r['peak_rss_mb']:>10,.0f}{r['load_s']:>8.1f}"
+              f"{ratio:>12}{mem:>11}  {r['version']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"settings": vars(args), "results": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
