@@ -311,3 +311,13 @@ def test_newest_plain_onnxruntime_trains_like_the_training_api(artifacts, tmp_pa
     for run in ("plain", "plain-resumed"):
         got = load_adapter(tmp_path / run / "checkpoint-6", manifest)
         assert max(rel_err(got[n], reference[n]) for n in reference) < 1e-4, run
+
+
+def test_build_without_the_training_build_says_so(monkeypatch, tiny_model, tmp_path, capsys):
+    from ortlora.build import cli as build_cli
+    from ortlora.runtime import backend
+
+    monkeypatch.setattr(backend, "has_training_api", lambda: False)
+    assert build_cli.main(["--model", str(tiny_model), "--out", str(tmp_path / "out")]) == 2
+    assert "needs onnxruntime-training-cpu 1.19.2" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

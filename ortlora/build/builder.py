@@ -59,6 +59,18 @@ def check_out_dir(out_dir: Path, force: bool) -> None:
         raise OrtloraError(f"--out {out_dir} already holds files; pass --force to replace them")
 
 
+def check_training_build() -> None:
+    """generate_artifacts needs ORT's training build; the plain onnxruntime package only trains."""
+    from ortlora.runtime.backend import has_training_api
+
+    if not has_training_api():
+        import onnxruntime
+
+        raise OrtloraError(f"ortlora-build needs onnxruntime-training-cpu 1.19.2 (CPython 3.11 or 3.12), and this "
+                           f"onnxruntime {onnxruntime.__version__} is the plain package; build in such an environment, "
+                           f"then train anywhere")
+
+
 def build(options: BuildOptions, echo=print) -> Manifest:
     """Build the artifacts into a staging directory beside ``out_dir``, then move them in place.
 
@@ -66,6 +78,7 @@ def build(options: BuildOptions, echo=print) -> Manifest:
     """
     config = check_model_dir(options.model_dir)
     check_out_dir(options.out_dir, options.force)
+    check_training_build()
     if not 0.0 <= options.label_smoothing < 1.0:
         raise OrtloraError(f"--label-smoothing must be in [0, 1), got {options.label_smoothing}")
     options.out_dir.parent.mkdir(parents=True, exist_ok=True)
