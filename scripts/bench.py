@@ -54,6 +54,56 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def step_flops(config: dict, lora: dict, batch: int, seq: int, labelled: int) -> dict[str, float]:
+    """Matrix-multiply FLOPs of one LoRA training step (forward + backward), by part.
+
+    Frozen weights get no weight gradient, but every activation gradient down to the first LoRA
+    layer is needed: linear layers cost their forward twice (forward, input gradient), attention
+    three times (QK^T and AV forward; four products backward), the LM head twice over the labelled
+    positions only, and LoRA's small products three times (forward, input and weight gradients).
+    """
+    h, layers, inter, vocab = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"], config["vocab_size"]
+    heads = config["num_attention_heads"]
+    head_dim = h // heads
+    kv = config["num_key_value_heads"] * head_dim
+    tokens = batch * seq
+    shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    linear = 2 * tokens * sum(i * o for i, o in shapes.values()) * layers
+    attention = 4 * batch * heads * seq * seq * head_dim * layers
+    head = 2 * labelled * h * vocab
+    targets = shapes if lora["targets"] == ["all-linear"] else {t: shapes[t] for t in lora["targets"]}
+    adapters = 2 * tokens * lora["rank"] * sum(i + o for i, o in targets.values()) * layers
+    parts = {"linear": 2 * linear, "attention": 3 * attention, "lm_head": 2 * head, "lora": 3 * adapters}
+    return {**parts, "total": sum(parts.values())}
+
+
+def matmul_gflops(rows: int, inner: int, cols: int, threads: int | None, repeats: int = 20) -> float:
+    """The machine's fp32 matrix-multiply rate through ONNX Runtime (MLAS), on one layer-sized product."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [rows, inner]),
+                               helper.make_tensor_value_info("b", TensorProto.FLOAT, [inner, cols])],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [rows, cols])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {"a": rng.standard_normal((rows, inner), np.float32), "b": rng.standard_normal((inner, cols), np.float32)}
+    session.run(None, feeds)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - t0)
+    return 2 * rows * inner * cols / statistics.median(times) / 1e9
+
+
 # -- workers: one system each, in its own process ------------------------------------------------
 
 def run_ort(system: str, args) -> dict:
@@ -159,6 +209,13 @@ def main(argv=None) -> int:
 
     tokens = {"plain": args.batch * args.seq, "masked": args.batch * (args.seq - args.seq // 2)}[args.data]
     results = {s: measure(s, args) for s in args.systems.split(",")}
+    from ortlora.manifest import Manifest
+
+    artifacts = Path(args.artifacts)
+    manifest = Manifest.load(artifacts)
+    config = json.loads((artifacts / manifest.files["config"]).read_text())
+    flops = step_flops(config, manifest.lora, args.batch, args.seq, tokens)
+    rate = matmul_gflops(args.batch * args.seq, config["hidden_size"], config["intermediate_size"], args.threads)
     torch_step = statistics.median(results["torch"]["step_s"]) if "step_s" in results.get("torch", {}) else None
     torch_rss = results.get("torch", {}).get("peak_rss_mb")
     print(f"\n{args.artifacts}: batch {args.batch} x {args.seq}, {args.data} data ({tokens} trained tokens a step), "
@@ -173,8 +230,17 @@ def main(argv=None) -> int:
         mem = f"{r['peak_rss_mb'] / torch_rss:.2f}" if torch_rss else "-"
         print(f"{system:<14}{step * 1e3:>10.1f}{tokens / step:>11,.0f}{r['peak_rss_mb']:>10,.0f}{r['load_s']:>8.1f}"
               f"{ratio:>12}{mem:>11}  {r['version']}")
+    bound = flops["total"] / (rate * 1e9)
+    print(f"matmul FLOPs a step: {flops['total'] / 1e9:.1f} G (" + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in flops.items()
+                                                                   if k != "total") + ")")
+    print(f"measured fp32 matmul rate ({args.batch * args.seq}x{config['hidden_size']} @ {config['hidden_size']}x"
+          f"{config['intermediate_size']}, ONNX Runtime): {rate:.1f} GFLOP/s, so a step takes at least {bound * 1e3:.1f} ms")
+    for system, r in results.items():
+        if "step_s" in r:
+            print(f"  {system}: {bound / statistics.median(r['step_s']):.0%} of that limit")
     if args.json:
-        Path(args.json).write_text(json.dumps({"settings": vars(args), "results": results}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"settings": vars(args), "results": results, "flops": flops,
+                                               "matmul_gflops": rate}, indent=2) + "\n")
     return 0
 
 
