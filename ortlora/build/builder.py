@@ -201,6 +201,8 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
         "initial_lora": INITIAL_LORA,
         "config": BASE_CONFIG,
         "tokenizer": tokenizer_files,
+        # Weights of models over 2 GB, beside the files that point into them (checkpoint.data, ...).
+        "external_data": sorted(p.name for p in staging.glob("*.data")),
     }
     lora = {
         "rank": options.rank,
@@ -278,7 +280,7 @@ def _check_loads(directory: Path, lora_names: list[str]) -> None:
     trainable = sorted(n for n in state.parameter_names() if state.get_parameter(n).requires_grad)
     if trainable != sorted(lora_names):
         raise RuntimeError(f"trainable parameters in the checkpoint differ from the LoRA weights: {trainable[:4]}")
-    del module
+    del module, state  # one model's weights in memory at a time
     quiet = ort.SessionOptions()
     quiet.log_severity_level = 3  # LoRA inputs with default initializers are intended, not a warning
     for name in (INFERENCE_MODEL, portable_graph.PORTABLE_TRAINING, portable_graph.PORTABLE_EVAL):

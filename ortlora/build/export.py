@@ -9,6 +9,7 @@ weights stay initializers and are folded (pre-transposed) by the exporter. After
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 
@@ -114,8 +115,12 @@ def is_large(model: onnx.ModelProto) -> bool:
 def save_model(model: onnx.ModelProto, path: Path) -> None:
     """Save, with every weight in one external ``NAME.data`` file when the model exceeds 2 GB."""
     if is_large(model):
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=path.name + ".data", size_threshold=1024)
+        path = path.resolve()
+        # onnx >= 1.17 refuses a `location` that exists relative to the current directory (not the
+        # model's): save from the model's directory, so the check is about the file it writes.
+        with contextlib.chdir(path.parent):
+            onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=path.name + ".data", size_threshold=1024)
     else:
         onnx.save(model, str(path))
 

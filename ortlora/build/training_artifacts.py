@@ -1,8 +1,10 @@
 """ONNX Runtime training artifacts from the exported loss graph.
 
 ``generate_artifacts`` builds the gradient graph (training model), the forward-only eval model,
-the optimizer model and the checkpoint. Around it we fix two things: models are stamped with
-an IR version onnxruntime-training 1.19 can load, and LoRA dropout is removed from the eval model.
+the optimizer model and the checkpoint. Around it we fix three things: the loss graph is handed
+over as a small ModelProto whose weights are external-data references (see ``generate``), models
+are stamped with an IR version onnxruntime-training 1.19 can load, and LoRA dropout is removed from
+the eval model.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import onnx
 
-from ortlora.build.export import is_large, save_model, stamp_ir_version
+from ortlora.build.export import stamp_ir_version
 
 TRAINING_MODEL = "training_model.onnx"
 EVAL_MODEL = "eval_model.onnx"
@@ -24,32 +26,56 @@ CHECKPOINT = "checkpoint"
 
 
 def generate(loss_model: onnx.ModelProto, trainable: list[str], out_dir: Path, work_dir: Path) -> None:
+    """Write the training, eval and optimizer models and the checkpoint into ``out_dir``.
+
+    ``loss_model`` is saved to ``work_dir`` with its weights as external data; as onnx.save does,
+    this moves the weights out of the proto: afterwards it holds references into
+    ``work_dir/loss_external.onnx.data``, which must stay until the caller is done with it.
+    The same path serves every model size, so the tiny test builds exercise it too.
+
+    Why not hand ``generate_artifacts`` the model as a path, as its docs say to above 2 GB: onnxblock
+    then saves the whole model to ``temp.onnx`` + ``temp.onnx.data`` in the working directory once per
+    block (the pass-through loss block, then the training block). The first save moves the weights
+    out of the shared in-memory model into that file; the second must reuse it, but onnx >= 1.17
+    refuses to save external data to a location that already exists (FileExistsError), and deleting
+    the file loses the weights the model now points at. It also loads and copies the full model twice.
+
+    What we do instead: hand it a ModelProto whose large initializers are external-data references,
+    so the proto is small and onnxblock checks and shape-infers it in memory, with no temporary
+    files. Nothing in it needs the weight values: shape inference reads only dims (small constants
+    stay inline), and generate_artifacts moves every parameter to a graph input before ORT's graph
+    optimizer and gradient builder see the model. The values are read only where the checkpoint is
+    written: ORT's save_checkpoint reads each frozen parameter from the external data file.
+    Both the onnx checker and ORT resolve an in-memory model's relative external-data locations
+    against the current directory, hence the chdir into ``work_dir`` for the duration.
+    """
     from onnxruntime.training import artifacts
 
-    # Known gap: over 2 GB, onnxblock's shape inference of the path-given model fails under
-    # onnx >= 1.17 (it re-saves temp.onnx.data in the working directory, which onnx refuses).
-    frozen = [init.name for init in loss_model.graph.initializer if init.name not in set(trainable)]
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
-    # loss=None: the exported graph's single output already is the loss.
-    model_arg = loss_model
-    if is_large(loss_model):  # over 2 GB the model must be handed over as a path, weights external
-        save_model(loss_model, work_dir / "loss_external.onnx")
-        model_arg = str(work_dir / "loss_external.onnx")
-    with native_stderr_silenced():  # ORT's gradient builder logs every graph pass at INFO level
-        artifacts.generate_artifacts(
-            model_arg,
-            requires_grad=trainable,
-            frozen_params=frozen,
-            loss=None,
-            optimizer=artifacts.OptimType.AdamW,
-            artifact_directory=str(out_dir),
-        )
+    out_dir, work_dir = out_dir.resolve(), work_dir.resolve()  # they must survive the chdir below
+    loss_path = work_dir / "loss_external.onnx"
+    with contextlib.chdir(work_dir):
+        # Inside work_dir: onnx >= 1.17 checks that `location` does not exist relative to the
+        # current directory (not the model's), so this is where that check means something.
+        onnx.save(loss_model, str(loss_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=loss_path.name + ".data", size_threshold=1024)
+        reference_model = onnx.load(str(loss_path), load_external_data=False)
+        frozen = [init.name for init in reference_model.graph.initializer if init.name not in set(trainable)]
+        logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
+        with native_stderr_silenced():  # ORT's gradient builder logs every graph pass at INFO level
+            artifacts.generate_artifacts(
+                reference_model,
+                requires_grad=trainable,
+                frozen_params=frozen,
+                loss=None,  # the exported graph's single output already is the loss
+                optimizer=artifacts.OptimType.AdamW,
+                artifact_directory=str(out_dir),
+            )
     for name in (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL):
         model = onnx.load(str(out_dir / name), load_external_data=False)
         if name == EVAL_MODEL:
             disable_dropout(model)
         stamp_ir_version(model)
-        onnx.save(model, str(out_dir / name))  # weights, if external, stay where they are
+        onnx.save(model, str(out_dir / name))
 
 
 @contextlib.contextmanager
