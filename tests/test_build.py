@@ -199,3 +199,29 @@ def test_failed_build_leaves_nothing_that_looks_complete(tmp_path, tiny_model, m
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # the staging directory is gone too
     assert not (out / MANIFEST_NAME).exists()
+
+
+def test_models_over_the_protobuf_limit_are_saved_with_external_data(tmp_path_factory, tiny_model, monkeypatch, tmp_path):
+    """The >2 GB path, on the tiny model: pretend every model is over protobuf's limit."""
+    import onnxruntime as ort
+
+    from ortlora.build import export
+    from tests.conftest import _build
+
+    monkeypatch.setattr(export, "PROTOBUF_LIMIT", 0)
+    monkeypatch.chdir(tmp_path)  # a stale data file in the current directory must not matter
+    (tmp_path / "inference_model.onnx.data").write_bytes(b"stale")
+    directory = _build(tmp_path_factory, tiny_model, "large")
+    manifest = Manifest.load(directory)
+    assert "inference_model.onnx.data" in manifest.files["external_data"]
+    session = ort.InferenceSession(str(directory / manifest.files["inference_model"]), providers=["CPUExecutionProvider"])
+    batch = make_batch(512, "plain")
+    logits = session.run(["logits"], {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})[0]
+    with torch.no_grad():
+        ref = peft_model(directory)(input_ids=torch.from_numpy(batch["input_ids"]),
+                                    attention_mask=torch.from_numpy(batch["attention_mask"])).logits.numpy()
+    assert rel_err(logits, ref) < TOL
+    backend = OrtTrainingBackend(directory, manifest)
+    backend.set_weights(random_weights(manifest, seed=1))
+    ref_loss, _ = loss_and_grads(peft_model(directory, random_weights(manifest, seed=1)), manifest, batch)
+    assert backend.train_step(batch) == pytest.approx(ref_loss, rel=TOL)
