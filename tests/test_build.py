@@ -225,3 +225,15 @@ def test_models_over_the_protobuf_limit_are_saved_with_external_data(tmp_path_fa
     backend.set_weights(random_weights(manifest, seed=1))
     ref_loss, _ = loss_and_grads(peft_model(directory, random_weights(manifest, seed=1)), manifest, batch)
     assert backend.train_step(batch) == pytest.approx(ref_loss, rel=TOL)
+
+
+def test_tied_lm_head_reads_the_embedding_itself(artifacts):
+    """No second, transposed copy of the tied embedding in the checkpoint or the portable weights."""
+    from onnxruntime.capi import _pybind_state as C
+
+    manifest = Manifest.load(artifacts)
+    state = C.load_checkpoint(str(artifacts / manifest.files["checkpoint"]))
+    shapes = [state.get_parameter(n).data.numpy().shape for n in state.parameter_names()]
+    assert (512, 64) in shapes and (64, 512) not in shapes
+    portable = onnx.load(str(artifacts / manifest.files["portable_training_model"]), load_external_data=False)
+    assert [list(t.dims) for t in portable.graph.initializer].count([64, 512]) == 0

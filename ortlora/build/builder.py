@@ -107,6 +107,7 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
         export_onnx,
         inputs_to_initializers,
         save_model,
+        share_tied_lm_head,
         stamp_ir_version,
     )
     from ortlora.build.lora import inject_lora
@@ -148,6 +149,7 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
         )
         model.eval()
         loss_model = onnx.load(str(work / "loss.onnx"))
+        share_tied_lm_head(loss_model)
         inputs_to_initializers(loss_model, lora_values, keep_as_inputs=False)
         _check_lora_initializers(loss_model, lora_values)
 

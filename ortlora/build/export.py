@@ -13,6 +13,7 @@ import contextlib
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
@@ -102,6 +103,36 @@ def inputs_to_initializers(model: onnx.ModelProto, values: dict[str, torch.Tenso
         kept = [i for i in graph.input if i.name not in values]
         del graph.input[:]
         graph.input.extend(kept)
+
+
+def share_tied_lm_head(model: onnx.ModelProto) -> bool:
+    """Make a tied LM head read the embedding matrix itself. Returns whether it did.
+
+    Constant folding turns the tied head's ``hidden @ embed.T`` into a MatMul with a second,
+    pre-transposed copy of the embedding ([hidden, vocab]: 545 MB for Qwen2.5-0.5B), which the
+    checkpoint and every session would then hold twice. A Gemm with transB=1 reads the embedding
+    as it is, at the same speed. Needs the head's input to be 2-D, as in the loss graph (hidden
+    states gathered at labelled positions).
+    """
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    embed = next((t for t in graph.initializer if t.name.endswith("embed_tokens.weight")), None)
+    if embed is None:
+        return False
+    vocab, hidden = embed.dims
+    for node in graph.node:
+        copy = initializers.get(node.input[1]) if node.op_type == "MatMul" else None
+        if copy is None or list(copy.dims) != [hidden, vocab]:
+            continue
+        if not np.array_equal(numpy_helper.to_array(copy), numpy_helper.to_array(embed).T):
+            return False  # an untied head that happens to have the embedding's shape
+        node.op_type = "Gemm"
+        node.input[1] = embed.name
+        node.attribute.append(onnx.helper.make_attribute("transB", 1))
+        if not any(copy.name in n.input for n in graph.node):
+            graph.initializer.remove(copy)
+        return True
+    return False
 
 
 PROTOBUF_LIMIT = 2**31 - 2**26  # protobuf cannot serialise 2 GiB; keep a margin
