@@ -40,13 +40,15 @@ def log_softmax(x, axis=-1):
     return (shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))).astype(np.float32)
 
 
-def run_single(op: str, inputs: dict, outputs: dict, attrs: dict, domain: str, rewrite: bool, shapes=None):
+def run_single(op: str, inputs: dict, outputs: dict, attrs: dict, domain: str, rewrite: bool, shapes=None, weights=()):
     """Run one node (or its portable rewrite) in an InferenceSession; inputs named "" are absent.
 
     ``shapes``: the outputs' shapes, which onnx.checker's full check of the rewrite wants declared.
+    ``weights``: inputs given to the rewrite as weights (initializers of known shape).
     """
     node = helper.make_node(op, list(inputs), list(outputs), domain=domain, **attrs)
-    nodes = portable_graph.rewrite_node(node) if rewrite else [node]
+    known = {n: list(inputs[n].shape) for n in weights}
+    nodes = portable_graph.rewrite_node(node, known) if rewrite else [node]
     if rewrite:
         assert all(n.domain == "" for n in nodes), f"{op}: the rewrite left a non-standard node"
     graph = helper.make_graph(
@@ -95,6 +97,8 @@ CASES = {
     "FusedMatMul": ({"a": normal(2, 3, 4, 5), "b": normal(5, 6)}, {"y": F32}, {}),
     "FusedMatMul transA": ({"a": normal(2, 3, 5, 4), "b": normal(5, 6)}, {"y": F32}, {"transA": 1, "alpha": 0.5}),
     "FusedMatMul transB": ({"a": normal(3, 4, 5), "b": normal(3, 6, 5)}, {"y": F32}, {"transB": 1}),
+    "FusedMatMul transB weight": ({"a": normal(2, 3, 4, 5), "b": normal(6, 5)}, {"y": F32}, {"transB": 1, "alpha": 0.5}),
+    "FusedMatMul transB 2-D weight": ({"a": normal(4, 5), "b": normal(6, 5)}, {"y": F32}, {"transB": 1}),
     "FusedMatMul both 2-D": ({"a": normal(5, 4), "b": normal(6, 5)}, {"y": F32}, {"transA": 1, "transB": 1, "alpha": 2.0}),
     "DropoutGrad": ({"dy": normal(4, 6), "mask": RNG.random((4, 6)) > 0.3, "ratio": np.array(0.3, np.float32),
                      "training_mode": np.array(True)}, {"dx": F32}, {}),
@@ -113,7 +117,8 @@ def test_rewrite_matches_ort_kernel(case):
     inputs, outputs, attrs = CASES[case]
     domain = "" if op == "SimplifiedLayerNormalization" else "com.microsoft"
     expected = run_single(op, inputs, outputs, attrs, domain, rewrite=False)
-    got = run_single(op, inputs, outputs, attrs, domain, rewrite=True, shapes=[e.shape for e in expected])
+    weights = ["b"] if "weight" in case else []
+    got = run_single(op, inputs, outputs, attrs, domain, rewrite=True, shapes=[e.shape for e in expected], weights=weights)
     for e, g in zip(expected, got):
         assert e.shape == g.shape
         assert rel_err(g, e) < 1e-5, case

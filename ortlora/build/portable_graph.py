@@ -37,10 +37,13 @@ class UnsupportedNode(ValueError):
 
 
 class Emitter:
-    """Collects the standard nodes that replace one node; names are unique per replaced node."""
+    """Collects the standard nodes that replace one node; names are unique per replaced node.
 
-    def __init__(self, node: onnx.NodeProto):
-        self.node, self.nodes, self._count = node, [], 0
+    ``weights``: the dims of the graph's weights (initializers), where a rewrite can use them.
+    """
+
+    def __init__(self, node: onnx.NodeProto, weights: dict[str, list[int]] | None = None):
+        self.node, self.nodes, self._count, self.weights = node, [], 0, weights or {}
         self._prefix = (node.name or node.output[0]) + "/portable"
 
     def fresh(self) -> str:
@@ -126,30 +129,31 @@ def gather_grad(node, e: Emitter) -> None:
 
 
 def softmax_cross_entropy_loss_grad(node, e: Emitter) -> None:
-    """d logits = (softmax - onehot(label)) * dY, zero on ignored rows, / count for 'mean'."""
+    """d logits = (softmax - onehot(label)) * dY, zero on ignored rows, / count for 'mean'.
+
+    Written as softmax with 1 subtracted at each row's label (ScatterElements), scaled per row:
+    three [N, vocab] tensors, the fewest this takes, since the vocabulary axis is the large one.
+    """
     a = _attrs(node)
     _require(len([i for i in node.input[3:] if i]) == 0, node, "a weight or bias input")
     dy, log_prob, label = node.input[:3]
     reduction = a.get("reduction", b"mean")
     reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
-    classes = e("Squeeze", [e("Shape", [log_prob], start=1, end=2)])
-    class_ids = e("Range", [e.const(0), classes, e.const(1)])
-    onehot = e("Cast", [e("Equal", [e("Unsqueeze", [label, e.const([1])]), class_ids])], to=TensorProto.FLOAT)
-    diff = e("Sub", [e("Exp", [log_prob]), onehot])
+    _require(reduction in ("mean", "sum", "none"), node, f"reduction {reduction!r}")
+    prob = e("Exp", [log_prob])
     if "ignore_index" in a:
-        valid = e("Cast", [e("Not", [e("Equal", [label, e.const(a["ignore_index"])])])], to=TensorProto.FLOAT)
+        valid = e("Not", [e("Equal", [label, e.const(a["ignore_index"])])])
+        label = e("Where", [valid, label, e.const(0)])  # any class: the row is zeroed below
+        valid = e("Cast", [valid], to=TensorProto.FLOAT)
     else:
-        valid = e("Cast", [e("Greater", [e("Add", [label, e.const(1)]), e.const(0)])], to=TensorProto.FLOAT)  # all ones
-    diff = e("Mul", [diff, e("Unsqueeze", [valid, e.const([1])])])
-    if reduction == "mean":
-        scale = e("Div", [dy, e("ReduceSum", [valid], keepdims=0)])
-    elif reduction == "sum":
-        scale = dy
-    elif reduction == "none":
-        scale = e("Unsqueeze", [dy, e.const([1])])
-    else:
-        raise UnsupportedNode(f"{node.op_type}: reduction {reduction!r}")
-    e("Mul", [diff, scale], [node.output[0]])
+        valid = e("ConstantOfShape", [e("Shape", [label])], value=numpy_helper.from_array(np.ones(1, np.float32)))
+    column = e("Unsqueeze", [label, e.const([1])])
+    at_label = e("Sub", [e("GatherElements", [prob, column], axis=1), e.const(1.0, np.float32)])
+    diff = e("ScatterElements", [prob, column, at_label], axis=1)
+    # 'mean': dY / (labelled rows); 'sum': dY; 'none': dY is per row.
+    scale = e("Div", [dy, e("ReduceSum", [valid], keepdims=0)]) if reduction == "mean" else dy
+    row_scale = e("Mul", [valid, scale])
+    e("Mul", [diff, e("Unsqueeze", [row_scale, e.const([1])])], [node.output[0]])
 
 
 def softmax_grad_13(node, e: Emitter) -> None:
@@ -210,13 +214,24 @@ def simplified_layer_norm_grad(node, e: Emitter) -> None:
 
 
 def fused_matmul(node, e: Emitter) -> None:
-    """alpha * op(A) @ op(B), op transposing the last two axes where transA/transB say so."""
+    """alpha * op(A) @ op(B), op transposing the last two axes where transA/transB say so.
+
+    The backward pass multiplies by every frozen weight transposed (dX = dY @ W^T). Spelled as a
+    Transpose of the weight, ONNX Runtime would fold it into a transposed copy of every weight, so
+    a 2-D weight B goes into a Gemm with transB=1 instead (A flattened to 2-D around it).
+    """
     a = _attrs(node)
     _require(not a.get("transBatchA") and not a.get("transBatchB"), node, "transBatchA/transBatchB")
     left, right = node.input[:2]
     left = e.transpose_last_two(left) if a.get("transA") else left
-    right = e.transpose_last_two(right) if a.get("transB") else right
     alpha = a.get("alpha", 1.0)
+    if a.get("transB") and len(e.weights.get(right, ())) == 2:
+        rows = e("Reshape", [left, e.const([-1, e.weights[right][1]])])
+        product = e("Gemm", [rows, right], transB=1, alpha=alpha)
+        shape = e("Concat", [e("Shape", [left], start=0, end=-1), e.const([e.weights[right][0]])], axis=0)
+        e("Reshape", [product, shape], [node.output[0]])
+        return
+    right = e.transpose_last_two(right) if a.get("transB") else right
     if alpha == 1.0:
         e("MatMul", [left, right], [node.output[0]])
     else:
@@ -261,13 +276,16 @@ def is_standard(node: onnx.NodeProto) -> bool:
     return node.domain in ("", "ai.onnx") and node.op_type not in REWRITES
 
 
-def rewrite_node(node: onnx.NodeProto) -> list[onnx.NodeProto]:
-    """The standard nodes that compute ``node``'s outputs (the node itself if it is standard)."""
+def rewrite_node(node: onnx.NodeProto, weights: dict[str, list[int]] | None = None) -> list[onnx.NodeProto]:
+    """The standard nodes that compute ``node``'s outputs (the node itself if it is standard).
+
+    ``weights``: dims of the graph's initializers by name, which some rewrites use.
+    """
     if is_standard(node):
         return [node]
     if node.op_type not in REWRITES:
         raise UnsupportedNode(f"{node.domain}.{node.op_type} (node {node.name!r}) has no portable rewrite")
-    emitter = Emitter(node)
+    emitter = Emitter(node, weights)
     REWRITES[node.op_type](node, emitter)
     return emitter.nodes
 
@@ -293,7 +311,8 @@ def make_portable(training_model: onnx.ModelProto, frozen: dict[str, TensorProto
     outputs = [loss] + [helper.make_tensor_value_info(n + GRAD_SUFFIX, TensorProto.FLOAT, lora_shapes[n]) for n in lora_names]
     renames = [helper.make_node("Identity", [grads[n]], [n + GRAD_SUFFIX]) for n in lora_names if grads[n] != n + GRAD_SUFFIX]
     live = _live_nodes(list(graph.node) + renames, [o.name for o in outputs])
-    nodes = [new for node in live for new in rewrite_node(node)]
+    weights = {t.name: list(t.dims) for t in [*graph.initializer, *frozen.values()]}
+    nodes = [new for node in live for new in rewrite_node(node, weights)]
 
     feeds = {"input_ids", "attention_mask", "labels", *lora_names}
     inputs = [i for i in graph.input if i.name in feeds]
