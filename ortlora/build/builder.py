@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ortlora.build import portable_graph, training_artifacts
-from ortlora.build.model_dir import TOKENIZER_FILES, check_model_dir, weights_sha256
+from ortlora.build.model_dir import TOKENIZER_FILES, check_model_dir
 from ortlora.errors import OrtloraError
 from ortlora.manifest import PEFT_PREFIX, LoraParameter, Manifest
+from ortlora.weights import weights_sha256
 
 INFERENCE_MODEL = "inference_model.onnx"
 INITIAL_LORA = "initial_lora.safetensors"  # the LoRA weights before training, by ONNX name

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from ortlora.errors import OrtloraError
+from ortlora.weights import weight_files
 
 SUPPORTED_MODEL_TYPES = ("qwen2",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.json", "merges.txt",
@@ -35,18 +35,3 @@ def check_model_dir(path: Path) -> dict:
     if not (path / "tokenizer.json").is_file():
         raise OrtloraError(f"{path} has no tokenizer.json (a fast tokenizer is needed at run time)")
     return config
-
-
-def weight_files(path: Path) -> list[Path]:
-    return sorted(path.glob("*.safetensors"))
-
-
-def weights_sha256(path: Path) -> str:
-    """A hash over the weight files, so later steps can tell that a base model is the one built from."""
-    digest = hashlib.sha256()
-    for file in weight_files(path):
-        digest.update(file.name.encode())
-        with file.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                digest.update(chunk)
-    return digest.hexdigest()

@@ -1,0 +1,1 @@
+"""Hand-off: adapters, merged models and ONNX models for use outside ortlora."""

@@ -1,0 +1,95 @@
+"""ortlora-export: a trained adapter as a PEFT adapter, a merged Hugging Face model, or a merged ONNX model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from ortlora.errors import OrtloraError, cli_entry
+from ortlora.manifest import Manifest
+from ortlora.runtime.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, find_checkpoint, load_adapter
+
+TARGETS = ("peft", "merged", "onnx")
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)?\s*", text.upper())
+    if not match:
+        raise OrtloraError(f"--max-shard-size must look like 2GB or 500MB, got {text!r}")
+    return int(float(match.group(1)) * {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, None: 1}[match.group(2)])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ortlora-export", description=__doc__)
+    parser.add_argument("--artifacts", type=Path, default=Path("artifacts/tiny"), help="the artifact directory the adapter was trained on")
+    parser.add_argument("--adapter", type=Path, required=True, help="a checkpoint, a run directory (its latest checkpoint) or a PEFT adapter directory")
+    parser.add_argument("--to", choices=TARGETS, required=True,
+                        help="peft: the adapter alone; merged: a Hugging Face model with W + B@A*scaling; "
+                             "onnx: that merged model as an inference ONNX model (needs ortlora[build])")
+    parser.add_argument("--out", type=Path, required=True, help="output directory (replaced only with --force)")
+    parser.add_argument("--base", type=Path, default=None, help="the base model directory (default: the one the artifacts were built from)")
+    parser.add_argument("--max-shard-size", default="2GB", help="merged: largest safetensors file (default: 2GB)")
+    parser.add_argument("--ort-format", action="store_true", help="onnx: also write model.ort, the format of ONNX Runtime's mobile builds")
+    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    return parser.parse_args(argv)
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    manifest = Manifest.load(args.artifacts)
+    adapter_dir = find_checkpoint(args.adapter)
+    weights = load_adapter(adapter_dir, manifest)  # wrong model, rank or shapes: an error listing them
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.force:
+        raise OrtloraError(f"--out {args.out} already holds files; pass --force to replace them")
+    max_shard = parse_size(args.max_shard_size)
+    if args.to == "onnx":
+        try:
+            from ortlora.build import merged_onnx
+        except ImportError as e:
+            raise OrtloraError(f"--to onnx exports with torch: install ortlora[build] ({e})") from None
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.partial-", dir=args.out.parent))
+    try:  # everything is written beside --out and moved into place at the end: a failure writes nothing
+        if args.to == "peft":
+            base = base_model_or_none(args, manifest)
+            for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+                shutil.copy2(adapter_dir / name, staging / name)
+            if base is not None:
+                config = json.loads((staging / ADAPTER_CONFIG).read_text())
+                config["base_model_name_or_path"] = str(base.resolve())
+                (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+            summary = f"PEFT adapter ({len(weights)} tensors)"
+        else:
+            from ortlora.handoff.merge import base_model_dir, write_merged
+
+            base = base_model_dir(args.artifacts, manifest, args.base)
+            if args.to == "merged":
+                files = write_merged(base, manifest, weights, staging, args.artifacts, max_shard)
+                summary = f"merged Hugging Face model ({len(files)} weight file{'s' if len(files) > 1 else ''})"
+            else:
+                summary = merged_onnx.export(base, manifest, weights, staging, args.artifacts, args.ort_format)
+        if args.out.exists():
+            shutil.rmtree(args.out)
+        staging.rename(args.out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"wrote {args.out}: {summary} from {adapter_dir}")
+    return 0
+
+
+def base_model_or_none(args: argparse.Namespace, manifest: Manifest) -> Path | None:
+    """--to peft needs no base model; name it in the adapter config when it is at hand."""
+    from ortlora.handoff.merge import base_model_dir
+
+    try:
+        return base_model_dir(args.artifacts, manifest, args.base)
+    except OrtloraError:
+        if args.base is not None:
+            raise
+        return None

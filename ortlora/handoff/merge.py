@@ -1,0 +1,89 @@
+"""Merge a LoRA adapter into its base model, as PEFT's ``merge_and_unload`` does, without torch.
+
+    W' = W + (B @ A) * scaling        (W: out x in, B: out x r, A: r x in, scaling = alpha / r)
+
+The result is an ordinary Hugging Face model directory: safetensors in the base model's dtype
+(bfloat16 included), sharded when large, with the config and tokenizer beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ortlora.errors import OrtloraError
+from ortlora.manifest import PEFT_PREFIX, Manifest
+from ortlora.weights import from_float32, read_safetensors, to_float32, weight_files, weights_sha256, write_safetensors
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+MODEL_FILES = ("config.json", "generation_config.json")
+
+
+def base_model_dir(artifacts: Path, manifest: Manifest, given: Path | None = None) -> Path:
+    """The base model the artifacts were built from (or ``given``), checked by its weights' hash."""
+    source = Path(manifest.model["source"])
+    base = given or (source if source.is_absolute() else artifacts / source)
+    if not base.is_dir() or not weight_files(base):
+        raise OrtloraError(f"base model {base} is missing (no *.safetensors there); pass --base with the model "
+                           f"the artifacts were built from")
+    if weights_sha256(base) != manifest.model["weights_sha256"]:
+        raise OrtloraError(f"base model {base} is not the one the artifacts were built from (its weights differ); "
+                           f"pass --base with that model")
+    return base
+
+
+def lora_deltas(manifest: Manifest, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """(B @ A) * scaling for every adapted projection, by the base model's weight name."""
+    scaling = manifest.lora["alpha"] / manifest.lora["rank"]
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for p in manifest.parameters:
+        base_name = p.peft_name[len(PEFT_PREFIX):].replace(f".lora_{p.kind}.weight", ".weight")
+        pairs.setdefault(base_name, {})[p.kind] = weights[p.onnx_name]
+    return {name: (ab["B"].astype(np.float32) @ ab["A"].astype(np.float32)) * np.float32(scaling)
+            for name, ab in pairs.items()}
+
+
+def write_merged(base: Path, manifest: Manifest, weights: dict[str, np.ndarray], out: Path,
+                 tokenizer_dir: Path, max_shard_bytes: int) -> list[str]:
+    """Write the merged model directory into ``out`` (which must exist and be empty). Returns the weight files."""
+    deltas = lora_deltas(manifest, weights)
+    shard: dict[str, tuple[str, np.ndarray]] = {}
+    written: list[tuple[Path, list[str], int]] = []  # shards are written as they fill, named at the end
+
+    def flush() -> None:
+        path = out / f".shard-{len(written)}.tmp"
+        write_safetensors(path, shard, metadata={"format": "pt"})
+        written.append((path, list(shard), sum(a.nbytes for _, a in shard.values())))
+        shard.clear()
+
+    for file in weight_files(base):
+        for name, dtype, array in read_safetensors(file):
+            if name in deltas:
+                if dtype not in ("F32", "F16", "BF16"):
+                    raise OrtloraError(f"{file}: {name} is {dtype}; only float weights can be merged")
+                array = from_float32(dtype, to_float32(dtype, array) + deltas.pop(name))
+            if shard and sum(a.nbytes for _, a in shard.values()) + array.nbytes > max_shard_bytes:
+                flush()
+            shard[name] = (dtype, array)
+    flush()
+    if deltas:
+        raise OrtloraError(f"base model {base} has no weight {sorted(deltas)[0]} to merge into")
+
+    count = len(written)
+    names = [SINGLE_FILE] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+    for name, (path, _, _) in zip(names, written):
+        path.rename(out / name)
+    if count > 1:
+        index = {"metadata": {"total_size": sum(size for _, _, size in written)},
+                 "weight_map": {tensor: name for name, (_, tensors, _) in zip(names, written) for tensor in tensors}}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    for name in MODEL_FILES:
+        if (base / name).is_file():
+            shutil.copy2(base / name, out / name)
+    for name in manifest.files["tokenizer"]:
+        shutil.copy2(tokenizer_dir / name, out / name)
+    return names

@@ -1,0 +1,85 @@
+"""Hugging Face weight files without torch: hashing, and safetensors in any float dtype.
+
+safetensors' numpy API cannot hold bfloat16, the dtype most Qwen2.5 checkpoints are stored in, so
+reading and writing go through the file format itself (an 8-byte header length, a JSON header,
+then the raw tensors) and bfloat16 is widened to float32 / rounded back by bit arithmetic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+                "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+
+
+def weight_files(path: Path) -> list[Path]:
+    return sorted(path.glob("*.safetensors"))
+
+
+def weights_sha256(path: Path) -> str:
+    """A hash over the weight files, so later steps can tell that a base model is the one built from."""
+    digest = hashlib.sha256()
+    for file in weight_files(path):
+        digest.update(file.name.encode())
+        with file.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) -> float32: bfloat16 is the upper half of a float32."""
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), rounding to nearest even as torch does."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    return np.where(np.isnan(values), 0x7FC0, rounded).astype(np.uint16)
+
+
+def read_safetensors(path: Path) -> Iterator[tuple[str, str, np.ndarray]]:
+    """(name, dtype, array) for every tensor of a file; bfloat16 comes as its uint16 bits."""
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        (size,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + size])
+        header.pop("__metadata__", None)
+        for name, info in header.items():
+            start, end = (8 + size + o for o in info["data_offsets"])
+            dtype = np.uint16 if info["dtype"] == "BF16" else NUMPY_DTYPES[info["dtype"]]
+            yield name, info["dtype"], np.frombuffer(data[start:end], dtype=dtype).reshape(info["shape"])
+
+
+def write_safetensors(path: Path, tensors: dict[str, tuple[str, np.ndarray]], metadata: dict[str, str] | None = None) -> None:
+    """Write ``name -> (dtype, array)``; a BF16 array is given as its uint16 bits."""
+    header, offset = {}, 0
+    for name, (dtype, array) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for _, array in tensors.values():
+            f.write(np.ascontiguousarray(array).tobytes())
+
+
+def to_float32(dtype: str, array: np.ndarray) -> np.ndarray:
+    return bf16_to_f32(array) if dtype == "BF16" else array.astype(np.float32)
+
+
+def from_float32(dtype: str, values: np.ndarray) -> np.ndarray:
+    return f32_to_bf16(values) if dtype == "BF16" else values.astype(NUMPY_DTYPES[dtype])

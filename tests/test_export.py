@@ -1,0 +1,164 @@
+"""ortlora-export against the references: PEFT's merge_and_unload, transformers, and the unmerged
+inference model of the artifacts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from ortlora.handoff import cli as export_cli
+from ortlora.handoff.merge import write_merged
+from ortlora.manifest import Manifest
+from ortlora.runtime import cli as train_cli
+from ortlora.runtime.checkpoint import load_adapter
+from ortlora.weights import bf16_to_f32, f32_to_bf16, read_safetensors, weight_files, write_safetensors
+from tests.reference import rel_err
+from tests.test_build import make_batch
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def trained(artifacts, tmp_path_factory) -> Path:
+    """An adapter whose B matrices are far from zero: a few steps at a high learning rate."""
+    run = tmp_path_factory.mktemp("run")
+    assert train_cli.main(["--artifacts", str(artifacts), "--out", str(run), "--max-steps", "5", "--lr", "0.05",
+                           "--no-progress", "--no-plot"]) == 0
+    return run / "checkpoint-5"
+
+
+def export(artifacts, adapter, *args) -> int:
+    return export_cli.main(["--artifacts", str(artifacts), "--adapter", str(adapter), *args])
+
+
+def logits_of(model, batch) -> np.ndarray:
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(batch["input_ids"]),
+                     attention_mask=torch.from_numpy(batch["attention_mask"])).logits.numpy()
+
+
+def peft_merged(artifacts, adapter):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(artifacts / "base_model", dtype=torch.float32)
+    return PeftModel.from_pretrained(base, adapter).merge_and_unload().eval()
+
+
+def test_merged_model_equals_peft_merge_and_unload(artifacts, trained, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert export(artifacts, trained, "--to", "merged", "--out", str(tmp_path / "merged")) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    batch = make_batch(512, "padding")
+    valid = batch["attention_mask"].astype(bool)
+    ours, reference = logits_of(merged, batch), logits_of(peft_merged(artifacts, trained), batch)
+    assert rel_err(ours[valid], reference[valid]) < TOL
+    base = AutoModelForCausalLM.from_pretrained(artifacts / "base_model", dtype=torch.float32).eval()
+    assert rel_err(logits_of(base, batch)[valid], reference[valid]) > 1e-3  # the adapter does change the model
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged")("hello")["input_ids"]
+
+    # Sharded: the same weights over several files and an index that transformers follows.
+    assert export(artifacts, trained, "--to", "merged", "--out", str(tmp_path / "sharded"), "--max-shard-size", "100KB") == 0
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    sharded = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded", dtype=torch.float32).eval()
+    np.testing.assert_array_equal(logits_of(sharded, batch), ours)
+
+
+def test_bfloat16_merge_rounds_like_torch(artifacts, trained, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    manifest = Manifest.load(artifacts)
+    base16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(artifacts / "base_model", dtype=torch.bfloat16).save_pretrained(base16)
+    out = tmp_path / "merged"
+    out.mkdir()
+    weights = load_adapter(trained, manifest)
+    write_merged(base16, manifest, weights, out, artifacts, max_shard_bytes=2**40)
+    scaling = manifest.lora["alpha"] / manifest.lora["rank"]
+    theirs = {}
+    for file in weight_files(base16):
+        theirs.update({n: a for n, _, a in read_safetensors(file)})
+    ours = {n: (d, a) for n, d, a in read_safetensors(out / "model.safetensors")}
+    name = "model.layers.1.self_attn.q_proj.weight"
+    a, b = (torch.from_numpy(weights[f"model.layers.1.self_attn.q_proj.lora_{k}.weight"]) for k in "AB")
+    expected = (torch.from_numpy(bf16_to_f32(theirs[name])) + (b @ a) * scaling).to(torch.bfloat16)
+    assert ours[name][0] == "BF16"
+    np.testing.assert_array_equal(ours[name][1], expected.view(torch.int16).numpy().view(np.uint16))
+    untouched = "model.layers.0.mlp.up_proj.weight"
+    np.testing.assert_array_equal(ours[untouched][1], theirs[untouched])
+
+
+def test_bfloat16_conversion_and_file_round_trip(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    values = torch.randn(1000) * torch.logspace(-30, 30, 1000)
+    values[:3] = torch.tensor([float("inf"), -0.0, 1.0 + 2**-8])  # a tie rounds to even
+    np.testing.assert_array_equal(f32_to_bf16(values.numpy()), values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
+    save_file({"w": values.to(torch.bfloat16)}, str(tmp_path / "t.safetensors"))
+    ((name, dtype, raw),) = list(read_safetensors(tmp_path / "t.safetensors"))
+    assert (name, dtype) == ("w", "BF16")
+    write_safetensors(tmp_path / "u.safetensors", {"w": ("BF16", raw), "n": ("F32", np.arange(3, dtype=np.float32))})
+    back = load_file(str(tmp_path / "u.safetensors"))
+    assert torch.equal(back["w"], values.to(torch.bfloat16)) and back["n"].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_onnx_export_has_no_lora_and_equals_the_unmerged_model(artifacts, trained, tmp_path):
+    assert export(artifacts, trained, "--to", "onnx", "--out", str(tmp_path / "onnx"), "--ort-format") == 0
+    manifest = Manifest.load(artifacts)
+    merged = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in merged.get_inputs()] == ["input_ids", "attention_mask"]
+    unmerged = ort.InferenceSession(str(artifacts / manifest.files["inference_model"]), providers=["CPUExecutionProvider"])
+    batch = make_batch(512, "padding", seed=4)
+    feeds = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    ours = merged.run(["logits"], feeds)[0]
+    reference = unmerged.run(["logits"], {**feeds, **load_adapter(trained, manifest)})[0]
+    valid = batch["attention_mask"].astype(bool)
+    assert rel_err(ours[valid], reference[valid]) < 1e-4
+    mobile = ort.InferenceSession(str(tmp_path / "onnx" / "model.ort"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(mobile.run(["logits"], feeds)[0], ours, rtol=1e-5, atol=1e-5)
+    assert (tmp_path / "onnx" / "tokenizer.json").is_file()
+
+
+def test_peft_export_loads_in_peft(artifacts, trained, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert export(artifacts, trained, "--to", "peft", "--out", str(tmp_path / "adapter")) == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert Path(config["base_model_name_or_path"]) == (artifacts / "base_model").resolve()
+    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload().eval()
+    batch = make_batch(512, "plain")
+    assert rel_err(logits_of(model, batch), logits_of(peft_merged(artifacts, trained), batch)) < TOL
+
+
+def test_bad_exports_write_nothing(artifacts, artifacts_all_linear, trained, tmp_path, capsys):
+    out = tmp_path / "out"
+    # An adapter of another rank and other modules.
+    assert export(artifacts_all_linear, trained, "--to", "merged", "--out", str(out)) == 2
+    assert "does not match the artifacts" in capsys.readouterr().err
+    # A base model whose weights differ from the one the artifacts were built from.
+    other = tmp_path / "other-base"
+    shutil.copytree(artifacts / "base_model", other)
+    (name, dtype, array), *_ = read_safetensors(weight_files(other)[0])
+    tensors = {n: (d, a.copy()) for n, d, a in read_safetensors(weight_files(other)[0])}
+    tensors[name][1].flat[0] += 1
+    write_safetensors(weight_files(other)[0], tensors)
+    assert export(artifacts, trained, "--to", "merged", "--out", str(out), "--base", str(other)) == 2
+    assert "not the one the artifacts were built from" in capsys.readouterr().err
+    assert export(artifacts, trained, "--to", "merged", "--out", str(out), "--base", str(tmp_path / "none")) == 2
+    assert "is missing" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+    out.mkdir()
+    (out / "keep").write_text("x")
+    assert export(artifacts, trained, "--to", "peft", "--out", str(out)) == 2
+    assert "pass --force" in capsys.readouterr().err
+    assert (out / "keep").read_text() == "x"
