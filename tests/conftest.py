@@ -33,3 +33,14 @@ def artifacts_all_linear(tmp_path_factory, tiny_model) -> Path:
     return _build(tmp_path_factory, tiny_model, "all-linear", rank=4, alpha=8.0,
                   targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
                   label_smoothing=0.1)
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(artifacts, tmp_path_factory) -> Path:
+    """An adapter whose B matrices are far from zero: a few steps at a high learning rate."""
+    from ortlora.runtime import cli as train_cli
+
+    run = tmp_path_factory.mktemp("run")
+    assert train_cli.main(["--artifacts", str(artifacts), "--out", str(run), "--max-steps", "5", "--lr", "0.05",
+                           "--no-progress", "--no-plot"]) == 0
+    return run / "checkpoint-5"

@@ -15,7 +15,6 @@ import torch
 from ortlora.handoff import cli as export_cli
 from ortlora.handoff.merge import write_merged
 from ortlora.manifest import Manifest
-from ortlora.runtime import cli as train_cli
 from ortlora.runtime.checkpoint import load_adapter
 from ortlora.weights import bf16_to_f32, f32_to_bf16, read_safetensors, weight_files, write_safetensors
 from tests.reference import rel_err
@@ -24,13 +23,9 @@ from tests.test_build import make_batch
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def trained(artifacts, tmp_path_factory) -> Path:
-    """An adapter whose B matrices are far from zero: a few steps at a high learning rate."""
-    run = tmp_path_factory.mktemp("run")
-    assert train_cli.main(["--artifacts", str(artifacts), "--out", str(run), "--max-steps", "5", "--lr", "0.05",
-                           "--no-progress", "--no-plot"]) == 0
-    return run / "checkpoint-5"
+@pytest.fixture
+def trained(trained_adapter) -> Path:
+    return trained_adapter
 
 
 def export(artifacts, adapter, *args) -> int:

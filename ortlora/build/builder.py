@@ -18,6 +18,7 @@ from ortlora.manifest import PEFT_PREFIX, LoraParameter, Manifest
 from ortlora.weights import weights_sha256
 
 INFERENCE_MODEL = "inference_model.onnx"
+DECODER_MODEL = "decoder_model.onnx"
 INITIAL_LORA = "initial_lora.safetensors"  # the LoRA weights before training, by ONNX name
 BASE_CONFIG = "config.json"
 BUNDLED_BASE = "base_model"
@@ -102,12 +103,12 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
     from safetensors.numpy import save_file
     from transformers import AutoModelForCausalLM
 
+    from ortlora.build.decoder import cache_names, export_decoder
     from ortlora.build.export import (
         CausalLMLogits,
         CausalLMLoss,
         export_onnx,
         inputs_to_initializers,
-        save_model,
         share_tied_lm_head,
         stamp_ir_version,
     )
@@ -115,7 +116,7 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
 
     onnxruntime.set_default_logger_severity(3)  # ORT's graph-transformer chatter is not for users
     transformers.logging.disable_progress_bar()
-    stages = Stages(7, echo)
+    stages = Stages(8, echo)
     with stages("loading the model"):
         model = AutoModelForCausalLM.from_pretrained(options.model_dir, attn_implementation="eager", dtype=torch.float32)
         model.eval()
@@ -173,12 +174,11 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
             work / "inference.onnx",
             fold=True,
         )
-        inference = onnx.load(str(work / "inference.onnx"))
-        # LoRA weights stay inputs with their initial values as defaults: any adapter can be fed in.
-        inputs_to_initializers(inference, lora_values, keep_as_inputs=True)
-        stamp_ir_version(inference)
-        save_model(inference, staging / INFERENCE_MODEL)
-        del inference
+        _save_with_lora_defaults(work / "inference.onnx", lora_values, staging / INFERENCE_MODEL)
+
+    with stages("exporting the generation graph (decoder with key/value cache)"):
+        export_decoder(model, lora_names, lora_values, work / "decoder.onnx")
+        _save_with_lora_defaults(work / "decoder.onnx", lora_values, staging / DECODER_MODEL)
         shutil.rmtree(work)
 
     with stages("copying tokenizer and config"):
@@ -192,12 +192,14 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
     with stages("checking that ONNX Runtime loads every artifact"):
         _check_loads(staging, lora_names)
 
+    past_names, present_names = cache_names(config["num_hidden_layers"])
     files = {
         "training_model": training_artifacts.TRAINING_MODEL,
         "eval_model": training_artifacts.EVAL_MODEL,
         "optimizer_model": training_artifacts.OPTIMIZER_MODEL,
         "checkpoint": training_artifacts.CHECKPOINT,
         "inference_model": INFERENCE_MODEL,
+        "decoder_model": DECODER_MODEL,
         "portable_training_model": portable_graph.PORTABLE_TRAINING,
         "portable_eval_model": portable_graph.PORTABLE_EVAL,
         "portable_weights": portable_graph.PORTABLE_WEIGHTS,
@@ -233,6 +235,8 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
         io={
             "training": {"inputs": ["input_ids", "attention_mask", "labels"], "outputs": ["loss"]},
             "inference": {"inputs": ["input_ids", "attention_mask", *lora_names], "outputs": ["logits"]},
+            "decoder": {"inputs": ["input_ids", "attention_mask", *lora_names, *past_names],
+                        "outputs": ["logits", *present_names]},
             "portable_training": {"inputs": ["input_ids", "attention_mask", "labels", *lora_names],
                                   "outputs": ["loss", *(n + portable_graph.GRAD_SUFFIX for n in lora_names)]},
         },
@@ -243,6 +247,19 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
     )
     manifest.save(staging)  # written last: its presence marks a complete build
     return manifest
+
+
+def _save_with_lora_defaults(exported: Path, lora_values: dict, path: Path) -> None:
+    """Save an exported graph whose LoRA weights stay inputs, with their initial values as defaults:
+    any adapter can be fed in, and without one the graph is the base model."""
+    import onnx
+
+    from ortlora.build.export import inputs_to_initializers, save_model, stamp_ir_version
+
+    model = onnx.load(str(exported))
+    inputs_to_initializers(model, lora_values, keep_as_inputs=True)
+    stamp_ir_version(model)
+    save_model(model, path)
 
 
 def _describe(name: str, shape: tuple[int, ...]) -> LoraParameter:
@@ -286,7 +303,7 @@ def _check_loads(directory: Path, lora_names: list[str]) -> None:
     del module, state  # one model's weights in memory at a time
     quiet = ort.SessionOptions()
     quiet.log_severity_level = 3  # LoRA inputs with default initializers are intended, not a warning
-    for name in (INFERENCE_MODEL, portable_graph.PORTABLE_TRAINING, portable_graph.PORTABLE_EVAL):
+    for name in (INFERENCE_MODEL, DECODER_MODEL, portable_graph.PORTABLE_TRAINING, portable_graph.PORTABLE_EVAL):
         ort.InferenceSession(str(directory / name), quiet, providers=["CPUExecutionProvider"])
 
 
