@@ -24,12 +24,14 @@ def export(base: Path, manifest: Manifest, weights: dict[str, np.ndarray], out: 
            ort_format: bool) -> str:
     import onnx
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM
 
     from ortlora.build.export import CausalLMLogits, export_onnx, save_model, stamp_ir_version
     from ortlora.errors import OrtloraError
     from ortlora.handoff.merge import write_merged
 
+    transformers.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:
         merged = Path(tmp) / "merged"
         merged.mkdir()
@@ -52,7 +54,9 @@ def export(base: Path, manifest: Manifest, weights: dict[str, np.ndarray], out: 
         if result.returncode != 0:
             tail = (result.stderr or result.stdout).strip().splitlines()[-1:]
             raise OrtloraError(f"conversion to the ORT format failed: {' '.join(tail)}")
-        for leftover in out.glob("*.required_operators*.config"):
+        # The converter also writes a variant for runtime optimisations and operator lists for
+        # reduced builds; model.ort is what apps load.
+        for leftover in [*out.glob("*.required_operators*.config"), *out.glob("*.with_runtime_opt.ort")]:
             leftover.unlink()
         summary += " and model.ort"
     return summary
