@@ -107,6 +107,9 @@ CASES = {
     "DropoutGrad eval": ({"dy": normal(4, 6), "mask": RNG.random((4, 6)) > 0.3, "ratio": np.array(0.3, np.float32),
                           "training_mode": np.array(False)}, {"dx": F32}, {}),
     "Scale": ({"x": normal(3, 4), "scale": np.array(0.25, np.float32)}, {"y": F32}, {}),
+    "Sum": ({"a": normal(3, 4), "b": normal(4), "c": normal(3, 1)}, {"y": F32}, {}),
+    "Neg": ({"x": normal(3, 4)}, {"y": F32}, {}),
+    "Neg int64": ({"x": np.array([3, -7, 0], np.int64)}, {"y": TensorProto.INT64}, {}),
     "Scale down": ({"x": normal(3, 4), "scale": np.array(4.0, np.float32)}, {"y": F32}, {"scale_down": 1}),
 }
 
@@ -115,7 +118,7 @@ CASES = {
 def test_rewrite_matches_ort_kernel(case):
     op = case.split()[0]
     inputs, outputs, attrs = CASES[case]
-    domain = "" if op == "SimplifiedLayerNormalization" else "com.microsoft"
+    domain = "" if op in ("SimplifiedLayerNormalization", "Sum", "Neg") else "com.microsoft"
     expected = run_single(op, inputs, outputs, attrs, domain, rewrite=False)
     weights = ["b"] if "weight" in case else []
     got = run_single(op, inputs, outputs, attrs, domain, rewrite=True, shapes=[e.shape for e in expected], weights=weights)

@@ -254,7 +254,25 @@ def scale(node, e: Emitter) -> None:
     e("Div" if _attrs(node).get("scale_down") else "Mul", [x, factor], [node.output[0]])
 
 
+# Standard operators that accelerator providers often lack (CoreML takes neither), spelled with
+# ones they take: Sum as a chain of Add (the order Sum adds in), Neg as x - (x + x), which is exact
+# (doubling is) and needs no constant of the input's type.
+def sum_as_adds(node, e: Emitter) -> None:
+    total = node.input[0]
+    for i, term in enumerate(node.input[1:], start=2):
+        total = e("Add", [total, term], [node.output[0]] if i == len(node.input) else None)
+    if len(node.input) == 1:
+        e("Identity", [total], [node.output[0]])
+
+
+def neg_as_sub(node, e: Emitter) -> None:
+    x = node.input[0]
+    e("Sub", [x, e("Add", [x, x])], [node.output[0]])
+
+
 REWRITES: dict[str, Callable[[onnx.NodeProto, Emitter], None]] = {
+    "Sum": sum_as_adds,
+    "Neg": neg_as_sub,
     "ConcatTraining": concat_training,
     "SplitTraining": split_training,
     "SliceGrad": slice_grad,

@@ -1,0 +1,115 @@
+"""Generation speed: ortlora-generate's decoder with key/value cache against transformers + PEFT.
+
+    python scripts/bench_generate.py --artifacts artifacts/tiny --adapter runs/tiny
+    python scripts/bench_generate.py --artifacts artifacts/qwen05b --prompt-tokens 128 --new-tokens 32 --threads 2
+
+Both generate greedily from the same prompt tokens (ignoring end-of-sequence, so both produce exactly
+--new-tokens), each in its own process; printed: prompt processing and generation tokens/s (median
+of --repeats), and whether the two produced the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def prompt_ids(artifacts: Path, count: int) -> list[int]:
+    import numpy as np
+
+    from ortlora.runtime.tokenizer import Tokenizer
+
+    vocab = Tokenizer(artifacts).vocab_size
+    return np.random.default_rng(0).integers(3, vocab, size=count).tolist()
+
+
+def run_ortlora(args) -> dict:
+    from ortlora.runtime.generate import Generator, Sampling
+
+    generator = Generator(Path(args.artifacts), Path(args.adapter) if args.adapter else None, threads=args.threads)
+    generator.eos_ids = set()  # exactly --new-tokens, as transformers with min_new_tokens
+    prompt = prompt_ids(Path(args.artifacts), args.prompt_tokens)
+    runs = [generator.generate(prompt, Sampling(max_new_tokens=args.new_tokens)) for _ in range(args.repeats)]
+    import onnxruntime
+
+    return {"prompt_s": [r.prompt_seconds for r in runs], "generate_s": [r.generation_seconds for r in runs],
+            "tokens": runs[-1].tokens, "version": f"onnxruntime {onnxruntime.__version__}"}
+
+
+def run_transformers(args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ortlora.manifest import Manifest
+
+    torch.set_num_threads(args.threads or os.cpu_count())
+    artifacts = Path(args.artifacts)
+    source = Path(Manifest.load(artifacts).model["source"])
+    model = AutoModelForCausalLM.from_pretrained(source if source.is_absolute() else artifacts / source, dtype=torch.float32)
+    if args.adapter:
+        from peft import PeftModel
+
+        from ortlora.runtime.checkpoint import find_checkpoint
+
+        model = PeftModel.from_pretrained(model, find_checkpoint(Path(args.adapter)))
+    model.eval()
+    ids = torch.tensor([prompt_ids(artifacts, args.prompt_tokens)])
+    prompt_s, generate_s = [], []
+    with torch.no_grad():
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            model(input_ids=ids, use_cache=True)
+            prompt_s.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=args.new_tokens,
+                                 min_new_tokens=args.new_tokens, pad_token_id=0)
+            # generate() includes the prompt pass: take it out to compare per-token decoding.
+            generate_s.append(time.perf_counter() - t0 - prompt_s[-1])
+    return {"prompt_s": prompt_s, "generate_s": generate_s, "tokens": out[0, ids.shape[1]:].tolist(),
+            "version": f"torch {torch.__version__}"}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--artifacts", default="artifacts/tiny")
+    parser.add_argument("--adapter", default=None)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--worker", choices=("ortlora", "transformers"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_ortlora(args) if args.worker == "ortlora" else run_transformers(args)))
+        return 0
+
+    results = {}
+    for worker in ("ortlora", "transformers"):
+        command = [sys.executable, __file__, "--worker", worker, *[a for a in (argv or sys.argv[1:])]]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"{worker} failed: {done.stderr.strip().splitlines()[-1:]}")
+            return 1
+        results[worker] = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"{args.artifacts}: {args.prompt_tokens} prompt tokens, {args.new_tokens} new tokens, greedy, "
+          f"threads {args.threads or os.cpu_count()}, median of {args.repeats}")
+    print(f"{'system':<14}{'prompt tok/s':>14}{'generate tok/s':>16}  version")
+    for name, r in results.items():
+        print(f"{name:<14}{args.prompt_tokens / statistics.median(r['prompt_s']):>14,.0f}"
+              f"{args.new_tokens / statistics.median(r['generate_s']):>16,.1f}  {r['version']}")
+    same = results["ortlora"]["tokens"] == results["transformers"]["tokens"]
+    print(f"same tokens: {same}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
