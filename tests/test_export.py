@@ -16,7 +16,13 @@ from ortlora.handoff import cli as export_cli
 from ortlora.handoff.merge import write_merged
 from ortlora.manifest import Manifest
 from ortlora.runtime.checkpoint import load_adapter
-from ortlora.weights import bf16_to_f32, f32_to_bf16, read_safetensors, weight_files, write_safetensors
+from ortlora.weights import (
+    bf16_to_f32,
+    f32_to_bf16,
+    read_safetensors,
+    weight_files,
+    write_safetensors,
+)
 from tests.reference import rel_err
 from tests.test_build import make_batch
 

@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from ortlora.build import portable_graph
+from ortlora.build import portable_ops
 from ortlora.manifest import Manifest
 from ortlora.runtime import cli as train_cli
 from ortlora.runtime.backend import OrtTrainingBackend
@@ -48,7 +48,7 @@ def run_single(op: str, inputs: dict, outputs: dict, attrs: dict, domain: str, r
     """
     node = helper.make_node(op, list(inputs), list(outputs), domain=domain, **attrs)
     known = {n: list(inputs[n].shape) for n in weights}
-    nodes = portable_graph.rewrite_node(node, known) if rewrite else [node]
+    nodes = portable_ops.rewrite_node(node, known) if rewrite else [node]
     if rewrite:
         assert all(n.domain == "" for n in nodes), f"{op}: the rewrite left a non-standard node"
     graph = helper.make_graph(
@@ -153,8 +153,8 @@ def test_layer_norm_grad_matches_ort_kernel():
 
 def test_unknown_operator_is_named():
     node = helper.make_node("YieldOp", ["x"], ["y"], domain="com.microsoft", name="yield")
-    with pytest.raises(portable_graph.UnsupportedNode, match="YieldOp"):
-        portable_graph.rewrite_node(node)
+    with pytest.raises(portable_ops.UnsupportedNode, match="YieldOp"):
+        portable_ops.rewrite_node(node)
 
 
 # -- the whole graph -----------------------------------------------------------------------------

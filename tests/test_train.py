@@ -18,7 +18,7 @@ from ortlora.manifest import Manifest
 from ortlora.runtime import cli as train_cli
 from ortlora.runtime.backend import OrtTrainingBackend
 from ortlora.runtime.checkpoint import load_adapter
-from tests.reference import peft_model, random_weights, rel_err, set_peft_weights
+from tests.reference import peft_model, random_weights, rel_err
 
 FAST = ["--no-progress", "--no-plot", "--batch-size", "4"]
 

@@ -254,7 +254,11 @@ def _save_with_lora_defaults(exported: Path, lora_values: dict, path: Path) -> N
     any adapter can be fed in, and without one the graph is the base model."""
     import onnx
 
-    from ortlora.build.export import inputs_to_initializers, save_model, stamp_ir_version
+    from ortlora.build.export import (
+        inputs_to_initializers,
+        save_model,
+        stamp_ir_version,
+    )
 
     model = onnx.load(str(exported))
     inputs_to_initializers(model, lora_values, keep_as_inputs=True)

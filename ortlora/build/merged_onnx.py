@@ -27,7 +27,12 @@ def export(base: Path, manifest: Manifest, weights: dict[str, np.ndarray], out: 
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from ortlora.build.export import CausalLMLogits, export_onnx, save_model, stamp_ir_version
+    from ortlora.build.export import (
+        CausalLMLogits,
+        export_onnx,
+        save_model,
+        stamp_ir_version,
+    )
     from ortlora.errors import OrtloraError
     from ortlora.handoff.merge import write_merged
 

@@ -11,7 +11,12 @@ from pathlib import Path
 
 from ortlora.errors import OrtloraError, cli_entry
 from ortlora.manifest import Manifest
-from ortlora.runtime.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, find_checkpoint, load_adapter
+from ortlora.runtime.checkpoint import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    find_checkpoint,
+    load_adapter,
+)
 
 TARGETS = ("peft", "merged", "onnx")
 

@@ -16,7 +16,14 @@ import numpy as np
 
 from ortlora.errors import OrtloraError
 from ortlora.manifest import PEFT_PREFIX, Manifest
-from ortlora.weights import from_float32, read_safetensors, to_float32, weight_files, weights_sha256, write_safetensors
+from ortlora.weights import (
+    from_float32,
+    read_safetensors,
+    to_float32,
+    weight_files,
+    weights_sha256,
+    write_safetensors,
+)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -15,7 +14,12 @@ import numpy as np
 from ortlora.errors import OrtloraError, cli_entry
 from ortlora.manifest import Manifest
 from ortlora.runtime import config as cfg
-from ortlora.runtime.checkpoint import CHECKPOINT_RE, TRAINER_STATE, find_checkpoint, load_adapter
+from ortlora.runtime.checkpoint import (
+    CHECKPOINT_RE,
+    TRAINER_STATE,
+    find_checkpoint,
+    load_adapter,
+)
 from ortlora.runtime.data import load_jsonl, pack
 from ortlora.runtime.report import JsonlLog, ProgressBar, format_step, plot_losses
 from ortlora.runtime.tokenizer import Tokenizer

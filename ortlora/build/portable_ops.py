@@ -1,0 +1,290 @@
+"""Standard-ONNX spellings of the operators in ORT's gradient graph that plain ONNX Runtime lacks.
+
+One function per operator: it receives the node and an Emitter and adds standard nodes that write the
+node's outputs under their own names, so the rest of the graph is untouched. tests/test_portable.py
+checks each against ORT's own kernel. portable_graph.py applies them to the whole training model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+class UnsupportedNode(ValueError):
+    """A node of the gradient graph that no rewrite covers (or an attribute value it does not)."""
+
+
+class Emitter:
+    """Collects the standard nodes that replace one node; names are unique per replaced node.
+
+    ``weights``: the dims of the graph's weights (initializers), where a rewrite can use them.
+    """
+
+    def __init__(self, node: onnx.NodeProto, weights: dict[str, list[int]] | None = None):
+        self.node, self.nodes, self._count, self.weights = node, [], 0, weights or {}
+        self._prefix = (node.name or node.output[0]) + "/portable"
+
+    def fresh(self) -> str:
+        self._count += 1
+        return f"{self._prefix}_{self._count}"
+
+    def __call__(self, op: str, inputs: list[str], outputs: list[str] | None = None, **attrs) -> str:
+        """Add a node; returns the name of its first output (a fresh one unless given)."""
+        outputs = outputs or [self.fresh()]
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=self.fresh(), **attrs))
+        return outputs[0]
+
+    def const(self, value, dtype=np.int64) -> str:
+        return self("Constant", [], value=numpy_helper.from_array(np.asarray(value, dtype=dtype), self.fresh()))
+
+    def zeros(self, shape: str) -> str:
+        return self("ConstantOfShape", [shape], value=numpy_helper.from_array(np.zeros(1, np.float32)))
+
+    def transpose_last_two(self, x: str) -> str:
+        """[..., m, n] -> [..., n, m] for any rank >= 2, without knowing the rank."""
+        shape = self("Shape", [x])
+        batch = self("Shape", [x], start=0, end=-2)
+        m_n = self("Shape", [x], start=-2)
+        as_3d = self("Reshape", [x, self("Concat", [self.const([-1]), m_n], axis=0)])
+        swapped = self("Transpose", [as_3d], perm=[0, 2, 1])
+        n_m = self("Slice", [shape, self.const([-1]), self.const([-3]), self.const([0]), self.const([-1])])
+        return self("Reshape", [swapped, self("Concat", [batch, n_m], axis=0)])
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _input(node: onnx.NodeProto, i: int) -> str:
+    return node.input[i] if len(node.input) > i else ""
+
+
+def _live_output(node: onnx.NodeProto, i: int) -> str:
+    return node.output[i] if len(node.output) > i else ""
+
+
+def _require(condition: bool, node: onnx.NodeProto, what: str) -> None:
+    if not condition:
+        raise UnsupportedNode(f"{node.op_type} node {node.name!r}: {what} is not supported by the portable graph")
+
+
+# -- rewrites: one function per operator, (node, emitter) -> nodes added to the emitter -----------
+
+def concat_training(node, e: Emitter) -> None:
+    axis = _attrs(node)["axis"]
+    e("Concat", list(node.input), [node.output[0]], axis=axis)
+    if _live_output(node, 1):  # the length of every input along the axis, as SplitTraining wants it
+        bounds = {"start": axis} if axis == -1 else {"start": axis, "end": axis + 1}
+        lengths = [e("Shape", [x], **bounds) for x in node.input]
+        e("Concat", lengths, [node.output[1]], axis=0)
+
+
+def split_training(node, e: Emitter) -> None:
+    e("Split", [node.input[0], _input(node, 1)], list(node.output), axis=_attrs(node).get("axis", 0))
+
+
+def slice_grad(node, e: Emitter) -> None:
+    """dX = zeros(shape) with dY written where the forward Slice read.
+
+    The positions are found by slicing a tensor of flat indices with the forward Slice's own
+    starts/ends/axes/steps, so every form of Slice is covered.
+    """
+    dy, shape = node.input[0], node.input[1]
+    count = e("ReduceProd", [shape], keepdims=1)
+    flat_index = e("Range", [e.const(0), e("Squeeze", [count]), e.const(1)])
+    index = e("Reshape", [flat_index, shape])
+    picked = e("Slice", [index, *node.input[2:]])
+    minus_one = e.const([-1])
+    scattered = e("ScatterElements", [e.zeros(count), e("Reshape", [picked, minus_one]), e("Reshape", [dy, minus_one])], axis=0)
+    e("Reshape", [scattered, shape], [node.output[0]])
+
+
+def gather_grad(node, e: Emitter) -> None:
+    """dX = zeros(shape) with the rows of dY added at the gathered indices (repeats add up)."""
+    _require(_attrs(node).get("axis", 0) == 0, node, "an axis other than 0")
+    shape, indices, dy = node.input
+    e("ScatterND", [e.zeros(shape), e("Unsqueeze", [indices, e.const([-1])]), dy], [node.output[0]], reduction="add")
+
+
+def softmax_cross_entropy_loss_grad(node, e: Emitter) -> None:
+    """d logits = (softmax - onehot(label)) * dY, zero on ignored rows, / count for 'mean'.
+
+    Written as softmax with 1 subtracted at each row's label (ScatterElements), scaled per row:
+    three [N, vocab] tensors, the fewest this takes, since the vocabulary axis is the large one.
+    """
+    a = _attrs(node)
+    _require(len([i for i in node.input[3:] if i]) == 0, node, "a weight or bias input")
+    dy, log_prob, label = node.input[:3]
+    reduction = a.get("reduction", b"mean")
+    reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
+    _require(reduction in ("mean", "sum", "none"), node, f"reduction {reduction!r}")
+    prob = e("Exp", [log_prob])
+    if "ignore_index" in a:
+        valid = e("Not", [e("Equal", [label, e.const(a["ignore_index"])])])
+        label = e("Where", [valid, label, e.const(0)])  # any class: the row is zeroed below
+        valid = e("Cast", [valid], to=TensorProto.FLOAT)
+    else:
+        valid = e("ConstantOfShape", [e("Shape", [label])], value=numpy_helper.from_array(np.ones(1, np.float32)))
+    column = e("Unsqueeze", [label, e.const([1])])
+    at_label = e("Sub", [e("GatherElements", [prob, column], axis=1), e.const(1.0, np.float32)])
+    diff = e("ScatterElements", [prob, column, at_label], axis=1)
+    # 'mean': dY / (labelled rows); 'sum': dY; 'none': dY is per row.
+    scale = e("Div", [dy, e("ReduceSum", [valid], keepdims=0)]) if reduction == "mean" else dy
+    row_scale = e("Mul", [valid, scale])
+    e("Mul", [diff, e("Unsqueeze", [row_scale, e.const([1])])], [node.output[0]])
+
+
+def softmax_grad_13(node, e: Emitter) -> None:
+    """Y = softmax(X): dX = Y * (dY - sum(dY * Y, axis))."""
+    dy, y = node.input[:2]
+    axis = e.const([_attrs(node).get("axis", -1)])
+    inner = e("ReduceSum", [e("Mul", [dy, y]), axis], keepdims=1)
+    e("Mul", [y, e("Sub", [dy, inner])], [node.output[0]])
+
+
+def log_softmax_grad_13(node, e: Emitter) -> None:
+    """Y = log_softmax(X): dX = dY - exp(Y) * sum(dY, axis)."""
+    dy, y = node.input[:2]
+    axis = e.const([_attrs(node).get("axis", -1)])
+    e("Sub", [dy, e("Mul", [e("Exp", [y]), e("ReduceSum", [dy, axis], keepdims=1)])], [node.output[0]])
+
+
+def quick_gelu(node, e: Emitter) -> None:
+    """Y = X * sigmoid(alpha * X) (SiLU when alpha is 1)."""
+    x = node.input[0]
+    alpha = _attrs(node).get("alpha", 1.702)
+    scaled = x if alpha == 1.0 else e("Mul", [x, e.const(alpha, np.float32)])
+    e("Mul", [x, e("Sigmoid", [scaled])], [node.output[0]])
+
+
+def quick_gelu_grad(node, e: Emitter) -> None:
+    """dX = dY * s * (1 + alpha * X * (1 - s)), s = sigmoid(alpha * X)."""
+    dy, x = node.input[:2]
+    alpha = _attrs(node).get("alpha", 1.702)
+    scaled = x if alpha == 1.0 else e("Mul", [x, e.const(alpha, np.float32)])
+    s = e("Sigmoid", [scaled])
+    one = e.const(1.0, np.float32)
+    inner = e("Add", [one, e("Mul", [scaled, e("Sub", [one, s])])])
+    e("Mul", [dy, e("Mul", [s, inner])], [node.output[0]])
+
+
+def simplified_layer_norm(node, e: Emitter) -> None:
+    """RMSNorm: Y = X * inv * scale, inv = 1 / sqrt(mean(X^2, last axis) + eps); inv is output 1."""
+    a = _attrs(node)
+    _require(a.get("axis", -1) == -1, node, f"axis {a.get('axis')}")
+    x, scale = node.input[:2]
+    mean_square = e("ReduceMean", [e("Mul", [x, x])], axes=[-1], keepdims=1)
+    inv_name = _live_output(node, 1) or e.fresh()
+    inv = e("Reciprocal", [e("Sqrt", [e("Add", [mean_square, e.const(a.get("epsilon", 1e-5), np.float32)])])], [inv_name])
+    e("Mul", [e("Mul", [x, inv]), scale], [node.output[0]])
+
+
+def simplified_layer_norm_grad(node, e: Emitter) -> None:
+    """dX = inv * (g - x_hat * mean(g * x_hat)), g = dY * scale, x_hat = X * inv (last axis)."""
+    a = _attrs(node)
+    _require(a.get("axis", -1) == -1, node, f"axis {a.get('axis')}")
+    _require(not _live_output(node, 1), node, "the gradient of a trainable norm scale")
+    dy, x, scale, inv = node.input[:4]
+    x_hat = e("Mul", [x, inv])
+    g = e("Mul", [dy, scale])
+    mean = e("ReduceMean", [e("Mul", [g, x_hat])], axes=[-1], keepdims=1)
+    e("Mul", [inv, e("Sub", [g, e("Mul", [x_hat, mean])])], [node.output[0]])
+
+
+def fused_matmul(node, e: Emitter) -> None:
+    """alpha * op(A) @ op(B), op transposing the last two axes where transA/transB say so.
+
+    The backward pass multiplies by every frozen weight transposed (dX = dY @ W^T). Spelled as a
+    Transpose of the weight, ONNX Runtime would fold it into a transposed copy of every weight, so
+    a 2-D weight B goes into a Gemm with transB=1 instead (A flattened to 2-D around it).
+    """
+    a = _attrs(node)
+    _require(not a.get("transBatchA") and not a.get("transBatchB"), node, "transBatchA/transBatchB")
+    left, right = node.input[:2]
+    left = e.transpose_last_two(left) if a.get("transA") else left
+    alpha = a.get("alpha", 1.0)
+    if a.get("transB") and len(e.weights.get(right, ())) == 2:
+        rows = e("Reshape", [left, e.const([-1, e.weights[right][1]])])
+        product = e("Gemm", [rows, right], transB=1, alpha=alpha)
+        shape = e("Concat", [e("Shape", [left], start=0, end=-1), e.const([e.weights[right][0]])], axis=0)
+        e("Reshape", [product, shape], [node.output[0]])
+        return
+    right = e.transpose_last_two(right) if a.get("transB") else right
+    if alpha == 1.0:
+        e("MatMul", [left, right], [node.output[0]])
+    else:
+        e("Mul", [e("MatMul", [left, right]), e.const(alpha, np.float32)], [node.output[0]])
+
+
+def dropout_grad(node, e: Emitter) -> None:
+    """dX = dY * mask / (1 - ratio). As ORT's kernel, whatever training_mode says: a forward pass
+    in evaluation mode has an all-true mask."""
+    dy, mask = node.input[:2]
+    ratio = _input(node, 2) or e.const(0.5, np.float32)
+    one = e.const(1.0, np.float32)
+    keep_scale = e("Div", [one, e("Sub", [one, e("Cast", [ratio], to=TensorProto.FLOAT)])])
+    e("Mul", [e("Mul", [dy, e("Cast", [mask], to=TensorProto.FLOAT)]), keep_scale], [node.output[0]])
+
+
+def scale(node, e: Emitter) -> None:
+    x, factor = node.input[:2]
+    factor = e("Cast", [factor], to=TensorProto.FLOAT)
+    e("Div" if _attrs(node).get("scale_down") else "Mul", [x, factor], [node.output[0]])
+
+
+# Standard operators that accelerator providers often lack (CoreML takes neither), spelled with
+# ones they take: Sum as a chain of Add (the order Sum adds in), Neg as x - (x + x), which is exact
+# (doubling is) and needs no constant of the input's type.
+def sum_as_adds(node, e: Emitter) -> None:
+    total = node.input[0]
+    for i, term in enumerate(node.input[1:], start=2):
+        total = e("Add", [total, term], [node.output[0]] if i == len(node.input) else None)
+    if len(node.input) == 1:
+        e("Identity", [total], [node.output[0]])
+
+
+def neg_as_sub(node, e: Emitter) -> None:
+    x = node.input[0]
+    e("Sub", [x, e("Add", [x, x])], [node.output[0]])
+
+
+REWRITES: dict[str, Callable[[onnx.NodeProto, Emitter], None]] = {
+    "Sum": sum_as_adds,
+    "Neg": neg_as_sub,
+    "ConcatTraining": concat_training,
+    "SplitTraining": split_training,
+    "SliceGrad": slice_grad,
+    "GatherGrad": gather_grad,
+    "SoftmaxCrossEntropyLossGrad": softmax_cross_entropy_loss_grad,
+    "SoftmaxGrad_13": softmax_grad_13,
+    "LogSoftmaxGrad_13": log_softmax_grad_13,
+    "QuickGelu": quick_gelu,
+    "QuickGeluGrad": quick_gelu_grad,
+    "SimplifiedLayerNormalization": simplified_layer_norm,
+    "SimplifiedLayerNormalizationGrad": simplified_layer_norm_grad,
+    "FusedMatMul": fused_matmul,
+    "DropoutGrad": dropout_grad,
+    "Scale": scale,
+}
+
+
+def is_standard(node: onnx.NodeProto) -> bool:
+    return node.domain in ("", "ai.onnx") and node.op_type not in REWRITES
+
+
+def rewrite_node(node: onnx.NodeProto, weights: dict[str, list[int]] | None = None) -> list[onnx.NodeProto]:
+    """The standard nodes that compute ``node``'s outputs (the node itself if it is standard).
+
+    ``weights``: dims of the graph's initializers by name, which some rewrites use.
+    """
+    if is_standard(node):
+        return [node]
+    if node.op_type not in REWRITES:
+        raise UnsupportedNode(f"{node.domain}.{node.op_type} (node {node.name!r}) has no portable rewrite")
+    emitter = Emitter(node, weights)
+    REWRITES[node.op_type](node, emitter)
+    return emitter.nodes
