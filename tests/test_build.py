@@ -235,5 +235,7 @@ def test_tied_lm_head_reads_the_embedding_itself(artifacts):
     state = C.load_checkpoint(str(artifacts / manifest.files["checkpoint"]))
     shapes = [state.get_parameter(n).data.numpy().shape for n in state.parameter_names()]
     assert (512, 64) in shapes and (64, 512) not in shapes
-    portable = onnx.load(str(artifacts / manifest.files["portable_training_model"]), load_external_data=False)
-    assert [list(t.dims) for t in portable.graph.initializer].count([64, 512]) == 0
+    for role in ("portable_training_model", "inference_model", "decoder_model"):
+        graph = onnx.load(str(artifacts / manifest.files[role]), load_external_data=False).graph
+        assert [list(t.dims) for t in graph.initializer].count([64, 512]) == 0, role
+        assert any(n.op_type == "Gemm" and "model.model.embed_tokens.weight" in n.input for n in graph.node), role

@@ -257,10 +257,12 @@ def _save_with_lora_defaults(exported: Path, lora_values: dict, path: Path) -> N
     from ortlora.build.export import (
         inputs_to_initializers,
         save_model,
+        share_tied_lm_head,
         stamp_ir_version,
     )
 
     model = onnx.load(str(exported))
+    share_tied_lm_head(model)
     inputs_to_initializers(model, lora_values, keep_as_inputs=True)
     stamp_ir_version(model)
     save_model(model, path)

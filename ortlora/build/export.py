@@ -111,24 +111,41 @@ def share_tied_lm_head(model: onnx.ModelProto) -> bool:
     Constant folding turns the tied head's ``hidden @ embed.T`` into a MatMul with a second,
     pre-transposed copy of the embedding ([hidden, vocab]: 545 MB for Qwen2.5-0.5B), which the
     checkpoint and every session would then hold twice. A Gemm with transB=1 reads the embedding
-    as it is, at the same speed. Needs the head's input to be 2-D, as in the loss graph (hidden
-    states gathered at labelled positions).
+    as it is, at the same speed; hidden states of any rank are flattened to rows around it.
     """
+    from onnx import helper
+
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     embed = next((t for t in graph.initializer if t.name.endswith("embed_tokens.weight")), None)
     if embed is None:
         return False
     vocab, hidden = embed.dims
-    for node in graph.node:
+    for index, node in enumerate(graph.node):
         copy = initializers.get(node.input[1]) if node.op_type == "MatMul" else None
         if copy is None or list(copy.dims) != [hidden, vocab]:
             continue
         if not np.array_equal(numpy_helper.to_array(copy), numpy_helper.to_array(embed).T):
             return False  # an untied head that happens to have the embedding's shape
-        node.op_type = "Gemm"
-        node.input[1] = embed.name
-        node.attribute.append(onnx.helper.make_attribute("transB", 1))
+        states, logits, name = node.input[0], node.output[0], node.name or "lm_head"
+        # Shape constants as Constant nodes: initializers would become (external) training parameters.
+        const = [helper.make_node("Constant", [], [f"{name}/tied_{n}"], name=f"{name}/tied_{n}",
+                                  value=numpy_helper.from_array(np.array(v, np.int64)))
+                 for n, v in (("rows", [-1, hidden]), ("vocab", [vocab]))]
+        head = [
+            *const,
+            helper.make_node("Reshape", [states, f"{name}/tied_rows"], [f"{name}/tied_rows_out"], name=f"{name}/tied_reshape"),
+            helper.make_node("Gemm", [f"{name}/tied_rows_out", embed.name], [f"{name}/tied_gemm_out"], transB=1,
+                             name=f"{name}/tied_gemm"),
+            helper.make_node("Shape", [states], [f"{name}/tied_shape_out"], start=0, end=-1, name=f"{name}/tied_shape"),
+            helper.make_node("Concat", [f"{name}/tied_shape_out", f"{name}/tied_vocab"], [f"{name}/tied_logits_shape"],
+                             axis=0, name=f"{name}/tied_concat"),
+            helper.make_node("Reshape", [f"{name}/tied_gemm_out", f"{name}/tied_logits_shape"], [logits],
+                             name=f"{name}/tied_logits"),
+        ]
+        del graph.node[index]
+        for offset, new in enumerate(head):
+            graph.node.insert(index + offset, new)
         if not any(copy.name in n.input for n in graph.node):
             graph.initializer.remove(copy)
         return True
