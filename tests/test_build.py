@@ -202,13 +202,13 @@ def test_failed_build_leaves_nothing_that_looks_complete(tmp_path, tiny_model, m
 
 
 def test_models_over_the_protobuf_limit_are_saved_with_external_data(tmp_path_factory, tiny_model, monkeypatch, tmp_path):
-    """The >2 GB path, on the tiny model: pretend every model is over protobuf's limit."""
+    """The >2 GB path, on the tiny model: pretend every model is large."""
     import onnxruntime as ort
 
     from ortlora.build import export
     from tests.conftest import _build
 
-    monkeypatch.setattr(export, "PROTOBUF_LIMIT", 0)
+    monkeypatch.setattr(export, "EXTERNAL_DATA_FROM", 0)
     monkeypatch.chdir(tmp_path)  # a stale data file in the current directory must not matter
     (tmp_path / "inference_model.onnx.data").write_bytes(b"stale")
     directory = _build(tmp_path_factory, tiny_model, "large")

@@ -206,7 +206,7 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
         "initial_lora": INITIAL_LORA,
         "config": BASE_CONFIG,
         "tokenizer": tokenizer_files,
-        # Weights of models over 2 GB, beside the files that point into them (checkpoint.data, ...).
+        # Weights of large models, beside the files that point into them (checkpoint.data, ...).
         "external_data": sorted(p.name for p in staging.glob("*.data")),
     }
     lora = {

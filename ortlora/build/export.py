@@ -152,16 +152,18 @@ def share_tied_lm_head(model: onnx.ModelProto) -> bool:
     return False
 
 
-PROTOBUF_LIMIT = 2**31 - 2**26  # protobuf cannot serialise 2 GiB; keep a margin
+# Protobuf cannot serialise 2 GiB, and serialising a large model makes a second copy of it in memory;
+# from 1 GiB of weights on, they go to an external file instead (which ONNX Runtime can also map).
+EXTERNAL_DATA_FROM = 2**30
 
 
 def is_large(model: onnx.ModelProto) -> bool:
     # ByteSize() itself serialises, and fails past 2 GB: count the weights instead.
-    return sum(len(t.raw_data) for t in model.graph.initializer) > PROTOBUF_LIMIT
+    return sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_FROM
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:
-    """Save, with every weight in one external ``NAME.data`` file when the model exceeds 2 GB."""
+    """Save, with every weight in one external ``NAME.data`` file when the weights exceed 1 GiB."""
     if is_large(model):
         path = path.resolve()
         # onnx >= 1.17 refuses a `location` that exists relative to the current directory (not the

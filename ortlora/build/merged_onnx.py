@@ -50,7 +50,7 @@ def export(base: Path, manifest: Manifest, weights: dict[str, np.ndarray], out: 
                     ["logits"], Path(tmp) / MODEL, fold=True)
         graph = onnx.load(str(Path(tmp) / MODEL))
     stamp_ir_version(graph)
-    save_model(graph, out / MODEL)  # external data past 2 GB
+    save_model(graph, out / MODEL)  # weights over 1 GiB go to model.onnx.data
     del graph
     summary = f"merged ONNX model {MODEL}"
     if ort_format:
