@@ -21,8 +21,6 @@ from ortlora.errors import OrtloraError
 from ortlora.manifest import Manifest
 from ortlora.runtime.backend import Batch, check_provider
 
-GRAD_SUFFIX = "_grad"
-
 
 class OrtSessionBackend:
     def __init__(self, artifacts: Path, manifest: Manifest, ep: str = "cpu", threads: int | None = None):
@@ -49,9 +47,11 @@ class OrtSessionBackend:
         self.placement: dict[str, int] | None = None  # provider -> nodes run, known after the first step
         self._eval = None  # created on first use: many runs evaluate only at the end
         self._binding = self._train.io_binding()
-        self._binding.bind_output("loss", "cpu", 0, np.float32, [], self._loss.ctypes.data)
-        for name, buffer in self._step_grads.items():
-            self._binding.bind_output(name + GRAD_SUFFIX, "cpu", 0, np.float32, list(buffer.shape), buffer.ctypes.data)
+        loss, *grads = manifest.io["portable_training"]["outputs"]  # loss, then one gradient per parameter
+        self._binding.bind_output(loss, "cpu", 0, np.float32, [], self._loss.ctypes.data)
+        for name, output in zip(self.names, grads):
+            buffer = self._step_grads[name]
+            self._binding.bind_output(output, "cpu", 0, np.float32, list(buffer.shape), buffer.ctypes.data)
 
     def _session(self, file_name: str, profile: bool = False):
         options = self._ort.SessionOptions()
@@ -90,7 +90,7 @@ class OrtSessionBackend:
 
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
         for name, value in weights.items():
-            np.copyto(self._weights[name], value)  # in place: the arrays stay bound to the session
+            np.copyto(self._weights[name], value)  # in place: the same buffers are bound every step
 
     def gradients(self) -> dict[str, np.ndarray]:
         return {name: grad.copy() for name, grad in self._grads.items()}
