@@ -139,6 +139,13 @@ def test_peft_export_loads_in_peft(artifacts, trained, tmp_path):
     model = PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload().eval()
     batch = make_batch(512, "plain")
     assert rel_err(logits_of(model, batch), logits_of(peft_merged(artifacts, trained), batch)) < TOL
+    # Weights saved without adapter_config.json: the export writes the configuration of the artifacts.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy2(trained / "adapter_model.safetensors", bare)
+    assert export(artifacts, bare, "--to", "peft", "--out", str(tmp_path / "from-bare")) == 0
+    rebuilt = json.loads((tmp_path / "from-bare" / "adapter_config.json").read_text())
+    assert rebuilt["r"] == config["r"] and rebuilt["target_modules"] == config["target_modules"]
 
 
 def test_bad_exports_write_nothing(artifacts, artifacts_all_linear, trained, tmp_path, capsys):

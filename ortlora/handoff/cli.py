@@ -14,6 +14,7 @@ from ortlora.manifest import Manifest
 from ortlora.runtime.checkpoint import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    adapter_config,
     find_checkpoint,
     load_adapter,
 )
@@ -63,12 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     try:  # everything is written beside --out and moved into place at the end: a failure writes nothing
         if args.to == "peft":
             base = base_model_or_none(args, manifest)
-            for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-                shutil.copy2(adapter_dir / name, staging / name)
+            shutil.copy2(adapter_dir / ADAPTER_WEIGHTS, staging / ADAPTER_WEIGHTS)
+            given = adapter_dir / ADAPTER_CONFIG  # an adapter saved without its config gets ours
+            config = json.loads(given.read_text()) if given.is_file() else adapter_config(manifest, "")
             if base is not None:
-                config = json.loads((staging / ADAPTER_CONFIG).read_text())
                 config["base_model_name_or_path"] = str(base.resolve())
-                (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+            (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
             summary = f"PEFT adapter ({len(weights)} tensors)"
         else:
             from ortlora.handoff.merge import base_model_dir, write_merged
