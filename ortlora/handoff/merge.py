@@ -43,21 +43,20 @@ def base_model_dir(artifacts: Path, manifest: Manifest, given: Path | None = Non
     return base
 
 
-def lora_deltas(manifest: Manifest, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """(B @ A) * scaling for every adapted projection, by the base model's weight name."""
-    scaling = manifest.lora["alpha"] / manifest.lora["rank"]
+def lora_pairs(manifest: Manifest, weights: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """{"A": ..., "B": ...} for every adapted projection, by the base model's weight name."""
     pairs: dict[str, dict[str, np.ndarray]] = {}
     for p in manifest.parameters:
         base_name = p.peft_name[len(PEFT_PREFIX):].replace(f".lora_{p.kind}.weight", ".weight")
-        pairs.setdefault(base_name, {})[p.kind] = weights[p.onnx_name]
-    return {name: (ab["B"].astype(np.float32) @ ab["A"].astype(np.float32)) * np.float32(scaling)
-            for name, ab in pairs.items()}
+        pairs.setdefault(base_name, {})[p.kind] = weights[p.onnx_name].astype(np.float32)
+    return pairs
 
 
 def write_merged(base: Path, manifest: Manifest, weights: dict[str, np.ndarray], out: Path,
                  tokenizer_dir: Path, max_shard_bytes: int) -> list[str]:
     """Write the merged model directory into ``out`` (which must exist and be empty). Returns the weight files."""
-    deltas = lora_deltas(manifest, weights)
+    pairs = lora_pairs(manifest, weights)
+    scaling = np.float32(manifest.lora["alpha"] / manifest.lora["rank"])
     shard: dict[str, tuple[str, np.ndarray]] = {}
     written: list[tuple[Path, list[str], int]] = []  # shards are written as they fill, named at the end
 
@@ -69,16 +68,17 @@ def write_merged(base: Path, manifest: Manifest, weights: dict[str, np.ndarray],
 
     for file in weight_files(base):
         for name, dtype, array in read_safetensors(file):
-            if name in deltas:
+            if name in pairs:  # one delta at a time: B @ A is as large as the weight it goes into
                 if dtype not in ("F32", "F16", "BF16"):
                     raise OrtloraError(f"{file}: {name} is {dtype}; only float weights can be merged")
-                array = from_float32(dtype, to_float32(dtype, array) + deltas.pop(name))
+                ab = pairs.pop(name)
+                array = from_float32(dtype, to_float32(dtype, array) + (ab["B"] @ ab["A"]) * scaling)
             if shard and sum(a.nbytes for _, a in shard.values()) + array.nbytes > max_shard_bytes:
                 flush()
             shard[name] = (dtype, array)
     flush()
-    if deltas:
-        raise OrtloraError(f"base model {base} has no weight {sorted(deltas)[0]} to merge into")
+    if pairs:
+        raise OrtloraError(f"base model {base} has no weight {sorted(pairs)[0]} to merge into")
 
     count = len(written)
     names = [SINGLE_FILE] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
