@@ -65,6 +65,11 @@ class Manifest:
             raise OrtloraError(f"{directory} is incomplete, missing {', '.join(missing)}; rebuild the artifacts")
         return manifest
 
+    def base_model_dir(self, artifacts: Path) -> Path:
+        """The base model the artifacts were built from (the tiny one is bundled inside them)."""
+        source = Path(self.model["source"])
+        return source if source.is_absolute() else Path(artifacts) / source
+
     def all_files(self) -> list[str]:
         files: list[str] = []
         for value in self.files.values():

@@ -148,8 +148,7 @@ def run_torch(args) -> dict:
 
     torch.set_num_threads(args.threads or os.cpu_count())
     manifest = Manifest.load(Path(args.artifacts))
-    source = Path(manifest.model["source"])
-    source = source if source.is_absolute() else Path(args.artifacts) / source
+    source = manifest.base_model_dir(Path(args.artifacts))
     start = time.perf_counter()
     base = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager", dtype=torch.float32)
     lora = manifest.lora

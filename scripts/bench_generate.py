@@ -53,8 +53,7 @@ def run_transformers(args) -> dict:
 
     torch.set_num_threads(args.threads or os.cpu_count())
     artifacts = Path(args.artifacts)
-    source = Path(Manifest.load(artifacts).model["source"])
-    model = AutoModelForCausalLM.from_pretrained(source if source.is_absolute() else artifacts / source, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(Manifest.load(artifacts).base_model_dir(artifacts), dtype=torch.float32)
     if args.adapter:
         from peft import PeftModel
 

@@ -162,15 +162,23 @@ def is_large(model: onnx.ModelProto) -> bool:
     return sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_FROM
 
 
+def save_external(model: onnx.ModelProto, path: Path) -> None:
+    """Save with every weight over 1 KiB in one external ``NAME.data`` file beside ``path``.
+
+    As onnx.save does, this moves the weights out of ``model``: it is left holding references.
+    """
+    path = path.resolve()
+    # onnx >= 1.17 refuses a `location` that exists relative to the current directory (not the
+    # model's): save from the model's directory, so the check is about the file it writes.
+    with contextlib.chdir(path.parent):
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=path.name + ".data", size_threshold=1024)
+
+
 def save_model(model: onnx.ModelProto, path: Path) -> None:
     """Save, with every weight in one external ``NAME.data`` file when the weights exceed 1 GiB."""
     if is_large(model):
-        path = path.resolve()
-        # onnx >= 1.17 refuses a `location` that exists relative to the current directory (not the
-        # model's): save from the model's directory, so the check is about the file it writes.
-        with contextlib.chdir(path.parent):
-            onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                      location=path.name + ".data", size_threshold=1024)
+        save_external(model, path)
     else:
         onnx.save(model, str(path))
 

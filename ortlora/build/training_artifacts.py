@@ -17,7 +17,7 @@ from pathlib import Path
 
 import onnx
 
-from ortlora.build.export import stamp_ir_version
+from ortlora.build.export import save_external, stamp_ir_version
 
 TRAINING_MODEL = "training_model.onnx"
 EVAL_MODEL = "eval_model.onnx"
@@ -53,11 +53,8 @@ def generate(loss_model: onnx.ModelProto, trainable: list[str], out_dir: Path, w
 
     out_dir, work_dir = out_dir.resolve(), work_dir.resolve()  # they must survive the chdir below
     loss_path = work_dir / "loss_external.onnx"
+    save_external(loss_model, loss_path)
     with contextlib.chdir(work_dir):
-        # Inside work_dir: onnx >= 1.17 checks that `location` does not exist relative to the
-        # current directory (not the model's), so this is where that check means something.
-        onnx.save(loss_model, str(loss_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=loss_path.name + ".data", size_threshold=1024)
         reference_model = onnx.load(str(loss_path), load_external_data=False)
         frozen = [init.name for init in reference_model.graph.initializer if init.name not in set(trainable)]
         logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))

@@ -32,8 +32,7 @@ MODEL_FILES = ("config.json", "generation_config.json")
 
 def base_model_dir(artifacts: Path, manifest: Manifest, given: Path | None = None) -> Path:
     """The base model the artifacts were built from (or ``given``), checked by its weights' hash."""
-    source = Path(manifest.model["source"])
-    base = given or (source if source.is_absolute() else artifacts / source)
+    base = given or manifest.base_model_dir(artifacts)
     if not base.is_dir() or not weight_files(base):
         raise OrtloraError(f"base model {base} is missing (no *.safetensors there); pass --base with the model "
                            f"the artifacts were built from")

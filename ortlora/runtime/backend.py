@@ -40,6 +40,12 @@ def has_training_api() -> bool:
     return hasattr(C, "Module") and hasattr(C, "load_checkpoint")
 
 
+def session_providers(ep: str) -> list[str]:
+    """Providers for an InferenceSession on --ep: the accelerator first, the CPU for what it does not take."""
+    provider = check_provider(ep)
+    return [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
+
+
 class TrainingBackend(Protocol):
     def train_step(self, batch: Batch) -> float:
         """Loss of the batch; adds the gradients of the LoRA weights to the accumulated ones."""

@@ -110,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     check_values(c)
     artifacts = Path(c.artifacts)
     manifest = Manifest.load(artifacts)
-    base_model = manifest.model["source"]
-    if not Path(base_model).is_absolute():
-        base_model = str((artifacts / base_model).resolve())
+    base_model = str(manifest.base_model_dir(artifacts).resolve())
 
     tokenizer = Tokenizer(artifacts)
     train, report = load_jsonl(data_path(c.data, "train"), tokenizer, c.max_seq_len, c.on_bad_data)

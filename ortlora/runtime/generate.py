@@ -21,7 +21,7 @@ import numpy as np
 
 from ortlora.errors import OrtloraError
 from ortlora.manifest import Manifest
-from ortlora.runtime.backend import check_provider
+from ortlora.runtime.backend import session_providers
 from ortlora.runtime.tokenizer import Tokenizer
 
 
@@ -100,9 +100,8 @@ class Generator:
         options.log_severity_level = 3  # LoRA inputs with defaults are intended
         if threads:
             options.intra_op_num_threads = threads
-        provider = check_provider(ep)
-        providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
-        self.session = ort.InferenceSession(str(artifacts / self.manifest.files["decoder_model"]), options, providers=providers)
+        self.session = ort.InferenceSession(str(artifacts / self.manifest.files["decoder_model"]), options,
+                                            providers=session_providers(ep))
         self.past = [i for i in self.session.get_inputs() if i.name.startswith("past.")]
         self.eos_ids = {self.tokenizer.eos_id} | self._generation_eos(artifacts)
 

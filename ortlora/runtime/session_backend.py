@@ -19,7 +19,7 @@ import numpy as np
 
 from ortlora.errors import OrtloraError
 from ortlora.manifest import Manifest
-from ortlora.runtime.backend import Batch, check_provider
+from ortlora.runtime.backend import Batch, session_providers
 
 
 class OrtSessionBackend:
@@ -32,8 +32,7 @@ class OrtSessionBackend:
             raise OrtloraError(f"{artifacts} has no portable training graph (it was built by an older ortlora); "
                                f"rebuild it with ortlora-build")
         self._ort, self._artifacts, self._files = ort, artifacts, files
-        provider = check_provider(ep)
-        self.providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
+        self.providers = session_providers(ep)
         self._threads = threads
         self.names = [p.onnx_name for p in manifest.parameters]
         initial = load_file(str(artifacts / files["initial_lora"]))
