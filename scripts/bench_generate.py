@@ -3,7 +3,7 @@
     python scripts/bench_generate.py --artifacts artifacts/tiny --adapter runs/tiny
     python scripts/bench_generate.py --artifacts artifacts/qwen05b --prompt-tokens 128 --new-tokens 32 --threads 2
 
-Both generate greedily from the same prompt tokens (ignoring end-of-sequence, so both produce exactly
+Both generate greedily from the same prompt tokens (with no end-of-sequence token, so both produce exactly
 --new-tokens), each in its own process; printed: prompt processing and generation tokens/s (median
 of --repeats), and whether the two produced the same tokens.
 """
@@ -36,7 +36,7 @@ def run_ortlora(args) -> dict:
     from ortlora.runtime.generate import Generator, Sampling
 
     generator = Generator(Path(args.artifacts), Path(args.adapter) if args.adapter else None, threads=args.threads)
-    generator.eos_ids = set()  # exactly --new-tokens, as transformers with min_new_tokens
+    generator.eos_ids = set()  # exactly --new-tokens on both sides
     prompt = prompt_ids(Path(args.artifacts), args.prompt_tokens)
     runs = [generator.generate(prompt, Sampling(max_new_tokens=args.new_tokens)) for _ in range(args.repeats)]
     import onnxruntime
@@ -47,7 +47,7 @@ def run_ortlora(args) -> dict:
 
 def run_transformers(args) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     from ortlora.manifest import Manifest
 
@@ -62,6 +62,10 @@ def run_transformers(args) -> dict:
         model = PeftModel.from_pretrained(model, find_checkpoint(Path(args.adapter)))
     model.eval()
     ids = torch.tensor([prompt_ids(artifacts, args.prompt_tokens)])
+    # No end-of-sequence token, as on ortlora's side: min_new_tokens would instead forbid it (a different
+    # greedy choice where it is the most likely token).
+    exact = GenerationConfig(do_sample=False, max_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=0)
+    model.generation_config.eos_token_id = None  # generate() merges the model's own defaults back in
     prompt_s, generate_s = [], []
     with torch.no_grad():
         for _ in range(args.repeats):
@@ -69,8 +73,7 @@ def run_transformers(args) -> dict:
             model(input_ids=ids, use_cache=True)
             prompt_s.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=args.new_tokens,
-                                 min_new_tokens=args.new_tokens, pad_token_id=0)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=exact)
             # generate() includes the prompt pass: take it out to compare per-token decoding.
             generate_s.append(time.perf_counter() - t0 - prompt_s[-1])
     return {"prompt_s": prompt_s, "generate_s": generate_s, "tokens": out[0, ids.shape[1]:].tolist(),
