@@ -3,6 +3,7 @@ inference model of the artifacts."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -148,7 +149,7 @@ def test_peft_export_loads_in_peft(artifacts, trained, tmp_path):
     assert rebuilt["r"] == config["r"] and rebuilt["target_modules"] == config["target_modules"]
 
 
-def test_bad_exports_write_nothing(artifacts, artifacts_all_linear, trained, tmp_path, capsys):
+def test_bad_exports_write_nothing(artifacts, artifacts_all_linear, trained, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     # An adapter of another rank and other modules.
     assert export(artifacts_all_linear, trained, "--to", "merged", "--out", str(out)) == 2
@@ -165,6 +166,13 @@ def test_bad_exports_write_nothing(artifacts, artifacts_all_linear, trained, tmp
     assert export(artifacts, trained, "--to", "merged", "--out", str(out), "--base", str(tmp_path / "none")) == 2
     assert "is missing" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+    # --to onnx where the build extra is not installed.
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real_find_spec(name, *a))
+    assert export(artifacts, trained, "--to", "onnx", "--out", str(out)) == 2
+    assert 'pip install "ortlora[build]"' in capsys.readouterr().err
+    monkeypatch.undo()
+    assert not out.exists()
     out.mkdir()
     (out / "keep").write_text("x")
     assert export(artifacts, trained, "--to", "peft", "--out", str(out)) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import shutil
@@ -53,11 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.force:
         raise OrtloraError(f"--out {args.out} already holds files; pass --force to replace them")
     max_shard = parse_size(args.max_shard_size)
-    if args.to == "onnx":
-        try:
-            from ortlora.build import merged_onnx
-        except ImportError as e:
-            raise OrtloraError(f"--to onnx exports with torch: install ortlora[build] ({e})") from None
+    if args.to == "onnx" and not all(importlib.util.find_spec(m) for m in ("torch", "transformers", "onnx")):
+        raise OrtloraError("--to onnx exports with torch and transformers: pip install \"ortlora[build]\"")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.partial-", dir=args.out.parent))
@@ -79,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                 files = write_merged(base, manifest, weights, staging, args.artifacts, max_shard)
                 summary = f"merged Hugging Face model ({len(files)} weight file{'s' if len(files) > 1 else ''})"
             else:
+                from ortlora.build import merged_onnx
+
                 summary = merged_onnx.export(base, manifest, weights, staging, args.artifacts, args.ort_format)
         if args.out.exists():
             shutil.rmtree(args.out)
