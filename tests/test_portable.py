@@ -79,6 +79,12 @@ CASES = {
                             "axes": np.array([1, 2], np.int64), "steps": np.array([1, 2], np.int64)}, {"dx": F32}, {}),
     "GatherGrad": ({"shape": np.array([6, 4], np.int64), "indices": np.array([1, 4, 1], np.int64), "dy": normal(3, 4)},
                    {"dx": F32}, {"axis": 0}),
+    "SoftmaxCrossEntropyLoss": ({"scores": normal(rows, cols), "label": labels}, {"loss": F32, "log_prob": F32},
+                                {"reduction": "mean", "ignore_index": -100}),
+    "SoftmaxCrossEntropyLoss sum": ({"scores": normal(rows, cols), "label": np.abs(labels) % cols}, {"loss": F32},
+                                    {"reduction": "sum"}),
+    "SoftmaxCrossEntropyLoss none": ({"scores": normal(rows, cols), "label": labels}, {"loss": F32, "log_prob": F32},
+                                     {"reduction": "none", "ignore_index": -100}),
     "SoftmaxCrossEntropyLossGrad": ({"dy": np.array(1.7, np.float32), "log_prob": log_softmax(normal(rows, cols)),
                                      "label": labels}, {"dx": F32}, {"reduction": "mean", "ignore_index": -100}),
     "SoftmaxCrossEntropyLossGrad sum": ({"dy": np.array(0.3, np.float32), "log_prob": log_softmax(normal(rows, cols)),
@@ -118,7 +124,7 @@ CASES = {
 def test_rewrite_matches_ort_kernel(case):
     op = case.split()[0]
     inputs, outputs, attrs = CASES[case]
-    domain = "" if op in ("SimplifiedLayerNormalization", "Sum", "Neg") else "com.microsoft"
+    domain = "" if op in ("SimplifiedLayerNormalization", "Sum", "Neg", "SoftmaxCrossEntropyLoss") else "com.microsoft"
     expected = run_single(op, inputs, outputs, attrs, domain, rewrite=False)
     weights = ["b"] if "weight" in case else []
     got = run_single(op, inputs, outputs, attrs, domain, rewrite=True, shapes=[e.shape for e in expected], weights=weights)
