@@ -38,6 +38,8 @@ class Manifest:
     versions: dict
     artifact_id: str
     format: int = FORMAT_VERSION
+    # name -> dtype, shape, offset, length of every frozen weight in files["frozen_weights"]
+    frozen: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     def save(self, directory: Path) -> None:

@@ -231,14 +231,29 @@ def test_models_over_the_protobuf_limit_are_saved_with_external_data(tmp_path_fa
 
 
 def test_tied_lm_head_reads_the_embedding_itself(artifacts):
-    """No second, transposed copy of the tied embedding in the checkpoint or the portable weights."""
+    """No second, transposed copy of the tied embedding in the frozen weights or any graph."""
+    manifest = Manifest.load(artifacts)
+    shapes = [tuple(p["shape"]) for p in manifest.frozen.values()]
+    assert (512, 64) in shapes and (64, 512) not in shapes
+    for role in ("training_model", "eval_model", "portable_training_model", "inference_model", "decoder_model"):
+        graph = onnx.load(str(artifacts / manifest.files[role]), load_external_data=False).graph
+        assert [list(t.dims) for t in graph.initializer].count([64, 512]) == 0, role
+        assert any(n.op_type == "Gemm" and "model.model.embed_tokens.weight" in n.input for n in graph.node), role
+
+
+def test_frozen_weights_are_stored_once(artifacts):
+    """ORT's checkpoint holds the LoRA weights only; every training graph reads the frozen file."""
     from onnxruntime.capi import _pybind_state as C
 
     manifest = Manifest.load(artifacts)
     state = C.load_checkpoint(str(artifacts / manifest.files["checkpoint"]))
-    shapes = [state.get_parameter(n).data.numpy().shape for n in state.parameter_names()]
-    assert (512, 64) in shapes and (64, 512) not in shapes
-    for role in ("portable_training_model", "inference_model", "decoder_model"):
+    assert sorted(state.parameter_names()) == sorted(p.onnx_name for p in manifest.parameters)
+    assert not list(artifacts.glob("*.data"))
+    frozen_file = manifest.files["frozen_weights"]
+    for role in ("training_model", "eval_model", "portable_training_model", "portable_eval_model"):
         graph = onnx.load(str(artifacts / manifest.files[role]), load_external_data=False).graph
-        assert [list(t.dims) for t in graph.initializer].count([64, 512]) == 0, role
-        assert any(n.op_type == "Gemm" and "model.model.embed_tokens.weight" in n.input for n in graph.node), role
+        external = {t.name: {e.key: e.value for e in t.external_data} for t in graph.initializer
+                    if t.data_location == onnx.TensorProto.EXTERNAL}
+        assert set(external) == set(manifest.frozen), role
+        assert all(e["location"] == frozen_file and int(e["offset"]) == manifest.frozen[n]["offset"]
+                   for n, e in external.items()), role

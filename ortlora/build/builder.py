@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ortlora.build import portable_graph, training_artifacts
+from ortlora.build import frozen_weights, portable_graph, training_artifacts
 from ortlora.build.model_dir import TOKENIZER_FILES, check_model_dir
 from ortlora.errors import OrtloraError
 from ortlora.manifest import PEFT_PREFIX, LoraParameter, Manifest
@@ -159,11 +159,15 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
         stamp_ir_version(loss_model)
         training_artifacts.generate(loss_model, lora_names, staging, work)
 
-    with stages("writing the portable training graph (standard ONNX for any onnxruntime)"):
+    with stages("storing the frozen weights once; writing the portable training graph (standard ONNX)"):
         lora_shapes = {name: tuple(value.shape) for name, value in lora_values.items()}
-        portable_graph.write(loss_model, work, staging / training_artifacts.TRAINING_MODEL, lora_shapes, staging)
-        save_file({name: value.numpy() for name, value in lora_values.items()}, str(staging / INITIAL_LORA))
-        del loss_model
+        base_weights = [t for t in loss_model.graph.initializer if t.name not in lora_shapes]
+        frozen = frozen_weights.write(base_weights, staging / frozen_weights.FROZEN_WEIGHTS, work)
+        portable_graph.write(loss_model, staging / training_artifacts.TRAINING_MODEL, frozen, lora_shapes, staging)
+        lora_arrays = {name: value.numpy() for name, value in lora_values.items()}
+        training_artifacts.read_frozen_weights(staging, frozen, lora_arrays)
+        save_file(lora_arrays, str(staging / INITIAL_LORA))
+        del loss_model, base_weights
 
     with stages("exporting the inference graph"):
         export_onnx(
@@ -202,11 +206,11 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
         "decoder_model": DECODER_MODEL,
         "portable_training_model": portable_graph.PORTABLE_TRAINING,
         "portable_eval_model": portable_graph.PORTABLE_EVAL,
-        "portable_weights": portable_graph.PORTABLE_WEIGHTS,
+        "frozen_weights": frozen_weights.FROZEN_WEIGHTS,
         "initial_lora": INITIAL_LORA,
         "config": BASE_CONFIG,
         "tokenizer": tokenizer_files,
-        # Weights of large models, beside the files that point into them (checkpoint.data, ...).
+        # Weights of large models, beside the files that point into them (inference_model.onnx.data, ...).
         "external_data": sorted(p.name for p in staging.glob("*.data")),
     }
     lora = {
@@ -232,6 +236,7 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
         label_smoothing=options.label_smoothing,
         parameters=[_describe(name, tuple(value.shape)) for name, value in lora_values.items()],
         files=files,
+        frozen=frozen_weights.layout(frozen),
         io={
             "training": {"inputs": ["input_ids", "attention_mask", "labels"], "outputs": ["loss"]},
             "inference": {"inputs": ["input_ids", "attention_mask", *lora_names], "outputs": ["logits"]},
@@ -293,6 +298,12 @@ def _check_loads(directory: Path, lora_names: list[str]) -> None:
     import onnxruntime as ort
     from onnxruntime.capi import _pybind_state as C
 
+    def options():
+        result = ort.SessionOptions()
+        result.log_severity_level = 3  # LoRA inputs with default initializers are intended, not a warning
+        result.add_session_config_entry("session.disable_prepacking", "1")  # no second copy of the weights
+        return result
+
     state = C.load_checkpoint(str(directory / training_artifacts.CHECKPOINT))
     device = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
     module = C.Module(
@@ -300,17 +311,16 @@ def _check_loads(directory: Path, lora_names: list[str]) -> None:
         state,
         str(directory / training_artifacts.EVAL_MODEL),
         device,
-        ort.SessionOptions(),
+        options(),
     )
-    C.Optimizer(str(directory / training_artifacts.OPTIMIZER_MODEL), state, device, ort.SessionOptions())
-    trainable = sorted(n for n in state.parameter_names() if state.get_parameter(n).requires_grad)
-    if trainable != sorted(lora_names):
-        raise RuntimeError(f"trainable parameters in the checkpoint differ from the LoRA weights: {trainable[:4]}")
+    C.Optimizer(str(directory / training_artifacts.OPTIMIZER_MODEL), state, device, options())
+    names = sorted(state.parameter_names())
+    trainable = sorted(n for n in names if state.get_parameter(n).requires_grad)
+    if names != sorted(lora_names) or trainable != names:
+        raise RuntimeError(f"the checkpoint should hold exactly the LoRA weights, all trainable: {names[:4]}")
     del module, state  # one model's weights in memory at a time
-    quiet = ort.SessionOptions()
-    quiet.log_severity_level = 3  # LoRA inputs with default initializers are intended, not a warning
     for name in (INFERENCE_MODEL, DECODER_MODEL, portable_graph.PORTABLE_TRAINING, portable_graph.PORTABLE_EVAL):
-        ort.InferenceSession(str(directory / name), quiet, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(str(directory / name), options(), providers=["CPUExecutionProvider"])
 
 
 def _versions() -> dict:

@@ -8,7 +8,8 @@ InferenceSession, on any execution provider:
 
     inputs   input_ids, attention_mask, labels, and every LoRA weight (by its ONNX name)
     outputs  loss, and NAME_grad, the gradient of every LoRA weight
-    frozen   weights are initializers (external data, one file shared with the eval graph)
+    frozen   weights are initializers (external data in frozen_weights.bin, which every training
+             graph reads)
 
 The contrib operators of ORT's forward graph (FusedMatMul, QuickGelu, SimplifiedLayerNormalization)
 are decomposed too, so the result is plain ai.onnx opset 17 and passes ``onnx.checker``'s full
@@ -20,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from ortlora.build.portable_ops import UnsupportedNode, is_standard, rewrite_node
 from ortlora.build.training_artifacts import disable_dropout, spell_out_cross_entropy
@@ -114,34 +115,6 @@ def _live_nodes(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.No
 
 PORTABLE_TRAINING = "portable_training.onnx"
 PORTABLE_EVAL = "portable_eval.onnx"
-PORTABLE_WEIGHTS = "portable_weights.bin"
-PAGE = 4096  # page-aligned offsets let ONNX Runtime map large weights instead of copying them
-
-
-def write_shared_weights(tensors: list[TensorProto], path: Path, base_dir: Path) -> dict[str, TensorProto]:
-    """Write the tensors' data into one file; return data-less TensorProtos that point into it.
-
-    ``base_dir``: where tensors that are themselves stored as external data have their files.
-
-    Both portable graphs reference the same file, so the frozen weights are stored once, and no
-    graph approaches protobuf's 2 GB limit whatever the model's size.
-    """
-    references = {}
-    with open(path, "wb") as f:
-        for tensor in tensors:
-            if tensor.HasField("raw_data") and tensor.data_location != TensorProto.EXTERNAL:
-                data = tensor.raw_data
-            else:
-                data = numpy_helper.to_array(tensor, base_dir=str(base_dir)).tobytes()
-            align = PAGE if len(data) >= PAGE else 16
-            f.write(b"\0" * (-f.tell() % align))
-            reference = TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
-            reference.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", path.name), ("offset", f.tell()), ("length", len(data))):
-                reference.external_data.add(key=key, value=str(value))
-            f.write(data)
-            references[tensor.name] = reference
-    return references
 
 
 def eval_graph(loss_model: onnx.ModelProto, weights: dict[str, TensorProto], lora_shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
@@ -158,16 +131,14 @@ def eval_graph(loss_model: onnx.ModelProto, weights: dict[str, TensorProto], lor
     return model
 
 
-def write(loss_model: onnx.ModelProto, loss_dir: Path, training_model: Path, lora_shapes: dict[str, tuple[int, ...]],
-          out_dir: Path) -> None:
-    """Write the portable training and eval graphs and their shared weights into ``out_dir``.
+def write(loss_model: onnx.ModelProto, training_model: Path, frozen: dict[str, TensorProto],
+          lora_shapes: dict[str, tuple[int, ...]], out_dir: Path) -> None:
+    """Write the portable training and eval graphs into ``out_dir``.
 
-    ``loss_model``: the exported loss graph, every weight an initializer (LoRA ones included);
-    those stored as external data have their files in ``loss_dir``.
-    ``training_model``: ORT's training model from ``generate_artifacts``.
+    ``loss_model``: the exported loss graph. ``training_model``: ORT's training model from
+    ``generate_artifacts``. ``frozen``: references into the frozen weights file (frozen_weights.py),
+    which both graphs read.
     """
-    frozen = [t for t in loss_model.graph.initializer if t.name not in lora_shapes]
-    weights = write_shared_weights(frozen, out_dir / PORTABLE_WEIGHTS, loss_dir)
-    onnx.save(eval_graph(loss_model, weights, lora_shapes), str(out_dir / PORTABLE_EVAL))
+    onnx.save(eval_graph(loss_model, frozen, lora_shapes), str(out_dir / PORTABLE_EVAL))
     training = onnx.load(str(training_model), load_external_data=False)
-    onnx.save(make_portable(training, weights, lora_shapes), str(out_dir / PORTABLE_TRAINING))
+    onnx.save(make_portable(training, frozen, lora_shapes), str(out_dir / PORTABLE_TRAINING))

@@ -16,8 +16,11 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
+from onnx import TensorProto, numpy_helper
 
+from ortlora.build import frozen_weights
 from ortlora.build.export import save_external, stamp_ir_version
 from ortlora.build.portable_ops import rewrite_node
 
@@ -91,6 +94,26 @@ def native_stderr_silenced():
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+def read_frozen_weights(out_dir: Path, frozen: dict[str, TensorProto], lora: dict[str, np.ndarray]) -> None:
+    """Point the training and eval models at the frozen weights file; keep only LoRA in the checkpoint.
+
+    generate_artifacts makes every frozen weight a model input fed from the checkpoint, so the
+    checkpoint held a second copy of the base model. Here the frozen inputs become initializers in
+    frozen_weights.bin (shared with the portable graphs), and the checkpoint is rewritten with the
+    LoRA weights only: a few MB, and the same file for every ORT app that trains the adapter.
+    """
+    from onnxruntime.capi import _pybind_state as C
+
+    for name in (TRAINING_MODEL, EVAL_MODEL):
+        model = onnx.load(str(out_dir / name), load_external_data=False)
+        frozen_weights.attach(model, frozen)
+        onnx.save(model, str(out_dir / name))
+    for path in (out_dir / CHECKPOINT, out_dir / f"{CHECKPOINT}.data"):
+        path.unlink(missing_ok=True)
+    trainable = [numpy_helper.from_array(value, name).SerializeToString() for name, value in lora.items()]
+    C.save_checkpoint(trainable, [], str(out_dir / CHECKPOINT), False)
 
 
 CROSS_ENTROPY = ("SoftmaxCrossEntropyLoss", "SoftmaxCrossEntropyLossGrad")

@@ -15,6 +15,7 @@ import numpy as np
 
 from ortlora.errors import OrtloraError
 from ortlora.manifest import Manifest
+from ortlora.runtime.frozen import map_frozen_weights, share_with
 
 Batch = dict[str, np.ndarray]  # input_ids, attention_mask, labels: int64 [batch, seq]
 
@@ -106,6 +107,8 @@ class OrtTrainingBackend:
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
+        # The training and eval sessions share one mapping of the frozen weights (runtime/frozen.py).
+        self._frozen = share_with(options, map_frozen_weights(artifacts, manifest))
         device_type = C.OrtDevice.cuda() if ep == "cuda" else C.OrtDevice.cpu()
         self._device = C.OrtDevice(device_type, C.OrtDevice.default_memory(), 0)
         self._state = C.load_checkpoint(str(artifacts / manifest.files["checkpoint"]))

@@ -20,6 +20,7 @@ import numpy as np
 from ortlora.errors import OrtloraError
 from ortlora.manifest import Manifest
 from ortlora.runtime.backend import Batch, session_providers
+from ortlora.runtime.frozen import map_frozen_weights, share_with
 
 
 class OrtSessionBackend:
@@ -41,6 +42,8 @@ class OrtSessionBackend:
         self._step_grads = {n: np.zeros_like(w) for n, w in self._weights.items()}
         self._loss = np.zeros((), np.float32)
         self._inputs = ["input_ids", "attention_mask", "labels"]
+        self._frozen = map_frozen_weights(artifacts, manifest)  # one mapping for both sessions
+        self._frozen_values: list = []
 
         self._train = self._session(files["portable_training_model"], profile=True)
         self.placement: dict[str, int] | None = None  # provider -> nodes run, known after the first step
@@ -55,10 +58,9 @@ class OrtSessionBackend:
     def _session(self, file_name: str, profile: bool = False):
         options = self._ort.SessionOptions()
         options.log_severity_level = 3
-        # No pre-packed copies of the frozen weights: ONNX Runtime then maps them from the
-        # page-aligned portable_weights.bin (loads in about a second, shared by the training and
-        # eval sessions) instead of holding a second copy; steps measured no slower (docs/performance.md).
-        options.add_session_config_entry("session.disable_prepacking", "1")
+        # The frozen weights come from one mapping of frozen_weights.bin, with no pre-packed copies:
+        # loads in about a second, and steps measured no slower (docs/performance.md).
+        self._frozen_values += share_with(options, self._frozen)
         if self._threads:
             options.intra_op_num_threads = self._threads
         if profile:  # the first step's profile tells which provider ran each node
