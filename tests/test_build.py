@@ -257,3 +257,7 @@ def test_frozen_weights_are_stored_once(artifacts):
         assert set(external) == set(manifest.frozen), role
         assert all(e["location"] == frozen_file and int(e["offset"]) == manifest.frozen[n]["offset"]
                    for n, e in external.items()), role
+    for role in ("inference_model", "decoder_model"):  # exported apart, yet no copy of their own
+        graph = onnx.load(str(artifacts / manifest.files[role]), load_external_data=False).graph
+        large = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL or len(t.raw_data) >= 4096]
+        assert large and all({e.key: e.value for e in t.external_data}.get("location") == frozen_file for t in large), role

@@ -178,11 +178,12 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
             work / "inference.onnx",
             fold=True,
         )
-        _save_with_lora_defaults(work / "inference.onnx", lora_values, staging / INFERENCE_MODEL)
+        stored = (frozen, frozen_weights.index(frozen, staging))
+        _save_with_lora_defaults(work / "inference.onnx", lora_values, staging / INFERENCE_MODEL, stored)
 
     with stages("exporting the generation graph (decoder with key/value cache)"):
         export_decoder(model, lora_names, lora_values, work / "decoder.onnx")
-        _save_with_lora_defaults(work / "decoder.onnx", lora_values, staging / DECODER_MODEL)
+        _save_with_lora_defaults(work / "decoder.onnx", lora_values, staging / DECODER_MODEL, stored)
         shutil.rmtree(work)
 
     with stages("copying tokenizer and config"):
@@ -254,9 +255,10 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
     return manifest
 
 
-def _save_with_lora_defaults(exported: Path, lora_values: dict, path: Path) -> None:
+def _save_with_lora_defaults(exported: Path, lora_values: dict, path: Path, stored: tuple) -> None:
     """Save an exported graph whose LoRA weights stay inputs, with their initial values as defaults:
-    any adapter can be fed in, and without one the graph is the base model."""
+    any adapter can be fed in, and without one the graph is the base model. Its frozen weights are
+    read from frozen_weights.bin (``stored``: the references and their content index)."""
     import onnx
 
     from ortlora.build.export import (
@@ -269,6 +271,7 @@ def _save_with_lora_defaults(exported: Path, lora_values: dict, path: Path) -> N
     model = onnx.load(str(exported))
     share_tied_lm_head(model)
     inputs_to_initializers(model, lora_values, keep_as_inputs=True)
+    frozen_weights.reuse(model, *stored)
     stamp_ir_version(model)
     save_model(model, path)
 

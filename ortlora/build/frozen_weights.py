@@ -1,7 +1,8 @@
-"""The frozen base weights, stored once in one file that every training graph reads.
+"""The frozen base weights, stored once in one file that every graph reads.
 
-ORT's training and eval models and the portable training and eval graphs all take their frozen
-weights from ``frozen_weights.bin`` as external data; ORT's checkpoint holds only the LoRA weights.
+ORT's training and eval models, the portable training and eval graphs, and the inference and
+decoder graphs all take their frozen weights from ``frozen_weights.bin`` as external data; ORT's
+checkpoint holds only the LoRA weights.
 Offsets of large tensors are page-aligned, so ONNX Runtime, or the runtime's own mapping
 (runtime/frozen.py, which shares one mapping between a run's sessions), maps the file instead of
 copying it. Before, the checkpoint held a second copy of the weights, and loading it cost ORT's
@@ -10,8 +11,10 @@ training API 220 MB beyond the weights themselves (0.5B shape).
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
@@ -61,3 +64,30 @@ def attach(model: onnx.ModelProto, references: dict[str, TensorProto]) -> int:
     graph.input.extend(kept)
     graph.initializer.extend(references[name] for name in moved)
     return len(moved)
+
+
+def index(references: dict[str, TensorProto], directory: Path) -> dict[tuple, str]:
+    """(content digest, dtype, dims) -> name for every frozen weight in the file (see ``reuse``)."""
+    data = np.memmap(Path(directory) / FROZEN_WEIGHTS, dtype=np.uint8, mode="r")
+    result = {}
+    for name, reference in references.items():
+        place = {entry.key: int(entry.value) for entry in reference.external_data if entry.key != "location"}
+        content = data[place["offset"]: place["offset"] + place["length"]]
+        result[(hashlib.sha1(content).digest(), reference.data_type, tuple(reference.dims))] = name
+    return result
+
+
+def reuse(model: onnx.ModelProto, references: dict[str, TensorProto], by_content: dict[tuple, str]) -> int:
+    """Initializers equal to a frozen weight (same bytes, dtype and dims) become references into the
+    file, so graphs exported separately (inference, decoder) store no copy. Returns how many."""
+    count = 0
+    for tensor in model.graph.initializer:
+        if tensor.data_location == TensorProto.EXTERNAL or len(tensor.raw_data) < PAGE:
+            continue
+        name = by_content.get((hashlib.sha1(tensor.raw_data).digest(), tensor.data_type, tuple(tensor.dims)))
+        if name is not None:
+            own_name = tensor.name
+            tensor.CopyFrom(references[name])
+            tensor.name = own_name
+            count += 1
+    return count
