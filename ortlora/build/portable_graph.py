@@ -24,7 +24,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from ortlora.build.portable_ops import UnsupportedNode, is_standard, rewrite_node
-from ortlora.build.training_artifacts import disable_dropout, spell_out_cross_entropy
+from ortlora.build.training_artifacts import disable_dropout, spell_out_slow_kernels
 
 OPSET = 17
 ACCUMULATOR = "InPlaceAccumulatorV2"
@@ -127,7 +127,7 @@ def eval_graph(loss_model: onnx.ModelProto, weights: dict[str, TensorProto], lor
     model = helper.make_model(result, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="ortlora")
     model.ir_version = 10
     disable_dropout(model)  # evaluation runs without dropout
-    spell_out_cross_entropy(model)
+    spell_out_slow_kernels(model)
     return model
 
 
