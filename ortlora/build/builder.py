@@ -155,19 +155,19 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
         inputs_to_initializers(loss_model, lora_values, keep_as_inputs=False)
         _check_lora_initializers(loss_model, lora_values)
 
-    with stages("generating training artifacts (gradient graph, optimizer, checkpoint)"):
+    with stages("generating training artifacts (frozen weights, gradient graph, optimizer, checkpoint)"):
         stamp_ir_version(loss_model)
-        training_artifacts.generate(loss_model, lora_names, staging, work)
-
-    with stages("storing the frozen weights once; writing the portable training graph (standard ONNX)"):
-        lora_shapes = {name: tuple(value.shape) for name, value in lora_values.items()}
-        base_weights = [t for t in loss_model.graph.initializer if t.name not in lora_shapes]
-        frozen = frozen_weights.write(base_weights, staging / frozen_weights.FROZEN_WEIGHTS, work)
-        portable_graph.write(loss_model, staging / training_artifacts.TRAINING_MODEL, frozen, lora_shapes, staging)
         lora_arrays = {name: value.numpy() for name, value in lora_values.items()}
-        training_artifacts.read_frozen_weights(staging, frozen, lora_arrays)
+        base_weights = [t for t in loss_model.graph.initializer if t.name not in lora_arrays]
+        frozen = frozen_weights.write(base_weights, staging / frozen_weights.FROZEN_WEIGHTS, work)
+        del base_weights
+        training_artifacts.generate(loss_model, lora_arrays, frozen, staging, work)
+
+    with stages("writing the portable training graph (standard ONNX for any onnxruntime)"):
+        lora_shapes = {name: value.shape for name, value in lora_arrays.items()}
+        portable_graph.write(loss_model, staging / training_artifacts.TRAINING_MODEL, frozen, lora_shapes, staging)
         save_file(lora_arrays, str(staging / INITIAL_LORA))
-        del loss_model, base_weights
+        del loss_model
 
     with stages("exporting the inference graph"):
         export_onnx(

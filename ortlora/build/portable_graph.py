@@ -33,13 +33,10 @@ GRAD_SUFFIX = "_grad"
 
 # -- the whole graph ---------------------------------------------------------------------------
 
-def make_portable(training_model: onnx.ModelProto, frozen: dict[str, TensorProto],
-                  lora_shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
-    """Turn ORT's training model into the portable training graph.
-
-    ``frozen``: the initializer of every frozen weight (ORT's training model takes them as inputs
-    from its checkpoint; here they become the graph's own initializers). ``lora_shapes``: every
-    LoRA weight by ONNX name, in the order the gradients are to be output.
+def make_portable(training_model: onnx.ModelProto, lora_shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """Turn ORT's training model (whose frozen weights are initializers, as ``generate`` leaves them) into the
+    portable training graph. ``lora_shapes``: every LoRA weight by ONNX name, in the order the
+    gradients are to be output.
     """
     graph = training_model.graph
     lora_names = list(lora_shapes)
@@ -52,15 +49,14 @@ def make_portable(training_model: onnx.ModelProto, frozen: dict[str, TensorProto
     outputs = [loss] + [helper.make_tensor_value_info(n + GRAD_SUFFIX, TensorProto.FLOAT, lora_shapes[n]) for n in lora_names]
     renames = [helper.make_node("Identity", [grads[n]], [n + GRAD_SUFFIX]) for n in lora_names if grads[n] != n + GRAD_SUFFIX]
     live = _live_nodes(list(graph.node) + renames, [o.name for o in outputs])
-    weights = {t.name: list(t.dims) for t in [*graph.initializer, *frozen.values()]}
+    weights = {t.name: list(t.dims) for t in graph.initializer}
     nodes = [new for node in live for new in rewrite_node(node, weights)]
 
     feeds = {"input_ids", "attention_mask", "labels", *lora_names}
     inputs = [i for i in graph.input if i.name in feeds]
     used = {name for node in nodes for name in node.input}
     initializers = [t for t in graph.initializer if t.name in used]
-    initializers += [frozen[i.name] for i in graph.input if i.name not in feeds and i.name in used]
-    absent = [i.name for i in graph.input if i.name not in feeds and i.name in used and i.name not in frozen]
+    absent = [i.name for i in graph.input if i.name not in feeds and i.name in used]
     if absent:
         raise UnsupportedNode(f"no value for the frozen inputs {absent[:3]}")
 
@@ -135,10 +131,10 @@ def write(loss_model: onnx.ModelProto, training_model: Path, frozen: dict[str, T
           lora_shapes: dict[str, tuple[int, ...]], out_dir: Path) -> None:
     """Write the portable training and eval graphs into ``out_dir``.
 
-    ``loss_model``: the exported loss graph. ``training_model``: ORT's training model from
-    ``generate_artifacts``. ``frozen``: references into the frozen weights file (frozen_weights.py),
-    which both graphs read.
+    ``loss_model``: the exported loss graph. ``training_model``: ORT's training model, as
+    training_artifacts.generate leaves it. ``frozen``: references into the frozen weights file
+    (frozen_weights.py), which the eval graph reads (the training model already does).
     """
     onnx.save(eval_graph(loss_model, frozen, lora_shapes), str(out_dir / PORTABLE_EVAL))
     training = onnx.load(str(training_model), load_external_data=False)
-    onnx.save(make_portable(training, frozen, lora_shapes), str(out_dir / PORTABLE_TRAINING))
+    onnx.save(make_portable(training, lora_shapes), str(out_dir / PORTABLE_TRAINING))

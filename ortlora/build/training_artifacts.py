@@ -30,8 +30,12 @@ OPTIMIZER_MODEL = "optimizer_model.onnx"
 CHECKPOINT = "checkpoint"
 
 
-def generate(loss_model: onnx.ModelProto, trainable: list[str], out_dir: Path, work_dir: Path) -> None:
+def generate(loss_model: onnx.ModelProto, lora: dict[str, np.ndarray], frozen: dict[str, TensorProto],
+             out_dir: Path, work_dir: Path) -> None:
     """Write the training, eval and optimizer models and the checkpoint into ``out_dir``.
+
+    ``lora``: the initial LoRA weights by ONNX name, the trainable parameters. ``frozen``: references
+    into the frozen weights file (frozen_weights.py), which the training and eval models read.
 
     ``loss_model`` is saved to ``work_dir`` with its weights as external data; as onnx.save does,
     this moves the weights out of the proto: afterwards it holds references into
@@ -50,24 +54,26 @@ def generate(loss_model: onnx.ModelProto, trainable: list[str], out_dir: Path, w
     files. Nothing in it needs the weight values: shape inference reads only dims (small constants
     stay inline), and generate_artifacts moves every parameter to a graph input before ORT's graph
     optimizer and gradient builder see the model. The values are read only where the checkpoint is
-    written: ORT's save_checkpoint reads each frozen parameter from the external data file.
+    written: ORT's save_checkpoint reads each frozen parameter from the external data file (that
+    checkpoint is then replaced by one of the LoRA weights only, see ``_keep_only_lora_in_checkpoint``).
     Both the onnx checker and ORT resolve an in-memory model's relative external-data locations
     against the current directory, hence the chdir into ``work_dir`` for the duration.
     """
     from onnxruntime.training import artifacts
 
+    trainable = list(lora)
     out_dir, work_dir = out_dir.resolve(), work_dir.resolve()  # they must survive the chdir below
     loss_path = work_dir / "loss_external.onnx"
     save_external(loss_model, loss_path)
     with contextlib.chdir(work_dir):
         reference_model = onnx.load(str(loss_path), load_external_data=False)
-        frozen = [init.name for init in reference_model.graph.initializer if init.name not in set(trainable)]
+        frozen_params = [init.name for init in reference_model.graph.initializer if init.name not in set(trainable)]
         logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
         with native_stderr_silenced():  # ORT's gradient builder logs every graph pass at INFO level
             artifacts.generate_artifacts(
                 reference_model,
                 requires_grad=trainable,
-                frozen_params=frozen,
+                frozen_params=frozen_params,
                 loss=None,  # the exported graph's single output already is the loss
                 optimizer=artifacts.OptimType.AdamW,
                 artifact_directory=str(out_dir),
@@ -76,9 +82,11 @@ def generate(loss_model: onnx.ModelProto, trainable: list[str], out_dir: Path, w
         model = onnx.load(str(out_dir / name), load_external_data=False)
         if name == EVAL_MODEL:
             disable_dropout(model)
+        frozen_weights.attach(model, frozen)
         spell_out_slow_kernels(model)
         stamp_ir_version(model)
         onnx.save(model, str(out_dir / name))
+    _keep_only_lora_in_checkpoint(out_dir, lora)
 
 
 @contextlib.contextmanager
@@ -96,20 +104,16 @@ def native_stderr_silenced():
         os.close(devnull)
 
 
-def read_frozen_weights(out_dir: Path, frozen: dict[str, TensorProto], lora: dict[str, np.ndarray]) -> None:
-    """Point the training and eval models at the frozen weights file; keep only LoRA in the checkpoint.
+def _keep_only_lora_in_checkpoint(out_dir: Path, lora: dict[str, np.ndarray]) -> None:
+    """Rewrite the checkpoint with the LoRA weights only.
 
     generate_artifacts makes every frozen weight a model input fed from the checkpoint, so the
-    checkpoint held a second copy of the base model. Here the frozen inputs become initializers in
-    frozen_weights.bin (shared with the portable graphs), and the checkpoint is rewritten with the
-    LoRA weights only: a few MB, and the same file for every ORT app that trains the adapter.
+    checkpoint held a second copy of the base model. ``generate`` turns those inputs into
+    initializers in frozen_weights.bin (shared with every other graph), so the checkpoint needs only
+    the LoRA weights: a few MB, and the same file for every ORT app that trains the adapter.
     """
     from onnxruntime.capi import _pybind_state as C
 
-    for name in (TRAINING_MODEL, EVAL_MODEL):
-        model = onnx.load(str(out_dir / name), load_external_data=False)
-        frozen_weights.attach(model, frozen)
-        onnx.save(model, str(out_dir / name))
     for path in (out_dir / CHECKPOINT, out_dir / f"{CHECKPOINT}.data"):
         path.unlink(missing_ok=True)
     trainable = [numpy_helper.from_array(value, name).SerializeToString() for name, value in lora.items()]
@@ -119,8 +123,8 @@ def read_frozen_weights(out_dir: Path, frozen: dict[str, TensorProto], lora: dic
 # onnxruntime-training 1.19's kernels for these are slower than the same math in standard operators:
 # on the 0.5B shape with 2 threads, SoftmaxCrossEntropyLoss 215 ms against 13 ms for LogSoftmax on the
 # [256, 151936] logits, its gradient 93 ms against about 30, SimplifiedLayerNormalizationGrad 1.54 ms
-# against 0.12 ms on [2, 128, 896] (49 of them a step; 52 -> 28 ms in a step's profile). The spellings are the portable graph's
-# (portable_ops.py), each tested against ORT's kernel.
+# against 0.12 ms on [2, 128, 896] (49 of them a step; 52 -> 28 ms in a step's profile). The
+# spellings are the portable graph's (portable_ops.py), each tested against ORT's kernel.
 SLOW_KERNELS = ("SoftmaxCrossEntropyLoss", "SoftmaxCrossEntropyLossGrad", "SimplifiedLayerNormalizationGrad")
 
 
