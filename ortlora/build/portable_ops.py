@@ -55,7 +55,7 @@ class Emitter:
         return self("Reshape", [swapped, self("Concat", [batch, n_m], axis=0)])
 
 
-def _attrs(node: onnx.NodeProto) -> dict:
+def attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
@@ -75,7 +75,7 @@ def _require(condition: bool, node: onnx.NodeProto, what: str) -> None:
 # -- rewrites: one function per operator, (node, emitter) -> nodes added to the emitter -----------
 
 def concat_training(node, e: Emitter) -> None:
-    axis = _attrs(node)["axis"]
+    axis = attrs(node)["axis"]
     e("Concat", list(node.input), [node.output[0]], axis=axis)
     if _live_output(node, 1):  # the length of every input along the axis, as SplitTraining wants it
         bounds = {"start": axis} if axis == -1 else {"start": axis, "end": axis + 1}
@@ -84,7 +84,7 @@ def concat_training(node, e: Emitter) -> None:
 
 
 def split_training(node, e: Emitter) -> None:
-    e("Split", [node.input[0], _input(node, 1)], list(node.output), axis=_attrs(node).get("axis", 0))
+    e("Split", [node.input[0], _input(node, 1)], list(node.output), axis=attrs(node).get("axis", 0))
 
 
 def slice_grad(node, e: Emitter) -> None:
@@ -105,15 +105,15 @@ def slice_grad(node, e: Emitter) -> None:
 
 def gather_grad(node, e: Emitter) -> None:
     """dX = zeros(shape) with the rows of dY added at the gathered indices (repeats add up)."""
-    _require(_attrs(node).get("axis", 0) == 0, node, "an axis other than 0")
+    _require(attrs(node).get("axis", 0) == 0, node, "an axis other than 0")
     shape, indices, dy = node.input
     e("ScatterND", [e.zeros(shape), e("Unsqueeze", [indices, e.const([-1])]), dy], [node.output[0]], reduction="add")
 
 
-def _label_rows(node, e: Emitter) -> tuple[str, str]:
+def label_rows(node, e: Emitter) -> tuple[str, str]:
     """The label column [N, 1] (ignored rows pointed at class 0) and each row's weight (1, or 0 if ignored)."""
     label = node.input[2] if node.op_type.endswith("Grad") else node.input[1]
-    ignore_index = _attrs(node).get("ignore_index")
+    ignore_index = attrs(node).get("ignore_index")
     if ignore_index is None:
         valid = e("ConstantOfShape", [e("Shape", [label])], value=numpy_helper.from_array(np.ones(1, np.float32)))
     else:
@@ -123,8 +123,8 @@ def _label_rows(node, e: Emitter) -> tuple[str, str]:
     return e("Unsqueeze", [label, e.const([1])]), valid
 
 
-def _reduction(node) -> str:
-    reduction = _attrs(node).get("reduction", b"mean")
+def loss_reduction(node) -> str:
+    reduction = attrs(node).get("reduction", b"mean")
     reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
     _require(reduction in ("mean", "sum", "none"), node, f"reduction {reduction!r}")
     return reduction
@@ -138,9 +138,9 @@ def softmax_cross_entropy_loss(node, e: Emitter) -> None:
     for LogSoftmax on a [256, 151936] batch with 2 threads (onnxruntime 1.19; 55 against 18 in 1.32).
     """
     _require(len([i for i in node.input[2:] if i]) == 0, node, "a class weight input")
-    reduction = _reduction(node)
+    reduction = loss_reduction(node)
     log_prob = e("LogSoftmax", [node.input[0]], [_live_output(node, 1) or e.fresh()], axis=1)
-    column, valid = _label_rows(node, e)
+    column, valid = label_rows(node, e)
     picked = e("Mul", [e("Squeeze", [e("GatherElements", [log_prob, column], axis=1), e.const([1])]), valid])
     if reduction == "none":
         e("Sub", [e.const(0.0, np.float32), picked], [node.output[0]])
@@ -159,9 +159,9 @@ def softmax_cross_entropy_loss_grad(node, e: Emitter) -> None:
     """
     _require(len([i for i in node.input[3:] if i]) == 0, node, "a weight or bias input")
     dy, log_prob = node.input[:2]
-    reduction = _reduction(node)
+    reduction = loss_reduction(node)
     prob = e("Exp", [log_prob])
-    column, valid = _label_rows(node, e)
+    column, valid = label_rows(node, e)
     at_label = e("Sub", [e("GatherElements", [prob, column], axis=1), e.const(1.0, np.float32)])
     diff = e("ScatterElements", [prob, column, at_label], axis=1)
     # 'mean': dY / (labelled rows); 'sum': dY; 'none': dY is per row.
@@ -173,7 +173,7 @@ def softmax_cross_entropy_loss_grad(node, e: Emitter) -> None:
 def softmax_grad_13(node, e: Emitter) -> None:
     """Y = softmax(X): dX = Y * (dY - sum(dY * Y, axis))."""
     dy, y = node.input[:2]
-    axis = e.const([_attrs(node).get("axis", -1)])
+    axis = e.const([attrs(node).get("axis", -1)])
     inner = e("ReduceSum", [e("Mul", [dy, y]), axis], keepdims=1)
     e("Mul", [y, e("Sub", [dy, inner])], [node.output[0]])
 
@@ -181,14 +181,14 @@ def softmax_grad_13(node, e: Emitter) -> None:
 def log_softmax_grad_13(node, e: Emitter) -> None:
     """Y = log_softmax(X): dX = dY - exp(Y) * sum(dY, axis)."""
     dy, y = node.input[:2]
-    axis = e.const([_attrs(node).get("axis", -1)])
+    axis = e.const([attrs(node).get("axis", -1)])
     e("Sub", [dy, e("Mul", [e("Exp", [y]), e("ReduceSum", [dy, axis], keepdims=1)])], [node.output[0]])
 
 
 def quick_gelu(node, e: Emitter) -> None:
     """Y = X * sigmoid(alpha * X) (SiLU when alpha is 1)."""
     x = node.input[0]
-    alpha = _attrs(node).get("alpha", 1.702)
+    alpha = attrs(node).get("alpha", 1.702)
     scaled = x if alpha == 1.0 else e("Mul", [x, e.const(alpha, np.float32)])
     e("Mul", [x, e("Sigmoid", [scaled])], [node.output[0]])
 
@@ -196,7 +196,7 @@ def quick_gelu(node, e: Emitter) -> None:
 def quick_gelu_grad(node, e: Emitter) -> None:
     """dX = dY * s * (1 + alpha * X * (1 - s)), s = sigmoid(alpha * X)."""
     dy, x = node.input[:2]
-    alpha = _attrs(node).get("alpha", 1.702)
+    alpha = attrs(node).get("alpha", 1.702)
     scaled = x if alpha == 1.0 else e("Mul", [x, e.const(alpha, np.float32)])
     s = e("Sigmoid", [scaled])
     one = e.const(1.0, np.float32)
@@ -206,7 +206,7 @@ def quick_gelu_grad(node, e: Emitter) -> None:
 
 def simplified_layer_norm(node, e: Emitter) -> None:
     """RMSNorm: Y = X * inv * scale, inv = 1 / sqrt(mean(X^2, last axis) + eps); inv is output 1."""
-    a = _attrs(node)
+    a = attrs(node)
     _require(a.get("axis", -1) == -1, node, f"axis {a.get('axis')}")
     x, scale = node.input[:2]
     mean_square = e("ReduceMean", [e("Mul", [x, x])], axes=[-1], keepdims=1)
@@ -217,7 +217,7 @@ def simplified_layer_norm(node, e: Emitter) -> None:
 
 def simplified_layer_norm_grad(node, e: Emitter) -> None:
     """dX = inv * (g - x_hat * mean(g * x_hat)), g = dY * scale, x_hat = X * inv (last axis)."""
-    a = _attrs(node)
+    a = attrs(node)
     _require(a.get("axis", -1) == -1, node, f"axis {a.get('axis')}")
     _require(not _live_output(node, 1), node, "the gradient of a trainable norm scale")
     dy, x, scale, inv = node.input[:4]
@@ -234,7 +234,7 @@ def fused_matmul(node, e: Emitter) -> None:
     Transpose of the weight, ONNX Runtime would fold it into a transposed copy of every weight, so
     a 2-D weight B goes into a Gemm with transB=1 instead (A flattened to 2-D around it).
     """
-    a = _attrs(node)
+    a = attrs(node)
     _require(not a.get("transBatchA") and not a.get("transBatchB"), node, "transBatchA/transBatchB")
     left, right = node.input[:2]
     left = e.transpose_last_two(left) if a.get("transA") else left
@@ -265,7 +265,7 @@ def dropout_grad(node, e: Emitter) -> None:
 def scale(node, e: Emitter) -> None:
     x, factor = node.input[:2]
     factor = e("Cast", [factor], to=TensorProto.FLOAT)
-    e("Div" if _attrs(node).get("scale_down") else "Mul", [x, factor], [node.output[0]])
+    e("Div" if attrs(node).get("scale_down") else "Mul", [x, factor], [node.output[0]])
 
 
 # Standard operators that accelerator providers often lack (CoreML takes neither), spelled with

@@ -22,6 +22,7 @@ from onnx import TensorProto, numpy_helper
 
 from ortlora.build import frozen_weights
 from ortlora.build.export import save_external, stamp_ir_version
+from ortlora.build.head_gradient import fuse_head_gradient
 from ortlora.build.portable_ops import rewrite_node
 
 TRAINING_MODEL = "training_model.onnx"
@@ -83,6 +84,8 @@ def generate(loss_model: onnx.ModelProto, lora: dict[str, np.ndarray], frozen: d
         if name == EVAL_MODEL:
             disable_dropout(model)
         frozen_weights.attach(model, frozen)
+        if name == TRAINING_MODEL:
+            fuse_head_gradient(model)
         spell_out_slow_kernels(model)
         stamp_ir_version(model)
         onnx.save(model, str(out_dir / name))
