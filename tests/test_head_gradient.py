@@ -77,3 +77,15 @@ def test_a_logit_gradient_read_elsewhere_is_left_alone():
     before = [n.op_type for n in model.graph.node]
     assert fuse_head_gradient(model) == 0
     assert [n.op_type for n in model.graph.node] == before
+
+
+def test_the_default_build_fuses_its_head_gradient(artifacts, artifacts_all_linear):
+    """The default build takes the fused path; label smoothing (a second logit gradient) the generic one."""
+    from ortlora.manifest import Manifest
+
+    def ops(directory):
+        path = directory / Manifest.load(directory).files["training_model"]
+        return [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+
+    assert "ScatterElements" not in ops(artifacts)
+    assert "ScatterElements" in ops(artifacts_all_linear)

@@ -35,8 +35,9 @@ PRODUCTS = {("", "Gemm"), ("", "MatMul"), ("com.microsoft", "FusedMatMul")}
 def fuse_head_gradient(model: onnx.ModelProto) -> int:
     """Rewrite every cross-entropy gradient that flows straight into the LM head. Returns how many."""
     graph = model.graph
+    nodes = list(graph.node)  # held, so that the node objects (and their ids) stay the same below
     readers = defaultdict(list)
-    for node in graph.node:
+    for node in nodes:
         for name in node.input:
             readers[name].append(node)
     for out in graph.output:
@@ -44,7 +45,7 @@ def fuse_head_gradient(model: onnx.ModelProto) -> int:
     weights = {t.name: list(t.dims) for t in graph.initializer}
 
     replacements: dict[int, list[onnx.NodeProto]] = {}
-    for node in graph.node:
+    for node in nodes:
         chain = _head_chain(node, readers, weights) if node.op_type == LOSS_GRAD else None
         if chain is None:
             continue
@@ -54,10 +55,10 @@ def fuse_head_gradient(model: onnx.ModelProto) -> int:
             if gone is not None:
                 replacements[id(gone)] = []
     if replacements:
-        nodes = [new for node in graph.node for new in replacements.get(id(node), [node])]
+        rewritten = [new for node in nodes for new in replacements.get(id(node), [node])]
         del graph.node[:]
-        graph.node.extend(nodes)
-    return sum(1 for nodes in replacements.values() if nodes)
+        graph.node.extend(rewritten)
+    return sum(1 for new in replacements.values() if new)
 
 
 def _only_reader(name: str, readers) -> onnx.NodeProto | None:
@@ -71,11 +72,12 @@ def _head_chain(grad: onnx.NodeProto, readers, weights: dict[str, list[int]]):
         return None
     reader = _only_reader(grad.output[0], readers)
     reshape = reader if reader is not None and reader.op_type == "Reshape" else None
-    product = _only_reader(reshape.output[0], readers) if reshape is not None else reader
+    rows = reshape if reshape is not None else grad
+    product = _only_reader(rows.output[0], readers)
     if product is None or (product.domain, product.op_type) not in PRODUCTS or len(product.input) != 2:
         return None
     a = attrs(product)
-    if product.input[0] != (reshape or grad).output[0] or a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 \
+    if product.input[0] != rows.output[0] or a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 \
             or a.get("transBatchA", 0) or a.get("transBatchB", 0):
         return None
     if len(weights.get(product.input[1], [])) != 2:  # the head weight, [vocab, hidden] or its transpose
