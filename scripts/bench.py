@@ -2,13 +2,15 @@
 
     python scripts/bench.py --artifacts artifacts/tiny
     python scripts/bench.py --artifacts artifacts/qwen05b --data masked --steps 5 --threads 2
+    python scripts/bench.py --build path/to/model --artifacts artifacts/qwen05b --targets all-linear
 
 Each system runs in its own process (so peak memory is its own) on the same seeded batches:
 ort-training (ORT's training API), ort-session (the portable training graph in an InferenceSession,
 optionally under another interpreter with --plain-python, e.g. the newest plain onnxruntime) and
 torch (PyTorch + PEFT in eager mode, the same base weights, LoRA settings and thread count). A step
 is what the trainer does: forward, backward and an AdamW update of the LoRA weights. Printed: median
-step time after warm-up, trained tokens/s, peak resident memory, load time, and the ratio to torch.
+step time after warm-up, trained tokens/s, peak resident memory, load time, and the ratio to torch;
+with --build, first the time and peak memory of building the artifacts (ortlora-build, once per model).
 """
 
 from __future__ import annotations
@@ -173,6 +175,22 @@ def run_torch(args) -> dict:
 
 # -- the driver ------------------------------------------------------------------------------------
 
+def run_build(args) -> dict:
+    """Build --artifacts from --build with ortlora-build; its wall time and peak resident memory."""
+    source = ["--tiny"] if args.build == "tiny" else ["--model", args.build]
+    command = [sys.executable, str(ROOT / "scripts" / "build_artifacts.py"), *source, "--out", args.artifacts,
+               "--targets", args.targets, "--rank", str(args.rank), "--force"]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        sys.exit(f"bench: the build failed: {(result.stderr.strip() or result.stdout.strip()).splitlines()[-1]}")
+    # The build is this process's first child, so the children's peak is the build's.
+    return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
 def measure(system: str, args) -> dict:
     python = args.plain_python if system == "ort-session" and args.plain_python else sys.executable
     command = [python, __file__, "--worker", system, "--artifacts", args.artifacts, "--batch", str(args.batch),
@@ -202,6 +220,10 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads for every system (default: all cores)")
     parser.add_argument("--plain-python", default=None, help="interpreter that runs ort-session (e.g. .venv-ort/bin/python)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--build", metavar="MODEL", default=None,
+                        help="first build --artifacts from this model directory ('tiny': the built-in model), timed")
+    parser.add_argument("--targets", default="q_proj,v_proj", help="LoRA targets of the --build (default: q_proj,v_proj)")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank of the --build (default: 8)")
     parser.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -209,6 +231,7 @@ def main(argv=None) -> int:
         print(json.dumps(run_torch(args) if args.worker == "torch" else run_ort(args.worker, args)))
         return 0
 
+    build = run_build(args) if args.build else None
     tokens = {"plain": args.batch * args.seq, "masked": args.batch * (args.seq - args.seq // 2)}[args.data]
     results: dict[str, dict] = {}
     for _ in range(args.rounds):
@@ -230,6 +253,9 @@ def main(argv=None) -> int:
     print(f"\n{args.artifacts}: batch {args.batch} x {args.seq}, {args.data} data ({tokens} trained tokens a step), "
           f"threads {args.threads or os.cpu_count()}, median of {args.steps} steps after {args.warmup} warm-up"
           + (f", best of {args.rounds} rounds" if args.rounds > 1 else ""))
+    if build:
+        print(f"build (ortlora-build {args.targets}, r={args.rank}; once per model): {build['seconds']:.1f} s, "
+              f"peak {build['peak_rss_mb']:,.0f} MB. PyTorch + PEFT has no build step: its set-up is its load time")
     print(f"{'system':<14}{'step ms':>10}{'tokens/s':>11}{'peak MB':>10}{'load s':>8}{'step/torch':>12}{'mem/torch':>11}  version")
     for system, r in results.items():
         if "error" in r:
@@ -250,7 +276,7 @@ def main(argv=None) -> int:
             print(f"  {system}: {bound / statistics.median(r['step_s']):.0%} of that limit")
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": vars(args), "results": results, "flops": flops,
-                                               "matmul_gflops": rate}, indent=2) + "\n")
+                                               "matmul_gflops": rate, "build": build}, indent=2) + "\n")
     return 0
 
 
