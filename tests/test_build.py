@@ -71,16 +71,17 @@ def test_initialisation_gaussian_a_zero_b(artifacts):
     assert manifest.counts["trainable"] == 2 * (8 * 64 + 64 * 8 + 8 * 64 + 32 * 8)
 
 
-def test_qwen25_05b_trainable_count():
-    """The real Qwen2.5-0.5B shape with r=8 on q_proj,v_proj (on the meta device: no weights)."""
+def test_qwen25_05b_shape_and_trainable_count():
+    """The benchmark's Qwen2.5-0.5B shape (on the meta device: no weights): its parameter count, and
+    r=8 on q_proj,v_proj."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from ortlora.build.lora import inject_lora
+    from ortlora.build.tiny import QWEN25_05B_CONFIG
 
-    config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)
     with torch.device("meta"):
-        model = Qwen2ForCausalLM(config)
+        model = Qwen2ForCausalLM(Qwen2Config(**QWEN25_05B_CONFIG))
+    assert sum(p.numel() for p in model.parameters()) == 494_032_768  # Qwen2.5-0.5B, tied embeddings
     names = inject_lora(model, ["q_proj", "v_proj"], 8, 16, 0.0, 0)
     params = dict(model.named_parameters())
     assert sum(params[n].numel() for n in names) == 540_672

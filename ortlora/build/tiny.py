@@ -3,6 +3,10 @@
 Weights are seeded random; the tokenizer is a byte-level BPE trained on the datasets that ship
 with ortlora. Both are saved as an ordinary Hugging Face model directory, so the tiny model goes
 through exactly the loading code a real Qwen2.5 checkpoint does.
+
+The same recipe makes random models of a real model's shape for benchmarks (``SHAPES``): the
+Qwen2.5-0.5B shape has that model's dimensions and 151,936-entry vocabulary, with the tiny
+tokenizer (a tokenizer smaller than the vocabulary is fine, as it is for Qwen2.5 itself).
 """
 
 from __future__ import annotations
@@ -34,6 +38,20 @@ TINY_CONFIG = dict(
     initializer_range=0.2,
 )
 TINY_VOCAB = 512
+
+QWEN25_05B_CONFIG = dict(
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+    tie_word_embeddings=True,
+    vocab_size=151936,
+)
+SHAPES = {"tiny": TINY_CONFIG, "qwen2.5-0.5b": QWEN25_05B_CONFIG}
 
 
 def shipped_texts() -> list[str]:
@@ -70,6 +88,11 @@ def train_tokenizer(vocab_size: int = TINY_VOCAB):
 
 def create_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     """Write the tiny model (config, safetensors weights, tokenizer) to ``out_dir``."""
+    return create_random_model(out_dir, "tiny", seed)
+
+
+def create_random_model(out_dir: Path, shape: str, seed: int = 0) -> Path:
+    """Write a seeded random Qwen2 model of one of ``SHAPES``, with the tiny tokenizer, to ``out_dir``."""
     import torch
     import transformers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -82,15 +105,15 @@ def create_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     config = Qwen2Config(
-        vocab_size=len(tokenizer),
+        **{"vocab_size": len(tokenizer), **SHAPES[shape]},
         bos_token_id=None,
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        **TINY_CONFIG,
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
-    # Random init leaves norm weights at exactly 1; perturb them so tests cannot pass by accident.
+    # Random init leaves norm weights at exactly 1; perturb them so tests cannot pass by accident
+    # (and so the exporter, which merges initializers of equal value, keeps every norm its own).
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
