@@ -155,7 +155,8 @@ def softmax_cross_entropy_loss_grad(node, e: Emitter) -> None:
     """d logits = (softmax - onehot(label)) * dY, zero on ignored rows, / count for 'mean'.
 
     Written as softmax with 1 subtracted at each row's label (ScatterElements), scaled per row:
-    three [N, vocab] tensors, the fewest this takes, since the vocabulary axis is the large one.
+    three [N, vocab] tensors, the fewest d logits itself takes. Where d logits only feeds the LM
+    head's product, head_gradient.py skips it altogether.
     """
     _require(len([i for i in node.input[3:] if i]) == 0, node, "a weight or bias input")
     dy, log_prob = node.input[:2]
