@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ortlora.build.builder import BuildOptions, build
-from ortlora.build.tiny import create_tiny_model
+from ortlora.build.tiny import create_random_model, create_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +33,13 @@ def artifacts_all_linear(tmp_path_factory, tiny_model) -> Path:
     return _build(tmp_path_factory, tiny_model, "all-linear", rank=4, alpha=8.0,
                   targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
                   label_smoothing=0.1)
+
+
+@pytest.fixture(scope="session")
+def artifacts_untied(tmp_path_factory) -> Path:
+    """The tiny model with an LM head of its own (not tied to the embedding), as larger Qwen2.5 models have."""
+    model = create_random_model(tmp_path_factory.mktemp("model") / "tiny-untied", "tiny", seed=0, tie_word_embeddings=False)
+    return _build(tmp_path_factory, model, "untied")
 
 
 @pytest.fixture(scope="session")

@@ -97,6 +97,11 @@ def test_all_linear_with_label_smoothing_matches_peft(artifacts_all_linear, case
     _check_against_peft(artifacts_all_linear, case)
 
 
+@pytest.mark.parametrize("case", ["plain", "ignored"])
+def test_untied_lm_head_matches_peft(artifacts_untied, case):
+    _check_against_peft(artifacts_untied, case)
+
+
 def _check_against_peft(directory, case):
     manifest = Manifest.load(directory)
     for role in ("training_model", "eval_model"):  # spelled out: faster than ORT 1.19's kernels

@@ -79,8 +79,8 @@ def test_a_logit_gradient_read_elsewhere_is_left_alone():
     assert [n.op_type for n in model.graph.node] == before
 
 
-def test_the_default_build_fuses_its_head_gradient(artifacts, artifacts_all_linear):
-    """The default build takes the fused path; label smoothing (a second logit gradient) the generic one."""
+def test_the_default_build_fuses_its_head_gradient(artifacts, artifacts_untied, artifacts_all_linear):
+    """Tied and untied heads take the fused path; label smoothing (a second logit gradient) the generic one."""
     from ortlora.manifest import Manifest
 
     def ops(directory):
@@ -88,4 +88,5 @@ def test_the_default_build_fuses_its_head_gradient(artifacts, artifacts_all_line
         return [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
 
     assert "ScatterElements" not in ops(artifacts)
+    assert "ScatterElements" not in ops(artifacts_untied)
     assert "ScatterElements" in ops(artifacts_all_linear)

@@ -91,8 +91,9 @@ def create_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     return create_random_model(out_dir, "tiny", seed)
 
 
-def create_random_model(out_dir: Path, shape: str, seed: int = 0) -> Path:
-    """Write a seeded random Qwen2 model of one of ``SHAPES``, with the tiny tokenizer, to ``out_dir``."""
+def create_random_model(out_dir: Path, shape: str, seed: int = 0, **overrides) -> Path:
+    """Write a seeded random Qwen2 model of one of ``SHAPES`` (with ``overrides`` of its config), with
+    the tiny tokenizer, to ``out_dir``."""
     import torch
     import transformers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -105,7 +106,7 @@ def create_random_model(out_dir: Path, shape: str, seed: int = 0) -> Path:
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     config = Qwen2Config(
-        **{"vocab_size": len(tokenizer), **SHAPES[shape]},
+        **{"vocab_size": len(tokenizer), **SHAPES[shape], **overrides},
         bos_token_id=None,
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
