@@ -63,6 +63,7 @@ def step_flops(config: dict, lora: dict, batch: int, seq: int, labelled: int) ->
     layer is needed: linear layers cost their forward twice (forward, input gradient), attention
     three times (QK^T and AV forward; four products backward), the LM head twice over the labelled
     positions only, and LoRA's small products three times (forward, input and weight gradients).
+    The last layer's output projection and MLP run at the labelled positions only (export.py).
     """
     h, layers, inter, vocab = config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"], config["vocab_size"]
     heads = config["num_attention_heads"]
@@ -71,11 +72,16 @@ def step_flops(config: dict, lora: dict, batch: int, seq: int, labelled: int) ->
     tokens = batch * seq
     shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
               "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
-    linear = 2 * tokens * sum(i * o for i, o in shapes.values()) * layers
+    before_attention = ("q_proj", "k_proj", "v_proj")
+
+    def rows(name: str) -> int:  # rows a projection runs at, summed over the layers
+        return tokens * layers if name in before_attention else tokens * (layers - 1) + labelled
+
+    linear = 2 * sum(rows(n) * i * o for n, (i, o) in shapes.items())
     attention = 4 * batch * heads * seq * seq * head_dim * layers
     head = 2 * labelled * h * vocab
     targets = shapes if lora["targets"] == ["all-linear"] else {t: shapes[t] for t in lora["targets"]}
-    adapters = 2 * tokens * lora["rank"] * sum(i + o for i, o in targets.values()) * layers
+    adapters = 2 * lora["rank"] * sum(rows(n) * (i + o) for n, (i, o) in targets.items())
     parts = {"linear": 2 * linear, "attention": 3 * attention, "lm_head": 2 * head, "lora": 3 * adapters}
     return {**parts, "total": sum(parts.values())}
 

@@ -10,6 +10,7 @@ weights stay initializers and are folded (pre-transposed) by the exporter. After
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from pathlib import Path
 
@@ -27,12 +28,49 @@ OPSET = 17
 MAX_IR_VERSION = 10  # onnxruntime-training 1.19 loads IR <= 10
 
 
+def _at_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).index_select(0, rows)
+
+
+def _decoder_layer_at_rows(layer: nn.Module, rows: torch.Tensor, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Qwen2's decoder layer with its output computed at ``rows`` (flat batch x sequence indices) only.
+
+    Every position's keys and values still go into the attention, but the output projection, the
+    residual adds and the MLP run at ``rows``, and the result is [rows, hidden].
+    """
+    residual = _at_rows(hidden_states, rows)
+    hook = layer.self_attn.o_proj.register_forward_pre_hook(lambda _, args: (_at_rows(args[0], rows),))
+    try:
+        attention, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
+    finally:
+        hook.remove()
+    hidden = residual + attention
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+@contextlib.contextmanager
+def last_layer_at_rows(decoder: nn.Module, rows: torch.Tensor):
+    """Run ``decoder`` (a Qwen2Model) with its last layer computing its output at ``rows`` only.
+
+    Nothing reads the last layer's output at ignored positions, so its output projection and MLP
+    skip them (the norm after it is per row, so it does not mind). The layer keeps its place in the
+    module tree, so the exported graph keeps its node and weight names.
+    """
+    last = decoder.layers[-1]
+    last.forward = functools.partial(_decoder_layer_at_rows, last, rows)
+    try:
+        yield decoder
+    finally:
+        del last.forward
+
+
 class CausalLMLoss(nn.Module):
     """Mean next-token cross-entropy over positions whose (already shifted) label is not ignored.
 
-    Hidden states are gathered at labelled positions *before* the LM head, so ignored positions
-    (padding, masked prompts) cost no vocabulary projection and no softmax. With label smoothing e
-    the loss is (1 - e) * nll + e * mean_over_vocab(-log p), as torch.nn.functional.cross_entropy.
+    Ignored positions (padding, masked prompts) cost no vocabulary projection and no softmax: hidden
+    states are gathered at labelled positions before the LM head, and in the last layer already
+    after the attention (``last_layer_at_rows``). With label smoothing e the loss is
+    (1 - e) * nll + e * mean_over_vocab(-log p), as torch.nn.functional.cross_entropy.
     """
 
     def __init__(self, model: nn.Module, lora_names: list[str], label_smoothing: float):
@@ -42,11 +80,12 @@ class CausalLMLoss(nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(self, input_ids, attention_mask, labels, *lora):
-        with external_lora_weights(self.model, dict(zip(self.lora_names, lora))):
-            hidden = self.model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         flat_labels = labels.reshape(-1)
         keep = torch.nonzero(flat_labels != IGNORE_INDEX).squeeze(1)
-        logits = self.model.lm_head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep))
+        with external_lora_weights(self.model, dict(zip(self.lora_names, lora))), \
+                last_layer_at_rows(self.model.model, keep) as decoder:
+            rows = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        logits = self.model.lm_head(rows)
         targets = flat_labels.index_select(0, keep)
         loss = F.cross_entropy(logits, targets)
         if self.label_smoothing > 0:
