@@ -1,4 +1,4 @@
-"""Hugging Face weight files without torch: hashing, and safetensors in any float dtype.
+"""Weight files without torch: hashing, safetensors in any float dtype, and the frozen weights file.
 
 safetensors' numpy API cannot hold bfloat16, the dtype most Qwen2.5 checkpoints are stored in, so
 reading and writing go through the file format itself (an 8-byte header length, a JSON header,
@@ -83,3 +83,11 @@ def to_float32(dtype: str, array: np.ndarray) -> np.ndarray:
 
 def from_float32(dtype: str, values: np.ndarray) -> np.ndarray:
     return f32_to_bf16(values) if dtype == "BF16" else values.astype(NUMPY_DTYPES[dtype])
+
+
+def map_layout(path: Path, layout: dict[str, dict]) -> dict[str, np.ndarray]:
+    """Map ``path`` read-only; the array of every weight in ``layout`` (name -> dtype, shape, offset,
+    length in bytes), as the manifest describes frozen_weights.bin."""
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    return {name: data[p["offset"]: p["offset"] + p["length"]].view(p["dtype"]).reshape(p["shape"])
+            for name, p in layout.items()}

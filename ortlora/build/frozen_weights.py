@@ -14,9 +14,10 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from ortlora.weights import map_layout
 
 FROZEN_WEIGHTS = "frozen_weights.bin"
 PAGE = 4096
@@ -68,13 +69,9 @@ def attach(model: onnx.ModelProto, references: dict[str, TensorProto]) -> int:
 
 def index(references: dict[str, TensorProto], directory: Path) -> dict[tuple, str]:
     """(content digest, dtype, dims) -> name for every frozen weight in the file (see ``reuse``)."""
-    data = np.memmap(Path(directory) / FROZEN_WEIGHTS, dtype=np.uint8, mode="r")
-    result = {}
-    for name, reference in references.items():
-        place = {entry.key: int(entry.value) for entry in reference.external_data if entry.key != "location"}
-        content = data[place["offset"]: place["offset"] + place["length"]]
-        result[(hashlib.sha1(content).digest(), reference.data_type, tuple(reference.dims))] = name
-    return result
+    arrays = map_layout(Path(directory) / FROZEN_WEIGHTS, layout(references))
+    return {(hashlib.sha1(arrays[name]).digest(), reference.data_type, tuple(reference.dims)): name
+            for name, reference in references.items()}
 
 
 def reuse(model: onnx.ModelProto, references: dict[str, TensorProto], by_content: dict[tuple, str]) -> int:

@@ -16,15 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from ortlora.manifest import Manifest
+from ortlora.weights import map_layout
 
 
 def map_frozen_weights(artifacts: Path, manifest: Manifest) -> dict[str, np.ndarray]:
     """Every frozen weight by name, as a read-only array over the mapped file (empty for older builds)."""
     if not manifest.frozen:
         return {}
-    data = np.memmap(Path(artifacts) / manifest.files["frozen_weights"], dtype=np.uint8, mode="r")
-    return {name: data[p["offset"]: p["offset"] + p["length"]].view(p["dtype"]).reshape(p["shape"])
-            for name, p in manifest.frozen.items()}
+    return map_layout(Path(artifacts) / manifest.files["frozen_weights"], manifest.frozen)
 
 
 def share_with(options, weights: dict[str, np.ndarray]) -> list:
