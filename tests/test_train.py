@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 from ortlora.manifest import Manifest
 from ortlora.runtime import cli as train_cli
 from ortlora.runtime.backend import OrtTrainingBackend
-from ortlora.runtime.checkpoint import load_adapter
+from ortlora.runtime.checkpoint import find_checkpoint, load_adapter
 from tests.reference import peft_model, random_weights, rel_err
 
 FAST = ["--no-progress", "--no-plot", "--batch-size", "4"]
@@ -205,12 +205,20 @@ def test_nan_loss_stops_and_keeps_last_good_weights(artifacts, tmp_path, monkeyp
         return "ort-training", holder["backend"]
 
     monkeypatch.setattr(train_cli, "make_backend", make)
-    assert train(artifacts, tmp_path / "run", "--max-steps", "5", "--lr", "1e-2") == 2
+    assert train(artifacts, tmp_path / "run", "--max-steps", "5", "--lr", "1e-2", "--schedule", "constant") == 2
     assert "step 4: the loss became nan" in capsys.readouterr().err
-    saved = load_adapter(tmp_path / "run" / "checkpoint-3", Manifest.load(artifacts))
-    now = holder["backend"].weights()
+    # Step 3's loss was finite, so the weights before update 3 are good; those after it are suspect.
+    manifest = Manifest.load(artifacts)
+    saved = load_adapter(tmp_path / "run" / "checkpoint-2", manifest)
+    assert find_checkpoint(tmp_path / "run").name == "checkpoint-2"
+    monkeypatch.undo()
+    assert train(artifacts, tmp_path / "clean", "--max-steps", "2", "--lr", "1e-2", "--schedule", "constant") == 0
+    clean = load_adapter(tmp_path / "clean" / "checkpoint-2", manifest)
+    now = holder["backend"].weights()  # rolled back too
     for name in saved:
+        np.testing.assert_array_equal(saved[name], clean[name])
         np.testing.assert_array_equal(saved[name], now[name])
+    monkeypatch.setattr(train_cli, "make_backend", make)
     assert train(artifacts, tmp_path / "skip", "--max-steps", "5", "--on-nan", "skip") == 0
     assert json.loads((tmp_path / "skip" / "summary.json").read_text())["skipped_steps"] == 2
 

@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,8 @@ from pathlib import Path
 from ortlora.build import frozen_weights, portable_graph, training_artifacts
 from ortlora.build.model_dir import TOKENIZER_FILES, check_model_dir
 from ortlora.errors import OrtloraError
-from ortlora.manifest import PEFT_PREFIX, LoraParameter, Manifest
+from ortlora.manifest import MANIFEST_NAME, PEFT_PREFIX, LoraParameter, Manifest
+from ortlora.output_dirs import check_output_dir, replace_dir, staging_dir
 from ortlora.weights import weights_sha256
 
 INFERENCE_MODEL = "inference_model.onnx"
@@ -54,11 +54,10 @@ class Stages:
         self.echo(f"      done in {self.times[name]:.1f} s", flush=True)
 
 
-def check_out_dir(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OrtloraError(f"--out {out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise OrtloraError(f"--out {out_dir} already holds files; pass --force to replace them")
+def check_out_dir(out_dir: Path, force: bool, model_dir: Path | None = None) -> None:
+    """Refuse an --out that --force may not replace (output_dirs.check_output_dir), before any work."""
+    check_output_dir(out_dir, flag="--force", replace=force, markers=(MANIFEST_NAME,), what="ortlora-build",
+                     reads=[model_dir] if model_dir else [])
 
 
 def check_training_build() -> None:
@@ -79,19 +78,13 @@ def build(options: BuildOptions, echo=print) -> Manifest:
     A build that fails leaves ``out_dir`` as it was: nothing half-written carries a manifest.
     """
     config = check_model_dir(options.model_dir)
-    check_out_dir(options.out_dir, options.force)
+    check_out_dir(options.out_dir, options.force, options.model_dir)
     check_training_build()
     if not 0.0 <= options.label_smoothing < 1.0:
         raise OrtloraError(f"--label-smoothing must be in [0, 1), got {options.label_smoothing}")
-    options.out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{options.out_dir.name}.partial-", dir=options.out_dir.parent))
-    try:
+    with staging_dir(options.out_dir) as staging:
         manifest = _build_into(staging, config, options, echo)
-        if options.out_dir.exists():
-            shutil.rmtree(options.out_dir)
-        staging.rename(options.out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        replace_dir(staging, options.out_dir)
     return manifest
 
 

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 import time
 from pathlib import Path
 
-from ortlora.errors import OrtloraError, cli_entry
+from ortlora.errors import OrtloraError, add_debug_argument, cli_entry
+from ortlora.output_dirs import remove_stale_temp, temp_prefix
+
+TINY_TEMP = "ortlora-tiny"  # the tiny model is made in a temporary directory of this name
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="ortlora-build",
+        allow_abbrev=False,
         description="Inject LoRA into a Qwen2/Qwen2.5 model, export it to ONNX with a causal-LM loss "
         "and generate ONNX Runtime training artifacts in which only the LoRA weights are trainable.",
     )
@@ -24,12 +29,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; scaling = alpha / rank (default: 16)")
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input, training only (default: 0)")
     parser.add_argument("--targets", default="q_proj,v_proj",
-                        help="comma-separated projections (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj) or all-linear")
+                        help="comma-separated projections (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj) "
+                        "or all-linear (default: q_proj,v_proj)")
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the loss (default: 0)")
     parser.add_argument("--seed", type=int, default=0, help="seed for LoRA A initialisation and the tiny model (default: 0)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the export (default: all cores)")
-    parser.add_argument("--force", action="store_true", help="replace an existing artifact directory")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing artifact directory (only one that ortlora-build wrote)")
+    add_debug_argument(parser)
     return parser.parse_args(argv)
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Refuse option values no build can use (NaN and infinity included), in one line."""
+    if args.rank <= 0:
+        raise OrtloraError(f"--rank must be a positive integer, got {args.rank}")
+    if not math.isfinite(args.alpha) or args.alpha <= 0:
+        raise OrtloraError(f"--alpha must be a positive number, got {args.alpha}")
+    if not 0.0 <= args.dropout < 1.0:  # False for NaN too
+        raise OrtloraError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if not 0.0 <= args.label_smoothing < 1.0:
+        raise OrtloraError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    if args.seed < 0:
+        raise OrtloraError(f"--seed must be 0 or more, got {args.seed}")
+    if args.threads is not None and args.threads <= 0:
+        raise OrtloraError(f"--threads must be positive, got {args.threads}")
 
 
 @cli_entry
@@ -39,15 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     from ortlora.build.lora import parse_targets
 
     targets = tuple(parse_targets(args.targets))
-    if args.rank <= 0:
-        raise OrtloraError(f"--rank must be a positive integer, got {args.rank}")
-    check_out_dir(args.out, args.force)  # fail before any slow work
+    check_numbers(args)
+    check_out_dir(args.out, args.force, args.model)  # fail before any slow work
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="ortlora-tiny-") as tmp:
+    remove_stale_temp(TINY_TEMP)  # the tiny models of builds that were killed
+    with tempfile.TemporaryDirectory(prefix=temp_prefix(TINY_TEMP)) as tmp:
         model_dir = args.model
         if args.tiny:
             from ortlora.build.tiny import create_tiny_model

@@ -7,11 +7,12 @@ import importlib.util
 import json
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
-from ortlora.errors import OrtloraError, cli_entry
+from ortlora import __version__
+from ortlora.errors import OrtloraError, add_debug_argument, cli_entry
 from ortlora.manifest import Manifest
+from ortlora.output_dirs import EXPORT_MARKER, check_output_dir, replace_dir, staging_dir
 from ortlora.runtime.checkpoint import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -31,7 +32,7 @@ def parse_size(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="ortlora-export", description=__doc__)
+    parser = argparse.ArgumentParser(prog="ortlora-export", description=__doc__, allow_abbrev=False)
     parser.add_argument("--artifacts", type=Path, default=Path("artifacts/tiny"), help="the artifact directory the adapter was trained on")
     parser.add_argument("--adapter", type=Path, required=True, help="a checkpoint, a run directory (its latest checkpoint) or a PEFT adapter directory")
     parser.add_argument("--to", choices=TARGETS, required=True,
@@ -41,25 +42,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--base", type=Path, default=None, help="the base model directory (default: the one the artifacts were built from)")
     parser.add_argument("--max-shard-size", default="2GB", help="merged: largest safetensors file (default: 2GB)")
     parser.add_argument("--ort-format", action="store_true", help="onnx: also write model.ort, the format of ONNX Runtime's mobile builds")
-    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing output directory (only one that ortlora-export wrote)")
+    add_debug_argument(parser)
     return parser.parse_args(argv)
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_output_dir(args.out, flag="--force", replace=args.force, markers=(EXPORT_MARKER,), what="ortlora-export",
+                     reads=[p for p in (args.artifacts, args.adapter, args.base) if p is not None])
     manifest = Manifest.load(args.artifacts)
     adapter_dir = find_checkpoint(args.adapter)
     weights = load_adapter(adapter_dir, manifest)  # wrong model, rank or shapes: an error listing them
-    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.force:
-        raise OrtloraError(f"--out {args.out} already holds files; pass --force to replace them")
     max_shard = parse_size(args.max_shard_size)
     if args.to == "onnx" and not all(importlib.util.find_spec(m) for m in ("torch", "transformers", "onnx")):
         raise OrtloraError("--to onnx exports with torch and transformers: pip install \"ortlora[build]\"")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.partial-", dir=args.out.parent))
-    try:  # everything is written beside --out and moved into place at the end: a failure writes nothing
+    # Everything is written beside --out and moved into place at the end: a failure writes nothing.
+    with staging_dir(args.out) as staging:
         if args.to == "peft":
             base = base_model_or_none(args, manifest)
             shutil.copy2(adapter_dir / ADAPTER_WEIGHTS, staging / ADAPTER_WEIGHTS)
@@ -80,11 +82,10 @@ def main(argv: list[str] | None = None) -> int:
                 from ortlora.build import merged_onnx
 
                 summary = merged_onnx.export(base, manifest, weights, staging, args.artifacts, args.ort_format)
-        if args.out.exists():
-            shutil.rmtree(args.out)
-        staging.rename(args.out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        marker = {"to": args.to, "adapter": str(adapter_dir.resolve()), "artifacts": str(args.artifacts.resolve()),
+                  "artifact_id": manifest.artifact_id, "ortlora": __version__}
+        (staging / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        replace_dir(staging, args.out)
     print(f"wrote {args.out}: {summary} from {adapter_dir}")
     return 0
 

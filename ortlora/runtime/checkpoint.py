@@ -8,13 +8,13 @@ RUN/checkpoint-STEP/
 
 The directory is written under a temporary name and renamed into place, so a kill at any
 moment leaves every earlier checkpoint intact and never a half-written one under a final name.
+The run's record (run_dir.py) then names it as the run's latest checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -24,12 +24,13 @@ import numpy as np
 
 from ortlora.errors import OrtloraError
 from ortlora.manifest import Manifest
+from ortlora.output_dirs import replace_dir
+from ortlora.runtime.run_dir import latest_checkpoint, record_latest
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 OPTIMIZER_STATE = "optimizer.safetensors"
 TRAINER_STATE = "trainer_state.json"
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 def adapter_config(manifest: Manifest, base_model: str) -> dict:
@@ -86,14 +87,9 @@ def save_checkpoint(
             with file.open("rb") as f:
                 os.fsync(f.fileno())
         _fsync_dir(tmp)
-        if final.exists():  # an earlier run's checkpoint of the same step: move it aside, then drop it
-            old = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.old-", dir=run_dir))
-            final.rename(old / final.name)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
+        replace_dir(tmp, final)  # an abandoned branch's checkpoint of the same step is replaced
         _fsync_dir(run_dir)
+        record_latest(run_dir, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
@@ -105,10 +101,10 @@ def find_checkpoint(path: Path) -> Path:
         return path
     if not path.is_dir():
         raise OrtloraError(f"{path} does not exist")
-    steps = sorted((int(m.group(1)), p) for p in path.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and (p / ADAPTER_WEIGHTS).is_file())
-    if not steps:
+    latest = latest_checkpoint(path)
+    if latest is None:
         raise OrtloraError(f"{path} holds no checkpoint (checkpoint-STEP/{ADAPTER_WEIGHTS})")
-    return steps[-1][1]
+    return latest
 
 
 def load_adapter(directory: Path, manifest: Manifest) -> dict[str, np.ndarray]:

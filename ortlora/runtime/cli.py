@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
 import time
 from importlib import resources
@@ -11,31 +13,41 @@ from pathlib import Path
 
 import numpy as np
 
-from ortlora.errors import OrtloraError, cli_entry
+from ortlora.errors import OrtloraError, add_debug_argument, cli_entry
 from ortlora.manifest import Manifest
+from ortlora.output_dirs import remove_stale_temp
 from ortlora.runtime import config as cfg
-from ortlora.runtime.checkpoint import (
-    CHECKPOINT_RE,
-    TRAINER_STATE,
-    find_checkpoint,
-    load_adapter,
-)
+from ortlora.runtime.checkpoint import TRAINER_STATE, find_checkpoint, load_adapter
 from ortlora.runtime.data import load_jsonl, pack
 from ortlora.runtime.report import JsonlLog, ProgressBar, format_step, plot_losses
+from ortlora.runtime.run_dir import RUN_STATE, RunDir, check_run_dir, record_latest, write_json
 from ortlora.runtime.tokenizer import Tokenizer
-from ortlora.runtime.trainer import Trainer
+from ortlora.runtime.trainer import Trainer, TrainingStopped, plan_steps
 
-BUILTIN = "builtin:"
+BUILTIN = cfg.BUILTIN
+PROFILE_TEMP = "ortlora-profile"  # session_backend's first-step profiles, named ortlora-profile-<pid>_...
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="ortlora-train",
         description="Train LoRA weights on ONNX Runtime from an ortlora-build artifact directory.",
+        allow_abbrev=False,
     )
     parser.add_argument("--config", type=Path, help="TOML file of settings (the command line wins over it)")
     cfg.add_arguments(parser)
+    add_debug_argument(parser)
     return parser.parse_args(argv)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise OrtloraError(f"{path} is damaged ({e}); resume from another checkpoint") from None
+    if not isinstance(data, dict):
+        raise OrtloraError(f"{path} is damaged (not a JSON object); resume from another checkpoint")
+    return data
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[cfg.TrainConfig, Path | None]:
@@ -44,13 +56,19 @@ def resolve_config(args: argparse.Namespace) -> tuple[cfg.TrainConfig, Path | No
     base, resume_from = cfg.TrainConfig(), None
     if given.get("resume"):
         resume_from = find_checkpoint(Path(given["resume"]))
-        saved = json.loads((resume_from / TRAINER_STATE).read_text())["config"] if (resume_from / TRAINER_STATE).is_file() else {}
-        base = cfg.from_mapping({k: v for k, v in saved.items() if k not in ("resume", "init_adapter")}, str(resume_from))
+        state = resume_from / TRAINER_STATE
+        saved = read_json(state).get("config", {}) if state.is_file() else {}
+        # --overwrite is the user's word for this command, never inherited from the run resumed.
+        base = cfg.from_mapping({k: v for k, v in saved.items() if k not in ("resume", "init_adapter", "overwrite")},
+                                str(state))
         if "out" not in given:
             base.out = str(resume_from.parent)
+        if "epochs" in given and "max_steps" not in given:
+            base.max_steps = None  # --epochs on a resume sets the length, whatever the run had
     if args.config:
         base = cfg.load_toml(args.config, base)
     config = cfg.from_mapping(given, "command line", base)
+    cfg.check_together(config)
     return config, resume_from
 
 
@@ -64,17 +82,14 @@ def data_path(spec: str, split: str) -> Path:
     return Path(spec)
 
 
-def check_values(c: cfg.TrainConfig) -> None:
-    for name in ("batch_size", "grad_accum", "max_seq_len", "epochs", "log_every"):
-        if getattr(c, name) <= 0:
-            raise OrtloraError(f"--{name.replace('_', '-')} must be positive, got {getattr(c, name)}")
-    for name in ("max_steps", "eval_batches"):
-        if getattr(c, name) is not None and getattr(c, name) <= 0:
-            raise OrtloraError(f"--{name.replace('_', '-')} must be positive, got {getattr(c, name)}")
-    if not 0.0 <= c.eval_split < 1.0:
-        raise OrtloraError(f"--eval-split must be in [0, 1), got {c.eval_split}")
-    if c.lr <= 0 or c.min_lr < 0 or c.min_lr > c.lr:
-        raise OrtloraError(f"need 0 <= --min-lr <= --lr and --lr > 0, got lr {c.lr}, min-lr {c.min_lr}")
+def context_length(artifacts: Path, manifest: Manifest) -> int | None:
+    """The model's max_position_embeddings, from the config.json the build copied."""
+    path = artifacts / manifest.files["config"]
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        raise OrtloraError(f"{path} is damaged; rebuild the artifacts") from None
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def make_backend(c: cfg.TrainConfig, artifacts: Path, manifest: Manifest):
@@ -92,27 +107,8 @@ def make_backend(c: cfg.TrainConfig, artifacts: Path, manifest: Manifest):
     return name, OrtSessionBackend(artifacts, manifest, ep=c.ep, threads=c.threads)
 
 
-def prepare_run_dir(c: cfg.TrainConfig, artifacts: Path, resuming: bool) -> Path:
-    run_dir = Path(c.out) if c.out else Path("runs") / f"{artifacts.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if run_dir.is_dir() and not resuming and not c.overwrite:
-        if any(CHECKPOINT_RE.match(p.name) for p in run_dir.iterdir()):
-            raise OrtloraError(f"{run_dir} already holds checkpoints; continue it with --resume {run_dir}, "
-                               "or pass --overwrite, or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    c.out = str(run_dir)
-    return run_dir
-
-
-@cli_entry
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    c, resume_from = resolve_config(args)
-    check_values(c)
-    artifacts = Path(c.artifacts)
-    manifest = Manifest.load(artifacts)
-    base_model = str(manifest.base_model_dir(artifacts).resolve())
-
-    tokenizer = Tokenizer(artifacts)
+def load_data(c: cfg.TrainConfig, tokenizer: Tokenizer) -> tuple[list, list, list[str]]:
+    """Training and evaluation examples, and lines that say what was loaded."""
     train, report = load_jsonl(data_path(c.data, "train"), tokenizer, c.max_seq_len, c.on_bad_data)
     messages = [report.summary()] + report.skipped[:5]
     evaluation = []
@@ -121,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         evaluation, eval_report = load_jsonl(eval_file, tokenizer, c.max_seq_len, c.on_bad_data)
         messages.append("eval: " + eval_report.summary())
     elif c.eval_split:
+        if len(train) < 2:
+            raise OrtloraError(f"--eval-split needs at least 2 training examples to hold some out, {c.data} has {len(train)}")
         order = np.random.default_rng(c.seed).permutation(len(train))
-        n_eval = max(1, int(len(train) * c.eval_split))
+        n_eval = min(len(train) - 1, max(1, int(len(train) * c.eval_split)))
         evaluation = [train[i] for i in sorted(order[:n_eval])]
         train = [train[i] for i in sorted(order[n_eval:])]
         messages.append(f"eval: {len(evaluation)} examples held out of the training data")
@@ -130,9 +128,79 @@ def main(argv: list[str] | None = None) -> int:
         n = len(train)
         train = pack(train, c.max_seq_len)
         messages.append(f"packed {n} examples into {len(train)} sequences")
+    return train, evaluation, messages
 
+
+@contextlib.contextmanager
+def stop_at_step_boundary(trainer: Trainer):
+    """Ctrl-C or SIGTERM asks the trainer to save and stop after the step in progress; a second one
+    stops at once (losing the steps since the last checkpoint)."""
+
+    def handler(signum, frame):
+        trainer.stop_requested = signal.Signals(signum).name
+        signal.signal(signum, previous[signum])
+        print(f"\n{trainer.stop_requested}: saving a checkpoint after this step (again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    c, resume_from = resolve_config(args)
+    artifacts = Path(c.artifacts)
+    run_path = Path(c.out) if c.out else Path("runs") / f"{artifacts.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    reads = [artifacts] + [Path(p) for p in (c.data, c.eval_data, c.init_adapter) if p and not p.startswith(BUILTIN)]
+    same_run = check_run_dir(run_path, resuming_from=resume_from, overwrite=c.overwrite, reads=reads)
+    manifest = Manifest.load(artifacts)
+    base_model = str(manifest.base_model_dir(artifacts).resolve())
+    print(f"ortlora-train: {artifacts} (base model {base_model}; LoRA r={manifest.lora['rank']} on "
+          f"{', '.join(manifest.lora['targets'])}), data {c.data}", flush=True)
+    limit = context_length(artifacts, manifest)
+    if limit and c.max_seq_len > limit:
+        raise OrtloraError(f"--max-seq-len {c.max_seq_len} is longer than the model's context "
+                           f"(max_position_embeddings {limit}); pass at most {limit}")
+
+    tokenizer = Tokenizer(artifacts)
+    train, evaluation, messages = load_data(c, tokenizer)
+    _, _, total = plan_steps(len(train), c)
+    done = read_json(resume_from / TRAINER_STATE)["position"]["step"] if resume_from else 0
+    if resume_from and done >= total:
+        print(f"{resume_from} has done all {total} steps of its run; nothing to do "
+              f"(pass a larger --max-steps or --epochs to train further)")
+        return 0
+
+    remove_stale_temp(PROFILE_TEMP)
+    run = RunDir(run_path)  # locked until the process ends
+    try:
+        if c.overwrite and not same_run:
+            run.start_over()
+        if resume_from:
+            abandoned = run.continue_from(resume_from, done)
+            if abandoned:
+                messages.append(f"{', '.join(abandoned)} in {run_path} come from the run abandoned at "
+                                f"{resume_from.name}; the latest checkpoint is now the one this run writes last")
+        elif not (run_path / RUN_STATE).is_file():
+            record_latest(run_path, None)
+        if run.removed_leftovers:
+            messages.append(f"removed {run.removed_leftovers} half-written entries left in {run_path} by a killed run")
+        return train_in(run_path, c, artifacts, manifest, base_model, tokenizer, train, evaluation, messages, resume_from)
+    finally:
+        run.close()
+
+
+def train_in(run_dir: Path, c: cfg.TrainConfig, artifacts: Path, manifest: Manifest, base_model: str,
+             tokenizer: Tokenizer, train: list, evaluation: list, messages: list[str], resume_from: Path | None) -> int:
     backend_name, backend = make_backend(c, artifacts, manifest)
-    run_dir = prepare_run_dir(c, artifacts, resuming=resume_from is not None)
+    c.out = str(run_dir)
     log = JsonlLog(run_dir / "log.jsonl", append=resume_from is not None)
     trainer = Trainer(c, manifest, backend, train, evaluation, tokenizer.pad_id, run_dir, base_model)
     if c.init_adapter and not resume_from:
@@ -141,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     if resume_from:
         trainer.restore(resume_from)
         messages.append(f"resumed from {resume_from} at step {trainer.position.step}")
-    (run_dir / "config.json").write_text(json.dumps(c.to_dict(), indent=2) + "\n")
+    write_json(run_dir / "config.json", c.with_absolute_paths().to_dict())
 
     interactive = c.progress and sys.stderr.isatty()
     bar = ProgressBar(trainer.total_steps, trainer.position.step, enabled=interactive)
@@ -150,12 +218,18 @@ def main(argv: list[str] | None = None) -> int:
         every = max(1, trainer.total_steps // 20)
         trainer.callbacks.append(lambda r: print(format_step(r), flush=True)
                                  if r["kind"] == "train" and (r["step"] % every == 0 or r["step"] == r["total_steps"]) else None)
-    print(f"ortlora-train: {manifest.counts['trainable']:,} LoRA parameters, {trainer.total_steps} steps "
+    print(f"  {manifest.counts['trainable']:,} LoRA parameters, {trainer.total_steps} steps "
           f"({trainer.steps_per_epoch} per epoch), backend {backend_name} on {c.ep}, run {run_dir}")
     for line in messages:
         print("  " + line)
     try:
-        summary = trainer.train()
+        with stop_at_step_boundary(trainer):
+            summary = trainer.train()
+    except TrainingStopped as stop:
+        bar.close()
+        print(f"stopped at step {stop.step} of {stop.total}; saved {stop.checkpoint}; continue with: "
+              f"ortlora-train --resume {run_dir}", file=sys.stderr)
+        return 130
     finally:
         bar.close()
         log.close()
@@ -164,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         print("nodes run per execution provider: " + ", ".join(f"{ep} {n}" for ep, n in backend.placement.items()))
     if c.plot and plot_losses(run_dir / "log.jsonl", run_dir / "loss.png"):
         summary["loss_curve"] = str(run_dir / "loss.png")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(run_dir / "summary.json", summary)
     eval_text = f", eval loss {summary['eval_loss']:.4f} (perplexity {summary['eval_perplexity']:.2f})" if summary["eval_loss"] is not None else ""
     print(f"done: {summary['steps']} steps, {summary['trained_tokens']:,} trained tokens in {summary['wall_seconds']:.1f} s "
           f"({summary['tokens_per_s']:,.0f} tok/s), train loss {summary['train_loss']:.4f}{eval_text}, "

@@ -1,13 +1,16 @@
 """Training settings: defaults < saved run config (on resume) < TOML file < command line.
 
-Every field carries its help text; the command line is generated from the fields, and unknown
-keys or wrong types in a config file are refused, not ignored.
+Every field carries its help text and the range of values it accepts; the command line is generated
+from the fields, and unknown keys, wrong types and values out of range (NaN included) are refused in
+one line, not ignored. Paths in a TOML file are taken relative to that file.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,58 +21,81 @@ from ortlora.runtime.backend import PROVIDERS
 
 BACKENDS = ("auto", "ort-training", "ort-session")
 EPS = tuple(PROVIDERS)
+BUILTIN = "builtin:"
+
+# Ranges, as (test, what the message says). Every float must also be finite.
+POSITIVE = (lambda v: v > 0, "positive")
+NON_NEGATIVE = (lambda v: v >= 0, "0 or more")
+FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
 
 
-def _f(default, help: str, choices=None, **kw):
-    return field(default=default, metadata={"help": help, "choices": choices, **kw})
+def _f(default, help: str, choices=None, valid=None, path=False):
+    return field(default=default, metadata={"help": help, "choices": choices, "valid": valid, "path": path})
 
 
 @dataclass
 class TrainConfig:
-    artifacts: str = _f("artifacts/tiny", "artifact directory made by ortlora-build")
-    data: str = _f("builtin:chat", "training data (JSON Lines), or builtin:chat|completions|text for the shipped sets")
-    eval_data: str | None = _f(None, "evaluation data; builtin data comes with its own validation split")
-    eval_split: float = _f(0.0, "hold out this fraction of the training data for evaluation when no --eval-data")
-    out: str | None = _f(None, "run directory: checkpoints, log, config, summary, loss curve (default: runs/NAME-TIME)")
-    overwrite: bool = _f(False, "allow --out to be a directory that already holds checkpoints")
+    artifacts: str = _f("artifacts/tiny", "artifact directory made by ortlora-build", path=True)
+    data: str = _f("builtin:chat", "training data (JSON Lines), or builtin:chat|completions|text for the shipped sets",
+                   path=True)
+    eval_data: str | None = _f(None, "evaluation data; builtin data comes with its own validation split", path=True)
+    eval_split: float = _f(0.0, "hold out this fraction of the training data for evaluation when no --eval-data",
+                           valid=FRACTION)
+    out: str | None = _f(None, "run directory: checkpoints, log, config, summary, loss curve (default: runs/NAME-TIME)",
+                         path=True)
+    overwrite: bool = _f(False, "start --out over when it holds an earlier run: its checkpoints and files are removed")
     backend: str = _f("auto", "ort-training: ORT's training API (onnxruntime-training, cpu/cuda); ort-session: the "
                       "portable training graph on any onnxruntime and provider; auto: the first that fits", choices=BACKENDS)
     ep: str = _f("cpu", "execution provider (the CPU provider runs what an accelerator does not take)", choices=EPS)
-    threads: int | None = _f(None, "intra-op threads (default: ONNX Runtime's choice, all cores)")
-    epochs: int = _f(1, "passes over the training data (ignored when --max-steps is set)")
-    max_steps: int | None = _f(None, "optimizer steps to train; overrides --epochs")
-    batch_size: int = _f(8, "examples per micro-batch")
-    grad_accum: int = _f(1, "micro-batches per optimizer step (gradient accumulation)")
-    max_seq_len: int = _f(512, "longer examples are truncated (and counted)")
+    threads: int | None = _f(None, "intra-op threads (default: ONNX Runtime's choice, all cores)", valid=POSITIVE)
+    epochs: int = _f(1, "passes over the training data (ignored when --max-steps is set)", valid=POSITIVE)
+    max_steps: int | None = _f(None, "optimizer steps to train; overrides --epochs", valid=POSITIVE)
+    batch_size: int = _f(8, "examples per micro-batch", valid=POSITIVE)
+    grad_accum: int = _f(1, "micro-batches per optimizer step (gradient accumulation)", valid=POSITIVE)
+    max_seq_len: int = _f(512, "longer examples are truncated (and counted); at most the model's context length",
+                          valid=POSITIVE)
     pack: bool = _f(False, "pack short examples into sequences of up to --max-seq-len tokens")
     shuffle: bool = _f(True, "shuffle the training data each epoch")
-    seed: int = _f(0, "seed for data order and the evaluation split")
-    lr: float = _f(2e-4, "peak learning rate")
+    seed: int = _f(0, "seed for data order and the evaluation split", valid=NON_NEGATIVE)
+    lr: float = _f(2e-4, "peak learning rate", valid=POSITIVE)
     schedule: str = _f("cosine", "learning-rate schedule", choices=("constant", "linear", "cosine", "warmup-cosine"))
-    warmup_steps: int = _f(0, "linear warmup steps (warmup-cosine defaults to 10%% of the steps)")
-    min_lr: float = _f(0.0, "final learning rate of the linear and cosine schedules")
-    weight_decay: float = _f(0.01, "AdamW decoupled weight decay")
-    beta1: float = _f(0.9, "AdamW beta1")
-    beta2: float = _f(0.999, "AdamW beta2")
-    adam_eps: float = _f(1e-8, "AdamW epsilon")
-    max_grad_norm: float | None = _f(1.0, "clip gradients to this global norm (0: no clipping)")
-    eval_every: int = _f(0, "evaluate every N optimizer steps (0: at the end only)")
-    eval_batches: int | None = _f(None, "evaluate on at most this many batches")
-    save_every: int = _f(0, "save a checkpoint every N optimizer steps (one is always saved at the end)")
-    log_every: int = _f(1, "write a log line every N optimizer steps")
+    warmup_steps: int = _f(0, "linear warmup steps (warmup-cosine defaults to 10%% of the steps)", valid=NON_NEGATIVE)
+    min_lr: float = _f(0.0, "final learning rate of the linear and cosine schedules", valid=NON_NEGATIVE)
+    weight_decay: float = _f(0.01, "AdamW decoupled weight decay", valid=NON_NEGATIVE)
+    beta1: float = _f(0.9, "AdamW beta1", valid=FRACTION)
+    beta2: float = _f(0.999, "AdamW beta2", valid=FRACTION)
+    adam_eps: float = _f(1e-8, "AdamW epsilon", valid=POSITIVE)
+    max_grad_norm: float | None = _f(1.0, "clip gradients to this global norm (0: no clipping)", valid=NON_NEGATIVE)
+    eval_every: int = _f(0, "evaluate every N optimizer steps (0: at the end only)", valid=NON_NEGATIVE)
+    eval_batches: int | None = _f(None, "evaluate on at most this many batches", valid=POSITIVE)
+    save_every: int = _f(0, "save a checkpoint every N optimizer steps (one is always saved at the end)",
+                         valid=NON_NEGATIVE)
+    log_every: int = _f(1, "write a log line every N optimizer steps", valid=POSITIVE)
     on_bad_data: str = _f("stop", "a malformed data line: stop, or skip it and count it", choices=("stop", "skip"))
     on_nan: str = _f("stop", "a NaN/inf loss: stop (keeping the last checkpoint), or skip the step", choices=("stop", "skip"))
-    resume: str | None = _f(None, "continue a run: a run directory (its latest checkpoint) or a checkpoint directory")
-    init_adapter: str | None = _f(None, "start from an existing PEFT adapter directory")
+    resume: str | None = _f(None, "continue a run: a run directory (its latest checkpoint) or a checkpoint directory",
+                            path=True)
+    init_adapter: str | None = _f(None, "start from an existing PEFT adapter directory", path=True)
     plot: bool = _f(True, "write a loss-curve PNG into the run directory")
     progress: bool = _f(True, "show a progress bar")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def with_absolute_paths(self) -> "TrainConfig":
+        """The same settings with every path absolute: a saved config then works from any directory."""
+        return dataclasses.replace(self, **{name: _absolute(getattr(self, name)) for name in PATH_FIELDS})
+
+
+def _absolute(value: str | None) -> str | None:
+    if value is None or value.startswith(BUILTIN):
+        return value
+    return str(Path(value).absolute())
+
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
 _HINTS = get_type_hints(TrainConfig)
+PATH_FIELDS = tuple(name for name, f in _FIELDS.items() if f.metadata["path"])
 
 
 def _types(name: str) -> tuple[tuple[type, ...], bool]:
@@ -92,7 +118,17 @@ def _check(key: str, value: Any, source: str) -> Any:
     choices = _FIELDS[key].metadata.get("choices")
     if choices and value not in choices:
         raise OrtloraError(f"{source}: {key} must be one of {', '.join(choices)}, got {value!r}")
+    valid = _FIELDS[key].metadata.get("valid")
+    if isinstance(value, float) and not math.isfinite(value) or valid and not valid[0](value):
+        rule = f"a finite number, {valid[1]}" if valid else "a finite number"
+        raise OrtloraError(f"{source}: {key} must be {rule}, got {value!r}")
     return value
+
+
+def check_together(c: TrainConfig) -> None:
+    """Rules that tie settings to each other (each alone passed ``_check``)."""
+    if c.min_lr > c.lr:
+        raise OrtloraError(f"--min-lr ({c.min_lr}) must not exceed --lr ({c.lr})")
 
 
 def from_mapping(values: dict, source: str, base: TrainConfig | None = None) -> TrainConfig:
@@ -103,12 +139,19 @@ def from_mapping(values: dict, source: str, base: TrainConfig | None = None) -> 
 
 
 def load_toml(path: Path, base: TrainConfig | None = None) -> TrainConfig:
+    """Settings from a TOML file; its relative paths are relative to the file, not to the working directory."""
     if not path.is_file():
         raise OrtloraError(f"config file {path} does not exist")
     try:
         values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise OrtloraError(f"{path} is not UTF-8 text (byte {e.start}); TOML files are UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise OrtloraError(f"{path} is not valid TOML: {e}") from None
+    for key in PATH_FIELDS:
+        value = values.get(key)
+        if isinstance(value, str) and not value.startswith(BUILTIN) and not Path(value).is_absolute():
+            values[key] = os.path.relpath(path.parent / value)
     return from_mapping(values, str(path), base)
 
 
@@ -117,7 +160,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = _types(f.name)[0][0]
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+        help_text = f.metadata["help"]
+        if f.default is not None and "default" not in help_text:
+            help_text += f" (default: {f.default})"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:

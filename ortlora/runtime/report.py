@@ -62,7 +62,9 @@ def plot_losses(log_path: Path, out_path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    records = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from ortlora.runtime.run_dir import read_log
+
+    records = read_log(log_path)
     train = [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
     evals = [(r["step"], r["eval_loss"]) for r in records if r["kind"] == "eval"]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)

@@ -30,6 +30,33 @@ class Position:
     batch: int = 0  # index of the next micro-batch within the epoch
 
 
+@dataclass
+class Snapshot:
+    """Everything a checkpoint holds, copied: the last state whose weights gave a finite loss."""
+
+    weights: dict[str, np.ndarray]
+    optimizer: dict[str, np.ndarray]
+    position: Position
+    loss: float
+
+
+class TrainingStopped(Exception):
+    """A stop was requested (Ctrl-C, SIGTERM): the run saved ``checkpoint`` at a step boundary."""
+
+    def __init__(self, checkpoint: Path, step: int, total: int):
+        super().__init__(f"stopped at step {step} of {total}")
+        self.checkpoint, self.step, self.total = checkpoint, step, total
+
+
+def plan_steps(n_examples: int, config: TrainConfig) -> tuple[int, int, int]:
+    """Micro-batches per epoch, optimizer steps per epoch and optimizer steps in all."""
+    if n_examples == 0:
+        raise OrtloraError("no training examples are left (is --eval-split taking them all?)")
+    batches_per_epoch = math.ceil(n_examples / config.batch_size)
+    steps_per_epoch = max(1, batches_per_epoch // config.grad_accum)
+    return batches_per_epoch, steps_per_epoch, config.max_steps or config.epochs * steps_per_epoch
+
+
 class Trainer:
     def __init__(
         self,
@@ -46,14 +73,13 @@ class Trainer:
         self.config, self.manifest, self.backend = config, manifest, backend
         self.train_examples, self.eval_examples, self.pad_id = train, evaluation, pad_id
         self.run_dir, self.base_model, self.callbacks = run_dir, base_model, list(callbacks)
-        self.batches_per_epoch = math.ceil(len(train) / config.batch_size)
-        self.steps_per_epoch = max(1, self.batches_per_epoch // config.grad_accum)
-        self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
+        self.batches_per_epoch, self.steps_per_epoch, self.total_steps = plan_steps(len(train), config)
         self.schedule = Schedule(config.schedule, config.lr, self.total_steps, config.warmup_steps, config.min_lr)
         self.optimizer = AdamW(AdamWConfig(config.beta1, config.beta2, config.adam_eps, config.weight_decay, config.max_grad_norm))
         self.position = Position()
         self.last_loss = float("nan")
         self.skipped_steps = 0
+        self.stop_requested: str | None = None  # set (by a signal handler) to stop at the next step boundary
 
     # -- state ---------------------------------------------------------------------------------
     def restore(self, directory: Path) -> None:
@@ -64,12 +90,24 @@ class Trainer:
         self.optimizer.load_state_dict(optimizer_state)
         self.position = Position(**state["position"])
 
-    def save(self, loss: float) -> Path:
-        lr = self.schedule(max(self.position.step - 1, 0))
-        state = {"position": vars(self.position), "config": self.config.to_dict(), "skipped_steps": self.skipped_steps}
-        metadata = {"epoch": self.position.epoch, "loss": loss, "lr": lr}
-        return ckpt.save_checkpoint(self.run_dir, self.position.step, self.manifest, self.base_model,
-                                    self.backend.weights(), self.optimizer.state_dict(), state, metadata)
+    def snapshot(self) -> Snapshot:
+        # Copies: ORT's training API hands out weights that may share memory with its own buffers.
+        return Snapshot({k: v.copy() for k, v in self.backend.weights().items()},
+                        {k: v.copy() for k, v in self.optimizer.state_dict().items()},
+                        Position(**vars(self.position)), self.last_loss)
+
+    def save(self, snapshot: Snapshot | None = None) -> Path:
+        """Write a checkpoint of the current state, or of ``snapshot``."""
+        s = snapshot or Snapshot(self.backend.weights(), self.optimizer.state_dict(), self.position, self.last_loss)
+        lr = self.schedule(max(s.position.step - 1, 0))
+        state = {"position": vars(s.position), "config": self.config.to_dict(), "skipped_steps": self.skipped_steps}
+        metadata = {"epoch": s.position.epoch, "loss": s.loss, "lr": lr}
+        return ckpt.save_checkpoint(self.run_dir, s.position.step, self.manifest, self.base_model,
+                                    s.weights, s.optimizer, state, metadata)
+
+    def _roll_back(self, snapshot: Snapshot) -> None:
+        self.backend.set_weights(snapshot.weights)
+        self.optimizer.load_state_dict(snapshot.optimizer)
 
     # -- the loop ------------------------------------------------------------------------------
     def _micro_batches(self):
@@ -105,6 +143,9 @@ class Trainer:
         self._emit({"kind": "eval", "step": self.position.step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))})
         return loss
 
+    def _step_is_bad(self, loss: float, arrays: dict[str, np.ndarray]) -> bool:
+        return not math.isfinite(loss) or not all(np.isfinite(a).all() for a in arrays.values())
+
     def train(self) -> dict:
         c = self.config
         micro_batches = self._micro_batches()
@@ -112,6 +153,7 @@ class Trainer:
         tokens_seen = 0
         eval_loss = None
         last_saved = None
+        good = None  # the last state whose weights gave a finite loss: a bad update is rolled back to it
         while self.position.step < self.total_steps:
             step_start = time.perf_counter()
             lr = self.schedule(self.position.step)
@@ -125,12 +167,18 @@ class Trainer:
             if c.grad_accum > 1:
                 grads = {k: g / c.grad_accum for k, g in grads.items()}  # mean of micro-batch means
             loss = float(np.mean(losses))
-            if not math.isfinite(loss) or not all(np.isfinite(g).all() for g in grads.values()):
-                self._bad_step(loss)
+            if self._step_is_bad(loss, grads):
+                # The weights that gave this loss came from the last update: go back to before it.
+                self._bad_step(f"the loss became {loss}", good)
                 self.position = Position(self.position.step + 1, *following)
                 continue
+            good = self.snapshot()
             weights = self.backend.weights()
             grad_norm = self.optimizer.step(weights, grads, lr)
+            if self._step_is_bad(0.0, weights):
+                self._bad_step("the update made weights NaN or infinite", good)
+                self.position = Position(self.position.step + 1, *following)
+                continue
             self.backend.set_weights(weights)
             self.position = Position(self.position.step + 1, *following)
             self.last_loss = loss
@@ -146,10 +194,13 @@ class Trainer:
             if c.eval_every and self.position.step % c.eval_every == 0 and self.position.step < self.total_steps:
                 eval_loss = self.evaluate()
             if c.save_every and self.position.step % c.save_every == 0 and self.position.step < self.total_steps:
-                last_saved = self.save(loss)
+                last_saved = self.save()
+            if self.stop_requested and self.position.step < self.total_steps:
+                saved = last_saved if last_saved and last_saved.name == f"checkpoint-{self.position.step}" else self.save()
+                raise TrainingStopped(saved, self.position.step, self.total_steps)
         wall = time.perf_counter() - start
         eval_loss = self.evaluate()
-        last_saved = self.save(self.last_loss)
+        last_saved = self.save()
         return {
             "steps": self.position.step,
             "skipped_steps": self.skipped_steps,
@@ -163,12 +214,21 @@ class Trainer:
             "checkpoint": str(last_saved),
         }
 
-    def _bad_step(self, loss: float) -> None:
+    def _bad_step(self, what: str, good: Snapshot | None) -> None:
+        """A NaN or infinite loss, gradient or weight: go back to the last state known good (the one
+        before the update that led here), then skip the step or stop with that state saved."""
         step = self.position.step + 1
+        if good is not None:
+            self._roll_back(good)
+            self.last_loss = good.loss
         if self.config.on_nan == "skip":
             self.skipped_steps += 1
-            self._emit({"kind": "message", "text": f"step {step}: loss is {loss}, step skipped (--on-nan skip)"})
+            back = f", weights of step {good.position.step} restored" if good else ""
+            self._emit({"kind": "message", "step": step, "text": f"step {step}: {what}; step skipped{back} (--on-nan skip)"})
             return
-        saved = self.save(self.last_loss)  # the weights are still those of the last good step
-        raise OrtloraError(f"step {step}: the loss became {loss}; stopped, the last good weights are in {saved} "
-                           "(lower --lr, or pass --on-nan skip)")
+        if good is None:  # the very first step: the weights are still the initial ones, nothing was learned
+            raise OrtloraError(f"step {step}: {what} with the initial weights; stopped before any update "
+                               "(check the data and the artifacts, lower --lr, or pass --on-nan skip)")
+        saved = self.save(good)
+        raise OrtloraError(f"step {step}: {what}; stopped, the last good weights (step {good.position.step}) are in "
+                           f"{saved} (lower --lr, or pass --on-nan skip)")

@@ -1,0 +1,182 @@
+"""A run directory that tells the truth: one run at a time, and its latest checkpoint is the one it wrote last.
+
+RUN/
+    ortlora-run.json        which checkpoint the run wrote last; marks the directory as ortlora-train's
+    .ortlora-run.lock       held (flock) by the process training into RUN, released by the kernel at exit
+    checkpoint-STEP/        see checkpoint.py
+    config.json, log.jsonl, summary.json, loss.png
+
+Checkpoint numbers alone do not tell which is current: a run started again with --overwrite, or resumed
+from an earlier checkpoint, leaves higher-numbered checkpoints of the abandoned run behind. So every
+checkpoint save ends by recording its name in ``ortlora-run.json`` (written atomically), and readers
+(--resume, ortlora-export, ortlora-generate) follow that record.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from ortlora.errors import OrtloraError
+from ortlora.output_dirs import check_output_dir
+
+RUN_STATE = "ortlora-run.json"
+LOCK_FILE = ".ortlora-run.lock"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# What ortlora-train writes into a run directory: --overwrite removes these and nothing else.
+RUN_FILES = ("config.json", "log.jsonl", "summary.json", "loss.png", RUN_STATE)
+# A run directory is ortlora-train's when it has its record, or (runs of older versions) a checkpoint.
+RUN_MARKERS = (RUN_STATE, "checkpoint-*/trainer_state.json")
+
+
+def write_json(path: Path, data) -> None:
+    """Write JSON atomically (a temporary file renamed over ``path``); NaN and infinity become null."""
+    text = json.dumps(_finite(data), indent=2, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def record_latest(run_dir: Path, checkpoint: Path | None) -> None:
+    write_json(run_dir / RUN_STATE, {"latest": checkpoint.name if checkpoint else None})
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint the run wrote last, as its record says; for runs without one, the highest step."""
+    state = run_dir / RUN_STATE
+    if state.is_file():
+        try:
+            latest = json.loads(state.read_text(encoding="utf-8"))["latest"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            raise OrtloraError(f"{state} is damaged; name a checkpoint directory (RUN/checkpoint-STEP) instead") from None
+        if latest is None:
+            return None
+        if not isinstance(latest, str) or not CHECKPOINT_RE.match(latest) or not (run_dir / latest).is_dir():
+            raise OrtloraError(f"{state} names checkpoint {latest!r}, which {run_dir} does not hold; "
+                               "name a checkpoint directory (RUN/checkpoint-STEP) instead")
+        return run_dir / latest
+    steps = sorted((int(m.group(1)), p) for p in run_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir())
+    return steps[-1][1] if steps else None
+
+
+def check_run_dir(out: Path, *, resuming_from: Path | None, overwrite: bool, reads: list[Path]) -> bool:
+    """Refuse an --out that this run may not write, before any work. Returns whether the run continues
+    its own directory (a resume into the run directory of the checkpoint)."""
+    same_run = resuming_from is not None and out.resolve() == resuming_from.resolve().parent
+    check_output_dir(out, flag="--overwrite", replace=overwrite or same_run, markers=RUN_MARKERS, what="ortlora-train",
+                     reads=[] if same_run else reads, hint=f"continue that run with --resume {out}, or ")
+    return same_run
+
+
+class RunDir:
+    """The run directory of this process: locked for its life, cleaned of what killed runs left."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock(path)
+        self.removed_leftovers = self._remove_leftovers()
+
+    def _remove_leftovers(self) -> int:
+        """Half-written checkpoints and files of killed runs: none of them has an owner while we hold the lock."""
+        leftovers = [p for p in self.path.iterdir() if p.name.startswith((".checkpoint-", *(f".{n}.tmp-" for n in RUN_FILES)))]
+        for entry in leftovers:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        return len(leftovers)
+
+    def start_over(self) -> None:
+        """--overwrite: remove the previous run's checkpoints and files, and nothing else."""
+        for entry in self.path.iterdir():
+            if CHECKPOINT_RE.match(entry.name) and entry.is_dir():
+                shutil.rmtree(entry)
+            elif entry.name in RUN_FILES:
+                entry.unlink()
+        record_latest(self.path, None)
+
+    def continue_from(self, checkpoint: Path, step: int) -> list[str]:
+        """A resume: the run's latest checkpoint is the one it resumes from, and its log ends there.
+        Returns the names of later checkpoints, left by the branch that the resume abandons."""
+        if checkpoint.parent.resolve() == self.path.resolve():
+            record_latest(self.path, checkpoint)
+        else:
+            record_latest(self.path, None)
+        log = self.path / "log.jsonl"
+        if log.is_file():
+            kept = [r for r in read_log(log) if r.get("step", 0) <= step]
+            _write_lines(log, kept)
+        return sorted((p.name for p in self.path.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and int(m.group(1)) > step),
+                      key=lambda n: int(n.split("-")[1]))
+
+    def close(self) -> None:
+        self._lock.close()
+
+
+def _write_lines(path: Path, records: list[dict]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(tmp, path)
+
+
+def read_log(path: Path) -> list[dict]:
+    """The records of a log.jsonl; a torn or foreign line (a killed writer) is skipped, not fatal."""
+    records = []
+    with path.open("rb") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(record, dict) and "kind" in record:
+                records.append(record)
+    return records
+
+
+def _lock(run_dir: Path):
+    """Hold an exclusive lock on the run directory, or say which process holds it."""
+    path = run_dir / LOCK_FILE
+    f = open(path, "a+", encoding="utf-8")
+    f.seek(0)
+    try:
+        if sys.platform == "win32":
+            import msvcrt
+
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        owner = f.read().strip() or "unknown"
+        f.close()
+        raise OrtloraError(f"{run_dir} is in use by another ortlora-train (process {owner}); "
+                           "wait for it to finish, or choose another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
