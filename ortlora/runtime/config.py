@@ -22,6 +22,7 @@ from ortlora.runtime.backend import PROVIDERS
 BACKENDS = ("auto", "ort-training", "ort-session")
 EPS = tuple(PROVIDERS)
 BUILTIN = "builtin:"
+COMMAND_LINE = "command line"  # the source name of settings typed as options
 
 # Ranges, as (test, what the message says). Every float must also be finite.
 POSITIVE = (lambda v: v > 0, "positive")
@@ -90,7 +91,7 @@ class TrainConfig:
 def _absolute(value: str | None) -> str | None:
     if value is None or value.startswith(BUILTIN):
         return value
-    return str(Path(value).absolute())
+    return os.path.abspath(value)
 
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
@@ -107,6 +108,7 @@ def _types(name: str) -> tuple[tuple[type, ...], bool]:
 def _check(key: str, value: Any, source: str) -> Any:
     if key not in _FIELDS:
         raise OrtloraError(f"{source}: unknown setting {key!r}")
+    name = "--" + key.replace("_", "-") if source == COMMAND_LINE else f"{source}: {key}"
     expected, nullable = _types(key)
     if value is None and nullable:
         return None
@@ -114,14 +116,15 @@ def _check(key: str, value: Any, source: str) -> Any:
         value = float(value)
     if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
         names = " or ".join(t.__name__ for t in expected)
-        raise OrtloraError(f"{source}: {key} must be {names}, got {value!r}")
+        raise OrtloraError(f"{name} must be {names}, got {value!r}")
     choices = _FIELDS[key].metadata.get("choices")
     if choices and value not in choices:
-        raise OrtloraError(f"{source}: {key} must be one of {', '.join(choices)}, got {value!r}")
+        raise OrtloraError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     valid = _FIELDS[key].metadata.get("valid")
-    if isinstance(value, float) and not math.isfinite(value) or valid and not valid[0](value):
-        rule = f"a finite number, {valid[1]}" if valid else "a finite number"
-        raise OrtloraError(f"{source}: {key} must be {rule}, got {value!r}")
+    finite = not isinstance(value, float) or math.isfinite(value)
+    if not finite or valid and not valid[0](value):
+        rule = " and ".join(([valid[1]] if valid else []) + ([] if finite and valid else ["finite"]))
+        raise OrtloraError(f"{name} must be {rule}, got {value!r}")
     return value
 
 

@@ -32,7 +32,7 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # What ortlora-train writes into a run directory: --overwrite removes these and nothing else.
 RUN_FILES = ("config.json", "log.jsonl", "summary.json", "loss.png", RUN_STATE)
 # A run directory is ortlora-train's when it has its record, or (runs of older versions) a checkpoint.
-RUN_MARKERS = (RUN_STATE, "checkpoint-*/trainer_state.json")
+RUN_MARKERS = (RUN_STATE, LOCK_FILE, "checkpoint-*/trainer_state.json")
 
 
 def write_json(path: Path, data) -> None:

@@ -100,7 +100,8 @@ class Trainer:
         """Write a checkpoint of the current state, or of ``snapshot``."""
         s = snapshot or Snapshot(self.backend.weights(), self.optimizer.state_dict(), self.position, self.last_loss)
         lr = self.schedule(max(s.position.step - 1, 0))
-        state = {"position": vars(s.position), "config": self.config.to_dict(), "skipped_steps": self.skipped_steps}
+        state = {"position": vars(s.position), "config": self.config.with_absolute_paths().to_dict(),
+                 "skipped_steps": self.skipped_steps}
         metadata = {"epoch": s.position.epoch, "loss": s.loss, "lr": lr}
         return ckpt.save_checkpoint(self.run_dir, s.position.step, self.manifest, self.base_model,
                                     s.weights, s.optimizer, state, metadata)
@@ -230,5 +231,5 @@ class Trainer:
             raise OrtloraError(f"step {step}: {what} with the initial weights; stopped before any update "
                                "(check the data and the artifacts, lower --lr, or pass --on-nan skip)")
         saved = self.save(good)
-        raise OrtloraError(f"step {step}: {what}; stopped, the last good weights (step {good.position.step}) are in "
+        raise OrtloraError(f"step {step}: {what}; stopped; the last weights with a finite loss (step {good.position.step}) are in "
                            f"{saved} (lower --lr, or pass --on-nan skip)")
