@@ -67,7 +67,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[cfg.TrainConfig, Path | No
             base.max_steps = None  # --epochs on a resume sets the length, whatever the run had
     if args.config:
         base = cfg.load_toml(args.config, base)
-    config = cfg.from_mapping(given, "command line", base)
+    config = cfg.from_mapping(given, cfg.COMMAND_LINE, base)
     cfg.check_together(config)
     return config, resume_from
 
@@ -186,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         if resume_from:
             abandoned = run.continue_from(resume_from, done)
             if abandoned:
-                messages.append(f"{', '.join(abandoned)} in {run_path} come from the run abandoned at "
-                                f"{resume_from.name}; the latest checkpoint is now the one this run writes last")
+                span = abandoned[0] if len(abandoned) == 1 else f"{abandoned[0]} to {abandoned[-1]}"
+                messages.append(f"{span} in {run_path} belong to the run abandoned at {resume_from.name}; "
+                                "the run's latest checkpoint is the one it writes last")
         elif not (run_path / RUN_STATE).is_file():
             record_latest(run_path, None)
         if run.removed_leftovers:
