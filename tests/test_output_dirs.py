@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -76,7 +77,7 @@ def test_export_never_replaces_what_it_reads(tmp_path, capsys, artifacts, traine
     assert (trained_adapter / "adapter_model.safetensors").is_file()
 
 
-def test_force_replaces_only_ortloras_own_output(tmp_path, capsys, artifacts, trained_adapter):
+def test_force_replaces_only_ortloras_own_output(tmp_path, capsys, monkeypatch, artifacts, trained_adapter):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
@@ -103,8 +104,11 @@ def test_force_replaces_only_ortloras_own_output(tmp_path, capsys, artifacts, tr
     shutil.copytree(artifacts, built)
     assert build_cli.main(["--tiny", "--out", str(built)]) == 2
     assert "pass --force" in one_line_error(capsys)
+    temp = tmp_path / "temp"  # the system's temporary directory, where a killed --tiny build left its model
+    (temp / f"ortlora-tiny-{dead_pid()}-abc" / "tiny-qwen2").mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     assert build_cli.main(["--tiny", "--out", str(built), "--force"]) == 0
-    assert not list(tmp_path.glob(".built.*")) and not list(tmp_path.glob(".exported.*"))
+    assert not list(tmp_path.glob(".built.*")) and not list(tmp_path.glob(".exported.*")) and not list(temp.iterdir())
 
 
 def test_stale_staging_of_dead_processes_is_removed_and_live_ones_kept(tmp_path, artifacts, trained_adapter, capsys):
