@@ -6,14 +6,43 @@ Torch-free. The build step writes it last, so a directory without it is not a fi
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from ortlora.errors import OrtloraError
+import numpy as np
+
+from ortlora.errors import OrtloraError, listing
+from ortlora.files import inside, json_type, read_json
 
 MANIFEST_NAME = "ortlora.json"
 FORMAT_VERSION = 1
 PEFT_PREFIX = "base_model.model."
+REBUILD = "rebuild the artifacts"
+
+# What the runtime reads from a manifest, and as what: a type (or a tuple of types), [spec] for an
+# array of spec, {key: spec} for an object with those keys ("key?": optional; others are allowed),
+# {str: spec} for an object of any keys whose values are all spec.
+NUMBER = (int, float)
+SCHEMA = {
+    "format": int,
+    "model": {"architecture": str, "model_type": str, "source": str, "weights_sha256": str},
+    "lora": {"rank": int, "alpha": NUMBER, "scaling": NUMBER, "dropout": NUMBER, "targets": [str], "init": str,
+             "seed": int},
+    "label_smoothing": NUMBER,
+    "parameters": [{"onnx_name": str, "peft_name": str, "shape": [int], "layer": int, "module": str, "kind": str}],
+    "files": {"training_model": str, "eval_model": str, "checkpoint": str, "initial_lora": str, "config": str,
+              "tokenizer": [str], "optimizer_model?": str, "inference_model?": str, "decoder_model?": str,
+              "portable_training_model?": str, "portable_eval_model?": str, "frozen_weights?": str,
+              "external_data?": [str]},
+    "io": {"training": {"inputs": [str], "outputs": [str]}, str: {"inputs": [str], "outputs": [str]}},
+    "counts": {"trainable": int, "total": int},
+    "versions": dict,
+    "artifact_id": str,
+    "frozen?": {str: {"dtype": str, "shape": [int], "offset": int, "length": int}},
+    "extra?": dict,
+}
+KINDS = {int: "an integer", NUMBER: "a number", str: "a string", dict: "an object"}
+FROZEN_DTYPES = ("float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool")
 
 
 @dataclass(frozen=True)
@@ -48,23 +77,28 @@ class Manifest:
 
     @classmethod
     def load(cls, directory: Path) -> "Manifest":
-        path = Path(directory) / MANIFEST_NAME
+        directory = Path(directory)
+        path = directory / MANIFEST_NAME
         if not path.is_file():
             raise OrtloraError(
                 f"{directory} is not an ortlora artifact directory (no {MANIFEST_NAME}); "
                 f"build one first: ortlora-build --tiny --out {directory}"
             )
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if data.get("format") != FORMAT_VERSION:
-                raise OrtloraError(f"{path} has format {data.get('format')}, this ortlora reads {FORMAT_VERSION}; rebuild the artifacts")
-            data["parameters"] = [LoraParameter(**{**p, "shape": tuple(p["shape"])}) for p in data["parameters"]]
-            manifest = cls(**data)
-        except (json.JSONDecodeError, TypeError, KeyError) as e:
-            raise OrtloraError(f"{path} is damaged ({e}); rebuild the artifacts") from None
-        missing = [f for f in manifest.all_files() if not (Path(directory) / f).exists()]
+        data = read_json(path, REBUILD)
+        if data.get("format") != FORMAT_VERSION:
+            raise OrtloraError(f"{path} has format {data.get('format')!r}, this ortlora reads {FORMAT_VERSION}; {REBUILD}")
+        problems = [f"unknown field {key!r}" for key in data if key not in {f.name for f in fields(cls)}]
+        problems = problems or _problems(data, SCHEMA, "") or _value_problems(data)
+        if problems:
+            raise OrtloraError(f"{path} is damaged: {listing(problems)}; {REBUILD}")
+        data["parameters"] = [LoraParameter(**{f.name: p[f.name] for f in fields(LoraParameter)} | {"shape": tuple(p["shape"])})
+                              for p in data["parameters"]]
+        manifest = cls(**data)
+        missing = [f for f in manifest.all_files() if not inside(directory, f, str(path)).is_file()]
         if missing:
-            raise OrtloraError(f"{directory} is incomplete, missing {', '.join(missing)}; rebuild the artifacts")
+            raise OrtloraError(f"{directory} is incomplete, missing {', '.join(missing)}; {REBUILD}")
+        if not Path(manifest.model["source"]).is_absolute():  # the base model bundled in the artifacts
+            inside(directory, manifest.model["source"], f"{path} (model.source)")
         return manifest
 
     def base_model_dir(self, artifacts: Path) -> Path:
@@ -72,8 +106,63 @@ class Manifest:
         source = Path(self.model["source"])
         return source if source.is_absolute() else Path(artifacts) / source
 
+    def context_length(self, artifacts: Path) -> int:
+        """The most tokens a sequence may hold: max_position_embeddings of the model's config.json."""
+        path = Path(artifacts) / self.files["config"]
+        value = read_json(path, REBUILD).get("max_position_embeddings")
+        if type(value) is not int or value <= 0:
+            raise OrtloraError(f"{path}: max_position_embeddings must be a positive integer, not {value!r}; {REBUILD}")
+        return value
+
     def all_files(self) -> list[str]:
         files: list[str] = []
         for value in self.files.values():
             files.extend(value if isinstance(value, list) else [value])
         return files
+
+
+def _problems(value, spec, where: str) -> list[str]:
+    """Every place where ``value`` does not match ``spec`` (see SCHEMA), named like "lora.rank"."""
+    if isinstance(spec, dict):
+        if not isinstance(value, dict):
+            return [f"{where} must be an object, not {json_type(value)}"]
+        problems = []
+        for key, inner in spec.items():
+            if key is str:  # every other key
+                keys = [k for k in value if k not in spec and f"{k}?" not in spec]
+            else:
+                keys = [key.rstrip("?")]
+                if keys[0] not in value:
+                    problems += [] if key.endswith("?") else [f"{where}.{keys[0]}".lstrip(".") + " is missing"]
+                    continue
+            problems += [p for k in keys for p in _problems(value[k], inner, f"{where}.{k}".lstrip("."))]
+        return problems
+    if isinstance(spec, list):
+        if not isinstance(value, list):
+            return [f"{where} must be an array, not {json_type(value)}"]
+        return [p for i, item in enumerate(value) for p in _problems(item, spec[0], f"{where}[{i}]")]
+    if isinstance(value, bool) or not isinstance(value, spec):  # JSON's true is no number
+        return [f"{where} must be {KINDS[spec]}, not {json_type(value)}"]
+    return []
+
+
+def _value_problems(data: dict) -> list[str]:
+    """Values of the right type that still cannot be right: no rank, or a frozen weight that does not fit
+    its place in the file (the runtime maps each one as dtype and shape at offset, for length bytes)."""
+    problems = [] if data["lora"]["rank"] > 0 else [f"lora.rank must be positive, not {data['lora']['rank']}"]
+    frozen, files = data.get("frozen") or {}, data["files"]
+    if frozen and "frozen_weights" not in files:
+        problems.append("files.frozen_weights is missing")
+    if "portable_training_model" in files and "portable_training" not in data["io"]:
+        problems.append("io.portable_training is missing")
+    for name, entry in frozen.items():
+        if entry["dtype"] not in FROZEN_DTYPES:
+            problems.append(f"frozen.{name}.dtype is {entry['dtype']!r}, not one of {', '.join(FROZEN_DTYPES)}")
+            continue
+        size = np.dtype(entry["dtype"]).itemsize
+        if min(entry["shape"], default=0) < 0 or entry["offset"] < 0 or entry["offset"] % size:
+            problems.append(f"frozen.{name} has a negative dimension or a misaligned offset")
+        elif entry["length"] != size * int(np.prod(entry["shape"])):
+            problems.append(f"frozen.{name} is {entry['length']} bytes long, its dtype and shape need "
+                            f"{size * int(np.prod(entry['shape']))}")
+    return problems

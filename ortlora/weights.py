@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ortlora.errors import OrtloraError
+
 NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
                 "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 FLOAT_DTYPES = ("F32", "F16", "BF16")
@@ -48,8 +50,25 @@ def f32_to_bf16(values: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(values), 0x7FC0, rounded).astype(np.uint16)
 
 
+def check_safetensors(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """name -> (dtype, shape) of every tensor of a safetensors file, once safetensors itself has checked the
+    header against the file: a damaged, truncated or foreign file is a one-line error naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "numpy") as f:
+            slices = {name: f.get_slice(name) for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise OrtloraError(f"{path} is not a readable safetensors file ({e})") from None
+    return {name: (s.get_dtype(), s.get_shape()) for name, s in slices.items()}
+
+
 def read_safetensors(path: Path) -> Iterator[tuple[str, str, np.ndarray]]:
     """(name, dtype, array) for every tensor of a file; bfloat16 comes as its uint16 bits."""
+    unreadable = [f"{name} is {dtype}" for name, (dtype, _) in check_safetensors(path).items()
+                  if dtype not in NUMPY_DTYPES and dtype != "BF16"]
+    if unreadable:
+        raise OrtloraError(f"{path} holds tensors of a dtype ortlora does not read: {', '.join(unreadable[:3])}")
     with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         (size,) = struct.unpack("<Q", data[:8])
         header = json.loads(data[8 : 8 + size])
@@ -77,6 +96,31 @@ def write_safetensors(path: Path, tensors: dict[str, tuple[str, np.ndarray]], me
             f.write(np.ascontiguousarray(array).tobytes())
 
 
+def shape_problems(shapes: dict[str, tuple], expected: dict[str, tuple], unexpected: bool = True) -> list[str]:
+    """Every expected tensor that is missing or of another shape (with ``unexpected``, every tensor not
+    expected too): all of them, so that one error lists them, as mlx-lm's adapter loader does."""
+    problems = []
+    for name, shape in expected.items():
+        if name not in shapes:
+            problems.append(f"missing {name}")
+        elif tuple(shapes[name]) != tuple(shape):
+            problems.append(f"{name} has shape {tuple(shapes[name])}, expected {tuple(shape)}")
+    return problems + ([f"unexpected {name}" for name in sorted(set(shapes) - set(expected))] if unexpected else [])
+
+
+def tensor_problems(tensors: dict[str, np.ndarray], expected: dict[str, tuple]) -> list[str]:
+    """``shape_problems`` of arrays, and every expected array that holds NaN or infinity."""
+    problems = shape_problems({name: array.shape for name, array in tensors.items()}, expected)
+    return problems + [f"{name} holds NaN or infinite values" for name, shape in expected.items()
+                       if name in tensors and tensors[name].shape == tuple(shape) and not np.isfinite(tensors[name]).all()]
+
+
+def read_tensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file, float ones (bfloat16 included) as float32."""
+    return {name: to_float32(dtype, array) if dtype in FLOAT_DTYPES else array
+            for name, dtype, array in read_safetensors(path)}
+
+
 def to_float32(dtype: str, array: np.ndarray) -> np.ndarray:
     return bf16_to_f32(array) if dtype == "BF16" else array.astype(np.float32)
 
@@ -87,7 +131,15 @@ def from_float32(dtype: str, values: np.ndarray) -> np.ndarray:
 
 def map_layout(path: Path, layout: dict[str, dict]) -> dict[str, np.ndarray]:
     """Map ``path`` read-only; the array of every weight in ``layout`` (name -> dtype, shape, offset,
-    length in bytes), as the manifest describes frozen_weights.bin."""
+    length in bytes), as the manifest describes frozen_weights.bin. A file shorter than the layout (a
+    copy cut short) is a one-line error before anything is mapped."""
+    needed = max((p["offset"] + p["length"] for p in layout.values()), default=0)
+    size = path.stat().st_size
+    if size < needed:
+        raise OrtloraError(f"{path} is {size:,} bytes, the manifest's layout needs {needed:,} (a truncated copy?); "
+                           f"rebuild the artifacts")
+    if not layout:
+        return {}
     data = np.memmap(path, dtype=np.uint8, mode="r")
     return {name: data[p["offset"]: p["offset"] + p["length"]].view(p["dtype"]).reshape(p["shape"])
             for name, p in layout.items()}

@@ -197,3 +197,19 @@ def test_help_shows_each_default_once_and_abbreviations_are_refused(capsys):
         with pytest.raises(SystemExit):
             train_cli.main([abbreviation, "2"])
         assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_resume_refuses_an_optimizer_state_of_other_weights(artifacts, tmp_path, capsys):
+    from safetensors.numpy import load_file, save_file
+
+    run = tmp_path / "run"
+    assert train("--artifacts", str(artifacts), "--out", str(run), "--max-steps", "2") == 0
+    path = run / "checkpoint-2" / "optimizer.safetensors"
+    state = load_file(str(path))
+    renamed = {k.replace("q_proj", "k_proj"): v for k, v in state.items()}  # AdamW would silently start over
+    save_file(renamed, str(path))
+    capsys.readouterr()
+    assert train("--resume", str(run), "--max-steps", "3") == 2
+    err = capsys.readouterr().err
+    assert "optimizer.safetensors does not match the artifacts" in err and err.count("\n") == 1
+    assert find_checkpoint(run).name == "checkpoint-2"

@@ -1,37 +1,113 @@
-"""Checks on a local Hugging Face model directory, before anything heavy is loaded."""
+"""Checks on a local Hugging Face model directory, before anything heavy is loaded.
+
+transformers fills a missing config key with its own default and a missing weight with random values
+(with a warning at most), so a wrong directory would build artifacts of another model. Everything the
+build relies on is checked here first, and every problem found is named in one line.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ortlora.errors import OrtloraError
-from ortlora.weights import weight_files
+from ortlora.errors import OrtloraError, listing
+from ortlora.files import inside, json_type, read_json
+from ortlora.weights import check_safetensors, shape_problems, weight_files
 
 SUPPORTED_MODEL_TYPES = ("qwen2",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "generation_config.json")
+# config.json keys the build reads (transformers would take its own default for a missing one).
+REQUIRED_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "max_position_embeddings")
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 def check_model_dir(path: Path) -> dict:
     """Return the model's config.json, or raise a one-line error saying what is missing."""
     if not path.is_dir():
-        raise OrtloraError(f"model directory {path} does not exist")
+        raise OrtloraError(f"model directory {path} does not exist" if not path.exists() else f"--model {path} is not a directory")
     config_path = path / "config.json"
     if not config_path.is_file():
         raise OrtloraError(f"{path} has no config.json: is it a Hugging Face model directory?")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise OrtloraError(f"{config_path} is not valid JSON: {e}") from None
+    config = read_json(config_path)
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise OrtloraError(
-            f"{path} holds a {model_type or 'unknown'} model ({', '.join(config.get('architectures') or [])}); "
-            f"ortlora supports Qwen2 / Qwen2.5 (model_type qwen2)"
-        )
-    if not weight_files(path):
-        raise OrtloraError(f"{path} has no *.safetensors weights")
+        architectures = config.get("architectures")
+        names = ", ".join(map(str, architectures)) if isinstance(architectures, list) else ""
+        raise OrtloraError(f"{path} holds a {model_type or 'unknown'} model ({names}); "
+                           f"ortlora supports Qwen2 / Qwen2.5 (model_type qwen2)")
+    _check_sizes(config, config_path)
+    _check_weights(path, config)
     if not (path / "tokenizer.json").is_file():
         raise OrtloraError(f"{path} has no tokenizer.json (a fast tokenizer is needed at run time)")
+    from ortlora.runtime.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(path)  # the tokenizer files the artifacts will ship must load
+    if tokenizer.vocab_size > config["vocab_size"]:
+        raise OrtloraError(f"{path / 'tokenizer.json'} has {tokenizer.vocab_size:,} tokens, more than the model's "
+                           f"vocab_size {config['vocab_size']:,} in config.json")
     return config
+
+
+def _check_sizes(config: dict, config_path: Path) -> None:
+    bad = [f"{key} is {json_type(config[key]) if key in config else 'missing'}" for key in REQUIRED_SIZES
+           if type(config.get(key)) is not int or config[key] <= 0]
+    if bad:
+        raise OrtloraError(f"{config_path} needs {', '.join(REQUIRED_SIZES)} as positive integers: {'; '.join(bad)}")
+    if config["num_attention_heads"] % config["num_key_value_heads"]:
+        raise OrtloraError(f"{config_path}: num_attention_heads ({config['num_attention_heads']}) is not a multiple "
+                           f"of num_key_value_heads ({config['num_key_value_heads']})")
+    if not isinstance(config.get("tie_word_embeddings", False), bool):
+        raise OrtloraError(f"{config_path}: tie_word_embeddings must be true or false")
+    head_dim = config.get("head_dim")
+    if head_dim is not None and (type(head_dim) is not int or head_dim <= 0):
+        raise OrtloraError(f"{config_path}: head_dim must be a positive integer, not {json_type(head_dim)}")
+
+
+def expected_weights(config: dict) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every weight a Qwen2 model of ``config`` loads (transformers' Qwen2ForCausalLM)."""
+    hidden, inner, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    q, kv = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    if not config.get("tie_word_embeddings", False):  # transformers' default for Qwen2 is an LM head of its own
+        shapes["lm_head.weight"] = (vocab, hidden)
+    for i in range(config["num_hidden_layers"]):
+        layer = f"model.layers.{i}."
+        shapes |= {
+            layer + "input_layernorm.weight": (hidden,), layer + "post_attention_layernorm.weight": (hidden,),
+            layer + "self_attn.q_proj.weight": (q, hidden), layer + "self_attn.q_proj.bias": (q,),
+            layer + "self_attn.k_proj.weight": (kv, hidden), layer + "self_attn.k_proj.bias": (kv,),
+            layer + "self_attn.v_proj.weight": (kv, hidden), layer + "self_attn.v_proj.bias": (kv,),
+            layer + "self_attn.o_proj.weight": (hidden, q),
+            layer + "mlp.gate_proj.weight": (inner, hidden), layer + "mlp.up_proj.weight": (inner, hidden),
+            layer + "mlp.down_proj.weight": (hidden, inner),
+        }
+    return shapes
+
+
+def _check_weights(path: Path, config: dict) -> None:
+    """The safetensors files must be readable and hold every weight of the configured shape, in a float dtype."""
+    files = weight_files(path)
+    if not files:
+        other = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+        hint = (f" (it has {', '.join(other[:3])}: PyTorch weights, which ortlora does not load; save the model "
+                "again with transformers' save_pretrained, which writes safetensors)") if other else ""
+        raise OrtloraError(f"{path} has no *.safetensors weights{hint}")
+    index = path / SAFETENSORS_INDEX
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise OrtloraError(f"{index} has no weight_map (tensor name -> safetensors file)")
+        missing = sorted({s for s in weight_map.values() if not inside(path, s, str(index)).is_file()})
+        if missing:
+            raise OrtloraError(f"{index} names weight files that are not there: {', '.join(missing[:3])}")
+    tensors = {name: (dtype, shape, file) for file in files for name, (dtype, shape) in check_safetensors(file).items()}
+    problems = shape_problems({name: shape for name, (_, shape, _) in tensors.items()}, expected_weights(config),
+                              unexpected=False)
+    problems += [f"{name} in {file.name} is {dtype}" for name, (dtype, _, file) in tensors.items()
+                 if dtype not in FLOAT_DTYPES]
+    if problems:
+        raise OrtloraError(f"the weights in {path} do not fit its config.json (a {config['num_hidden_layers']}-layer "
+                           f"Qwen2 of hidden size {config['hidden_size']}): {listing(problems)}")

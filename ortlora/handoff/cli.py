@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ortlora import __version__
 from ortlora.errors import OrtloraError, add_debug_argument, cli_entry
+from ortlora.files import read_json
 from ortlora.manifest import Manifest
 from ortlora.output_dirs import EXPORT_MARKER, check_output_dir, replace_dir, staging_dir
 from ortlora.runtime.checkpoint import (
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             base = base_model_or_none(args, manifest)
             shutil.copy2(adapter_dir / ADAPTER_WEIGHTS, staging / ADAPTER_WEIGHTS)
             given = adapter_dir / ADAPTER_CONFIG  # an adapter saved without its config gets ours
-            config = json.loads(given.read_text()) if given.is_file() else adapter_config(manifest, "")
+            config = read_json(given) if given.is_file() else adapter_config(manifest, "")
             if base is not None:
                 config["base_model_name_or_path"] = str(base.resolve())
             (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")

@@ -8,6 +8,8 @@ training graph) implements the same small protocol.
 
 from __future__ import annotations
 
+import contextlib
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -15,6 +17,7 @@ import numpy as np
 
 from ortlora.errors import OrtloraError
 from ortlora.manifest import Manifest
+from ortlora.onnx_files import check_external_data
 from ortlora.runtime.frozen import map_frozen_weights, share_with
 
 Batch = dict[str, np.ndarray]  # input_ids, attention_mask, labels: int64 [batch, seq]
@@ -45,6 +48,42 @@ def session_providers(ep: str) -> list[str]:
     """Providers for an InferenceSession on --ep: the accelerator first, the CPU for what it does not take."""
     provider = check_provider(ep)
     return [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
+
+
+def onnx_file(artifacts: Path, name: str) -> Path:
+    """An ONNX file of the artifacts, about to be handed to ONNX Runtime: its external data must lie inside them."""
+    path = Path(artifacts) / name
+    check_external_data(path, artifacts)
+    return path
+
+
+def _ort_errors() -> tuple[type[Exception], ...]:
+    """What ONNX Runtime raises: its own classes (Fail, InvalidProtobuf, NoSuchFile, EPFail, ...) derive
+    from Exception alone, and the training bindings raise RuntimeError."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return (RuntimeError, *(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception)))
+
+
+def ort_message(error: Exception) -> str:
+    """ONNX Runtime's message without its status code, source locations and C++ signatures."""
+    text = " ".join(str(error).split())
+    text = re.sub(r"^.*\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"Load model from \S+ failed:", "", text)
+    return re.sub(r"(?:/\S*/)?\w+\.(?:cc|h|cpp):\d+ \S+?(?:\(.*?\))? ", " ", text).strip().rstrip(".")
+
+
+@contextlib.contextmanager
+def loading(*paths: Path):
+    """Around ONNX Runtime loading ``paths``: what it raises becomes one line naming them. A failing
+    execution provider is said to be one; anything else is the files'."""
+    try:
+        yield
+    except _ort_errors() as e:
+        names = " and ".join(str(p) for p in paths)
+        if type(e).__name__ == "EPFail":
+            raise OrtloraError(f"the execution provider failed while loading {names}: {ort_message(e)}") from None
+        raise OrtloraError(f"ONNX Runtime cannot load {names}: {ort_message(e)}; rebuild the artifacts") from None
 
 
 class TrainingBackend(Protocol):
@@ -111,14 +150,12 @@ class OrtTrainingBackend:
         self._frozen = share_with(options, map_frozen_weights(artifacts, manifest))
         device_type = C.OrtDevice.cuda() if ep == "cuda" else C.OrtDevice.cpu()
         self._device = C.OrtDevice(device_type, C.OrtDevice.default_memory(), 0)
-        self._state = C.load_checkpoint(str(artifacts / manifest.files["checkpoint"]))
-        self._module = C.Module(
-            str(artifacts / manifest.files["training_model"]),
-            self._state,
-            str(artifacts / manifest.files["eval_model"]),
-            self._device,
-            options,
-        )
+        checkpoint = artifacts / manifest.files["checkpoint"]
+        with loading(checkpoint):
+            self._state = C.load_checkpoint(str(checkpoint))
+        training, evaluation = (onnx_file(artifacts, manifest.files[r]) for r in ("training_model", "eval_model"))
+        with loading(training, evaluation):
+            self._module = C.Module(str(training), self._state, str(evaluation), self._device, options)
         self.names = [p.onnx_name for p in manifest.parameters]
         self._params = {name: self._state.get_parameter(name) for name in self.names}
         self._inputs = manifest.io["training"]["inputs"]

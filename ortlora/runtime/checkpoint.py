@@ -18,14 +18,18 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 
-from ortlora.errors import OrtloraError
+from ortlora.errors import OrtloraError, listing
+from ortlora.files import read_json
 from ortlora.manifest import Manifest
 from ortlora.output_dirs import replace_dir
+from ortlora.runtime.optim import state_problems
 from ortlora.runtime.run_dir import latest_checkpoint, record_latest
+from ortlora.weights import read_tensors, tensor_problems
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -109,45 +113,51 @@ def find_checkpoint(path: Path) -> Path:
 
 def load_adapter(directory: Path, manifest: Manifest) -> dict[str, np.ndarray]:
     """LoRA weights of a PEFT adapter (ours or PyTorch's), by ONNX name, checked against the artifacts."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
     path = directory / ADAPTER_WEIGHTS
     if not path.is_file():
         raise OrtloraError(f"{directory} has no {ADAPTER_WEIGHTS}")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise OrtloraError(f"{path} cannot be read: {e}") from None
     # PEFT may keep the adapter name in keys ("lora_A.default.weight") when saved by hand.
-    tensors = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v for k, v in tensors.items()}
+    tensors = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
+               for k, v in read_tensors(path).items()}
     problems = []
-    config_path = directory / ADAPTER_CONFIG
-    if config_path.is_file():
-        config = json.loads(config_path.read_text())
-        for key, ours in (("r", manifest.lora["rank"]), ("lora_alpha", manifest.lora["alpha"])):
-            if key in config and float(config[key]) != float(ours):
-                problems.append(f"{key} is {config[key]}, the artifacts have {ours}")
-    weights = {}
-    for p in manifest.parameters:
-        value = tensors.pop(p.peft_name, None)
-        if value is None:
-            problems.append(f"missing {p.peft_name}")
-        elif tuple(value.shape) != p.shape:
-            problems.append(f"{p.peft_name} has shape {tuple(value.shape)}, expected {p.shape}")
-        else:
-            weights[p.onnx_name] = value.astype(np.float32)
-    problems += [f"unexpected {k}" for k in sorted(tensors)]
+    if (directory / ADAPTER_CONFIG).is_file():
+        problems += _config_problems(read_json(directory / ADAPTER_CONFIG), manifest)
+    problems += tensor_problems(tensors, {p.peft_name: p.shape for p in manifest.parameters})
     if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise OrtloraError(f"adapter {directory} does not match the artifacts: {shown}")
-    return weights
+        raise OrtloraError(f"adapter {directory} does not match the artifacts: {listing(problems)}")
+    return {p.onnx_name: tensors[p.peft_name].astype(np.float32) for p in manifest.parameters}
 
 
-def load_resume_state(directory: Path) -> tuple[dict[str, np.ndarray], dict]:
-    from safetensors.numpy import load_file
+def _config_problems(config: dict, manifest: Manifest) -> list[str]:
+    """Settings of a PEFT LoraConfig that would make the same tensors mean another adapter here."""
+    problems = []
+    for key, ours in (("r", manifest.lora["rank"]), ("lora_alpha", manifest.lora["alpha"])):
+        value = config.get(key, ours)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != float(ours):
+            problems.append(f"{key} is {value!r}, the artifacts have {ours}")
+    problems += [f"{key} is set, the artifacts scale every module by lora_alpha / r"
+                 for key in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern") if config.get(key)]
+    return problems
+
+
+def load_resume_state(directory: Path, manifest: Manifest | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """AdamW's state and the trainer's state of a checkpoint. Given the artifacts' ``manifest``, the AdamW
+    state must hold the moments of exactly its LoRA weights: anything else is refused, listing what is wrong."""
+    from ortlora.runtime.trainer import Position
 
     for name in (OPTIMIZER_STATE, TRAINER_STATE):
         if not (directory / name).is_file():
             raise OrtloraError(f"{directory} has no {name}: it is an adapter, not a resumable checkpoint (use --init-adapter)")
-    return load_file(str(directory / OPTIMIZER_STATE)), json.loads((directory / TRAINER_STATE).read_text())
+    optimizer_state = read_tensors(directory / OPTIMIZER_STATE)
+    if manifest is not None:
+        problems = state_problems(optimizer_state, {p.onnx_name: p.shape for p in manifest.parameters})
+        if problems:
+            raise OrtloraError(f"{directory / OPTIMIZER_STATE} does not match the artifacts: {listing(problems)}")
+    state = read_json(directory / TRAINER_STATE)
+    position = state.get("position")
+    keys = [f.name for f in fields(Position)]
+    if not (isinstance(position, dict) and sorted(position) == sorted(keys)
+            and all(type(v) is int and v >= 0 for v in position.values())):
+        raise OrtloraError(f"{directory / TRAINER_STATE} has no valid position (an object of {', '.join(keys)}: "
+                           "counts from 0)")
+    return optimizer_state, state

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import signal
 import sys
 import time
@@ -14,10 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from ortlora.errors import OrtloraError, add_debug_argument, cli_entry
+from ortlora.files import read_json
 from ortlora.manifest import Manifest
 from ortlora.output_dirs import remove_stale_temp
 from ortlora.runtime import config as cfg
-from ortlora.runtime.checkpoint import TRAINER_STATE, find_checkpoint, load_adapter
+from ortlora.runtime.checkpoint import TRAINER_STATE, find_checkpoint, load_adapter, load_resume_state
 from ortlora.runtime.data import load_jsonl, pack
 from ortlora.runtime.report import JsonlLog, ProgressBar, format_step, plot_losses
 from ortlora.runtime.run_dir import RUN_STATE, RunDir, check_run_dir, record_latest, write_json
@@ -25,6 +25,7 @@ from ortlora.runtime.tokenizer import Tokenizer
 from ortlora.runtime.trainer import Trainer, TrainingStopped, plan_steps
 
 BUILTIN = cfg.BUILTIN
+RESUME_ELSEWHERE = "resume from another checkpoint"
 PROFILE_TEMP = "ortlora-profile"  # session_backend's first-step profiles, named ortlora-profile-<pid>_...
 
 
@@ -40,16 +41,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise OrtloraError(f"{path} is damaged ({e}); resume from another checkpoint") from None
-    if not isinstance(data, dict):
-        raise OrtloraError(f"{path} is damaged (not a JSON object); resume from another checkpoint")
-    return data
-
-
 def resolve_config(args: argparse.Namespace) -> tuple[cfg.TrainConfig, Path | None]:
     """defaults < the resumed run's settings < --config file < command line."""
     given = cfg.given(args)
@@ -57,7 +48,9 @@ def resolve_config(args: argparse.Namespace) -> tuple[cfg.TrainConfig, Path | No
     if given.get("resume"):
         resume_from = find_checkpoint(Path(given["resume"]))
         state = resume_from / TRAINER_STATE
-        saved = read_json(state).get("config", {}) if state.is_file() else {}
+        saved = read_json(state, RESUME_ELSEWHERE).get("config", {}) if state.is_file() else {}
+        if not isinstance(saved, dict):
+            raise OrtloraError(f"{state}: config must be a JSON object; {RESUME_ELSEWHERE}")
         # --overwrite is the user's word for this command, never inherited from the run resumed.
         base = cfg.from_mapping({k: v for k, v in saved.items() if k not in ("resume", "init_adapter", "overwrite")},
                                 str(state))
@@ -80,16 +73,6 @@ def data_path(spec: str, split: str) -> Path:
             raise OrtloraError(f"unknown built-in dataset {spec!r}; choose builtin:chat, builtin:completions or builtin:text")
         return Path(str(path))
     return Path(spec)
-
-
-def context_length(artifacts: Path, manifest: Manifest) -> int | None:
-    """The model's max_position_embeddings, from the config.json the build copied."""
-    path = artifacts / manifest.files["config"]
-    try:
-        value = json.loads(path.read_text(encoding="utf-8")).get("max_position_embeddings")
-    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
-        raise OrtloraError(f"{path} is damaged; rebuild the artifacts") from None
-    return value if isinstance(value, int) and value > 0 else None
 
 
 def make_backend(c: cfg.TrainConfig, artifacts: Path, manifest: Manifest):
@@ -164,15 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     base_model = str(manifest.base_model_dir(artifacts).resolve())
     print(f"ortlora-train: {artifacts} (base model {base_model}; LoRA r={manifest.lora['rank']} on "
           f"{', '.join(manifest.lora['targets'])}), data {c.data}", flush=True)
-    limit = context_length(artifacts, manifest)
-    if limit and c.max_seq_len > limit:
+    limit = manifest.context_length(artifacts)
+    if c.max_seq_len > limit:
         raise OrtloraError(f"--max-seq-len {c.max_seq_len} is longer than the model's context "
                            f"(max_position_embeddings {limit}); pass at most {limit}")
 
     tokenizer = Tokenizer(artifacts)
     train, evaluation, messages = load_data(c, tokenizer)
     _, _, total = plan_steps(len(train), c)
-    done = read_json(resume_from / TRAINER_STATE)["position"]["step"] if resume_from else 0
+    done = load_resume_state(resume_from, manifest)[1]["position"]["step"] if resume_from else 0
     if resume_from and done >= total:
         print(f"{resume_from} has done all {total} steps of its run; nothing to do "
               f"(pass a larger --max-steps or --epochs to train further)")

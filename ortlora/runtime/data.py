@@ -10,14 +10,14 @@ An end-of-sequence token is appended to text and completions (chat templates bri
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ortlora.errors import OrtloraError
-from ortlora.runtime.tokenizer import Tokenizer
+from ortlora.files import json_type, parse_json
+from ortlora.runtime.tokenizer import TemplateRenderError, Tokenizer
 
 IGNORE_INDEX = -100
 
@@ -48,25 +48,61 @@ class BadExample(ValueError):
     pass
 
 
-def _spans(row: dict, tokenizer: Tokenizer) -> tuple[str, list[tuple[int, int]], bool]:
+def check_messages(messages) -> None:
+    """A conversation is a non-empty list of {"role": str, "content": str} objects (for data lines and
+    ortlora-generate --messages alike); raises BadExample saying what is not."""
+    if not isinstance(messages, list) or not messages:
+        raise BadExample('\'messages\' must be a non-empty list of {"role": ..., "content": ...} objects')
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise BadExample(f"message {i} is {json_type(m)}, not an object")
+        for key in ("role", "content"):
+            if not isinstance(m.get(key), str):
+                raise BadExample(f"message {i} needs a string {key!r}, not {json_type(m.get(key))}")
+
+
+def _render(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt)
+    except TemplateRenderError as e:
+        raise BadExample(str(e)) from None
+
+
+def _turn_span(messages: list[dict], i: int, full: str, tokenizer: Tokenizer) -> tuple[int, int]:
+    """The characters of assistant message ``i`` in ``full``, the whole conversation rendered.
+
+    The turn is what rendering messages[:i + 1] adds to the prompt before it (messages[:i] with the
+    generation prompt). Some templates cannot render that prompt: Qwen2.5's reads messages[0], so a
+    conversation that opens with the assistant has none. Then the turn starts at its content.
+    """
+    upto = _render(tokenizer, messages[: i + 1])
+    if not full.startswith(upto):
+        raise BadExample(f"the chat template renders message {i} differently once later messages follow, "
+                         "so its tokens cannot be told apart")
+    try:
+        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
+    except TemplateRenderError:
+        prompt = None
+    if prompt is not None and upto.startswith(prompt):
+        return len(prompt), len(upto)
+    content = messages[i]["content"]
+    start = upto.rfind(content) if content else -1
+    if start < 0:
+        raise BadExample(f"the chat template cannot render the conversation before message {i}, nor does its "
+                         "rendering show that message's content, so its tokens cannot be told apart")
+    return start, len(upto)
+
+
+def _spans(row, tokenizer: Tokenizer) -> tuple[str, list[tuple[int, int]], bool]:
     """Text of the example, the character spans that are trained, and whether to append EOS."""
     if not isinstance(row, dict):
-        raise BadExample("expected a JSON object")
+        raise BadExample(f"expected JSON Lines, one object per line, not {json_type(row)}")
     if "messages" in row:
         messages = row["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise BadExample("'messages' must be a non-empty list")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise BadExample(f"message {i} needs string 'role' and 'content'")
-        spans = []
-        for i, m in enumerate(messages):
-            if m["role"] == "assistant":
-                # The turn's text is what rendering it adds after the prompt that precedes it.
-                start = len(tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True))
-                end = len(tokenizer.apply_chat_template(messages[: i + 1]))
-                spans.append((start, end))
-        return tokenizer.apply_chat_template(messages), spans, False
+        check_messages(messages)
+        full = _render(tokenizer, messages)
+        spans = [_turn_span(messages, i, full, tokenizer) for i, m in enumerate(messages) if m["role"] == "assistant"]
+        return full, spans, False
     if "prompt" in row or "completion" in row:
         prompt, completion = row.get("prompt"), row.get("completion")
         if not isinstance(prompt, str) or not isinstance(completion, str):
@@ -97,30 +133,48 @@ def encode_example(row: dict, tokenizer: Tokenizer, max_seq_len: int) -> tuple[E
     return Example(ids_arr[:-1], labels), truncated
 
 
+def _parse_line(raw: bytes):
+    """One line of a JSON Lines file as its JSON value; BadExample when it is not UTF-8 or not JSON."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadExample(f"not UTF-8 text (byte {e.start} of the line is {raw[e.start]:#04x})") from None
+    try:
+        return parse_json(line)
+    except ValueError as e:
+        raise BadExample(f"{e}; expected JSON Lines, one object per line") from None
+
+
+def _lines(path: Path):
+    """(line number, bytes) of every non-blank line; each line is decoded on its own, so that one bad line
+    is one bad example. A UTF-8 byte order mark at the start is not part of the first line."""
+    try:
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                raw = raw.removeprefix(b"\xef\xbb\xbf") if lineno == 1 else raw
+                if raw.strip():
+                    yield lineno, raw
+    except OSError as e:
+        raise OrtloraError(f"data file {path} cannot be read ({e.strerror or e})") from None
+
+
 def load_jsonl(path: Path, tokenizer: Tokenizer, max_seq_len: int, on_bad: str = "stop") -> tuple[list[Example], LoadReport]:
     """Read and tokenise a JSON Lines file. on_bad: "stop" raises at the first bad line, "skip" counts it."""
     if not path.is_file():
-        raise OrtloraError(f"data file {path} does not exist")
+        raise OrtloraError(f"data file {path} " + ("is not a file" if path.exists() else "does not exist"))
     report = LoadReport(path)
     examples: list[Example] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise BadExample(f"not valid JSON ({e.msg})") from None
-                example, truncated = encode_example(row, tokenizer, max_seq_len)
-            except BadExample as e:
-                where = f"{path}:{lineno}: {e}"
-                if on_bad == "stop":
-                    raise OrtloraError(f"{where} (pass --on-bad-data skip to skip such lines)") from None
-                report.skipped.append(where)
-                continue
-            examples.append(example)
-            report.truncated += truncated
+    for lineno, raw in _lines(path):
+        try:
+            example, truncated = encode_example(_parse_line(raw), tokenizer, max_seq_len)
+        except BadExample as e:
+            where = f"{path}:{lineno}: {e}"
+            if on_bad == "stop":
+                raise OrtloraError(f"{where} (pass --on-bad-data skip to skip such lines)") from None
+            report.skipped.append(where)
+            continue
+        examples.append(example)
+        report.truncated += truncated
     if not examples:
         raise OrtloraError(f"{path} has no usable examples" + (f" ({len(report.skipped)} bad lines)" if report.skipped else ""))
     report.examples = len(examples)

@@ -11,7 +11,7 @@ temperature, top-k, top-p; temperature 0 is greedy. No torch.
 
 from __future__ import annotations
 
-import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +20,9 @@ from typing import Callable
 import numpy as np
 
 from ortlora.errors import OrtloraError
-from ortlora.manifest import Manifest
-from ortlora.runtime.backend import session_providers
+from ortlora.files import read_json
+from ortlora.manifest import REBUILD, Manifest
+from ortlora.runtime.backend import loading, onnx_file, session_providers
 from ortlora.runtime.tokenizer import Tokenizer
 
 
@@ -38,15 +39,18 @@ class Sampling:
     def check(self) -> None:
         if self.max_new_tokens <= 0:
             raise OrtloraError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
-            raise OrtloraError("need --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1 and --repetition-penalty > 0")
+        numbers = (self.temperature, self.top_p, self.repetition_penalty)
+        if (not all(map(math.isfinite, numbers)) or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1
+                or self.repetition_penalty <= 0):
+            raise OrtloraError("need --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1 and --repetition-penalty > 0, "
+                               f"all finite; got {self.temperature}, {self.top_k}, {self.top_p}, {self.repetition_penalty}")
 
 
 @dataclass
 class Generation:
     tokens: list[int]
     text: str
-    stop_reason: str  # "eos", "stop string", "length"
+    stop_reason: str  # "eos", "stop string", "length" (--max-new-tokens), "context length" (the model's)
     prompt_tokens: int
     prompt_seconds: float
     generation_seconds: float
@@ -69,7 +73,8 @@ def next_token(logits: np.ndarray, history: list[int], s: Sampling, rng: np.rand
         logits[seen] = np.where(scores > 0, scores / s.repetition_penalty, scores * s.repetition_penalty)
     if s.temperature == 0:
         return int(np.argmax(logits))
-    logits = logits / s.temperature
+    with np.errstate(over="ignore"):  # a tiny temperature sends all but the largest (0) to -inf: greedy, no NaN
+        logits = (logits - logits.max()) / s.temperature
     if s.top_k:
         kth = np.sort(logits)[-min(s.top_k, logits.size)]
         logits[logits < kth] = -np.inf
@@ -100,18 +105,24 @@ class Generator:
         options.log_severity_level = 3  # LoRA inputs with defaults are intended
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(artifacts / self.manifest.files["decoder_model"]), options,
-                                            providers=session_providers(ep))
+        providers = session_providers(ep)
+        decoder = onnx_file(artifacts, self.manifest.files["decoder_model"])
+        with loading(decoder):
+            self.session = ort.InferenceSession(str(decoder), options, providers=providers)
         self.past = [i for i in self.session.get_inputs() if i.name.startswith("past.")]
         self.eos_ids = {self.tokenizer.eos_id} | self._generation_eos(artifacts)
+        self.context = self.manifest.context_length(artifacts)
 
     @staticmethod
     def _generation_eos(artifacts: Path) -> set[int]:
         path = artifacts / "generation_config.json"
         if not path.is_file():
             return set()
-        eos = json.loads(path.read_text()).get("eos_token_id")
-        return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        eos = read_json(path, REBUILD).get("eos_token_id")
+        ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        if not all(type(i) is int for i in ids):
+            raise OrtloraError(f"{path}: eos_token_id must be a token id or a list of them, not {eos!r}; {REBUILD}")
+        return set(ids)
 
     def prompt(self, text: str | None = None, messages: list[dict] | None = None) -> list[int]:
         """Token ids of a plain prompt, or of chat messages rendered with the chat template."""
@@ -135,12 +146,18 @@ class Generator:
     def generate(self, prompt_ids: list[int], sampling: Sampling, on_text: Callable[[str], None] | None = None,
                  use_cache: bool = True) -> Generation:
         sampling.check()
+        if len(prompt_ids) >= self.context:
+            raise OrtloraError(f"the prompt is {len(prompt_ids):,} tokens and the model takes {self.context:,} in all "
+                               "(max_position_embeddings); shorten it to leave room for new tokens")
+        # Prompt and new tokens together stay within the context the model was trained for.
+        limit = min(sampling.max_new_tokens, self.context - len(prompt_ids))
         rng = np.random.default_rng(sampling.seed)
         start = time.perf_counter()
         logits, cache = self._run(prompt_ids, len(prompt_ids), self._empty_cache())
         prompt_seconds = time.perf_counter() - start
         tokens: list[int] = []
-        text, emitted, reason = "", "", "length"
+        text, emitted = "", ""
+        reason = "length" if limit == sampling.max_new_tokens else "context length"
         start = time.perf_counter()
         while True:
             token = next_token(logits, prompt_ids + tokens, sampling, rng)
@@ -156,7 +173,7 @@ class Generator:
             if on_text and not text.endswith("\ufffd") and text.startswith(emitted) and len(text) > len(emitted):
                 on_text(text[len(emitted):])
                 emitted = text
-            if hit is not None or len(tokens) >= sampling.max_new_tokens:
+            if hit is not None or len(tokens) >= limit:
                 break
             total = len(prompt_ids) + len(tokens)
             if use_cache:

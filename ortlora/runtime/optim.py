@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ortlora.weights import tensor_problems
+
 
 @dataclass
 class AdamWConfig:
@@ -72,6 +74,19 @@ class AdamW:
         self.t = int(state["step"].reshape(-1)[0])
         self.m = {k[len("exp_avg."):]: v.copy() for k, v in state.items() if k.startswith("exp_avg.")}
         self.v = {k[len("exp_avg_sq."):]: v.copy() for k, v in state.items() if k.startswith("exp_avg_sq.")}
+
+
+def state_problems(state: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """What keeps ``state`` from being the AdamW state of parameters of ``shapes``: a missing, extra or
+    mis-shaped moment would otherwise restart that parameter's moments from zero without a word."""
+    expected = {"step": (1,)} | {f"{kind}.{name}": shape for kind in ("exp_avg", "exp_avg_sq") for name, shape in shapes.items()}
+    problems = tensor_problems(state, expected)
+    step = state.get("step")
+    if step is not None and step.shape == (1,) and not (np.issubdtype(step.dtype, np.integer) and step[0] >= 0):
+        problems.append(f"step is {step[0]}, expected a count of steps")
+    problems += [f"{key} has negative values" for key in expected
+                 if key.startswith("exp_avg_sq.") and key in state and (state[key] < 0).any()]
+    return problems
 
 
 def global_norm(arrays) -> float:

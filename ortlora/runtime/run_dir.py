@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from ortlora.errors import OrtloraError
+from ortlora.files import read_json
 from ortlora.output_dirs import check_output_dir
 
 RUN_STATE = "ortlora-run.json"
@@ -33,6 +34,7 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 RUN_FILES = ("config.json", "log.jsonl", "summary.json", "loss.png", RUN_STATE)
 # A run directory is ortlora-train's when it has its record, or (runs of older versions) a checkpoint.
 RUN_MARKERS = (RUN_STATE, LOCK_FILE, "checkpoint-*/trainer_state.json")
+NAME_A_CHECKPOINT = "name a checkpoint directory (RUN/checkpoint-STEP) instead"
 
 
 def write_json(path: Path, data) -> None:
@@ -68,15 +70,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint the run wrote last, as its record says; for runs without one, the highest step."""
     state = run_dir / RUN_STATE
     if state.is_file():
-        try:
-            latest = json.loads(state.read_text(encoding="utf-8"))["latest"]
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-            raise OrtloraError(f"{state} is damaged; name a checkpoint directory (RUN/checkpoint-STEP) instead") from None
+        latest = read_json(state, NAME_A_CHECKPOINT).get("latest")
         if latest is None:
             return None
         if not isinstance(latest, str) or not CHECKPOINT_RE.match(latest) or not (run_dir / latest).is_dir():
-            raise OrtloraError(f"{state} names checkpoint {latest!r}, which {run_dir} does not hold; "
-                               "name a checkpoint directory (RUN/checkpoint-STEP) instead")
+            raise OrtloraError(f"{state} names checkpoint {latest!r}, which {run_dir} does not hold; {NAME_A_CHECKPOINT}")
         return run_dir / latest
     steps = sorted((int(m.group(1)), p) for p in run_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir())
     return steps[-1][1] if steps else None

@@ -17,16 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ortlora.errors import OrtloraError
+from ortlora.errors import OrtloraError, listing
 from ortlora.manifest import Manifest
-from ortlora.runtime.backend import Batch, session_providers
+from ortlora.runtime.backend import Batch, loading, onnx_file, session_providers
 from ortlora.runtime.frozen import map_frozen_weights, share_with
+from ortlora.weights import read_tensors, tensor_problems
 
 
 class OrtSessionBackend:
     def __init__(self, artifacts: Path, manifest: Manifest, ep: str = "cpu", threads: int | None = None):
         import onnxruntime as ort
-        from safetensors.numpy import load_file
 
         files = manifest.files
         if "portable_training_model" not in files:
@@ -36,8 +36,7 @@ class OrtSessionBackend:
         self.providers = session_providers(ep)
         self._threads = threads
         self.names = [p.onnx_name for p in manifest.parameters]
-        initial = load_file(str(artifacts / files["initial_lora"]))
-        self._weights = {n: np.ascontiguousarray(initial[n], dtype=np.float32) for n in self.names}
+        self._weights = _initial_weights(artifacts / files["initial_lora"], manifest)
         self._grads = {n: np.zeros_like(w) for n, w in self._weights.items()}
         self._step_grads = {n: np.zeros_like(w) for n, w in self._weights.items()}
         self._loss = np.zeros((), np.float32)
@@ -70,7 +69,9 @@ class OrtSessionBackend:
         if profile:  # the first step's profile tells which provider ran each node
             options.enable_profiling = True
             options.profile_file_prefix = os.path.join(tempfile.gettempdir(), f"ortlora-profile-{os.getpid()}")
-        return self._ort.InferenceSession(str(self._artifacts / file_name), options, providers=self.providers)
+        path = onnx_file(self._artifacts, file_name)
+        with loading(path):
+            return self._ort.InferenceSession(str(path), options, providers=self.providers)
 
     def train_step(self, batch: Batch) -> float:
         feeds = {name: np.ascontiguousarray(batch[name], dtype=np.int64) for name in self._inputs}
@@ -103,6 +104,15 @@ class OrtSessionBackend:
     def zero_grad(self) -> None:
         for grad in self._grads.values():
             grad.fill(0.0)
+
+
+def _initial_weights(path: Path, manifest: Manifest) -> dict[str, np.ndarray]:
+    """The LoRA weights the build started from, by ONNX name, checked against the manifest."""
+    tensors = read_tensors(path)
+    problems = tensor_problems(tensors, {p.onnx_name: p.shape for p in manifest.parameters})
+    if problems:
+        raise OrtloraError(f"{path} does not match the manifest: {listing(problems)}; rebuild the artifacts")
+    return {p.onnx_name: np.ascontiguousarray(tensors[p.onnx_name], dtype=np.float32) for p in manifest.parameters}
 
 
 def _placement(profile_path: str) -> dict[str, int]:

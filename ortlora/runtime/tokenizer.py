@@ -6,16 +6,37 @@ as files, and the template is rendered with jinja2 the way transformers renders 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from ortlora.errors import OrtloraError
+from ortlora.errors import OrtloraError, one_line
+from ortlora.files import json_type, read_json, read_text
 
 
-def _token_text(value) -> str | None:
-    return value.get("content") if isinstance(value, dict) else value
+class TemplateRenderError(OrtloraError):
+    """The chat template failed on one conversation: a data problem where the messages are a dataset's line."""
+
+
+def _token_text(config: dict, key: str, path: Path) -> str | None:
+    """A special token of tokenizer_config.json, given as text or as an AddedToken object."""
+    value = config.get(key)
+    text = value.get("content") if isinstance(value, dict) else value
+    if text is not None and not isinstance(text, str):
+        raise OrtloraError(f"{path}: {key} must be a string or an object with a string 'content', not {json_type(value)}")
+    return text
+
+
+def _config_template(config: dict, path: Path) -> str | None:
+    """The chat template of tokenizer_config.json: a string, or a list of named ones of which "default" is used."""
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+        if template is None:
+            raise OrtloraError(f"{path}: chat_template is a list without a template named 'default'")
+    if template is not None and not isinstance(template, str):
+        raise OrtloraError(f"{path}: chat_template must be a string, not {json_type(template)}")
+    return template
 
 
 class Tokenizer:
@@ -25,15 +46,22 @@ class Tokenizer:
         path = directory / "tokenizer.json"
         if not path.is_file():
             raise OrtloraError(f"{directory} has no tokenizer.json")
-        self._tok = FastTokenizer.from_file(str(path))
+        text = read_text(path)
+        try:
+            self._tok = FastTokenizer.from_str(text)
+        except Exception as e:  # tokenizers raises plain Exception for any file it cannot parse
+            raise OrtloraError(f"{path} is not a tokenizer the tokenizers library can read ({one_line(e)})") from None
         config_path = directory / "tokenizer_config.json"
-        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-        self.eos_token = _token_text(config.get("eos_token")) or "<|endoftext|>"
-        self.pad_token = _token_text(config.get("pad_token")) or self.eos_token
+        config = read_json(config_path) if config_path.is_file() else {}
+        self.eos_token = _token_text(config, "eos_token", config_path) or "<|endoftext|>"
+        self.pad_token = _token_text(config, "pad_token", config_path) or self.eos_token
         self.eos_id = self._id(self.eos_token)
         self.pad_id = self._id(self.pad_token)
         template_path = directory / "chat_template.jinja"
-        self.chat_template = template_path.read_text(encoding="utf-8") if template_path.is_file() else config.get("chat_template")
+        if template_path.is_file():
+            self.chat_template, self.template_source = read_text(template_path), str(template_path)
+        else:
+            self.chat_template, self.template_source = _config_template(config, config_path), f"{config_path} (chat_template)"
         self._template = None
 
     def _id(self, token: str) -> int:
@@ -56,11 +84,13 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in np.asarray(ids).ravel()], skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def _compiled(self):
+        """The chat template, compiled once in jinja's immutable sandbox (a template comes with the model
+        files, so it may not reach Python objects or change its inputs); a syntax error names its line."""
         if self.chat_template is None:
             raise OrtloraError("this tokenizer has no chat template, so 'messages' data cannot be rendered")
         if self._template is None:
-            from jinja2.exceptions import TemplateError
+            from jinja2.exceptions import TemplateError, TemplateSyntaxError
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
             def raise_exception(message):
@@ -68,11 +98,22 @@ class Tokenizer:
 
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             env.globals["raise_exception"] = raise_exception
-            self._template = env.from_string(self.chat_template)
-        return self._template.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            eos_token=self.eos_token,
-            pad_token=self.pad_token,
-            bos_token="",
-        )
+            try:
+                self._template = env.from_string(self.chat_template)
+            except TemplateSyntaxError as e:
+                raise OrtloraError(f"{self.template_source} line {e.lineno}: the chat template has a syntax error: "
+                                   f"{e.message}") from None
+        return self._template
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        template = self._compiled()
+        try:
+            return template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                eos_token=self.eos_token,
+                pad_token=self.pad_token,
+                bos_token="",
+            )
+        except Exception as e:  # the template is a program from the model's files: whatever it raises, it failed here
+            raise TemplateRenderError(f"the chat template failed on these messages ({type(e).__name__}: {one_line(e)})") from None

@@ -85,7 +85,7 @@ class Trainer:
     def restore(self, directory: Path) -> None:
         """Continue from a checkpoint: weights, AdamW moments, schedule and data position."""
         weights = ckpt.load_adapter(directory, self.manifest)
-        optimizer_state, state = ckpt.load_resume_state(directory)
+        optimizer_state, state = ckpt.load_resume_state(directory, self.manifest)
         self.backend.set_weights(weights)
         self.optimizer.load_state_dict(optimizer_state)
         self.position = Position(**state["position"])
