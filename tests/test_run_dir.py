@@ -213,3 +213,14 @@ def test_resume_refuses_an_optimizer_state_of_other_weights(artifacts, tmp_path,
     err = capsys.readouterr().err
     assert "optimizer.safetensors does not match the artifacts" in err and err.count("\n") == 1
     assert find_checkpoint(run).name == "checkpoint-2"
+
+
+def test_a_checkpoint_renamed_in_before_the_record_was_updated_is_the_latest(artifacts, tmp_path):
+    """A kill between a checkpoint's rename into place and the update of ortlora-run.json."""
+    run = tmp_path / "run"
+    assert train("--artifacts", str(artifacts), "--out", str(run), "--max-steps", "6", "--save-every", "3") == 0
+    seq = strict_json(run / "checkpoint-3" / "trainer_state.json")["seq"]
+    (run / "ortlora-run.json").write_text(json.dumps({"latest": "checkpoint-3", "seq": seq}))
+    assert find_checkpoint(run).name == "checkpoint-6"
+    (run / "ortlora-run.json").write_text(json.dumps({"latest": None, "seq": 0}))  # before the first record
+    assert find_checkpoint(run).name == "checkpoint-6"

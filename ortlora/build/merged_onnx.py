@@ -37,7 +37,9 @@ def export(base: Path, manifest: Manifest, weights: dict[str, np.ndarray], out: 
     from ortlora.handoff.merge import write_merged
 
     transformers.logging.disable_progress_bar()
-    with tempfile.TemporaryDirectory() as tmp:
+    # The merged model is written inside ``out`` (the export's staging directory): a kill leaves it there,
+    # and the staging directory of a dead process is removed at the next start.
+    with tempfile.TemporaryDirectory(prefix=".merged-", dir=out) as tmp:
         merged = Path(tmp) / "merged"
         merged.mkdir()
         write_merged(base, manifest, weights, merged, artifacts, max_shard_bytes=2**62)

@@ -28,13 +28,12 @@ from ortlora.files import read_json
 from ortlora.manifest import Manifest
 from ortlora.output_dirs import replace_dir
 from ortlora.runtime.optim import state_problems
-from ortlora.runtime.run_dir import latest_checkpoint, record_latest
+from ortlora.runtime.run_dir import TRAINER_STATE, latest_checkpoint, next_seq, record_latest
 from ortlora.weights import read_tensors, tensor_problems
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 OPTIMIZER_STATE = "optimizer.safetensors"
-TRAINER_STATE = "trainer_state.json"
 
 
 def adapter_config(manifest: Manifest, base_model: str) -> dict:
@@ -79,6 +78,8 @@ def save_checkpoint(
 
     final = run_dir / f"checkpoint-{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.tmp-", dir=run_dir))
+    seq = next_seq(run_dir)
+    trainer_state = {**trainer_state, "seq": seq}  # the run's latest is the checkpoint of highest seq
     try:
         by_onnx = {p.onnx_name: p.peft_name for p in manifest.parameters}
         header = {k: str(v) for k, v in {**metadata, "step": step, "artifact_id": manifest.artifact_id,
@@ -93,7 +94,7 @@ def save_checkpoint(
         _fsync_dir(tmp)
         replace_dir(tmp, final)  # an abandoned branch's checkpoint of the same step is replaced
         _fsync_dir(run_dir)
-        record_latest(run_dir, final)
+        record_latest(run_dir, final, seq)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final

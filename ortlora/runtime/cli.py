@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                 messages.append(f"{span} in {run_path} belong to the run abandoned at {resume_from.name}; "
                                 "the run's latest checkpoint is the one it writes last")
         elif not (run_path / RUN_STATE).is_file():
-            record_latest(run_path, None)
+            record_latest(run_path, None, 0)
         if run.removed_leftovers:
             messages.append(f"removed {run.removed_leftovers} half-written entries left in {run_path} by a killed run")
         return train_in(run_path, c, artifacts, manifest, base_model, tokenizer, train, evaluation, messages, resume_from)

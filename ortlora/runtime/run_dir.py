@@ -6,10 +6,13 @@ RUN/
     checkpoint-STEP/        see checkpoint.py
     config.json, log.jsonl, summary.json, loss.png
 
-Checkpoint numbers alone do not tell which is current: a run started again with --overwrite, or resumed
-from an earlier checkpoint, leaves higher-numbered checkpoints of the abandoned run behind. So every
-checkpoint save ends by recording its name in ``ortlora-run.json`` (written atomically), and readers
-(--resume, ortlora-export, ortlora-generate) follow that record.
+Checkpoint numbers alone do not tell which is current: a resume from an earlier checkpoint leaves
+higher-numbered checkpoints of the abandoned branch behind. So checkpoints carry a write sequence number
+(``seq`` in trainer_state.json, one more than any before it in the directory), and the record names the
+latest checkpoint with its ``seq``: a resume sets the record to the checkpoint it resumes from, at the
+highest ``seq`` the directory holds, so nothing written before it counts as newer. Readers (--resume,
+ortlora-export, ortlora-generate) take the checkpoint of highest ``seq`` above the record's, else the
+record's own: a kill between a checkpoint's rename into place and the record's update loses nothing.
 """
 
 from __future__ import annotations
@@ -28,12 +31,13 @@ from ortlora.files import read_json
 from ortlora.output_dirs import check_output_dir
 
 RUN_STATE = "ortlora-run.json"
+TRAINER_STATE = "trainer_state.json"  # a checkpoint's (checkpoint.py)
 LOCK_FILE = ".ortlora-run.lock"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # What ortlora-train writes into a run directory: --overwrite removes these and nothing else.
 RUN_FILES = ("config.json", "log.jsonl", "summary.json", "loss.png", RUN_STATE)
 # A run directory is ortlora-train's when it has its record, or (runs of older versions) a checkpoint.
-RUN_MARKERS = (RUN_STATE, LOCK_FILE, "checkpoint-*/trainer_state.json")
+RUN_MARKERS = (RUN_STATE, LOCK_FILE, f"checkpoint-*/{TRAINER_STATE}")
 NAME_A_CHECKPOINT = "name a checkpoint directory (RUN/checkpoint-STEP) instead"
 
 
@@ -62,22 +66,54 @@ def _finite(value):
     return value
 
 
-def record_latest(run_dir: Path, checkpoint: Path | None) -> None:
-    write_json(run_dir / RUN_STATE, {"latest": checkpoint.name if checkpoint else None})
+def record_latest(run_dir: Path, checkpoint: Path | None, seq: int) -> None:
+    write_json(run_dir / RUN_STATE, {"latest": checkpoint.name if checkpoint else None, "seq": seq})
+
+
+def _record(run_dir: Path) -> tuple[str | None, int] | None:
+    """The record's latest checkpoint name and sequence number, None for runs of older versions."""
+    state = run_dir / RUN_STATE
+    if not state.is_file():
+        return None
+    record = read_json(state, NAME_A_CHECKPOINT)
+    latest, seq = record.get("latest"), record.get("seq", 0)
+    if latest is not None and not (isinstance(latest, str) and CHECKPOINT_RE.match(latest)) or type(seq) is not int:
+        raise OrtloraError(f"{state} is damaged (latest {latest!r}, seq {seq!r}); {NAME_A_CHECKPOINT}")
+    return latest, seq
+
+
+def _checkpoints(run_dir: Path) -> list[tuple[int, int, Path]]:
+    """(write sequence number, step, directory) of every checkpoint; 0 for checkpoints of older versions."""
+    found = []
+    for path in run_dir.iterdir():
+        if (m := CHECKPOINT_RE.match(path.name)) and path.is_dir():
+            try:
+                seq = json.loads((path / TRAINER_STATE).read_bytes()).get("seq", 0)
+            except (OSError, ValueError, AttributeError):
+                seq = 0
+            found.append((seq if type(seq) is int else 0, int(m.group(1)), path))
+    return sorted(found)
+
+
+def next_seq(run_dir: Path) -> int:
+    """The write sequence number of the next checkpoint: above every checkpoint's and the record's."""
+    record = _record(run_dir)
+    return 1 + max([record[1] if record else 0] + [seq for seq, _, _ in _checkpoints(run_dir)])
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint the run wrote last, as its record says; for runs without one, the highest step."""
-    state = run_dir / RUN_STATE
-    if state.is_file():
-        latest = read_json(state, NAME_A_CHECKPOINT).get("latest")
-        if latest is None:
-            return None
-        if not isinstance(latest, str) or not CHECKPOINT_RE.match(latest) or not (run_dir / latest).is_dir():
-            raise OrtloraError(f"{state} names checkpoint {latest!r}, which {run_dir} does not hold; {NAME_A_CHECKPOINT}")
-        return run_dir / latest
-    steps = sorted((int(m.group(1)), p) for p in run_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir())
-    return steps[-1][1] if steps else None
+    """The checkpoint the run wrote last (see the module's docstring); for runs without a record, the highest step."""
+    record, checkpoints = _record(run_dir), _checkpoints(run_dir)
+    if record is None:
+        return max(checkpoints, key=lambda c: c[1])[2] if checkpoints else None
+    latest, seq = record
+    newer = [c for c in checkpoints if c[0] > seq]
+    if newer:
+        return newer[-1][2]
+    if latest is not None and not (run_dir / latest).is_dir():
+        raise OrtloraError(f"{run_dir / RUN_STATE} names checkpoint {latest!r}, which {run_dir} does not hold; "
+                           f"{NAME_A_CHECKPOINT}")
+    return run_dir / latest if latest else None
 
 
 def check_run_dir(out: Path, *, resuming_from: Path | None, overwrite: bool, reads: list[Path]) -> bool:
@@ -112,15 +148,13 @@ class RunDir:
                 shutil.rmtree(entry)
             elif entry.name in RUN_FILES:
                 entry.unlink()
-        record_latest(self.path, None)
+        record_latest(self.path, None, next_seq(self.path) - 1)
 
     def continue_from(self, checkpoint: Path, step: int) -> list[str]:
         """A resume: the run's latest checkpoint is the one it resumes from, and its log ends there.
         Returns the names of later checkpoints, left by the branch that the resume abandons."""
-        if checkpoint.parent.resolve() == self.path.resolve():
-            record_latest(self.path, checkpoint)
-        else:
-            record_latest(self.path, None)
+        same_dir = checkpoint.parent.resolve() == self.path.resolve()
+        record_latest(self.path, checkpoint if same_dir else None, next_seq(self.path) - 1)
         log = self.path / "log.jsonl"
         if log.is_file():
             kept = [r for r in read_log(log) if r.get("step", 0) <= step]

@@ -80,6 +80,7 @@ class Trainer:
         self.last_loss = float("nan")
         self.skipped_steps = 0
         self.stop_requested: str | None = None  # set (by a signal handler) to stop at the next step boundary
+        self._saved: dict[int, Path] = {}  # step -> checkpoint written by this run
 
     # -- state ---------------------------------------------------------------------------------
     def restore(self, directory: Path) -> None:
@@ -97,14 +98,19 @@ class Trainer:
                         Position(**vars(self.position)), self.last_loss)
 
     def save(self, snapshot: Snapshot | None = None) -> Path:
-        """Write a checkpoint of the current state, or of ``snapshot``."""
+        """Write a checkpoint of the current state, or of ``snapshot``; a step this run saved already is
+        the same state (positions only move forward), so its checkpoint is not written again."""
         s = snapshot or Snapshot(self.backend.weights(), self.optimizer.state_dict(), self.position, self.last_loss)
+        if s.position.step in self._saved:
+            return self._saved[s.position.step]
         lr = self.schedule(max(s.position.step - 1, 0))
         state = {"position": vars(s.position), "config": self.config.with_absolute_paths().to_dict(),
                  "skipped_steps": self.skipped_steps}
         metadata = {"epoch": s.position.epoch, "loss": s.loss, "lr": lr}
-        return ckpt.save_checkpoint(self.run_dir, s.position.step, self.manifest, self.base_model,
+        path = ckpt.save_checkpoint(self.run_dir, s.position.step, self.manifest, self.base_model,
                                     s.weights, s.optimizer, state, metadata)
+        self._saved[s.position.step] = path
+        return path
 
     def _roll_back(self, snapshot: Snapshot) -> None:
         self.backend.set_weights(snapshot.weights)
@@ -153,7 +159,6 @@ class Trainer:
         start = time.perf_counter()
         tokens_seen = 0
         eval_loss = None
-        last_saved = None
         good = None  # the last state whose weights gave a finite loss: a bad update is rolled back to it
         while self.position.step < self.total_steps:
             step_start = time.perf_counter()
@@ -195,13 +200,12 @@ class Trainer:
             if c.eval_every and self.position.step % c.eval_every == 0 and self.position.step < self.total_steps:
                 eval_loss = self.evaluate()
             if c.save_every and self.position.step % c.save_every == 0 and self.position.step < self.total_steps:
-                last_saved = self.save()
+                self.save()
             if self.stop_requested and self.position.step < self.total_steps:
-                saved = last_saved if last_saved and last_saved.name == f"checkpoint-{self.position.step}" else self.save()
-                raise TrainingStopped(saved, self.position.step, self.total_steps)
+                raise TrainingStopped(self.save(), self.position.step, self.total_steps)
         wall = time.perf_counter() - start
         eval_loss = self.evaluate()
-        last_saved = self.save()
+        saved = self.save()
         return {
             "steps": self.position.step,
             "skipped_steps": self.skipped_steps,
@@ -212,7 +216,7 @@ class Trainer:
             "eval_loss": eval_loss,
             "eval_perplexity": math.exp(min(eval_loss, 50)) if eval_loss is not None else None,
             "peak_rss_mb": round(peak_rss_mb(), 1),
-            "checkpoint": str(last_saved),
+            "checkpoint": str(saved),
         }
 
     def _bad_step(self, what: str, good: Snapshot | None) -> None:
