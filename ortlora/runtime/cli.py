@@ -20,7 +20,7 @@ from ortlora.runtime import config as cfg
 from ortlora.runtime.checkpoint import TRAINER_STATE, find_checkpoint, load_adapter, load_resume_state
 from ortlora.runtime.data import load_jsonl, pack
 from ortlora.runtime.report import JsonlLog, ProgressBar, format_step, plot_losses
-from ortlora.runtime.run_dir import RUN_STATE, RunDir, check_run_dir, record_latest, write_json
+from ortlora.runtime.run_dir import RunDir, check_run_dir, write_json
 from ortlora.runtime.tokenizer import Tokenizer
 from ortlora.runtime.trainer import Trainer, TrainingStopped, plan_steps
 
@@ -164,18 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     remove_stale_temp(PROFILE_TEMP)
     run = RunDir(run_path)  # locked until the process ends
     try:
-        if c.overwrite and not same_run:
-            run.start_over()
-        if resume_from:
-            abandoned = run.continue_from(resume_from, done)
-            if abandoned:
-                span = abandoned[0] if len(abandoned) == 1 else f"{abandoned[0]} to {abandoned[-1]}"
-                messages.append(f"{span} in {run_path} belong to the run abandoned at {resume_from.name}; "
-                                "the run's latest checkpoint is the one it writes last")
-        elif not (run_path / RUN_STATE).is_file():
-            record_latest(run_path, None, 0)
-        if run.removed_leftovers:
-            messages.append(f"removed {run.removed_leftovers} half-written entries left in {run_path} by a killed run")
+        messages += run.begin(start_over=c.overwrite and not same_run, resume_from=resume_from, step=done)
         return train_in(run_path, c, artifacts, manifest, base_model, tokenizer, train, evaluation, messages, resume_from)
     finally:
         run.close()

@@ -141,6 +141,23 @@ class RunDir:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         return len(leftovers)
 
+    def begin(self, *, start_over: bool, resume_from: Path | None, step: int) -> list[str]:
+        """Make the directory this run's: start an earlier run over (--overwrite), continue from a
+        checkpoint at ``step``, or mark a new one. Returns lines that tell the user what was done."""
+        said = [f"removed {self.removed_leftovers} half-written entries left in {self.path} by a killed run"
+                ] if self.removed_leftovers else []
+        if start_over:
+            self.start_over()
+        if resume_from is not None:
+            abandoned = self.continue_from(resume_from, step)
+            if abandoned:
+                span = abandoned[0] if len(abandoned) == 1 else f"{abandoned[0]} to {abandoned[-1]}"
+                said.append(f"{span} in {self.path} belong to the run abandoned at {resume_from.name}; "
+                            "the run's latest checkpoint is the one it writes last")
+        elif not (self.path / RUN_STATE).is_file():
+            record_latest(self.path, None, 0)
+        return said
+
     def start_over(self) -> None:
         """--overwrite: remove the previous run's checkpoints and files, and nothing else."""
         for entry in self.path.iterdir():
