@@ -19,35 +19,15 @@ from ortlora.errors import OrtloraError
 from ortlora.manifest import Manifest
 from ortlora.onnx_files import check_external_data
 from ortlora.runtime.frozen import map_frozen_weights, share_with
+from ortlora.runtime.providers import PROVIDERS, check_provider  # noqa: F401 (PROVIDERS: --ep's names)
 
 Batch = dict[str, np.ndarray]  # input_ids, attention_mask, labels: int64 [batch, seq]
-
-PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-    "dml": "DmlExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-    "rocm": "ROCMExecutionProvider",
-    "migraphx": "MIGraphXExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "webgpu": "WebGpuExecutionProvider",
-    "qnn": "QNNExecutionProvider",
-    "xnnpack": "XnnpackExecutionProvider",
-}
-
 
 def has_training_api() -> bool:
     """Whether the installed onnxruntime is a training build (onnxruntime-training[-cpu] 1.19.2)."""
     from onnxruntime.capi import _pybind_state as C
 
     return hasattr(C, "Module") and hasattr(C, "load_checkpoint")
-
-
-def session_providers(ep: str) -> list[str]:
-    """Providers for an InferenceSession on --ep: the accelerator first, the CPU for what it does not take."""
-    provider = check_provider(ep)
-    return [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
 
 
 def onnx_file(artifacts: Path, name: str) -> Path:
@@ -102,22 +82,6 @@ class TrainingBackend(Protocol):
         """Accumulated gradients since the last ``zero_grad``, by ONNX name."""
 
     def zero_grad(self) -> None: ...
-
-
-def check_provider(ep: str) -> str:
-    """Map --ep to an ORT provider name, or raise naming the providers this onnxruntime has."""
-    import onnxruntime
-
-    available = onnxruntime.get_available_providers()
-    short = {v: k for k, v in PROVIDERS.items()}
-    names = ", ".join(short.get(p, p) for p in available)
-    if ep not in PROVIDERS:
-        raise OrtloraError(f"unknown execution provider {ep!r}; this onnxruntime has: {names}")
-    if PROVIDERS[ep] not in available:
-        hint = (" (install onnxruntime-gpu, or onnxruntime-training for the training API, in place of the CPU package)"
-                if ep == "cuda" else "")
-        raise OrtloraError(f"execution provider {ep} is not available{hint}; this onnxruntime has: {names}")
-    return PROVIDERS[ep]
 
 
 class OrtTrainingBackend:

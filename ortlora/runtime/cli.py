@@ -19,6 +19,7 @@ from ortlora.output_dirs import remove_stale_temp
 from ortlora.runtime import config as cfg
 from ortlora.runtime.checkpoint import TRAINER_STATE, find_checkpoint, load_adapter, load_resume_state
 from ortlora.runtime.data import load_jsonl, pack
+from ortlora.runtime.providers import PROVIDERS, short_name
 from ortlora.runtime.report import JsonlLog, ProgressBar, format_step, plot_losses
 from ortlora.runtime.run_dir import RunDir, check_run_dir, write_json
 from ortlora.runtime.tokenizer import Tokenizer
@@ -87,7 +88,7 @@ def make_backend(c: cfg.TrainConfig, artifacts: Path, manifest: Manifest):
         return name, OrtTrainingBackend(artifacts, manifest, ep=c.ep, threads=c.threads)
     from ortlora.runtime.session_backend import OrtSessionBackend
 
-    return name, OrtSessionBackend(artifacts, manifest, ep=c.ep, threads=c.threads)
+    return name, OrtSessionBackend(artifacts, manifest, ep=c.ep, threads=c.threads, allow_fallback=c.allow_fallback)
 
 
 def load_data(c: cfg.TrainConfig, tokenizer: Tokenizer) -> tuple[list, list, list[str]]:
@@ -191,8 +192,11 @@ def train_in(run_dir: Path, c: cfg.TrainConfig, artifacts: Path, manifest: Manif
         every = max(1, trainer.total_steps // 20)
         trainer.callbacks.append(lambda r: print(format_step(r), flush=True)
                                  if r["kind"] == "train" and (r["step"] % every == 0 or r["step"] == r["total_steps"]) else None)
+    running = " + ".join(short_name(p) for p in getattr(backend, "providers", [PROVIDERS[c.ep]]))
+    if PROVIDERS[c.ep] not in getattr(backend, "providers", [PROVIDERS[c.ep]]):
+        messages.append(f"{c.ep} cannot run the training graph; the CPU provider runs it (--allow-fallback)")
     print(f"  {manifest.counts['trainable']:,} LoRA parameters, {trainer.total_steps} steps "
-          f"({trainer.steps_per_epoch} per epoch), backend {backend_name} on {c.ep}, run {run_dir}")
+          f"({trainer.steps_per_epoch} per epoch), backend {backend_name} on {running}, run {run_dir}")
     for line in messages:
         print("  " + line)
     try:

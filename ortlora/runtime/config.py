@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
 from ortlora.errors import OrtloraError
-from ortlora.runtime.backend import PROVIDERS
+from ortlora.runtime.providers import PROVIDERS
 
 BACKENDS = ("auto", "ort-training", "ort-session")
 EPS = tuple(PROVIDERS)
@@ -48,6 +48,8 @@ class TrainConfig:
     backend: str = _f("auto", "ort-training: ORT's training API (onnxruntime-training, cpu/cuda); ort-session: the "
                       "portable training graph on any onnxruntime and provider; auto: the first that fits", choices=BACKENDS)
     ep: str = _f("cpu", "execution provider (the CPU provider runs what an accelerator does not take)", choices=EPS)
+    allow_fallback: bool = _f(False, "when --ep's provider cannot run the training graph, train on the CPU provider "
+                              "instead of stopping")
     threads: int | None = _f(None, "intra-op threads (default: ONNX Runtime's choice, all cores)", valid=POSITIVE)
     epochs: int = _f(1, "passes over the training data (ignored when --max-steps is set)", valid=POSITIVE)
     max_steps: int | None = _f(None, "optimizer steps to train; overrides --epochs", valid=POSITIVE)

@@ -22,7 +22,8 @@ import numpy as np
 from ortlora.errors import OrtloraError
 from ortlora.files import read_json
 from ortlora.manifest import REBUILD, Manifest
-from ortlora.runtime.backend import loading, onnx_file, session_providers
+from ortlora.runtime.backend import onnx_file
+from ortlora.runtime.providers import create_session
 from ortlora.runtime.tokenizer import Tokenizer
 
 
@@ -105,10 +106,8 @@ class Generator:
         options.log_severity_level = 3  # LoRA inputs with defaults are intended
         if threads:
             options.intra_op_num_threads = threads
-        providers = session_providers(ep)
         decoder = onnx_file(artifacts, self.manifest.files["decoder_model"])
-        with loading(decoder):
-            self.session = ort.InferenceSession(str(decoder), options, providers=providers)
+        self.session = create_session(decoder, options, ep)
         self.past = [i for i in self.session.get_inputs() if i.name.startswith("past.")]
         self.eos_ids = {self.tokenizer.eos_id} | self._generation_eos(artifacts)
         self.context = self.manifest.context_length(artifacts)

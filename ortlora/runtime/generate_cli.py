@@ -8,9 +8,9 @@ from pathlib import Path
 
 from ortlora.errors import OrtloraError, add_debug_argument, cli_entry
 from ortlora.files import parse_json
-from ortlora.runtime.backend import PROVIDERS
 from ortlora.runtime.data import BadExample, check_messages
 from ortlora.runtime.generate import Generator, Sampling
+from ortlora.runtime.providers import PROVIDERS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -19,13 +19,15 @@ import numpy as np
 
 from ortlora.errors import OrtloraError, listing
 from ortlora.manifest import Manifest
-from ortlora.runtime.backend import Batch, loading, onnx_file, session_providers
+from ortlora.runtime.backend import Batch, onnx_file
 from ortlora.runtime.frozen import map_frozen_weights, share_with
+from ortlora.runtime.providers import create_session
 from ortlora.weights import read_tensors, tensor_problems
 
 
 class OrtSessionBackend:
-    def __init__(self, artifacts: Path, manifest: Manifest, ep: str = "cpu", threads: int | None = None):
+    def __init__(self, artifacts: Path, manifest: Manifest, ep: str = "cpu", threads: int | None = None,
+                 allow_fallback: bool = False):
         import onnxruntime as ort
 
         files = manifest.files
@@ -33,8 +35,7 @@ class OrtSessionBackend:
             raise OrtloraError(f"{artifacts} has no portable training graph (it was built by an older ortlora); "
                                f"rebuild it with ortlora-build")
         self._ort, self._artifacts, self._files = ort, artifacts, files
-        self.providers = session_providers(ep)
-        self._threads = threads
+        self._ep, self._allow_fallback, self._threads = ep, allow_fallback, threads
         self.names = [p.onnx_name for p in manifest.parameters]
         self._weights = _initial_weights(artifacts / files["initial_lora"], manifest)
         self._grads = {n: np.zeros_like(w) for n, w in self._weights.items()}
@@ -45,6 +46,7 @@ class OrtSessionBackend:
         self._frozen_values: list = []
 
         self._train = self._session(files["portable_training_model"], profile=True)
+        self.providers = self._train.get_providers()  # what runs, not what was asked for (--allow-fallback)
         self.placement: dict[str, int] | None = None  # provider -> nodes run, known after the first step
         self._eval = None  # created on first use: many runs evaluate only at the end
         self._binding = self._train.io_binding()
@@ -69,9 +71,7 @@ class OrtSessionBackend:
         if profile:  # the first step's profile tells which provider ran each node
             options.enable_profiling = True
             options.profile_file_prefix = os.path.join(tempfile.gettempdir(), f"ortlora-profile-{os.getpid()}")
-        path = onnx_file(self._artifacts, file_name)
-        with loading(path):
-            return self._ort.InferenceSession(str(path), options, providers=self.providers)
+        return create_session(onnx_file(self._artifacts, file_name), options, self._ep, self._allow_fallback)
 
     def train_step(self, batch: Batch) -> float:
         feeds = {name: np.ascontiguousarray(batch[name], dtype=np.int64) for name in self._inputs}
