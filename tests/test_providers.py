@@ -44,5 +44,6 @@ def test_the_cpu_takes_over_only_when_allowed_and_the_header_says_so(artifacts, 
 def test_the_refused_node_is_named():
     message = ("While validating ONNX node '<Node(ScatterND): /model/layers.1/GatherGrad_1/portable_8>': "
                "Unsupported value of attribute: `reduction`")
-    assert refused_node(message) == "ScatterND /model/layers.1/GatherGrad_1/portable_8"
-    assert refused_node("something else went wrong") == ""
+    assert refused_node(message) == ("ScatterND /model/layers.1/GatherGrad_1/portable_8",
+                                     "Unsupported value of attribute: `reduction`")
+    assert refused_node("something else went wrong") == ("", "something else went wrong")

@@ -13,7 +13,16 @@ InferenceSession, on any execution provider:
 
 The contrib operators of ORT's forward graph (FusedMatMul, QuickGelu, SimplifiedLayerNormalization)
 are decomposed too, so the result is plain ai.onnx opset 17 and passes ``onnx.checker``'s full
-check. The rewrites of single operators are in portable_ops.py.
+check. The rewrites of single operators are in portable_ops.py; they also respell a few standard
+operators that execution providers refuse or compute wrongly (PROVIDER_SPELLINGS), in both graphs.
+
+The pipeline, in order (make_portable):
+
+    _strip_accumulators   ORT's gradient accumulators off (the runtime accumulates)
+    _live_nodes           only what the loss and the LoRA gradients need
+    distinct_positions    which index tensors cannot repeat (gather gradients need no reduction there)
+    rewrite_node          every node in standard ONNX, spelled for the providers
+    names_without_slash   computed tensors renamed without "/" (OpenVINO's provider cuts names there)
 """
 
 from __future__ import annotations
@@ -21,9 +30,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
-from ortlora.build.portable_ops import UnsupportedNode, is_standard, rewrite_node
+from ortlora.build.portable_ops import PROVIDER_SPELLINGS, UnsupportedNode, attrs, is_standard, rewrite_node
 from ortlora.build.training_artifacts import disable_dropout, spell_out_slow_kernels
 
 OPSET = 17
@@ -50,7 +59,8 @@ def make_portable(training_model: onnx.ModelProto, lora_shapes: dict[str, tuple[
     renames = [helper.make_node("Identity", [grads[n]], [n + GRAD_SUFFIX]) for n in lora_names if grads[n] != n + GRAD_SUFFIX]
     live = _live_nodes(list(graph.node) + renames, [o.name for o in outputs])
     weights = {t.name: list(t.dims) for t in graph.initializer}
-    nodes = [new for node in live for new in rewrite_node(node, weights)]
+    distinct = distinct_positions(live, graph.initializer)
+    nodes = [new for node in live for new in rewrite_node(node, weights, distinct)]
 
     feeds = {"input_ids", "attention_mask", "labels", *lora_names}
     inputs = [i for i in graph.input if i.name in feeds]
@@ -60,6 +70,7 @@ def make_portable(training_model: onnx.ModelProto, lora_shapes: dict[str, tuple[
     if absent:
         raise UnsupportedNode(f"no value for the frozen inputs {absent[:3]}")
 
+    names_without_slash(nodes, keep={i.name for i in inputs} | {o.name for o in outputs} | {t.name for t in initializers})
     portable = helper.make_graph(nodes, "ortlora_portable_training", inputs, outputs, initializers)
     model = helper.make_model(portable, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="ortlora")
     model.ir_version = 10
@@ -107,6 +118,68 @@ def _live_nodes(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.No
     return result
 
 
+def distinct_positions(nodes: list[onnx.NodeProto], initializers) -> set[str]:
+    """Tensors holding positions that cannot repeat: the nonzero positions of a 1-D tensor.
+
+    The loss graph gathers the labelled rows at ``nonzero(labels != ignore_index).squeeze(1)``
+    (export.py), which the exporter writes as NonZero -> Transpose -> Squeeze(axis 1). Squeezing
+    axis 1 succeeds only where NonZero's input was 1-D, and NonZero lists each position once, so the
+    gradient of a gather at these indices writes every row once and needs no summing
+    (portable_ops.gather_grad). Any other index tensor is taken to possibly repeat.
+    """
+    constants = {t.name: t for t in initializers if t.data_location != TensorProto.EXTERNAL}
+    constants.update({n.output[0]: n.attribute[0].t for n in nodes if n.op_type == "Constant"
+                      and n.attribute and n.attribute[0].name == "value"})
+    producer = {out: node for node in nodes for out in node.output if out}
+
+    def axes(node: onnx.NodeProto) -> list[int] | None:
+        if "axes" in attrs(node):
+            return list(attrs(node)["axes"])
+        value = constants.get(node.input[1]) if len(node.input) > 1 else None
+        return None if value is None else numpy_helper.to_array(value).reshape(-1).tolist()
+
+    found = set()
+    for node in nodes:
+        if node.op_type != "Squeeze" or axes(node) not in ([1], [-1]):  # NonZero's output is 2-D: -1 is axis 1
+            continue
+        transpose = producer.get(node.input[0])
+        if transpose is None or transpose.op_type != "Transpose" or attrs(transpose).get("perm", [1, 0]) != [1, 0]:
+            continue
+        nonzero = producer.get(transpose.input[0])
+        if nonzero is not None and nonzero.op_type == "NonZero":
+            found.add(node.output[0])
+    return found
+
+
+def names_without_slash(nodes: list[onnx.NodeProto], keep: set[str]) -> None:
+    """Rename every tensor the nodes compute so that it has no "/" (in place; "/" becomes ".").
+
+    The exporter names tensors after module paths (/model/layers.0/self_attn/Reshape_output_0).
+    Where OpenVINO's provider takes part of a graph and folds a tensor it hands back to a constant,
+    it looks the tensor up by its name cut at the first "/" and fails ("Output names mismatch between
+    OpenVINO and ONNX", onnxruntime-openvino 1.24). Graph inputs, outputs and weights (``keep``)
+    keep their names; node names keep theirs too (profiles show them).
+    """
+    taken = set(keep) | {out for node in nodes for out in node.output}
+    renamed: dict[str, str] = {}
+    for node in nodes:
+        for out in node.output:
+            if "/" not in out or out in keep or out in renamed:
+                continue
+            new = base = out.replace("/", ".")
+            suffix = 0
+            while new in taken:
+                suffix += 1
+                new = f"{base}_{suffix}"
+            taken.add(new)
+            renamed[out] = new
+    for node in nodes:
+        for k, name in enumerate(node.input):
+            node.input[k] = renamed.get(name, name)
+        for k, name in enumerate(node.output):
+            node.output[k] = renamed.get(name, name)
+
+
 # -- files -------------------------------------------------------------------------------------
 
 PORTABLE_TRAINING = "portable_training.onnx"
@@ -124,6 +197,12 @@ def eval_graph(loss_model: onnx.ModelProto, weights: dict[str, TensorProto], lor
     model.ir_version = 10
     disable_dropout(model)  # evaluation runs without dropout
     spell_out_slow_kernels(model)
+    dims = {t.name: list(t.dims) for t in graph.initializer}
+    nodes = [new for node in model.graph.node
+             for new in (rewrite_node(node, dims) if node.op_type in PROVIDER_SPELLINGS else [node])]
+    names_without_slash(nodes, keep={i.name for i in inputs} | {o.name for o in graph.output} | {t.name for t in initializers})
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
     return model
 
 

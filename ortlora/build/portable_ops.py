@@ -3,6 +3,12 @@
 One function per operator: it receives the node and an Emitter and adds standard nodes that write the
 node's outputs under their own names, so the rest of the graph is untouched. tests/test_portable.py
 checks each against ORT's own kernel. portable_graph.py applies them to the whole training model.
+
+The spellings keep to what the execution providers' ONNX readers take, not only to what the ONNX
+standard allows: no ScatterND/ScatterElements with a ``reduction`` (OpenVINO's reader refuses
+``add``), no reduction to a 0-d scalar (OpenVINO's provider leaves those to the CPU, which splits the
+graph), and a few standard operators spelled for providers that lack them or compute them wrongly
+(the last section). docs/providers.md lists what each provider was seen to take.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+INT64_MAX = np.iinfo(np.int64).max
+
 
 class UnsupportedNode(ValueError):
     """A node of the gradient graph that no rewrite covers (or an attribute value it does not)."""
@@ -22,10 +30,13 @@ class Emitter:
     """Collects the standard nodes that replace one node; names are unique per replaced node.
 
     ``weights``: the dims of the graph's weights (initializers), where a rewrite can use them.
+
+    ``distinct``: tensors known to hold indices without repeats (portable_graph.distinct_positions).
     """
 
-    def __init__(self, node: onnx.NodeProto, weights: dict[str, list[int]] | None = None):
-        self.node, self.nodes, self._count, self.weights = node, [], 0, weights or {}
+    def __init__(self, node: onnx.NodeProto, weights: dict[str, list[int]] | None = None,
+                 distinct: set[str] | frozenset[str] = frozenset()):
+        self.node, self.nodes, self._count, self.weights, self.distinct = node, [], 0, weights or {}, distinct
         self._prefix = (node.name or node.output[0]) + "/portable"
 
     def fresh(self) -> str:
@@ -43,6 +54,15 @@ class Emitter:
 
     def zeros(self, shape: str) -> str:
         return self("ConstantOfShape", [shape], value=numpy_helper.from_array(np.zeros(1, np.float32)))
+
+    def sum_all(self, x: str, output: str | None = None) -> str:
+        """The sum of every element, as a 0-d tensor: ReduceSum keeping the axes, then Squeeze.
+
+        ReduceSum straight to a 0-d tensor is the same number, but OpenVINO's execution provider
+        leaves reductions without output dimensions to the CPU, and every such node splits the graph
+        into more partitions (reduce_to_scalar below).
+        """
+        return self("Squeeze", [self("ReduceSum", [x], keepdims=1)], [output] if output else None)
 
     def transpose_last_two(self, x: str) -> str:
         """[..., m, n] -> [..., n, m] for any rank >= 2, without knowing the rank."""
@@ -104,10 +124,43 @@ def slice_grad(node, e: Emitter) -> None:
 
 
 def gather_grad(node, e: Emitter) -> None:
-    """dX = zeros(shape) with the rows of dY added at the gathered indices (repeats add up)."""
+    """dX = zeros(shape) with the rows of dY added at the gathered indices (repeats add up).
+
+    Indices known to be distinct (the labelled positions the loss graph gathers with NonZero, see
+    portable_graph.distinct_positions) write each row once: a ScatterND without reduction, exact,
+    and what every provider's reader takes (OpenVINO's refuses ScatterND with reduction="add"). Any
+    other indices may repeat, and their rows are summed by a one-hot product (gather_grad_one_hot).
+    """
     _require(attrs(node).get("axis", 0) == 0, node, "an axis other than 0")
     shape, indices, dy = node.input
-    e("ScatterND", [e.zeros(shape), e("Unsqueeze", [indices, e.const([-1])]), dy], [node.output[0]], reduction="add")
+    if indices in e.distinct:
+        e("ScatterND", [e.zeros(shape), e("Unsqueeze", [indices, e.const([-1])]), dy], [node.output[0]])
+    else:
+        gather_grad_one_hot(node, e)
+
+
+def gather_grad_one_hot(node, e: Emitter) -> None:
+    """dX = onehot(indices)^T @ dY, with dY's rows flattened: [depth, n] @ [n, rest] -> [depth, rest].
+
+    Equal to a scatter-add: the one-hot entries are exactly 1 and 0, so each product is a row of dY
+    or zero, and each output row sums the same rows of dY a scatter-add would (in the matrix
+    product's order: the last bit may differ where an index repeats). It holds a [depth, n] matrix
+    (156 MB for a 151,936-entry vocabulary and 256 indices), which the portable graph never needs:
+    its only gathers with a gradient are at distinct labelled positions, and the embedding's own
+    gradient is pruned (no LoRA weight reads it). A non-finite value in dY spreads to every row
+    (0 * inf is NaN), where a scatter-add would keep it to its own row; training stops on it either way.
+    """
+    shape, indices, dy = node.input
+    depth = e("Slice", [shape, e.const([0]), e.const([1])])
+    flat = e("Reshape", [indices, e.const([-1])])
+    flat = e("Where", [e("Less", [flat, e.const(0)]), e("Add", [flat, depth]), flat])  # Gather takes negative indices
+    positions = e("Range", [e.const(0), e("Squeeze", [depth]), e.const(1)])
+    one_hot = e("Cast", [e("Equal", [e("Unsqueeze", [positions, e.const([1])]), e("Unsqueeze", [flat, e.const([0])])])],
+                to=TensorProto.FLOAT)  # [depth, n]
+    rest = e("ReduceProd", [e("Concat", [e("Slice", [shape, e.const([1]), e.const([INT64_MAX])]), e.const([1])], axis=0)],
+             keepdims=1)  # elements per row; the 1 makes a 1-D data tensor's empty rest multiply to 1
+    rows = e("Reshape", [dy, e("Concat", [e("Shape", [flat]), rest], axis=0)])
+    e("Reshape", [e("MatMul", [one_hot, rows]), shape], [node.output[0]])
 
 
 def label_rows(node, e: Emitter) -> tuple[str, str]:
@@ -145,8 +198,8 @@ def softmax_cross_entropy_loss(node, e: Emitter) -> None:
     if reduction == "none":
         e("Sub", [e.const(0.0, np.float32), picked], [node.output[0]])
         return
-    total = e("ReduceSum", [picked], keepdims=0)
-    divisor = e("Sub", [e.const(0.0, np.float32), e("ReduceSum", [valid], keepdims=0)]) if reduction == "mean" \
+    total = e.sum_all(picked)
+    divisor = e("Sub", [e.const(0.0, np.float32), e.sum_all(valid)]) if reduction == "mean" \
         else e.const(-1.0, np.float32)
     e("Div", [total, divisor], [node.output[0]])
 
@@ -166,7 +219,7 @@ def softmax_cross_entropy_loss_grad(node, e: Emitter) -> None:
     at_label = e("Sub", [e("GatherElements", [prob, column], axis=1), e.const(1.0, np.float32)])
     diff = e("ScatterElements", [prob, column, at_label], axis=1)
     # 'mean': dY / (labelled rows); 'sum': dY; 'none': dY is per row.
-    scale = e("Div", [dy, e("ReduceSum", [valid], keepdims=0)]) if reduction == "mean" else dy
+    scale = e("Div", [dy, e.sum_all(valid)]) if reduction == "mean" else dy
     row_scale = e("Mul", [valid, scale])
     e("Mul", [diff, e("Unsqueeze", [row_scale, e.const([1])])], [node.output[0]])
 
@@ -242,7 +295,7 @@ def fused_matmul(node, e: Emitter) -> None:
     alpha = a.get("alpha", 1.0)
     if a.get("transB") and len(e.weights.get(right, ())) == 2:
         rows = e("Reshape", [left, e.const([-1, e.weights[right][1]])])
-        product = e("Gemm", [rows, right], transB=1, alpha=alpha)
+        product = times_weight_transposed(e, rows, right, alpha)
         shape = e("Concat", [e("Shape", [left], start=0, end=-1), e.const([e.weights[right][0]])], axis=0)
         e("Reshape", [product, shape], [node.output[0]])
         return
@@ -263,11 +316,34 @@ def dropout_grad(node, e: Emitter) -> None:
     e("Mul", [e("Mul", [dy, e("Cast", [mask], to=TensorProto.FLOAT)]), keep_scale], [node.output[0]])
 
 
+def dropout(node, e: Emitter) -> None:
+    """Dropout with a training_mode input: keep = not training or u >= ratio for u ~ U[0, 1),
+    Y = X * keep * (1 / (1 - ratio) if training else 1); the mask output is keep.
+
+    ONNX's definition, with the random draw as its own node: OpenVINO's reader refuses Dropout in
+    training mode, and its provider takes no random operator, so RandomUniformLike runs on the CPU
+    and the rest on the provider. Without a training_mode input Dropout is the identity and stays.
+    """
+    if not _input(node, 2):
+        e.nodes.append(node)
+        return
+    x = node.input[0]
+    ratio = e("Cast", [_input(node, 1) or e.const(0.5, np.float32)], to=TensorProto.FLOAT)
+    training = e("Cast", [node.input[2]], to=TensorProto.BOOL)
+    drawn = e("RandomUniformLike", [x], dtype=TensorProto.FLOAT)
+    keep = e("Or", [e("Not", [training]), e("GreaterOrEqual", [drawn, ratio])], [_live_output(node, 1) or e.fresh()])
+    one = e.const(1.0, np.float32)
+    factor = e("Where", [training, e("Div", [one, e("Sub", [one, ratio])]), one])
+    e("Mul", [e("Mul", [x, e("Cast", [keep], to=TensorProto.FLOAT)]), factor], [node.output[0]])
+
+
 def scale(node, e: Emitter) -> None:
     x, factor = node.input[:2]
     factor = e("Cast", [factor], to=TensorProto.FLOAT)
     e("Div" if attrs(node).get("scale_down") else "Mul", [x, factor], [node.output[0]])
 
+
+# -- standard operators, spelled for the providers ------------------------------------------------
 
 # Standard operators that accelerator providers often lack (CoreML takes neither), spelled with
 # ones they take: Sum as a chain of Add (the order Sum adds in), Neg as x - (x + x), which is exact
@@ -285,9 +361,80 @@ def neg_as_sub(node, e: Emitter) -> None:
     e("Sub", [x, e("Add", [x, x])], [node.output[0]])
 
 
-REWRITES: dict[str, Callable[[onnx.NodeProto, Emitter], None]] = {
+def reduce_to_scalar(node, e: Emitter) -> None:
+    """A reduction over every axis to a 0-d tensor, as the reduction keeping its axes, then Squeeze.
+
+    The same numbers. OpenVINO's execution provider (onnxruntime-openvino 1.24) takes ReduceSum and
+    ReduceMean only where the output has a dimension and leaves the others to the CPU provider; each
+    such node cuts the graph into more partitions, and at such cuts it failed to hand back tensors
+    it had folded to constants (portable_graph.names_without_slash). Reductions with axes, or
+    keeping them, stay as they are.
+    """
+    a = attrs(node)
+    reduces_all = len(node.input) < 2 or not node.input[1]  # no axes input (ReduceSum since opset 13)
+    if a.get("keepdims", 1) or not reduces_all or "axes" in a or a.get("noop_with_empty_axes", 0):
+        e.nodes.append(node)
+        return
+    kept = {k: v for k, v in a.items() if k != "keepdims"}
+    e("Squeeze", [e(node.op_type, [node.input[0]], keepdims=1, **kept)], [node.output[0]])
+
+
+def size_as_shape_product(node, e: Emitter) -> None:
+    """Size(X) as the product of Shape(X), kept 1-D and squeezed to the 0-d count Size gives.
+
+    ORT's gradient of a mean (label smoothing's mean over the vocabulary) divides by Size, whose 0-d
+    output OpenVINO's provider leaves to the CPU (see reduce_to_scalar).
+    """
+    e("Squeeze", [e("ReduceProd", [e("Shape", [node.input[0]])], keepdims=1)], [node.output[0]])
+
+
+def times_weight_transposed(e: Emitter, rows: str, weight: str, alpha: float = 1.0, output: str | None = None) -> str:
+    """rows @ W^T for a 2-D frozen weight W: a Gemm with transB=1, or for a square W, (W @ rows^T)^T.
+
+    The backward pass multiplies by every frozen weight transposed (dX = dY @ W^T) while the forward
+    pass multiplies by it as it is. OpenVINO's CPU plugin (2025.4, in onnxruntime-openvino 1.24)
+    gets the transposed product wrong when W is square (q_proj and o_proj): it gives dY @ W, as if
+    it reused the copy of W it repacked for the forward product (seen on a two-node graph, x @ W and
+    Gemm(dY, W, transB=1); non-square weights come out right). Spelled with W untransposed on
+    the left, the product is right on every provider; the price is two transposes of the activations
+    ([rows, hidden]; ONNX Runtime's CPU provider folds the first into its matrix product), where a
+    Transpose of W itself would make ONNX Runtime fold a transposed copy of every weight.
+    """
+    dims = e.weights.get(weight, [])
+    if len(dims) != 2 or dims[0] != dims[1]:
+        return e("Gemm", [rows, weight], [output] if output else None, transB=1, alpha=alpha)
+    product = e("MatMul", [weight, e("Transpose", [rows], perm=[1, 0])])
+    if alpha == 1.0:
+        return e("Transpose", [product], [output] if output else None, perm=[1, 0])
+    return e("Mul", [e("Transpose", [product], perm=[1, 0]), e.const(alpha, np.float32)], [output] if output else None)
+
+
+def gemm(node, e: Emitter) -> None:
+    """A Gemm by a square frozen weight transposed (ORT's gradient of x @ W) as times_weight_transposed;
+    any other Gemm as it is."""
+    a = attrs(node)
+    weight = node.input[1]
+    dims = e.weights.get(weight, [])
+    square = len(dims) == 2 and dims[0] == dims[1]
+    if not (square and a.get("transB") and not a.get("transA") and (len(node.input) < 3 or not node.input[2])):
+        e.nodes.append(node)
+        return
+    times_weight_transposed(e, node.input[0], weight, a.get("alpha", 1.0), node.output[0])
+
+
+# Standard operators that some node spellings or providers need spelled otherwise; rewrite_node
+# leaves a node of these types as it is where its function says so.
+PROVIDER_SPELLINGS: dict[str, Callable[[onnx.NodeProto, Emitter], None]] = {
     "Sum": sum_as_adds,
     "Neg": neg_as_sub,
+    "ReduceSum": reduce_to_scalar,
+    "ReduceMean": reduce_to_scalar,
+    "Size": size_as_shape_product,
+    "Gemm": gemm,
+}
+
+REWRITES: dict[str, Callable[[onnx.NodeProto, Emitter], None]] = {
+    **PROVIDER_SPELLINGS,
     "ConcatTraining": concat_training,
     "SplitTraining": split_training,
     "SliceGrad": slice_grad,
@@ -301,6 +448,7 @@ REWRITES: dict[str, Callable[[onnx.NodeProto, Emitter], None]] = {
     "SimplifiedLayerNormalization": simplified_layer_norm,
     "SimplifiedLayerNormalizationGrad": simplified_layer_norm_grad,
     "FusedMatMul": fused_matmul,
+    "Dropout": dropout,
     "DropoutGrad": dropout_grad,
     "Scale": scale,
 }
@@ -310,15 +458,17 @@ def is_standard(node: onnx.NodeProto) -> bool:
     return node.domain in ("", "ai.onnx") and node.op_type not in REWRITES
 
 
-def rewrite_node(node: onnx.NodeProto, weights: dict[str, list[int]] | None = None) -> list[onnx.NodeProto]:
+def rewrite_node(node: onnx.NodeProto, weights: dict[str, list[int]] | None = None,
+                 distinct: set[str] | frozenset[str] = frozenset()) -> list[onnx.NodeProto]:
     """The standard nodes that compute ``node``'s outputs (the node itself if it is standard).
 
-    ``weights``: dims of the graph's initializers by name, which some rewrites use.
+    ``weights``: dims of the graph's initializers by name, which some rewrites use. ``distinct``:
+    tensors known to hold indices without repeats.
     """
     if is_standard(node):
         return [node]
     if node.op_type not in REWRITES:
         raise UnsupportedNode(f"{node.domain}.{node.op_type} (node {node.name!r}) has no portable rewrite")
-    emitter = Emitter(node, weights)
+    emitter = Emitter(node, weights, distinct)
     REWRITES[node.op_type](node, emitter)
     return emitter.nodes

@@ -1,0 +1,141 @@
+"""The portable training graph under ONNX Runtime's OpenVINO execution provider.
+
+onnxruntime-openvino replaces the onnxruntime module, so it lives in an environment of its own,
+.venv-ov (README: "Intel hardware with OpenVINO"), and runs here as a subprocess, as the newest plain
+onnxruntime does in test_portable.py. Its CPU device runs on any x86-64 machine. The reference is
+the CPU provider of the same package, and ORT's training API in this environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ortlora.manifest import Manifest
+from ortlora.runtime.backend import OrtTrainingBackend
+from ortlora.runtime.checkpoint import load_adapter
+from tests.reference import random_weights, rel_err
+from tests.test_build import make_batch
+from tests.test_portable import TOL, train
+
+ROOT = Path(__file__).parents[1]
+
+
+def openvino_python() -> Path | None:
+    """The interpreter of an environment with onnxruntime-openvino and ortlora."""
+    given = os.environ.get("ORTLORA_OPENVINO_PYTHON")
+    path = Path(given) if given else ROOT / ".venv-ov" / "bin" / "python"
+    return path if path.is_file() else None
+
+
+needs_openvino = pytest.mark.skipif(  # never skipped in CI, which creates .venv-ov
+    openvino_python() is None and not os.environ.get("CI"),
+    reason="no OpenVINO environment: create .venv-ov as docs/providers.md says")
+
+
+def run_in_openvino_env(script: str) -> dict:
+    """Run ``script`` with .venv-ov's interpreter; it prints one JSON line last, which is returned."""
+    python = openvino_python()
+    assert python, "CI must create .venv-ov (see .ci/run)"
+    result = subprocess.run([str(python), "-c", textwrap.dedent(script)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@needs_openvino
+@pytest.mark.parametrize("fixture", ["artifacts", "artifacts_all_linear", "artifacts_untied"])
+def test_openvino_gives_the_cpu_providers_loss_and_gradients(fixture, request, tmp_path):
+    directory = request.getfixturevalue(fixture)
+    manifest = Manifest.load(directory)
+    weights = random_weights(manifest, seed=3)
+    batch = make_batch(512, "ignored", seed=6)
+    np.savez(tmp_path / "in.npz", **{f"w:{k}": v for k, v in weights.items()}, **{f"b:{k}": v for k, v in batch.items()})
+    report = run_in_openvino_env(f"""
+        import json, numpy as np, onnxruntime
+        from pathlib import Path
+        from ortlora.manifest import Manifest
+        from ortlora.runtime.session_backend import OrtSessionBackend
+        assert "OpenVINOExecutionProvider" in onnxruntime.get_available_providers()
+        data = np.load(r"{tmp_path / 'in.npz'}")
+        artifacts = Path(r"{directory}")
+        out = {{}}
+        for ep in ("openvino", "cpu"):
+            backend = OrtSessionBackend(artifacts, Manifest.load(artifacts), ep=ep)
+            backend.set_weights({{k[2:]: data[k] for k in data.files if k.startswith("w:")}})
+            batch = {{k[2:]: data[k] for k in data.files if k.startswith("b:")}}
+            loss = backend.train_step(batch)
+            np.savez(r"{tmp_path}" + f"/{{ep}}.npz", loss=loss, eval_loss=backend.eval_loss(batch), **backend.gradients())
+            out[ep] = backend.placement
+        print(json.dumps({{"placement": out, "onnxruntime": onnxruntime.__version__}}))
+    """)
+    # The whole graph is one OpenVINO subgraph: nothing falls back to the CPU provider.
+    assert report["placement"]["openvino"] == {"OpenVINOExecutionProvider": 1}, report
+    openvino, cpu = np.load(tmp_path / "openvino.npz"), np.load(tmp_path / "cpu.npz")
+    assert sorted(openvino.files) == sorted(cpu.files)
+    for name in cpu.files:  # seen: 4e-6 at most (fp32; OpenVINO's CPU device computes in fp32)
+        assert rel_err(openvino[name], cpu[name]) < TOL, name
+
+    api = OrtTrainingBackend(directory, manifest)
+    api.set_weights(weights)
+    assert float(openvino["loss"]) == pytest.approx(api.train_step(batch), rel=TOL)
+    for name, grad in api.gradients().items():
+        assert rel_err(openvino[name], grad) < TOL, name
+
+
+@needs_openvino
+def test_training_on_openvino_matches_the_training_api(artifacts, tmp_path):
+    """6 steps with --ep openvino, and 3 steps resumed, give the training API's LoRA weights."""
+    steps = ["--max-steps", "6", "--lr", "5e-3", "--grad-accum", "2"]
+    common = ["--artifacts", str(artifacts), "--no-progress", "--no-plot", *steps]
+    run_in_openvino_env(f"""
+        import json
+        from ortlora.runtime.cli import main
+        common = {common!r}
+        assert main([*common, "--ep", "openvino", "--out", r"{tmp_path / 'ov'}", "--save-every", "3"]) == 0
+        assert main(["--resume", r"{tmp_path / 'ov' / 'checkpoint-3'}", "--out", r"{tmp_path / 'ov-resumed'}",
+                     "--no-progress", "--no-plot"]) == 0
+        print(json.dumps({{}}))
+    """)
+    summary = json.loads((tmp_path / "ov" / "summary.json").read_text())
+    assert summary["nodes_per_provider"] == {"OpenVINOExecutionProvider": 1}
+    assert train(artifacts, tmp_path / "api", "--backend", "ort-training", *steps) == 0
+    manifest = Manifest.load(artifacts)
+    reference = load_adapter(tmp_path / "api" / "checkpoint-6", manifest)
+    for run in ("ov", "ov-resumed"):
+        got = load_adapter(tmp_path / run / "checkpoint-6", manifest)
+        assert max(rel_err(got[n], reference[n]) for n in reference) < 1e-4, run
+
+
+@needs_openvino
+def test_provider_coverage_reports_openvino(artifacts, tmp_path):
+    python = openvino_python()
+    assert python, "CI must create .venv-ov (see .ci/run)"
+    out = tmp_path / "report.json"
+    result = subprocess.run([str(python), "scripts/provider_coverage.py", "--artifacts", str(artifacts), "--steps", "2",
+                             "--seq", "16", "--json", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    reports = json.loads(out.read_text())["reports"]
+    assert set(reports) == {"CPUExecutionProvider", "OpenVINOExecutionProvider"}
+    openvino = reports["OpenVINOExecutionProvider"]
+    assert openvino["nodes"] == {"OpenVINOExecutionProvider": {"OpenVINO-EP-subgraph_1": 1}}
+    assert openvino["vs_cpu"]["loss_rel"] < TOL and openvino["vs_cpu"]["grad_rel"] < TOL
+    assert "OpenVINOExecutionProvider" in result.stdout
+
+
+def test_provider_coverage_runs_the_cpu_provider(artifacts, tmp_path):
+    """The tool itself, in this environment (onnxruntime-training): run mode with the CPU provider."""
+    out = tmp_path / "report.json"
+    result = subprocess.run([sys.executable, "scripts/provider_coverage.py", "--artifacts", str(artifacts),
+                             "--providers", "cpu", "--steps", "1", "--seq", "16", "--json", str(out)],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(out.read_text())["reports"]["CPUExecutionProvider"]
+    assert sum(report["nodes"]["CPUExecutionProvider"].values()) > 100
+    assert report["best_step_s"] > 0 and report["peak_rss_mb"] > 0
