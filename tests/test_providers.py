@@ -32,6 +32,7 @@ def test_a_provider_that_cannot_run_the_graph_stops_the_run_in_one_line(artifact
     err = capsys.readouterr().err
     assert err.startswith("error: execution provider openvino cannot run portable_training.onnx") and err.count("\n") == 1
     assert "--ep cpu" in err and "--allow-fallback" in err
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
 
 
 def test_the_cpu_takes_over_only_when_allowed_and_the_header_says_so(artifacts, tmp_path, capsys, phantom_openvino):
@@ -47,3 +48,6 @@ def test_the_refused_node_is_named():
     assert refused_node(message) == ("ScatterND /model/layers.1/GatherGrad_1/portable_8",
                                      "Unsupported value of attribute: `reduction`")
     assert refused_node("something else went wrong") == ("", "something else went wrong")
+    webgpu = ("Exception during initialization: )>::<lambda(wgpu::RequestAdapterStatus, wgpu::Adapter)> status == "
+              "wgpu::RequestAdapterStatus::Success was false. Failed to get a WebGPU adapter: No supported adapters")
+    assert refused_node(webgpu) == ("", "Failed to get a WebGPU adapter: No supported adapters")

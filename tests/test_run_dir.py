@@ -224,3 +224,16 @@ def test_a_checkpoint_renamed_in_before_the_record_was_updated_is_the_latest(art
     assert find_checkpoint(run).name == "checkpoint-6"
     (run / "ortlora-run.json").write_text(json.dumps({"latest": None, "seq": 0}))  # before the first record
     assert find_checkpoint(run).name == "checkpoint-6"
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_started_again_without_overwrite(artifacts, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "ortlora-run.json").write_text('{"latest": null, "seq": 0}')  # killed before its first save
+    (run / "log.jsonl").write_text('{"kind": "train", "step": 1}\n')
+    assert train("--resume", str(run)) == 2
+    assert "started again with the same --out, not resumed" in capsys.readouterr().err
+    assert train("--artifacts", str(artifacts), "--out", str(run), "--max-steps", "2") == 0
+    assert find_checkpoint(run).name == "checkpoint-2"
+    assert [r["step"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
+            if r["kind"] == "train"] == [1, 2]  # the killed attempt's log is gone

@@ -108,7 +108,8 @@ def find_checkpoint(path: Path) -> Path:
         raise OrtloraError(f"{path} does not exist")
     latest = latest_checkpoint(path)
     if latest is None:
-        raise OrtloraError(f"{path} holds no checkpoint (checkpoint-STEP/{ADAPTER_WEIGHTS})")
+        raise OrtloraError(f"{path} holds no checkpoint (checkpoint-STEP/{ADAPTER_WEIGHTS}); a run stopped before "
+                           "its first one is started again with the same --out, not resumed")
     return latest
 
 

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     artifacts = Path(c.artifacts)
     run_path = Path(c.out) if c.out else Path("runs") / f"{artifacts.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     reads = [artifacts] + [Path(p) for p in (c.data, c.eval_data, c.init_adapter) if p and not p.startswith(BUILTIN)]
-    same_run = check_run_dir(run_path, resuming_from=resume_from, overwrite=c.overwrite, reads=reads)
+    same_run, start_over = check_run_dir(run_path, resuming_from=resume_from, overwrite=c.overwrite, reads=reads)
     manifest = Manifest.load(artifacts)
     base_model = str(manifest.base_model_dir(artifacts).resolve())
     print(f"ortlora-train: {artifacts} (base model {base_model}; LoRA r={manifest.lora['rank']} on "
@@ -163,17 +163,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     remove_stale_temp(PROFILE_TEMP)
+    backend = make_backend(c, artifacts, manifest)  # before the run directory: a provider's refusal writes nothing
     run = RunDir(run_path)  # locked until the process ends
     try:
-        messages += run.begin(start_over=c.overwrite and not same_run, resume_from=resume_from, step=done)
-        return train_in(run_path, c, artifacts, manifest, base_model, tokenizer, train, evaluation, messages, resume_from)
+        messages += run.begin(start_over=start_over, resume_from=resume_from, step=done)
+        return train_in(run_path, c, artifacts, manifest, base_model, backend, tokenizer, train, evaluation, messages,
+                        resume_from)
     finally:
         run.close()
 
 
-def train_in(run_dir: Path, c: cfg.TrainConfig, artifacts: Path, manifest: Manifest, base_model: str,
+def train_in(run_dir: Path, c: cfg.TrainConfig, artifacts: Path, manifest: Manifest, base_model: str, backend: tuple,
              tokenizer: Tokenizer, train: list, evaluation: list, messages: list[str], resume_from: Path | None) -> int:
-    backend_name, backend = make_backend(c, artifacts, manifest)
+    backend_name, backend = backend
     c.out = str(run_dir)
     log = JsonlLog(run_dir / "log.jsonl", append=resume_from is not None)
     trainer = Trainer(c, manifest, backend, train, evaluation, tokenizer.pad_id, run_dir, base_model)

@@ -93,8 +93,9 @@ def refused_node(message: str) -> tuple[str, str]:
     """The node a provider's error names (``ScatterND /model/.../portable_8``) and what it says of it;
     ("", the message's end) when it names none."""
     match = NODE_IN_ERROR.search(message)
-    if not match:
-        return "", message[-200:]
+    if not match:  # the last sentences that are not C++ (ONNX Runtime's messages end with the cause)
+        plain = [part for part in re.split(r"(?<=\.)\s+", message) if "::" not in part and part]
+        return "", " ".join(plain[-2:])[-200:] or message[-200:]
     reason = message[match.end():].split(" Check '")[0].strip()
     return " ".join(match.groups()), reason[:200]
 

@@ -116,13 +116,17 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return run_dir / latest if latest else None
 
 
-def check_run_dir(out: Path, *, resuming_from: Path | None, overwrite: bool, reads: list[Path]) -> bool:
+def check_run_dir(out: Path, *, resuming_from: Path | None, overwrite: bool, reads: list[Path]) -> tuple[bool, bool]:
     """Refuse an --out that this run may not write, before any work. Returns whether the run continues
-    its own directory (a resume into the run directory of the checkpoint)."""
+    its own directory (a resume into the run directory of the checkpoint), and whether it starts the
+    directory over: --overwrite, or a run of ours that stopped before its first checkpoint (nothing
+    in it can be resumed, so nothing is lost)."""
     same_run = resuming_from is not None and out.resolve() == resuming_from.resolve().parent
-    check_output_dir(out, flag="--overwrite", replace=overwrite or same_run, markers=RUN_MARKERS, what="ortlora-train",
-                     reads=[] if same_run else reads, hint=f"continue that run with --resume {out}, or ")
-    return same_run
+    unfinished = out.is_dir() and (out / RUN_STATE).is_file() and latest_checkpoint(out) is None
+    check_output_dir(out, flag="--overwrite", replace=overwrite or same_run or unfinished, markers=RUN_MARKERS,
+                     what="ortlora-train", reads=[] if same_run else reads,
+                     hint=f"continue that run with --resume {out}, or ")
+    return same_run, (overwrite or unfinished) and not same_run
 
 
 class RunDir:
