@@ -9,11 +9,8 @@ the CPU provider of the same package, and ORT's training API in this environment
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,35 +18,13 @@ import pytest
 from ortlora.manifest import Manifest
 from ortlora.runtime.backend import OrtTrainingBackend
 from ortlora.runtime.checkpoint import load_adapter
+from tests.environments import ROOT, needs, python_of, run_in
 from tests.reference import random_weights, rel_err
 from tests.test_build import make_batch
 from tests.test_portable import TOL, train
 
-ROOT = Path(__file__).parents[1]
 
-
-def openvino_python() -> Path | None:
-    """The interpreter of an environment with onnxruntime-openvino and ortlora."""
-    given = os.environ.get("ORTLORA_OPENVINO_PYTHON")
-    path = Path(given) if given else ROOT / ".venv-ov" / "bin" / "python"
-    return path if path.is_file() else None
-
-
-needs_openvino = pytest.mark.skipif(  # never skipped in CI, which creates .venv-ov
-    openvino_python() is None and not os.environ.get("CI"),
-    reason="no OpenVINO environment: create .venv-ov as docs/providers.md says")
-
-
-def run_in_openvino_env(script: str) -> dict:
-    """Run ``script`` with .venv-ov's interpreter; it prints one JSON line last, which is returned."""
-    python = openvino_python()
-    assert python, "CI must create .venv-ov (see .ci/run)"
-    result = subprocess.run([str(python), "-c", textwrap.dedent(script)], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-@needs_openvino
+@needs("openvino")
 @pytest.mark.parametrize("fixture", ["artifacts", "artifacts_all_linear", "artifacts_untied"])
 def test_openvino_gives_the_cpu_providers_loss_and_gradients(fixture, request, tmp_path):
     directory = request.getfixturevalue(fixture)
@@ -57,7 +32,7 @@ def test_openvino_gives_the_cpu_providers_loss_and_gradients(fixture, request, t
     weights = random_weights(manifest, seed=3)
     batch = make_batch(512, "ignored", seed=6)
     np.savez(tmp_path / "in.npz", **{f"w:{k}": v for k, v in weights.items()}, **{f"b:{k}": v for k, v in batch.items()})
-    report = run_in_openvino_env(f"""
+    report = run_in("openvino", f"""
         import json, numpy as np, onnxruntime
         from pathlib import Path
         from ortlora.manifest import Manifest
@@ -89,12 +64,12 @@ def test_openvino_gives_the_cpu_providers_loss_and_gradients(fixture, request, t
         assert rel_err(openvino[name], grad) < TOL, name
 
 
-@needs_openvino
+@needs("openvino")
 def test_training_on_openvino_matches_the_training_api(artifacts, tmp_path):
     """6 steps with --ep openvino, and 3 steps resumed, give the training API's LoRA weights."""
     steps = ["--max-steps", "6", "--lr", "5e-3", "--grad-accum", "2"]
     common = ["--artifacts", str(artifacts), "--no-progress", "--no-plot", *steps]
-    run_in_openvino_env(f"""
+    run_in("openvino", f"""
         import json
         from ortlora.runtime.cli import main
         common = {common!r}
@@ -113,9 +88,9 @@ def test_training_on_openvino_matches_the_training_api(artifacts, tmp_path):
         assert max(rel_err(got[n], reference[n]) for n in reference) < 1e-4, run
 
 
-@needs_openvino
+@needs("openvino")
 def test_provider_coverage_reports_openvino(artifacts, tmp_path):
-    python = openvino_python()
+    python = python_of("openvino")
     assert python, "CI must create .venv-ov (see .ci/run)"
     out = tmp_path / "report.json"
     result = subprocess.run([str(python), "scripts/provider_coverage.py", "--artifacts", str(artifacts), "--steps", "2",

@@ -4,9 +4,6 @@ against ORT's training API and PyTorch + PEFT, and training with the newest plai
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +18,10 @@ from ortlora.runtime import cli as train_cli
 from ortlora.runtime.backend import OrtTrainingBackend
 from ortlora.runtime.checkpoint import load_adapter
 from ortlora.runtime.session_backend import OrtSessionBackend
+from tests.environments import needs, run_in
 from tests.reference import loss_and_grads, peft_model, random_weights, rel_err
 from tests.test_build import make_batch
 
-ROOT = Path(__file__).parents[1]
 TOL = 1e-4
 INT64_MAX = np.iinfo(np.int64).max
 RNG = np.random.default_rng(0)
@@ -404,25 +401,13 @@ def test_dropout_only_in_the_portable_training_graph(artifacts_dropout):
 
 # -- the newest plain onnxruntime, in its own environment -----------------------------------------
 
-def plain_ort_python() -> Path | None:
-    """The interpreter of an environment with the plain onnxruntime package and ortlora (no training build)."""
-    given = os.environ.get("ORTLORA_PLAIN_ORT_PYTHON")
-    path = Path(given) if given else ROOT / ".venv-ort" / "bin" / "python"
-    return path if path.is_file() else None
-
-
-needs_plain_ort = pytest.mark.skipif(  # never skipped in CI, which creates .venv-ort
-    plain_ort_python() is None and not os.environ.get("CI"),
-    reason="no plain-onnxruntime environment: create .venv-ort as the README says")
-
-
-@needs_plain_ort
+@needs("plain-ort")
 def test_newest_plain_onnxruntime_trains_like_the_training_api(artifacts, tmp_path):
     manifest = Manifest.load(artifacts)
     weights = random_weights(manifest, seed=7)
     batch = make_batch(512, "ignored", seed=4)
     np.savez(tmp_path / "in.npz", **{f"w:{k}": v for k, v in weights.items()}, **{f"b:{k}": v for k, v in batch.items()})
-    script = textwrap.dedent(f"""
+    version = run_in("plain-ort", f"""
         import json, sys
         import numpy as np, onnxruntime
         from onnxruntime.capi import _pybind_state as C
@@ -442,11 +427,7 @@ def test_newest_plain_onnxruntime_trains_like_the_training_api(artifacts, tmp_pa
         assert main(["--resume", r"{tmp_path / 'plain' / 'checkpoint-3'}", "--out", r"{tmp_path / 'plain-resumed'}",
                      "--no-progress", "--no-plot"]) == 0
         print(json.dumps({{"onnxruntime": onnxruntime.__version__}}))
-    """)
-    assert plain_ort_python(), "CI must create .venv-ort (see .ci/run)"
-    result = subprocess.run([str(plain_ort_python()), "-c", script], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    version = json.loads(result.stdout.strip().splitlines()[-1])["onnxruntime"]
+    """)["onnxruntime"]
     assert tuple(int(p) for p in version.split(".")[:2]) >= (1, 20), version
 
     out = np.load(tmp_path / "out.npz")

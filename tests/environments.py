@@ -1,0 +1,42 @@
+"""Other Python environments the tests run code in: the newest plain onnxruntime (.venv-ort) and
+onnxruntime-openvino (.venv-ov). Each is skipped where it is absent, except in CI, which creates both."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+ENVIRONMENTS = {  # name -> (its folder, the variable that names another interpreter, what it holds)
+    "plain-ort": (".venv-ort", "ORTLORA_PLAIN_ORT_PYTHON", "the plain onnxruntime package"),
+    "openvino": (".venv-ov", "ORTLORA_OPENVINO_PYTHON", "onnxruntime-openvino"),
+}
+
+
+def python_of(name: str) -> Path | None:
+    """The interpreter of environment ``name``, or None where it does not exist."""
+    folder, variable, _ = ENVIRONMENTS[name]
+    given = os.environ.get(variable)
+    path = Path(given) if given else ROOT / folder / "bin" / "python"
+    return path if path.is_file() else None
+
+
+def needs(name: str):
+    """Skip a test where environment ``name`` is absent; never in CI, which must create it."""
+    folder, _, holds = ENVIRONMENTS[name]
+    return pytest.mark.skipif(python_of(name) is None and not os.environ.get("CI"),
+                              reason=f"no {folder} with {holds}: create it as .ci/run does")
+
+
+def run_in(name: str, script: str) -> dict:
+    """Run ``script`` with environment ``name``'s interpreter; it prints one JSON line last, which is returned."""
+    python = python_of(name)
+    assert python, f"CI must create {ENVIRONMENTS[name][0]} (see .ci/run)"
+    result = subprocess.run([str(python), "-c", textwrap.dedent(script)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
