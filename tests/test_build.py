@@ -102,6 +102,65 @@ def test_untied_lm_head_matches_peft(artifacts_untied, case):
     _check_against_peft(artifacts_untied, case)
 
 
+def test_equal_weights_stay_apart(tmp_path, tiny_model):
+    """Weights of equal value (a fresh model's norms at exactly 1.0 and biases at 0.0, two layers with
+    the same q_proj) are still one initializer each: the TorchScript exporter merges equal
+    initializers unless told not to (export.torchscript_export); before, the build failed in
+    generate_artifacts with "Duplicate definition of name (...post_attention_layernorm.weight_grad)"."""
+    from safetensors.torch import load_file, save_file
+
+    from ortlora.build.builder import BuildOptions, build
+    from ortlora.weights import map_layout
+
+    model_dir = tmp_path / "fresh"
+    shutil.copytree(tiny_model, model_dir)
+    weights = load_file(model_dir / "model.safetensors")
+    for name in weights:
+        if name.endswith("norm.weight"):
+            weights[name] = torch.ones_like(weights[name])
+        elif name.endswith("bias"):
+            weights[name] = torch.zeros_like(weights[name])
+    weights["model.layers.1.self_attn.q_proj.weight"] = weights["model.layers.0.self_attn.q_proj.weight"].clone()
+    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "artifacts"
+    build(BuildOptions(model_dir=model_dir, out_dir=out, bundle_base=True), echo=lambda *a, **k: None)
+
+    # 26 parameters (tied LM head): embedding, final norm, and per layer 2 norms, q/k/v weight and bias,
+    # o, gate, up, down. Each is one frozen weight of its own; linear weights are stored pre-transposed.
+    manifest = Manifest.load(out)
+    frozen = map_layout(out / manifest.files["frozen_weights"], manifest.frozen)
+    assert len(frozen) == len(weights)  # 26 in the tiny model
+    unmatched = dict(frozen)
+    for name, value in weights.items():
+        value = value.numpy()
+        match = next((k for k, v in unmatched.items() if np.array_equal(v, value) or np.array_equal(v, value.T)), None)
+        assert match is not None, name
+        if value.ndim == 1 or "embed_tokens" in name:  # not folded: its own name, as PEFT's module tree has it
+            assert match == "model." + name.replace("q_proj.", "q_proj.base_layer.").replace("v_proj.", "v_proj.base_layer.")
+        del unmatched[match]
+    for role in ("training_model", "eval_model", "portable_training_model"):
+        graph = onnx.load(str(out / manifest.files[role]), load_external_data=False).graph
+        assert set(manifest.frozen) <= {t.name for t in graph.initializer}, role
+    lora = {p.onnx_name for p in manifest.parameters}
+    for role in ("inference_model", "decoder_model"):  # exported apart: weights, LoRA defaults and nothing else
+        graph = onnx.load(str(out / manifest.files[role]), load_external_data=False).graph
+        assert len({t.name for t in graph.initializer} - lora) == len(weights), role
+
+    for case in ("plain", "padding"):
+        _check_against_peft(out, case)
+    import onnxruntime as ort
+
+    lora_weights = random_weights(manifest, seed=2)
+    batch = make_batch(512, "plain")
+    session = ort.InferenceSession(str(out / manifest.files["inference_model"]), providers=["CPUExecutionProvider"])
+    logits = session.run(["logits"], {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                                      **lora_weights})[0]
+    with torch.no_grad():
+        ref = peft_model(out, lora_weights)(input_ids=torch.from_numpy(batch["input_ids"]),
+                                            attention_mask=torch.from_numpy(batch["attention_mask"])).logits.numpy()
+    assert rel_err(logits, ref) < TOL
+
+
 def _check_against_peft(directory, case):
     manifest = Manifest.load(directory)
     for role in ("training_model", "eval_model"):  # spelled out: faster than ORT 1.19's kernels

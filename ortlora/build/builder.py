@@ -89,7 +89,6 @@ def build(options: BuildOptions, echo=print) -> Manifest:
 
 
 def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Manifest:
-    import onnx
     import onnxruntime
     import torch
     import transformers
@@ -102,6 +101,7 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
         CausalLMLoss,
         export_onnx,
         inputs_to_initializers,
+        load_exported,
         share_tied_lm_head,
         stamp_ir_version,
     )
@@ -143,7 +143,7 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
             fold=options.dropout == 0,
         )
         model.eval()
-        loss_model = onnx.load(str(work / "loss.onnx"))
+        loss_model = load_exported(work / "loss.onnx")
         share_tied_lm_head(loss_model)
         inputs_to_initializers(loss_model, lora_values, keep_as_inputs=False)
         _check_lora_initializers(loss_model, lora_values)
@@ -252,16 +252,15 @@ def _save_with_lora_defaults(exported: Path, lora_values: dict, path: Path, stor
     """Save an exported graph whose LoRA weights stay inputs, with their initial values as defaults:
     any adapter can be fed in, and without one the graph is the base model. Its frozen weights are
     read from frozen_weights.bin (``stored``: the references and their content index)."""
-    import onnx
-
     from ortlora.build.export import (
         inputs_to_initializers,
+        load_exported,
         save_model,
         share_tied_lm_head,
         stamp_ir_version,
     )
 
-    model = onnx.load(str(exported))
+    model = load_exported(exported)
     share_tied_lm_head(model)
     inputs_to_initializers(model, lora_values, keep_as_inputs=True)
     frozen_weights.reuse(model, *stored)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ortlora.build.export import torchscript_export
 from ortlora.build.lora import external_lora_weights
 
 
@@ -70,9 +71,8 @@ class DecoderWithPast(nn.Module):
 
 
 def export_decoder(model: nn.Module, lora_names: list[str], lora_values: dict, path) -> None:
-    """Export the decoder with past to ``path`` (TorchScript exporter, dynamic batch / lengths)."""
-    import warnings
-
+    """Export the decoder with past to ``path`` (TorchScript exporter, dynamic batch / lengths); load it
+    with ``export.load_exported``."""
     config = model.config
     layers = config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -85,16 +85,12 @@ def export_decoder(model: nn.Module, lora_names: list[str], lora_values: dict, p
                "logits": {0: "batch", 1: "new"}}
     dynamic.update({name: {0: "batch", 2: "past"} for name in past})
     dynamic.update({name: {0: "batch", 2: "total"} for name in present})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            DecoderWithPast(model, lora_names).eval(),
-            (ids, mask, *[lora_values[n] for n in lora_names], *cache),
-            str(path),
-            input_names=["input_ids", "attention_mask", *lora_names, *past],
-            output_names=["logits", *present],
-            dynamic_axes=dynamic,
-            opset_version=17,
-            do_constant_folding=True,
-            dynamo=False,
-        )
+    torchscript_export(
+        DecoderWithPast(model, lora_names).eval(),
+        (ids, mask, *[lora_values[n] for n in lora_names], *cache),
+        path,
+        input_names=["input_ids", "attention_mask", *lora_names, *past],
+        output_names=["logits", *present],
+        dynamic_axes=dynamic,
+        do_constant_folding=True,
+    )

@@ -1,10 +1,12 @@
 """Export the LoRA-injected model to ONNX: a loss graph for training and a logits graph for inference.
 
-The LoRA weights enter both exports as graph *inputs*. That does two things: the TorchScript
-exporter cannot de-duplicate them (it merges initializers with identical values, which would tie
-every all-zero lora_B together), and constant folding cannot rename or transpose them. Frozen
-weights stay initializers and are folded (pre-transposed) by the exporter. Afterwards
-``inputs_to_initializers`` turns the LoRA inputs back into named initializers.
+The LoRA weights enter both exports as graph *inputs*, so constant folding cannot rename or
+transpose them. Frozen weights stay initializers and are folded (pre-transposed) by the exporter.
+Afterwards ``inputs_to_initializers`` turns the LoRA inputs back into named initializers.
+
+No export depends on weight values: every export goes through ``torchscript_export``, which turns
+off the exporter's merging of initializers with identical values (see there), so a freshly
+initialised model (every norm weight 1.0, every bias 0.0) exports the same graph as a trained one.
 """
 
 from __future__ import annotations
@@ -109,24 +111,55 @@ class CausalLMLogits(nn.Module):
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
+def torchscript_export(module: nn.Module, args: tuple, path: Path, **options) -> None:
+    """``torch.onnx.export`` with the TorchScript exporter, every parameter its own initializer.
+
+    The TorchScript exporter de-duplicates initializers: ``_jit_pass_onnx_deduplicate_initializers``
+    (called from ``_export`` in ``torch/onnx/_internal/torchscript_exporter/utils.py`` in torch 2.13,
+    ``torch/onnx/utils.py`` in older releases) merges parameters whose values are equal into one tensor.
+    A freshly initialised Qwen2 has every RMSNorm weight at 1.0 and every bias at 0.0, so the graph
+    would depend on the values: norms and biases of different layers became one initializer (the
+    tiny model lost 4 of its 26 weights), and two equal norms made ORT's gradient builder fail with
+    ``Duplicate definition of name (...post_attention_layernorm.weight_grad)``.
+
+    The exporter's own switch turns the pass off: with ``keep_initializers_as_inputs=True`` it is
+    not run (documented in torch.onnx.export; checked on torch 2.13.0, and tests/test_build.py
+    ``test_equal_weights_stay_apart`` fails if a torch release stops honouring it). The switch also
+    lists every initializer as a graph input; ``load_exported`` drops those inputs again. It costs
+    nothing: no value is touched or copied, and the pass's comparisons of weights are skipped.
+    A tied LM head is one parameter of the module, so it stays one initializer (``share_tied_lm_head``).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, str(path), opset_version=OPSET, dynamo=False,
+                          keep_initializers_as_inputs=True, **options)
+
+
+def load_exported(path: Path) -> onnx.ModelProto:
+    """Load a ``torchscript_export`` output, its initializers no longer listed as graph inputs."""
+    model = onnx.load(str(path))
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+    kept = [i for i in graph.input if i.name not in initializers]
+    del graph.input[:]
+    graph.input.extend(kept)
+    return model
+
+
 def export_onnx(module: nn.Module, args: tuple, input_names: list[str], output_names: list[str], path: Path, fold: bool) -> None:
     dynamic = {name: {0: "batch", 1: "sequence"} for name in ("input_ids", "attention_mask", "labels") if name in input_names}
     if "logits" in output_names:
         dynamic["logits"] = {0: "batch", 1: "sequence"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            args,
-            str(path),
-            input_names=input_names,
-            output_names=output_names,
-            dynamic_axes=dynamic,
-            opset_version=OPSET,
-            do_constant_folding=fold,
-            training=torch.onnx.TrainingMode.EVAL if fold else torch.onnx.TrainingMode.PRESERVE,
-            dynamo=False,
-        )
+    torchscript_export(
+        module,
+        args,
+        path,
+        input_names=input_names,
+        output_names=output_names,
+        dynamic_axes=dynamic,
+        do_constant_folding=fold,
+        training=torch.onnx.TrainingMode.EVAL if fold else torch.onnx.TrainingMode.PRESERVE,
+    )
 
 
 def inputs_to_initializers(model: onnx.ModelProto, values: dict[str, torch.Tensor], keep_as_inputs: bool) -> None:

@@ -22,7 +22,6 @@ MODEL = "model.onnx"
 
 def export(base: Path, manifest: Manifest, weights: dict[str, np.ndarray], out: Path, artifacts: Path,
            ort_format: bool) -> str:
-    import onnx
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
@@ -30,6 +29,7 @@ def export(base: Path, manifest: Manifest, weights: dict[str, np.ndarray], out: 
     from ortlora.build.export import (
         CausalLMLogits,
         export_onnx,
+        load_exported,
         save_model,
         stamp_ir_version,
     )
@@ -50,7 +50,7 @@ def export(base: Path, manifest: Manifest, weights: dict[str, np.ndarray], out: 
         example = torch.randint(0, model.config.vocab_size, (1, 8))
         export_onnx(CausalLMLogits(model, []), (example, torch.ones_like(example)), ["input_ids", "attention_mask"],
                     ["logits"], Path(tmp) / MODEL, fold=True)
-        graph = onnx.load(str(Path(tmp) / MODEL))
+        graph = load_exported(Path(tmp) / MODEL)
     stamp_ir_version(graph)
     save_model(graph, out / MODEL)  # weights over 1 GiB go to model.onnx.data
     del graph
