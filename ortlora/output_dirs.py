@@ -111,6 +111,16 @@ def remove_stale(parent: Path, prefix: str) -> list[Path]:
     return removed
 
 
+def fresh_dir(parent: Path, prefix: str) -> Path:
+    """A new directory ``parent/PREFIX...`` of a unique name, with the permissions of any directory the
+    user makes (tempfile.mkdtemp makes them private, 0700: the finished output would be unreadable to others)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o777 & ~umask)
+    return path
+
+
 def staging_prefix(out: Path) -> str:
     return f".{out.name}.partial-"
 
@@ -126,7 +136,7 @@ def staging_dir(out: Path) -> Iterator[Path]:
     _restore_moved_aside(out)
     remove_stale(parent, staging_prefix(out))
     remove_stale(parent, old_prefix(out))
-    staging = Path(tempfile.mkdtemp(prefix=f"{staging_prefix(out)}{os.getpid()}-", dir=parent))
+    staging = fresh_dir(parent, f"{staging_prefix(out)}{os.getpid()}-")
     try:
         yield staging
     finally:

@@ -109,6 +109,10 @@ def test_force_replaces_only_ortloras_own_output(tmp_path, capsys, monkeypatch, 
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
     assert build_cli.main(["--tiny", "--out", str(built), "--force"]) == 0
     assert not list(tmp_path.glob(".built.*")) and not list(tmp_path.glob(".exported.*")) and not list(temp.iterdir())
+    umask = os.umask(0)
+    os.umask(umask)
+    for made in (built, exported):  # made with the user's permissions, not a temporary directory's 0700
+        assert made.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_stale_staging_of_dead_processes_is_removed_and_live_ones_kept(tmp_path, artifacts, trained_adapter, capsys):

@@ -43,6 +43,7 @@ def test_overwrite_starts_over_and_the_latest_checkpoint_is_the_last_written(art
     assert train("--artifacts", str(artifacts), "--out", str(run), "--max-steps", "4", "--overwrite") == 0
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-4"]
     assert find_checkpoint(run).name == "checkpoint-4"
+    assert (run / "checkpoint-4").stat().st_mode & 0o777 == run.stat().st_mode & 0o777  # not a temp dir's 0700
     assert strict_json(run / "summary.json")["checkpoint"].endswith("checkpoint-4")
     out = tmp_path / "adapter"
     capsys.readouterr()

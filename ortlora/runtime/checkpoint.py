@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 from ortlora.errors import OrtloraError, listing
 from ortlora.files import read_json
 from ortlora.manifest import Manifest
-from ortlora.output_dirs import replace_dir
+from ortlora.output_dirs import fresh_dir, replace_dir
 from ortlora.runtime.optim import state_problems
 from ortlora.runtime.run_dir import TRAINER_STATE, latest_checkpoint, next_seq, record_latest
 from ortlora.weights import read_tensors, tensor_problems
@@ -77,7 +76,7 @@ def save_checkpoint(
     from safetensors.numpy import save_file
 
     final = run_dir / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.tmp-", dir=run_dir))
+    tmp = fresh_dir(run_dir, f".checkpoint-{step}.tmp-")
     seq = next_seq(run_dir)
     trainer_state = {**trainer_state, "seq": seq}  # the run's latest is the checkpoint of highest seq
     try:
