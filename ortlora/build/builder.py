@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ortlora.build import frozen_weights, portable_graph, training_artifacts
-from ortlora.build.model_dir import TOKENIZER_FILES, check_model_dir
+from ortlora.build.model_dir import TOKENIZER_FILES, check_model_dir, source_dtype
 from ortlora.errors import OrtloraError
 from ortlora.manifest import MANIFEST_NAME, PEFT_PREFIX, LoraParameter, Manifest
 from ortlora.output_dirs import check_output_dir, replace_dir, staging_dir
@@ -222,6 +222,7 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
         # Relative paths are inside the artifact directory.
         "source": BUNDLED_BASE if options.bundle_base else str(options.model_dir.resolve()),
         "weights_sha256": base_hash,
+        "source_dtype": source_dtype(options.model_dir),  # the frozen weights are stored in fp32 whatever it is
     }
     identity = json.dumps([model_info["weights_sha256"], lora, options.label_smoothing], sort_keys=True)
     manifest = Manifest(

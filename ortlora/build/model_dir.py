@@ -20,6 +20,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 REQUIRED_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "max_position_embeddings")
 FLOAT_DTYPES = ("F32", "F16", "BF16")
+TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # config.json's spelling
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
@@ -111,3 +112,11 @@ def _check_weights(path: Path, config: dict) -> None:
     if problems:
         raise OrtloraError(f"the weights in {path} do not fit its config.json (a {config['num_hidden_layers']}-layer "
                            f"Qwen2 of hidden size {config['hidden_size']}): {listing(problems)}")
+
+
+def source_dtype(path: Path) -> str:
+    """The stored dtype of the model's weights as config.json spells it ("bfloat16" for the published Qwen2.5
+    checkpoints), or the dtypes joined by "+" where they are mixed. The build computes in float32 whatever
+    this is; an export of merged weights writes each weight back in its own dtype."""
+    dtypes = {dtype for file in weight_files(path) for dtype, _ in check_safetensors(file).values()}
+    return "+".join(sorted(TORCH_DTYPE_NAMES.get(d, d) for d in dtypes))

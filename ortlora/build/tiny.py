@@ -4,14 +4,18 @@ Weights are seeded random; the tokenizer is a byte-level BPE trained on the data
 with ortlora. Both are saved as an ordinary Hugging Face model directory, so the tiny model goes
 through exactly the loading code a real Qwen2.5 checkpoint does.
 
-The same recipe makes random models of a real model's shape for benchmarks (``SHAPES``): the
-Qwen2.5-0.5B shape has that model's dimensions and 151,936-entry vocabulary, with the tiny
-tokenizer (a tokenizer smaller than the vocabulary is fine, as it is for Qwen2.5 itself).
+The same recipe makes random models of a published model's shape for benchmarks and tests (``SHAPES``:
+Qwen2.5 0.5B to 7B, with their dimensions and 151,936- or 152,064-row vocabularies), laid out as the
+published checkpoints are when asked: stored in bf16, sharded (``model-00001-of-0000n.safetensors`` and
+``model.safetensors.index.json``), with Qwen2.5's real tokenizer, chat template and generation config
+(``tokenizer="real"``, read from the shared copy in ``QWEN25_TOKENIZER_DIR``). A tokenizer smaller than the
+vocabulary is fine, as it is for Qwen2.5 itself (151,665 tokens in 151,936 rows).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from importlib import resources
 from pathlib import Path
 
@@ -51,7 +55,21 @@ QWEN25_05B_CONFIG = dict(
     tie_word_embeddings=True,
     vocab_size=151936,
 )
-SHAPES = {"tiny": TINY_CONFIG, "qwen2.5-0.5b": QWEN25_05B_CONFIG}
+# The rest of the family (config.json values of the published checkpoints); all share 0.5B's tokenizer.
+_QWEN25_COMMON = {key: QWEN25_05B_CONFIG[key] for key in ("max_position_embeddings", "rms_norm_eps", "rope_theta")}
+QWEN25_15B_CONFIG = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, tie_word_embeddings=True, vocab_size=151936, **_QWEN25_COMMON)
+QWEN25_3B_CONFIG = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                        num_key_value_heads=2, tie_word_embeddings=True, vocab_size=151936, **_QWEN25_COMMON)
+QWEN25_7B_CONFIG = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                        num_key_value_heads=4, tie_word_embeddings=False, vocab_size=152064, **_QWEN25_COMMON)
+SHAPES = {"tiny": TINY_CONFIG, "qwen2.5-0.5b": QWEN25_05B_CONFIG, "qwen2.5-1.5b": QWEN25_15B_CONFIG,
+          "qwen2.5-3b": QWEN25_3B_CONFIG, "qwen2.5-7b": QWEN25_7B_CONFIG}
+DTYPES = ("fp32", "bf16", "fp16")
+TOKENIZERS = ("tiny", "real")
+# Qwen2.5's real tokenizer files (the project's shared copy, beside the checkout; see its README).
+QWEN25_TOKENIZER_DIR = Path(__file__).resolve().parents[3] / "shared" / "qwen2.5-tokenizer"
+QWEN25_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
 def shipped_texts() -> list[str]:
@@ -91,28 +109,55 @@ def create_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     return create_random_model(out_dir, "tiny", seed)
 
 
-def create_random_model(out_dir: Path, shape: str, seed: int = 0, **overrides) -> Path:
-    """Write a seeded random Qwen2 model of one of ``SHAPES`` (with ``overrides`` of its config), with
-    the tiny tokenizer, to ``out_dir``."""
+def create_random_model(out_dir: Path, shape: str, seed: int = 0, *, layers: int | None = None, dtype: str = "fp32",
+                        max_shard_size: str | int | None = None, tokenizer: str = "tiny", **overrides) -> Path:
+    """Write a seeded random Qwen2 model of one of ``SHAPES`` to ``out_dir``.
+
+    ``layers`` keeps the first N layers of the shape; ``overrides`` change any other config value (a test's
+    hidden size of 64, say). ``dtype`` is the stored dtype: the model is made in it, so memory stays at the
+    stored model plus one tensor in flight (a 7B cut of few layers needs its 2 x 152,064 x 3,584 embeddings,
+    2.2 GB in bf16, not their fp32 4.4 GB). ``max_shard_size`` ("50MB", or bytes) splits the weights the way
+    ``save_pretrained`` writes published checkpoints; none is transformers' default, 50GB (one model.safetensors
+    for any shape here). ``tokenizer`` is
+    "tiny" (trained here on the shipped data) or "real" (Qwen2.5's, copied from ``QWEN25_TOKENIZER_DIR``,
+    with its chat template and generation_config.json).
+    """
     import torch
     import transformers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=train_tokenizer(),
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:],
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    config = Qwen2Config(
-        **{"vocab_size": len(tokenizer), **SHAPES[shape], **overrides},
-        bos_token_id=None,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-    )
+    if shape not in SHAPES or dtype not in DTYPES or tokenizer not in TOKENIZERS:
+        raise ValueError(f"shape must be one of {sorted(SHAPES)}, dtype one of {DTYPES}, tokenizer one of "
+                         f"{TOKENIZERS}; got {shape!r}, {dtype!r}, {tokenizer!r}")
+    base = {**SHAPES[shape], **overrides}
+    if layers is not None:
+        if not 1 <= layers <= SHAPES[shape]["num_hidden_layers"]:
+            raise ValueError(f"layers must be 1 to {SHAPES[shape]['num_hidden_layers']} for {shape}, got {layers}")
+        base["num_hidden_layers"] = layers
+    if tokenizer == "real":
+        if not QWEN25_TOKENIZER_DIR.is_dir():
+            raise FileNotFoundError(f"the real tokenizer needs Qwen2.5's tokenizer files in {QWEN25_TOKENIZER_DIR}")
+        real = json.loads((QWEN25_TOKENIZER_DIR / "config.json").read_text())
+        # Qwen2.5's published ids: <|endoftext|> 151643 begins and pads, <|im_end|> 151645 ends a turn.
+        ids = {key: real[key] for key in ("bos_token_id", "eos_token_id")} | {"pad_token_id": real["bos_token_id"]}
+        hf_tokenizer = None
+    else:
+        hf_tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=train_tokenizer(),
+            eos_token="<|im_end|>",
+            pad_token="<|endoftext|>",
+            additional_special_tokens=SPECIAL_TOKENS[1:],
+        )
+        hf_tokenizer.chat_template = CHAT_TEMPLATE
+        ids = dict(bos_token_id=None, eos_token_id=hf_tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                   pad_token_id=hf_tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+        base = {"vocab_size": len(hf_tokenizer), **base}
+    config = Qwen2Config(**base, **ids)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
+    # Made in the stored dtype (transformers sets it as torch's default while it builds): fp32 gives the same
+    # weights as ever, bf16 / fp16 draw their own (a seeded random model either way).
+    model = Qwen2ForCausalLM._from_config(config, dtype=torch_dtype)
     # Random init leaves norm weights at exactly 1; perturb them so tests cannot pass by accident
     # (and so the exporter, which merges initializers of equal value, keeps every norm its own).
     with torch.no_grad():
@@ -121,6 +166,10 @@ def create_random_model(out_dir: Path, shape: str, seed: int = 0, **overrides) -
                 param.add_(0.1 * torch.randn_like(param))
     out_dir.mkdir(parents=True, exist_ok=True)
     transformers.logging.disable_progress_bar()
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, **({"max_shard_size": max_shard_size} if max_shard_size is not None else {}))
+    if hf_tokenizer is not None:
+        hf_tokenizer.save_pretrained(out_dir)
+    else:
+        for name in QWEN25_TOKENIZER_FILES:  # generation_config.json replaces the one save_pretrained wrote
+            shutil.copyfile(QWEN25_TOKENIZER_DIR / name, out_dir / name)
     return out_dir
