@@ -48,6 +48,10 @@ class TrainingStopped(Exception):
         self.checkpoint, self.step, self.total = checkpoint, step, total
 
 
+def all_finite(arrays: dict[str, np.ndarray]) -> bool:
+    return all(np.isfinite(a).all() for a in arrays.values())
+
+
 def plan_steps(n_examples: int, config: TrainConfig) -> tuple[int, int, int]:
     """Micro-batches per epoch, optimizer steps per epoch and optimizer steps in all."""
     if n_examples == 0:
@@ -150,8 +154,6 @@ class Trainer:
         self._emit({"kind": "eval", "step": self.position.step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))})
         return loss
 
-    def _step_is_bad(self, loss: float, arrays: dict[str, np.ndarray]) -> bool:
-        return not math.isfinite(loss) or not all(np.isfinite(a).all() for a in arrays.values())
 
     def train(self) -> dict:
         c = self.config
@@ -173,7 +175,7 @@ class Trainer:
             if c.grad_accum > 1:
                 grads = {k: g / c.grad_accum for k, g in grads.items()}  # mean of micro-batch means
             loss = float(np.mean(losses))
-            if self._step_is_bad(loss, grads):
+            if not math.isfinite(loss) or not all_finite(grads):
                 # The weights that gave this loss came from the last update: go back to before it.
                 self._bad_step(f"the loss became {loss}", good)
                 self.position = Position(self.position.step + 1, *following)
@@ -181,7 +183,7 @@ class Trainer:
             good = self.snapshot()
             weights = self.backend.weights()
             grad_norm = self.optimizer.step(weights, grads, lr)
-            if self._step_is_bad(0.0, weights):
+            if not all_finite(weights):
                 self._bad_step("the update made weights NaN or infinite", good)
                 self.position = Position(self.position.step + 1, *following)
                 continue
@@ -232,7 +234,7 @@ class Trainer:
             self._emit({"kind": "message", "step": step, "text": f"step {step}: {what}; step skipped{back} (--on-nan skip)"})
             return
         if good is None:  # the very first step: the weights are still the initial ones, nothing was learned
-            raise OrtloraError(f"step {step}: {what} with the initial weights; stopped before any update "
+            raise OrtloraError(f"step {step}: {what} with the weights this run started from; stopped before any update "
                                "(check the data and the artifacts, lower --lr, or pass --on-nan skip)")
         saved = self.save(good)
         raise OrtloraError(f"step {step}: {what}; stopped; the last weights with a finite loss (step {good.position.step}) are in "
