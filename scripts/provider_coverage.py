@@ -283,7 +283,7 @@ def run_report(args) -> int:
 
 
 def _provider_name(short: str) -> str:
-    from ortlora.runtime.backend import PROVIDERS
+    from ortlora.runtime.providers import PROVIDERS
 
     return PROVIDERS.get(short, short)
 

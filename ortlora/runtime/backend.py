@@ -19,7 +19,7 @@ from ortlora.errors import OrtloraError
 from ortlora.manifest import Manifest
 from ortlora.onnx_files import check_external_data
 from ortlora.runtime.frozen import map_frozen_weights, share_with
-from ortlora.runtime.providers import PROVIDERS, check_provider  # noqa: F401 (PROVIDERS: --ep's names)
+from ortlora.runtime.providers import check_provider
 
 Batch = dict[str, np.ndarray]  # input_ids, attention_mask, labels: int64 [batch, seq]
 
