@@ -114,3 +114,34 @@ def test_provider_coverage_runs_the_cpu_provider(artifacts, tmp_path):
     report = json.loads(out.read_text())["reports"]["CPUExecutionProvider"]
     assert sum(report["nodes"]["CPUExecutionProvider"].values()) > 100
     assert report["best_step_s"] > 0 and report["peak_rss_mb"] > 0
+
+
+@needs("openvino")
+def test_generation_is_refused_on_openvino_while_it_computes_the_decoder_wrongly(artifacts):
+    """ortlora-generate refuses --ep openvino (generate.WRONG_GENERATION). This measures why: the decoder's
+    logits under OpenVINO against the CPU provider's. When an OpenVINO release computes them right, this
+    test fails: lift the refusal then."""
+    report = run_in("openvino", f"""
+        import json
+        import numpy as np, onnxruntime as ort
+        from pathlib import Path
+        from ortlora.errors import OrtloraError
+        from ortlora.runtime.generate import Generator
+        from ortlora.runtime.providers import create_session
+        try:
+            Generator(Path(r"{artifacts}"), ep="openvino")
+            refused = False
+        except OrtloraError:
+            refused = True
+        cpu = Generator(Path(r"{artifacts}"))
+        options = ort.SessionOptions()
+        cpu_session = cpu.session
+        cpu.session = create_session(Path(r"{artifacts}") / cpu.manifest.files["decoder_model"], options, "openvino")
+        ids = cpu.prompt("Once upon a time there was")
+        ov_logits, _ = cpu._run(ids, len(ids), cpu._empty_cache())
+        cpu.session = cpu_session
+        cpu_logits, _ = cpu._run(ids, len(ids), cpu._empty_cache())
+        print(json.dumps({{"refused": refused, "diff": float(np.abs(ov_logits - cpu_logits).max())}}))
+    """)
+    assert report["refused"]
+    assert report["diff"] > 1e-2, f"OpenVINO now computes the decoder like the CPU ({report['diff']}): lift the refusal"
