@@ -38,7 +38,11 @@ class DecoderWithPast(nn.Module):
         core = self.model.model
         new = input_ids.shape[1]
         past_len = attention_mask.shape[1] - new
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, past_len:]
+        # Max, not clamp: an int64 Clip with no upper bound comes out all zeros under OpenVINO's CPU
+        # plugin (it computes int64 as int32, so the default upper bound wraps to -1), which put every
+        # token at position 0 (onnxruntime-openvino 1.24.1). Max(x, 0) is the same on every provider.
+        counted = attention_mask.cumsum(-1) - 1
+        positions = torch.maximum(counted, torch.zeros_like(counted))[:, past_len:]
         query_pos = past_len + torch.arange(new).unsqueeze(1)
         key_pos = torch.arange(attention_mask.shape[1]).unsqueeze(0)
         visible = (key_pos <= query_pos).unsqueeze(0) & attention_mask.bool()[:, None, :]
