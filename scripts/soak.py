@@ -37,6 +37,9 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 
+from ortlora.errors import OrtloraError
+from ortlora.output_dirs import check_location
+
 BIN = Path(sys.executable).parent  # the environment's console scripts sit beside its interpreter
 SHARE = {"train": 0.6, "build": 0.2, "export": 0.2}
 AIM, REKILL, ONNX, REPLACE = 0.4, 0.3, 0.2, 1 / 3  # chances per kill, per resume, per export, per build/export
@@ -345,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--kinds takes {', '.join(SHARE)}, got {args.kinds}")
     if args.work and args.work.exists() and any(args.work.iterdir()):
         parser.error(f"--work {args.work} is not empty")
+    if args.work:  # it is removed on success: never the current directory, one above it, home or a root
+        try:
+            check_location(args.work)
+        except OrtloraError as e:
+            parser.error(str(e).replace("--out", "--work"))
     work = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="ortlora-soak-"))
     rng = random.Random(args.seed)
     plan = make_plan(args.trials, kinds, rng)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ortlora.errors import OrtloraError, listing
 from ortlora.files import inside, json_type, read_json
-from ortlora.weights import check_safetensors, shape_problems, weight_files
+from ortlora.weights import FLOAT_DTYPES, check_safetensors, shape_problems, weight_files
 
 SUPPORTED_MODEL_TYPES = ("qwen2",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.json", "merges.txt",
@@ -19,7 +19,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 # config.json keys the build reads (transformers would take its own default for a missing one).
 REQUIRED_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "max_position_embeddings")
-FLOAT_DTYPES = ("F32", "F16", "BF16")
 TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # config.json's spelling
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 

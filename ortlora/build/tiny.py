@@ -159,7 +159,7 @@ def create_random_model(out_dir: Path, shape: str, seed: int = 0, *, layers: int
     # weights as ever, bf16 / fp16 draw their own (a seeded random model either way).
     model = Qwen2ForCausalLM._from_config(config, dtype=torch_dtype)
     # Random init leaves norm weights at exactly 1; perturb them so tests cannot pass by accident
-    # (and so the exporter, which merges initializers of equal value, keeps every norm its own).
+    # (a wrong norm would change nothing). The build no longer needs it: equal weights stay apart.
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
