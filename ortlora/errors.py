@@ -8,6 +8,8 @@ import sys
 import traceback
 from typing import Callable
 
+REBUILD = "rebuild the artifacts"  # what to do about a damaged or incomplete artifact directory
+
 
 class OrtloraError(Exception):
     """An error caused by the user's input or environment, reported as one line."""

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ortlora.errors import OrtloraError, listing
+from ortlora.errors import REBUILD, OrtloraError, listing
 from ortlora.files import inside, json_type, read_json
 
 MANIFEST_NAME = "ortlora.json"
 FORMAT_VERSION = 1
 PEFT_PREFIX = "base_model.model."
-REBUILD = "rebuild the artifacts"
 
 # What the runtime reads from a manifest, and as what: a type (or a tuple of types), [spec] for an
 # array of spec, {key: spec} for an object with those keys ("key?": optional; others are allowed),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import mmap
 from pathlib import Path
 
-from ortlora.errors import OrtloraError
+from ortlora.errors import REBUILD, OrtloraError
 from ortlora.files import inside
 
 VARINT, FIXED64, LENGTH, FIXED32 = 0, 1, 2, 5
@@ -123,7 +123,7 @@ def read_external_data_locations(path: Path) -> list[str]:
     except OSError as e:
         raise OrtloraError(f"{path} cannot be read ({e.strerror or e})") from None
     except Malformed as e:
-        raise OrtloraError(f"{path} is not a valid ONNX file ({e}); rebuild the artifacts") from None
+        raise OrtloraError(f"{path} is not a valid ONNX file ({e}); {REBUILD}") from None
 
 
 def check_external_data(path: Path, directory: Path) -> None:
@@ -135,4 +135,4 @@ def check_external_data(path: Path, directory: Path) -> None:
         if not target.resolve().is_relative_to(Path(directory).resolve()):
             raise OrtloraError(f"{source} names {location!r}, which leads outside {directory}")
         if not target.is_file():
-            raise OrtloraError(f"{source} names {location!r}, which is not there; rebuild the artifacts")
+            raise OrtloraError(f"{source} names {location!r}, which is not there; {REBUILD}")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ortlora.errors import OrtloraError
+from ortlora.errors import REBUILD, OrtloraError
 
 NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
                 "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
@@ -137,7 +137,7 @@ def map_layout(path: Path, layout: dict[str, dict]) -> dict[str, np.ndarray]:
     size = path.stat().st_size
     if size < needed:
         raise OrtloraError(f"{path} is {size:,} bytes, the manifest's layout needs {needed:,} (a truncated copy?); "
-                           f"rebuild the artifacts")
+                           f"{REBUILD}")
     if not layout:
         return {}
     data = np.memmap(path, dtype=np.uint8, mode="r")

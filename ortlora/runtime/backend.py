@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ortlora.errors import OrtloraError
+from ortlora.errors import REBUILD, OrtloraError
 from ortlora.manifest import Manifest
 from ortlora.onnx_files import check_external_data
 from ortlora.runtime.frozen import map_frozen_weights, share_with
@@ -63,7 +63,7 @@ def loading(*paths: Path):
         names = " and ".join(str(p) for p in paths)
         if type(e).__name__ == "EPFail":
             raise OrtloraError(f"the execution provider failed while loading {names}: {ort_message(e)}") from None
-        raise OrtloraError(f"ONNX Runtime cannot load {names}: {ort_message(e)}; rebuild the artifacts") from None
+        raise OrtloraError(f"ONNX Runtime cannot load {names}: {ort_message(e)}; {REBUILD}") from None
 
 
 class TrainingBackend(Protocol):

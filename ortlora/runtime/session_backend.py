@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ortlora.errors import OrtloraError, listing
+from ortlora.errors import REBUILD, OrtloraError, listing
 from ortlora.manifest import Manifest
 from ortlora.runtime.backend import Batch, onnx_file
 from ortlora.runtime.frozen import map_frozen_weights, share_with
@@ -111,7 +111,7 @@ def _initial_weights(path: Path, manifest: Manifest) -> dict[str, np.ndarray]:
     tensors = read_tensors(path)
     problems = tensor_problems(tensors, {p.onnx_name: p.shape for p in manifest.parameters})
     if problems:
-        raise OrtloraError(f"{path} does not match the manifest: {listing(problems)}; rebuild the artifacts")
+        raise OrtloraError(f"{path} does not match the manifest: {listing(problems)}; {REBUILD}")
     return {p.onnx_name: np.ascontiguousarray(tensors[p.onnx_name], dtype=np.float32) for p in manifest.parameters}
 
 
