@@ -12,6 +12,7 @@ import json
 import mmap
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,43 @@ def check_safetensors(path: Path) -> dict[str, tuple[str, list[int]]]:
     except (SafetensorError, OSError) as e:
         raise OrtloraError(f"{path} is not a readable safetensors file ({e})") from None
     return {name: (s.get_dtype(), s.get_shape()) for name, s in slices.items()}
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor of a safetensors file lies: its bytes are ``length`` bytes from ``offset`` in ``path``."""
+
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    length: int
+
+    def read(self) -> np.ndarray:
+        """The tensor as stored (bfloat16 as its uint16 bits), read into memory of its own: no mapping of the
+        file stays behind, so streaming a checkpoint tensor by tensor holds one tensor at a time."""
+        dtype = np.dtype(np.uint16 if self.dtype == "BF16" else NUMPY_DTYPES[self.dtype])
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            data = np.fromfile(f, dtype=dtype, count=self.length // dtype.itemsize)
+        if data.nbytes != self.length:
+            raise OrtloraError(f"{self.path} ends inside its tensors (a truncated copy?)")
+        return data.reshape(self.shape)
+
+
+def stored_tensors(files: list[Path]) -> dict[str, StoredTensor]:
+    """Every tensor of the safetensors ``files`` (a checkpoint's shards) by name, from their headers alone."""
+    result = {}
+    for path in files:
+        check_safetensors(path)  # safetensors itself vouches for the header
+        with path.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        for name, info in header.items():
+            start, end = info["data_offsets"]
+            result[name] = StoredTensor(path, info["dtype"], tuple(info["shape"]), 8 + size + start, end - start)
+    return result
 
 
 def read_safetensors(path: Path) -> Iterator[tuple[str, str, np.ndarray]]:

@@ -10,18 +10,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from ortlora.build import frozen_weights, portable_graph, training_artifacts
+from ortlora.build.export import stamp_ir_version
 from ortlora.build.model_dir import TOKENIZER_FILES, check_model_dir, source_dtype
 from ortlora.errors import OrtloraError
 from ortlora.manifest import MANIFEST_NAME, PEFT_PREFIX, LoraParameter, Manifest
 from ortlora.output_dirs import check_output_dir, replace_dir, staging_dir
-from ortlora.weights import weights_sha256
+from ortlora.weights import stored_tensors, weight_files, weights_sha256
 
 INFERENCE_MODEL = "inference_model.onnx"
 DECODER_MODEL = "decoder_model.onnx"
 INITIAL_LORA = "initial_lora.safetensors"  # the LoRA weights before training, by ONNX name
 BASE_CONFIG = "config.json"
 BUNDLED_BASE = "base_model"
+FREE_SPACE_MARGIN = 64 << 20  # graphs, tokenizer and checkpoint beside the frozen weights
 
 
 @dataclass
@@ -60,6 +64,15 @@ def check_out_dir(out_dir: Path, force: bool, model_dir: Path | None = None) -> 
                      reads=[model_dir] if model_dir else [])
 
 
+def check_free_space(directory: Path, needed: int) -> None:
+    """The frozen weights are written in float32 (4 bytes a parameter, twice a bf16 checkpoint): say so
+    before the work when the disk cannot hold them, not when a write fails half-way."""
+    free = shutil.disk_usage(directory).free
+    if free < needed + FREE_SPACE_MARGIN:
+        raise OrtloraError(f"{directory.parent} has {free / 2**30:.1f} GiB free and the frozen weights need "
+                           f"{needed / 2**30:.1f} GiB (float32); free some space or choose an --out on another disk")
+
+
 def check_training_build() -> None:
     """generate_artifacts needs ORT's training build; the plain onnxruntime package only trains."""
     from ortlora.runtime.backend import has_training_api
@@ -93,91 +106,78 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
     import torch
     import transformers
     from safetensors.numpy import save_file
-    from transformers import AutoModelForCausalLM
 
     from ortlora.build.decoder import cache_names, export_decoder
-    from ortlora.build.export import (
-        CausalLMLogits,
-        CausalLMLoss,
-        export_onnx,
-        inputs_to_initializers,
-        load_exported,
-        share_tied_lm_head,
-        stamp_ir_version,
-    )
-    from ortlora.build.lora import inject_lora
+    from ortlora.build.export import CausalLMLogits, CausalLMLoss, export_onnx, inputs_to_initializers, load_exported
+    from ortlora.build.skeleton import load_skeleton
 
     onnxruntime.set_default_logger_severity(3)  # ORT's graph-transformer chatter is not for users
     transformers.logging.disable_progress_bar()
     stages = Stages(8, echo)
-    with stages("loading the model"):
-        model = AutoModelForCausalLM.from_pretrained(options.model_dir, attn_implementation="eager", dtype=torch.float32)
-        model.eval()
-        total_base = sum(p.numel() for p in model.parameters())
-        lora_names = inject_lora(model, list(options.targets), options.rank, options.alpha, options.dropout, options.seed)
-        params = dict(model.named_parameters())
-        lora_values = {name: params[name].detach().clone() for name in lora_names}
-        trainable = sum(v.numel() for v in lora_values.values())
+    with stages("reading the model's shape from config.json (no weight is loaded)"):
+        skeleton = load_skeleton(options.model_dir, list(options.targets), options.rank, options.alpha,
+                                 options.dropout, options.seed)
+        model, lora_values, frozen = skeleton.model, skeleton.lora, skeleton.frozen
+        lora_names = list(lora_values)
+        total_base, trainable = skeleton.frozen_count, sum(v.numel() for v in lora_values.values())
         echo(f"      trainable params: {trainable:,} || all params: {total_base + trainable:,} "
              f"|| trainable%: {100 * trainable / (total_base + trainable):.4f}")
+        check_free_space(staging, 4 * total_base)
 
     # A small example batch drives tracing; every axis that matters is exported as dynamic.
     example_ids = torch.randint(0, config["vocab_size"], (2, 8))
     example_mask = torch.ones_like(example_ids)
-    example_labels = example_ids.clone()
     lora_inputs = tuple(lora_values.values())
     work = staging / "work"
     work.mkdir()
 
-    with stages("exporting the loss graph"):
+    with stages("exporting the graphs (loss, inference, decoder with key/value cache)"):
         if options.dropout > 0:
             for module in model.modules():
                 if type(module).__name__ == "LoRALinear":
                     module.lora_dropout.train()
-        export_onnx(
-            CausalLMLoss(model, lora_names, options.label_smoothing),
-            (example_ids, example_mask, example_labels, *lora_inputs),
-            ["input_ids", "attention_mask", "labels", *lora_names],
-            ["loss"],
-            work / "loss.onnx",
-            fold=options.dropout == 0,
-        )
+        export_onnx(CausalLMLoss(model, lora_names, options.label_smoothing),
+                    (example_ids, example_mask, example_ids.clone(), *lora_inputs),
+                    ["input_ids", "attention_mask", "labels", *lora_names], ["loss"], work / "loss.onnx",
+                    fold=options.dropout == 0, frozen=frozen)
         model.eval()
-        loss_model = load_exported(work / "loss.onnx")
-        share_tied_lm_head(loss_model)
+        export_onnx(CausalLMLogits(model, lora_names), (example_ids, example_mask, *lora_inputs),
+                    ["input_ids", "attention_mask", *lora_names], ["logits"], work / "inference.onnx", fold=True,
+                    frozen=frozen)
+        export_decoder(model, lora_names, lora_values, work / "decoder.onnx", frozen)
+        graphs = {name: load_exported(work / f"{name}.onnx") for name in ("loss", "inference", "decoder")}
+        shutil.rmtree(work)
+        storage = frozen_weights.plan(list(graphs.values()), {name: tuple(t.shape) for name, t in frozen.items()})
+        for graph in graphs.values():
+            frozen_weights.fold(graph, storage)
+
+    places = frozen_weights.layout(storage)
+    size = sum(place["length"] for place in places.values())
+    with stages(f"writing {frozen_weights.FROZEN_WEIGHTS} from the checkpoint ({tqdm.format_sizeof(size, 'B', 1024)}, "
+                f"float32)"):
+        with tqdm(total=size, unit="B", unit_scale=True, leave=False, disable=None) as bar:
+            frozen_weights.write(storage, places, stored_tensors(weight_files(options.model_dir)),
+                                 staging / frozen_weights.FROZEN_WEIGHTS, bar.update)
+        references = frozen_weights.references(places)
+
+    with stages("generating training artifacts (gradient graph, optimizer, checkpoint)"):
+        loss_model = graphs.pop("loss")
         inputs_to_initializers(loss_model, lora_values, keep_as_inputs=False)
         _check_lora_initializers(loss_model, lora_values)
-
-    with stages("generating training artifacts (frozen weights, gradient graph, optimizer, checkpoint)"):
         stamp_ir_version(loss_model)
         lora_arrays = {name: value.numpy() for name, value in lora_values.items()}
-        base_weights = [t for t in loss_model.graph.initializer if t.name not in lora_arrays]
-        frozen = frozen_weights.write(base_weights, staging / frozen_weights.FROZEN_WEIGHTS, work)
-        del base_weights
-        training_artifacts.generate(loss_model, lora_arrays, frozen, staging, work)
+        training_artifacts.generate(loss_model, lora_arrays, references, staging)
 
     with stages("writing the portable training graph (standard ONNX for any onnxruntime)"):
+        frozen_weights.attach(loss_model, references)
         lora_shapes = {name: value.shape for name, value in lora_arrays.items()}
-        portable_graph.write(loss_model, staging / training_artifacts.TRAINING_MODEL, frozen, lora_shapes, staging)
+        portable_graph.write(loss_model, staging / training_artifacts.TRAINING_MODEL, references, lora_shapes, staging)
         save_file(lora_arrays, str(staging / INITIAL_LORA))
         del loss_model
 
-    with stages("exporting the inference graph"):
-        export_onnx(
-            CausalLMLogits(model, lora_names),
-            (example_ids, example_mask, *lora_inputs),
-            ["input_ids", "attention_mask", *lora_names],
-            ["logits"],
-            work / "inference.onnx",
-            fold=True,
-        )
-        stored = (frozen, frozen_weights.index(frozen, staging))
-        _save_with_lora_defaults(work / "inference.onnx", lora_values, staging / INFERENCE_MODEL, stored)
-
-    with stages("exporting the generation graph (decoder with key/value cache)"):
-        export_decoder(model, lora_names, lora_values, work / "decoder.onnx")
-        _save_with_lora_defaults(work / "decoder.onnx", lora_values, staging / DECODER_MODEL, stored)
-        shutil.rmtree(work)
+    with stages("saving the inference and generation graphs"):
+        for name, path in (("inference", INFERENCE_MODEL), ("decoder", DECODER_MODEL)):
+            _save_with_lora_defaults(graphs.pop(name), lora_values, staging / path, references)
 
     with stages("copying tokenizer and config"):
         tokenizer_files = [f for f in TOKENIZER_FILES if (options.model_dir / f).is_file()]
@@ -231,7 +231,7 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
         label_smoothing=options.label_smoothing,
         parameters=[_describe(name, tuple(value.shape)) for name, value in lora_values.items()],
         files=files,
-        frozen=frozen_weights.layout(frozen),
+        frozen=places,
         io={
             "training": {"inputs": ["input_ids", "attention_mask", "labels"], "outputs": ["loss"]},
             "inference": {"inputs": ["input_ids", "attention_mask", *lora_names], "outputs": ["logits"]},
@@ -249,22 +249,14 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
     return manifest
 
 
-def _save_with_lora_defaults(exported: Path, lora_values: dict, path: Path, stored: tuple) -> None:
+def _save_with_lora_defaults(model, lora_values: dict, path: Path, references: dict) -> None:
     """Save an exported graph whose LoRA weights stay inputs, with their initial values as defaults:
     any adapter can be fed in, and without one the graph is the base model. Its frozen weights are
-    read from frozen_weights.bin (``stored``: the references and their content index)."""
-    from ortlora.build.export import (
-        inputs_to_initializers,
-        load_exported,
-        save_model,
-        share_tied_lm_head,
-        stamp_ir_version,
-    )
+    read from frozen_weights.bin (``references``)."""
+    from ortlora.build.export import inputs_to_initializers, save_model
 
-    model = load_exported(exported)
-    share_tied_lm_head(model)
     inputs_to_initializers(model, lora_values, keep_as_inputs=True)
-    frozen_weights.reuse(model, *stored)
+    frozen_weights.attach(model, references)
     stamp_ir_version(model)
     save_model(model, path)
 

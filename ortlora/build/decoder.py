@@ -34,7 +34,8 @@ class DecoderWithPast(nn.Module):
     def forward(self, input_ids, attention_mask, *rest):
         from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
-        lora, past = rest[: len(self.lora_names)], rest[len(self.lora_names):]
+        # Frozen weights may follow the cache: they reach the modules themselves (skeleton.py).
+        lora, past = rest[: len(self.lora_names)], rest[len(self.lora_names): len(self.lora_names) + 2 * self.layers]
         core = self.model.model
         new = input_ids.shape[1]
         past_len = attention_mask.shape[1] - new
@@ -74,9 +75,10 @@ class DecoderWithPast(nn.Module):
         return (logits, *presents)
 
 
-def export_decoder(model: nn.Module, lora_names: list[str], lora_values: dict, path) -> None:
+def export_decoder(model: nn.Module, lora_names: list[str], lora_values: dict, path, frozen: dict | None = None) -> None:
     """Export the decoder with past to ``path`` (TorchScript exporter, dynamic batch / lengths); load it
-    with ``export.load_exported``."""
+    with ``export.load_exported``. ``frozen``: as for export.export_onnx."""
+    frozen = frozen or {}
     config = model.config
     layers = config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -91,9 +93,9 @@ def export_decoder(model: nn.Module, lora_names: list[str], lora_values: dict, p
     dynamic.update({name: {0: "batch", 2: "total"} for name in present})
     torchscript_export(
         DecoderWithPast(model, lora_names).eval(),
-        (ids, mask, *[lora_values[n] for n in lora_names], *cache),
+        (ids, mask, *[lora_values[n] for n in lora_names], *cache, *frozen.values()),
         path,
-        input_names=["input_ids", "attention_mask", *lora_names, *past],
+        input_names=["input_ids", "attention_mask", *lora_names, *past, *frozen],
         output_names=["logits", *present],
         dynamic_axes=dynamic,
         do_constant_folding=True,

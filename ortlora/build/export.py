@@ -1,8 +1,9 @@
 """Export the LoRA-injected model to ONNX: a loss graph for training and a logits graph for inference.
 
 The LoRA weights enter both exports as graph *inputs*, so constant folding cannot rename or
-transpose them. Frozen weights stay initializers and are folded (pre-transposed) by the exporter.
-Afterwards ``inputs_to_initializers`` turns the LoRA inputs back into named initializers.
+transpose them; ``inputs_to_initializers`` turns them back into named initializers afterwards.
+The build exports the weightless skeleton (skeleton.py), whose frozen weights are graph inputs too,
+named after the checkpoint (``frozen``): frozen_weights.py stores them and points the graphs at them.
 
 No export depends on weight values: every export goes through ``torchscript_export``, which turns
 off the exporter's merging of initializers with identical values (see there), so a freshly
@@ -16,7 +17,6 @@ import functools
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
@@ -81,7 +81,8 @@ class CausalLMLoss(nn.Module):
         self.lora_names = lora_names
         self.label_smoothing = label_smoothing
 
-    def forward(self, input_ids, attention_mask, labels, *lora):
+    def forward(self, input_ids, attention_mask, labels, *weights):
+        lora = weights[: len(self.lora_names)]  # any frozen weights after them reach the modules themselves
         flat_labels = labels.reshape(-1)
         keep = torch.nonzero(flat_labels != IGNORE_INDEX).squeeze(1)
         with external_lora_weights(self.model, dict(zip(self.lora_names, lora))), \
@@ -106,7 +107,8 @@ class CausalLMLogits(nn.Module):
         self.model = model
         self.lora_names = lora_names
 
-    def forward(self, input_ids, attention_mask, *lora):
+    def forward(self, input_ids, attention_mask, *weights):
+        lora = weights[: len(self.lora_names)]  # any frozen weights after them reach the modules themselves
         with external_lora_weights(self.model, dict(zip(self.lora_names, lora))):
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
@@ -127,7 +129,7 @@ def torchscript_export(module: nn.Module, args: tuple, path: Path, **options) ->
     ``test_equal_weights_stay_apart`` fails if a torch release stops honouring it). The switch also
     lists every initializer as a graph input; ``load_exported`` drops those inputs again. It costs
     nothing: no value is touched or copied, and the pass's comparisons of weights are skipped.
-    A tied LM head is one parameter of the module, so it stays one initializer (``share_tied_lm_head``).
+    A tied LM head is one parameter of the module, so it stays one initializer (or input).
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -146,7 +148,12 @@ def load_exported(path: Path) -> onnx.ModelProto:
     return model
 
 
-def export_onnx(module: nn.Module, args: tuple, input_names: list[str], output_names: list[str], path: Path, fold: bool) -> None:
+def export_onnx(module: nn.Module, args: tuple, input_names: list[str], output_names: list[str], path: Path, fold: bool,
+                frozen: dict[str, torch.Tensor] | None = None) -> None:
+    """Export ``module(*args)``. ``frozen``: placeholders of frozen weights (skeleton.py), the modules' own
+    tensors, which become graph inputs of their names after the others."""
+    frozen = frozen or {}
+    args, input_names = (*args, *frozen.values()), [*input_names, *frozen]
     dynamic = {name: {0: "batch", 1: "sequence"} for name in ("input_ids", "attention_mask", "labels") if name in input_names}
     if "logits" in output_names:
         dynamic["logits"] = {0: "batch", 1: "sequence"}
@@ -175,53 +182,6 @@ def inputs_to_initializers(model: onnx.ModelProto, values: dict[str, torch.Tenso
         kept = [i for i in graph.input if i.name not in values]
         del graph.input[:]
         graph.input.extend(kept)
-
-
-def share_tied_lm_head(model: onnx.ModelProto) -> bool:
-    """Make a tied LM head read the embedding matrix itself. Returns whether it did.
-
-    Constant folding turns the tied head's ``hidden @ embed.T`` into a MatMul with a second,
-    pre-transposed copy of the embedding ([hidden, vocab]: 545 MB for Qwen2.5-0.5B), which the
-    checkpoint and every session would then hold twice. A Gemm with transB=1 reads the embedding
-    as it is, at the same speed; hidden states of any rank are flattened to rows around it.
-    """
-    from onnx import helper
-
-    graph = model.graph
-    initializers = {t.name: t for t in graph.initializer}
-    embed = next((t for t in graph.initializer if t.name.endswith("embed_tokens.weight")), None)
-    if embed is None:
-        return False
-    vocab, hidden = embed.dims
-    for index, node in enumerate(graph.node):
-        copy = initializers.get(node.input[1]) if node.op_type == "MatMul" else None
-        if copy is None or list(copy.dims) != [hidden, vocab]:
-            continue
-        if not np.array_equal(numpy_helper.to_array(copy), numpy_helper.to_array(embed).T):
-            return False  # an untied head that happens to have the embedding's shape
-        states, logits, name = node.input[0], node.output[0], node.name or "lm_head"
-        # Shape constants as Constant nodes: initializers would become (external) training parameters.
-        const = [helper.make_node("Constant", [], [f"{name}/tied_{n}"], name=f"{name}/tied_{n}",
-                                  value=numpy_helper.from_array(np.array(v, np.int64)))
-                 for n, v in (("rows", [-1, hidden]), ("vocab", [vocab]))]
-        head = [
-            *const,
-            helper.make_node("Reshape", [states, f"{name}/tied_rows"], [f"{name}/tied_rows_out"], name=f"{name}/tied_reshape"),
-            helper.make_node("Gemm", [f"{name}/tied_rows_out", embed.name], [f"{name}/tied_gemm_out"], transB=1,
-                             name=f"{name}/tied_gemm"),
-            helper.make_node("Shape", [states], [f"{name}/tied_shape_out"], start=0, end=-1, name=f"{name}/tied_shape"),
-            helper.make_node("Concat", [f"{name}/tied_shape_out", f"{name}/tied_vocab"], [f"{name}/tied_logits_shape"],
-                             axis=0, name=f"{name}/tied_concat"),
-            helper.make_node("Reshape", [f"{name}/tied_gemm_out", f"{name}/tied_logits_shape"], [logits],
-                             name=f"{name}/tied_logits"),
-        ]
-        del graph.node[index]
-        for offset, new in enumerate(head):
-            graph.node.insert(index + offset, new)
-        if not any(copy.name in n.input for n in graph.node):
-            graph.initializer.remove(copy)
-        return True
-    return False
 
 
 # Protobuf cannot serialise 2 GiB, and serialising a large model makes a second copy of it in memory;

@@ -2,10 +2,9 @@
 
 ``generate_artifacts`` builds the gradient graph (training model), the forward-only eval model,
 the optimizer model and the checkpoint. Around it we fix four things: the loss graph is handed
-over as a small ModelProto whose weights are external-data references (see ``generate``), models
-are stamped with an IR version onnxruntime-training 1.19 can load, LoRA dropout is removed from
-the eval model, and operators whose training kernels are slow are spelled out in standard ones
-(see ``spell_out_slow_kernels``).
+over without any weight value (see ``generate``), models are stamped with an IR version
+onnxruntime-training 1.19 can load, LoRA dropout is removed from the eval model, and operators
+whose training kernels are slow are spelled out in standard ones (see ``spell_out_slow_kernels``).
 """
 
 from __future__ import annotations
@@ -18,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
 from ortlora.build import frozen_weights
-from ortlora.build.export import save_external, stamp_ir_version
+from ortlora.build.export import stamp_ir_version
 from ortlora.build.head_gradient import fuse_head_gradient
 from ortlora.build.portable_ops import rewrite_node
 
@@ -32,53 +31,29 @@ CHECKPOINT = "checkpoint"
 
 
 def generate(loss_model: onnx.ModelProto, lora: dict[str, np.ndarray], frozen: dict[str, TensorProto],
-             out_dir: Path, work_dir: Path) -> None:
+             out_dir: Path) -> None:
     """Write the training, eval and optimizer models and the checkpoint into ``out_dir``.
 
-    ``lora``: the initial LoRA weights by ONNX name, the trainable parameters. ``frozen``: references
-    into the frozen weights file (frozen_weights.py), which the training and eval models read.
-
-    ``loss_model`` is saved to ``work_dir`` with its weights as external data; as onnx.save does,
-    this moves the weights out of the proto: afterwards it holds references into
-    ``work_dir/loss_external.onnx.data``, which must stay until the caller is done with it.
-    The same path serves every model size, so the tiny test builds exercise it too.
-
-    Why not hand ``generate_artifacts`` the model as a path, as its docs say to above 2 GB: onnxblock
-    then saves the whole model to ``temp.onnx`` + ``temp.onnx.data`` in the working directory once per
-    block (the pass-through loss block, then the training block). The first save moves the weights
-    out of the shared in-memory model into that file; the second must reuse it, but onnx >= 1.17
-    refuses to save external data to a location that already exists (FileExistsError), and deleting
-    the file loses the weights the model now points at. It also loads and copies the full model twice.
-
-    What we do instead: hand it a ModelProto whose large initializers are external-data references,
-    so the proto is small and onnxblock checks and shape-infers it in memory, with no temporary
-    files. Nothing in it needs the weight values: shape inference reads only dims (small constants
-    stay inline), and generate_artifacts moves every parameter to a graph input before ORT's graph
-    optimizer and gradient builder see the model. The values are read only where the checkpoint is
-    written: ORT's save_checkpoint reads each frozen parameter from the external data file (that
-    checkpoint is then replaced by one of the LoRA weights only, see ``_keep_only_lora_in_checkpoint``).
-    Both the onnx checker and ORT resolve an in-memory model's relative external-data locations
-    against the current directory, hence the chdir into ``work_dir`` for the duration.
+    ``loss_model`` holds the initial LoRA weights as initializers, the trainable parameters (``lora``:
+    the same by ONNX name), and reads every frozen weight as a graph input (frozen_weights.fold).
+    So ``generate_artifacts`` never sees a weight value: the proto is a few hundred kB at any model
+    size, it is checked and shape-inferred in memory, and the checkpoint it writes holds the LoRA
+    weights only (a few MB, the same file for every ORT app that trains the adapter). Afterwards the
+    frozen inputs of the training and eval models become initializers read from frozen_weights.bin
+    (``frozen``: the references), shared with every other graph.
     """
     from onnxruntime.training import artifacts
 
-    trainable = list(lora)
-    out_dir, work_dir = out_dir.resolve(), work_dir.resolve()  # they must survive the chdir below
-    loss_path = work_dir / "loss_external.onnx"
-    save_external(loss_model, loss_path)
-    with contextlib.chdir(work_dir):
-        reference_model = onnx.load(str(loss_path), load_external_data=False)
-        frozen_params = [init.name for init in reference_model.graph.initializer if init.name not in set(trainable)]
-        logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
-        with native_stderr_silenced():  # ORT's gradient builder logs every graph pass at INFO level
-            artifacts.generate_artifacts(
-                reference_model,
-                requires_grad=trainable,
-                frozen_params=frozen_params,
-                loss=None,  # the exported graph's single output already is the loss
-                optimizer=artifacts.OptimType.AdamW,
-                artifact_directory=str(out_dir),
-            )
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
+    with native_stderr_silenced():  # ORT's gradient builder logs every graph pass at INFO level
+        artifacts.generate_artifacts(
+            loss_model,
+            requires_grad=list(lora),
+            frozen_params=[],
+            loss=None,  # the exported graph's single output already is the loss
+            optimizer=artifacts.OptimType.AdamW,
+            artifact_directory=str(out_dir),
+        )
     for name in (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL):
         model = onnx.load(str(out_dir / name), load_external_data=False)
         if name == EVAL_MODEL:
@@ -89,7 +64,6 @@ def generate(loss_model: onnx.ModelProto, lora: dict[str, np.ndarray], frozen: d
         spell_out_slow_kernels(model)
         stamp_ir_version(model)
         onnx.save(model, str(out_dir / name))
-    _keep_only_lora_in_checkpoint(out_dir, lora)
 
 
 @contextlib.contextmanager
@@ -105,22 +79,6 @@ def native_stderr_silenced():
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
-
-
-def _keep_only_lora_in_checkpoint(out_dir: Path, lora: dict[str, np.ndarray]) -> None:
-    """Rewrite the checkpoint with the LoRA weights only.
-
-    generate_artifacts makes every frozen weight a model input fed from the checkpoint, so the
-    checkpoint held a second copy of the base model. ``generate`` turns those inputs into
-    initializers in frozen_weights.bin (shared with every other graph), so the checkpoint needs only
-    the LoRA weights: a few MB, and the same file for every ORT app that trains the adapter.
-    """
-    from onnxruntime.capi import _pybind_state as C
-
-    for path in (out_dir / CHECKPOINT, out_dir / f"{CHECKPOINT}.data"):
-        path.unlink(missing_ok=True)
-    trainable = [numpy_helper.from_array(value, name).SerializeToString() for name, value in lora.items()]
-    C.save_checkpoint(trainable, [], str(out_dir / CHECKPOINT), False)
 
 
 # onnxruntime-training 1.19's kernels for these are slower than the same math in standard operators:

@@ -1,0 +1,75 @@
+"""The model without its weights: what the graphs are traced from.
+
+The graphs do not depend on the values of the frozen weights, so the build never loads them into
+torch. The model is made on PyTorch's meta device from config.json alone (no memory, no
+initialisation), LoRA is injected with real, seeded A and B weights, and every frozen parameter
+is replaced by a placeholder: a zero-stride tensor of the parameter's shape, which costs one float.
+Each export passes the placeholders as graph inputs named after the checkpoint's tensors
+(``model.layers.0.self_attn.q_proj.weight``), so the graphs read the frozen weights by name, and
+frozen_weights.py streams the values from the checkpoint into one file afterwards.
+
+Tracing still runs the forward pass on these shapes (an example batch of a few tokens), which takes
+transient copies of a weight at a time where an operator needs contiguous data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ortlora.build.lora import inject_lora
+from ortlora.errors import OrtloraError
+
+
+@dataclass
+class Skeleton:
+    model: nn.Module  # the causal LM with LoRA injected; its frozen weights are the placeholders below
+    lora: dict[str, torch.Tensor]  # the initial LoRA weights by ONNX name (PEFT's, without its prefix)
+    frozen: dict[str, torch.Tensor]  # checkpoint tensor name -> placeholder, in module order (tied ones once)
+
+    @property
+    def frozen_count(self) -> int:
+        return sum(placeholder.numel() for placeholder in self.frozen.values())
+
+
+def load_skeleton(model_dir: Path, targets: list[str], rank: int, alpha: float, dropout: float, seed: int) -> Skeleton:
+    """The model of ``model_dir`` (config.json only) with LoRA injected and placeholders for the frozen weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    # Rotary frequencies are a buffer computed from the config, not loaded: make them for real.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)
+    meta = [name for name, buffer in model.named_buffers() if buffer.is_meta]
+    if meta:
+        raise OrtloraError(f"the model has buffers ortlora cannot compute without loading it: {meta[:3]}")
+    model.eval()
+    lora_names = inject_lora(model, targets, rank, alpha, dropout, seed)
+    lora = {name: param.detach() for name, param in model.named_parameters() if name in lora_names}
+    return Skeleton(model, {name: lora[name] for name in lora_names}, _replace_frozen(model, set(lora_names)))
+
+
+def checkpoint_name(parameter: str) -> str:
+    """The checkpoint's name of a parameter of the LoRA-injected model (PEFT's ``base_layer`` is ours)."""
+    return parameter.replace(".base_layer.", ".")
+
+
+def _replace_frozen(model: nn.Module, lora: set[str]) -> dict[str, torch.Tensor]:
+    """Turn every meta parameter but the LoRA ones into a plain attribute holding a placeholder."""
+    placeholders: dict[int, torch.Tensor] = {}  # by id of the parameter: a tied one is shared
+    frozen: dict[str, torch.Tensor] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for name, param in list(module._parameters.items()):
+            full = f"{module_name}.{name}" if module_name else name
+            if param is None or full in lora:
+                continue
+            if id(param) not in placeholders:
+                placeholders[id(param)] = torch.zeros((), dtype=torch.float32).expand(param.shape)
+                frozen[checkpoint_name(full)] = placeholders[id(param)]
+            del module._parameters[name]
+            setattr(module, name, placeholders[id(param)])
+    return frozen
