@@ -67,3 +67,11 @@ def inside(directory: Path, name: str, source: str) -> Path:
     if not path.resolve().is_relative_to(Path(directory).resolve()):
         raise OrtloraError(f"{source} names {name!r}, which leads outside {directory} (through a symbolic link)")
     return path
+
+
+def byte_size(count: int) -> str:
+    """1,234,567,890 -> '1.15 GiB': sizes in messages, in binary units."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= scale:
+            return f"{count / scale:.2f} {unit}"
+    return f"{count} B"

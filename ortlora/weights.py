@@ -11,7 +11,7 @@ import hashlib
 import json
 import mmap
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,10 +119,19 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, str, np.ndarray]]:
 
 def write_safetensors(path: Path, tensors: dict[str, tuple[str, np.ndarray]], metadata: dict[str, str] | None = None) -> None:
     """Write ``name -> (dtype, array)``; a BF16 array is given as its uint16 bits."""
+    specs = {name: (dtype, array.shape) for name, (dtype, array) in tensors.items()}
+    stream_safetensors(path, specs, lambda name: [tensors[name][1]], metadata)
+
+
+def stream_safetensors(path: Path, specs: dict[str, tuple[str, tuple[int, ...]]],
+                       blocks: Callable[[str], Iterable[np.ndarray]], metadata: dict[str, str] | None = None) -> None:
+    """Write tensors ``name -> (dtype, shape)`` whose data ``blocks(name)`` yields in order, block by block (BF16
+    as uint16 bits), so a tensor need never be whole in memory."""
     header, offset = {}, 0
-    for name, (dtype, array) in tensors.items():
-        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
+    for name, (dtype, shape) in specs.items():
+        size = int(np.prod(shape, dtype=np.int64)) * (2 if dtype == "BF16" else np.dtype(NUMPY_DTYPES[dtype]).itemsize)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
     if metadata:
         header["__metadata__"] = metadata
     encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -130,8 +139,12 @@ def write_safetensors(path: Path, tensors: dict[str, tuple[str, np.ndarray]], me
     with path.open("wb") as f:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
-        for _, array in tensors.values():
-            f.write(np.ascontiguousarray(array).tobytes())
+        for name in specs:
+            for block in blocks(name):
+                f.write(np.ascontiguousarray(block).data)
+            start, end = (8 + len(encoded) + o for o in header[name]["data_offsets"])
+            if f.tell() != end:
+                raise ValueError(f"{name}: the blocks hold {f.tell() - start} bytes, its shape and dtype {end - start}")
 
 
 def shape_problems(shapes: dict[str, tuple], expected: dict[str, tuple], unexpected: bool = True) -> list[str]:

@@ -3,6 +3,7 @@
     python scripts/bench.py --artifacts artifacts/tiny
     python scripts/bench.py --artifacts artifacts/qwen05b --data masked --steps 5 --threads 2
     python scripts/bench.py --build path/to/model --artifacts artifacts/qwen05b --targets all-linear
+    python scripts/bench.py --shape qwen2.5-1.5b --threads 2 --batch 2 --seq 128
 
 Each system runs in its own process (so peak memory is its own) on the same seeded batches:
 ort-training (ORT's training API), ort-session (the portable training graph in an InferenceSession,
@@ -11,6 +12,9 @@ torch (PyTorch + PEFT in eager mode, the same base weights, LoRA settings and th
 is what the trainer does: forward, backward and an AdamW update of the LoRA weights. Printed: median
 step time after warm-up, trained tokens/s, peak resident memory, load time, and the ratio to torch;
 with --build, first the time and peak memory of building the artifacts (ortlora-build, once per model).
+--shape NAME does all of it for a published shape: it writes a random model laid out as the published
+checkpoint is (bf16, shards of at most 4 GB, Qwen2.5's tokenizer) into models/NAME unless it is there,
+builds artifacts/NAME from it and runs the benchmark.
 """
 
 from __future__ import annotations
@@ -181,6 +185,19 @@ def run_torch(args) -> dict:
 
 # -- the driver ------------------------------------------------------------------------------------
 
+def make_shape(shape: str) -> Path:
+    """models/SHAPE: a random model of a published shape, laid out as the published checkpoint is."""
+    from ortlora.build.tiny import SHAPES, create_random_model
+
+    if shape not in SHAPES or shape == "tiny":
+        sys.exit(f"bench: --shape must be one of {', '.join(s for s in sorted(SHAPES) if s != 'tiny')}")
+    path = ROOT / "models" / shape
+    if not (path / "config.json").is_file():
+        print(f"writing a random {shape} model (bf16, 4 GB shards) to {path} ...", flush=True)
+        create_random_model(path, shape, dtype="bf16", max_shard_size="4GB", tokenizer="real")
+    return path
+
+
 def run_build(args) -> dict:
     """Build --artifacts from --build with ortlora-build; its wall time and peak resident memory."""
     source = ["--tiny"] if args.build == "tiny" else ["--model", args.build]
@@ -228,6 +245,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--build", metavar="MODEL", default=None,
                         help="first build --artifacts from this model directory ('tiny': the built-in model), timed")
+    parser.add_argument("--shape", default=None, help="a published shape (qwen2.5-0.5b ... qwen2.5-7b): make a random "
+                        "bf16, sharded model of it in models/SHAPE if missing, then --build it into artifacts/SHAPE")
     parser.add_argument("--targets", default="q_proj,v_proj", help="LoRA targets of the --build (default: q_proj,v_proj)")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank of the --build (default: 8)")
     parser.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
@@ -237,6 +256,8 @@ def main(argv=None) -> int:
         print(json.dumps(run_torch(args) if args.worker == "torch" else run_ort(args.worker, args)))
         return 0
 
+    if args.shape:
+        args.build, args.artifacts = str(make_shape(args.shape)), f"artifacts/{args.shape}"
     build = run_build(args) if args.build else None
     tokens = {"plain": args.batch * args.seq, "masked": args.batch * (args.seq - args.seq // 2)}[args.data]
     results: dict[str, dict] = {}

@@ -176,6 +176,33 @@ def _check_against_peft(directory, case):
     assert backend.eval_loss(batch) == pytest.approx(ref_loss, rel=TOL)
 
 
+def test_a_float16_source_matches_peft(tmp_path):
+    """fp16 checkpoints build as bf16 and fp32 ones do: the frozen weights are their float32 values."""
+    from ortlora.build.builder import BuildOptions, build
+    from ortlora.build.tiny import create_random_model
+
+    model_dir = create_random_model(tmp_path / "fp16", "tiny", seed=3, dtype="fp16")
+    out = tmp_path / "artifacts"
+    build(BuildOptions(model_dir=model_dir, out_dir=out), echo=lambda *a, **k: None)
+    assert Manifest.load(out).model["source_dtype"] == "float16"
+    for case in ("plain", "ignored"):
+        _check_against_peft(out, case)
+
+
+def test_a_disk_too_small_for_the_frozen_weights_is_refused_before_the_work(tmp_path, tiny_model, capsys, monkeypatch):
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    from ortlora.build import cli
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 1 << 20))
+    assert cli.main(["--model", str(tiny_model), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "1.00 MiB free and the artifacts need 64.48 MiB" in err and "\n" not in err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
+
+
 def test_inference_logits_match_transformers(artifacts):
     import onnxruntime as ort
 

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -110,6 +111,34 @@ def test_loss_and_gradients_match_peft_on_the_upcast_bf16_weights(published_arti
     assert abs(loss - ref_loss) / ref_loss < TOL
     worst = max(rel_err(grads[n], ref_grads[n]) for n in ref_grads)
     assert worst < TOL, worst
+
+
+def test_frozen_weights_stream_from_the_shards_block_by_block(published, tmp_path, monkeypatch):
+    """frozen_weights.bin holds every checkpoint tensor upcast to float32 (matrices transposed), also when each
+    tensor is streamed in many blocks; only the LoRA weights reach generate_artifacts, which sees no frozen value."""
+    from onnxruntime.training import artifacts as ort_artifacts
+
+    from ortlora.build import frozen_weights
+    from ortlora.weights import map_layout, read_tensors
+
+    seen = []
+    generate = ort_artifacts.generate_artifacts
+    monkeypatch.setattr(ort_artifacts, "generate_artifacts",
+                        lambda model, **kw: (seen.append(onnx.ModelProto.FromString(model.SerializeToString())),
+                                             generate(model, **kw)))
+    monkeypatch.setattr(frozen_weights, "BLOCK_BYTES", 4096)  # 151,936-row embedding: 38 blocks; 64 x 176: 6
+    out = tmp_path / "artifacts"
+    build(BuildOptions(model_dir=published, out_dir=out), echo=lambda *a, **k: None)
+    manifest = Manifest.load(out)
+    (given,) = seen
+    assert sorted(t.name for t in given.graph.initializer if t.dims) == sorted(p.onnx_name for p in manifest.parameters)
+    assert set(manifest.frozen) <= {i.name for i in given.graph.input}  # read as inputs, without values
+
+    frozen = map_layout(out / manifest.files["frozen_weights"], manifest.frozen)
+    source = {name: value for file in weight_files(published) for name, value in read_tensors(file).items()}
+    assert len(frozen) == len(source)
+    for name, value in source.items():
+        np.testing.assert_array_equal(frozen[name + ".T"].T if name + ".T" in frozen else frozen[name], value, name)
 
 
 def test_the_chat_data_trains_with_qwen25s_template(published_run):

@@ -16,6 +16,7 @@ from ortlora.build import frozen_weights, portable_graph, training_artifacts
 from ortlora.build.export import stamp_ir_version
 from ortlora.build.model_dir import TOKENIZER_FILES, check_model_dir, source_dtype
 from ortlora.errors import OrtloraError
+from ortlora.files import byte_size
 from ortlora.manifest import MANIFEST_NAME, PEFT_PREFIX, LoraParameter, Manifest
 from ortlora.output_dirs import check_output_dir, replace_dir, staging_dir
 from ortlora.weights import stored_tensors, weight_files, weights_sha256
@@ -67,10 +68,10 @@ def check_out_dir(out_dir: Path, force: bool, model_dir: Path | None = None) -> 
 def check_free_space(directory: Path, needed: int) -> None:
     """The frozen weights are written in float32 (4 bytes a parameter, twice a bf16 checkpoint): say so
     before the work when the disk cannot hold them, not when a write fails half-way."""
-    free = shutil.disk_usage(directory).free
-    if free < needed + FREE_SPACE_MARGIN:
-        raise OrtloraError(f"{directory.parent} has {free / 2**30:.1f} GiB free and the frozen weights need "
-                           f"{needed / 2**30:.1f} GiB (float32); free some space or choose an --out on another disk")
+    free, needed = shutil.disk_usage(directory).free, needed + FREE_SPACE_MARGIN
+    if free < needed:
+        raise OrtloraError(f"{directory.parent} has {byte_size(free)} free and the artifacts need {byte_size(needed)} "
+                           f"(frozen weights in float32); free some space or choose an --out on another disk")
 
 
 def check_training_build() -> None:
@@ -153,8 +154,7 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
 
     places = frozen_weights.layout(storage)
     size = sum(place["length"] for place in places.values())
-    with stages(f"writing {frozen_weights.FROZEN_WEIGHTS} from the checkpoint ({tqdm.format_sizeof(size, 'B', 1024)}, "
-                f"float32)"):
+    with stages(f"writing {frozen_weights.FROZEN_WEIGHTS} from the checkpoint ({byte_size(size)} of float32)"):
         with tqdm(total=size, unit="B", unit_scale=True, leave=False, disable=None) as bar:
             frozen_weights.write(storage, places, stored_tensors(weight_files(options.model_dir)),
                                  staging / frozen_weights.FROZEN_WEIGHTS, bar.update)

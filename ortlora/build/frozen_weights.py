@@ -146,13 +146,13 @@ def layout(storage: dict[str, Stored]) -> dict[str, dict]:
     return result
 
 
-def references(places: dict[str, dict]) -> dict[str, TensorProto]:
-    """Data-less TensorProtos that point into the file, one per weight of ``layout``."""
+def references(places: dict[str, dict], location: str = FROZEN_WEIGHTS) -> dict[str, TensorProto]:
+    """Data-less TensorProtos that point into the file ``location``, one per weight of ``layout``."""
     result = {}
     for name, place in places.items():
         reference = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=place["shape"])
         reference.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", FROZEN_WEIGHTS), ("offset", place["offset"]), ("length", place["length"])):
+        for key, value in (("location", location), ("offset", place["offset"]), ("length", place["length"])):
             reference.external_data.add(key=key, value=str(value))
         result[name] = reference
     return result

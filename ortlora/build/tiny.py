@@ -15,9 +15,12 @@ vocabulary is fine, as it is for Qwen2.5 itself (151,665 tokens in 151,936 rows)
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from importlib import resources
 from pathlib import Path
+
+import numpy as np
 
 # ChatML, as Qwen2.5 uses it (without the tool-calling branches).
 CHAT_TEMPLATE = (
@@ -67,6 +70,7 @@ SHAPES = {"tiny": TINY_CONFIG, "qwen2.5-0.5b": QWEN25_05B_CONFIG, "qwen2.5-1.5b"
           "qwen2.5-3b": QWEN25_3B_CONFIG, "qwen2.5-7b": QWEN25_7B_CONFIG}
 DTYPES = ("fp32", "bf16", "fp16")
 TOKENIZERS = ("tiny", "real")
+RANDOM_BLOCK_BYTES = 64 << 20  # float32 drawn at a time for a random model of a published shape
 # Qwen2.5's real tokenizer files (the project's shared copy, beside the checkout; see its README).
 QWEN25_TOKENIZER_DIR = Path(__file__).resolve().parents[3] / "shared" / "qwen2.5-tokenizer"
 QWEN25_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
@@ -114,17 +118,16 @@ def create_random_model(out_dir: Path, shape: str, seed: int = 0, *, layers: int
     """Write a seeded random Qwen2 model of one of ``SHAPES`` to ``out_dir``.
 
     ``layers`` keeps the first N layers of the shape; ``overrides`` change any other config value (a test's
-    hidden size of 64, say). ``dtype`` is the stored dtype: the model is made in it, so memory stays at the
-    stored model plus one tensor in flight (a 7B cut of few layers needs its 2 x 152,064 x 3,584 embeddings,
-    2.2 GB in bf16, not their fp32 4.4 GB). ``max_shard_size`` ("50MB", or bytes) splits the weights the way
-    ``save_pretrained`` writes published checkpoints; none is transformers' default, 50GB (one model.safetensors
-    for any shape here). ``tokenizer`` is
+    hidden size of 64, say). ``dtype`` is the stored dtype. The tiny shape is made and saved by transformers;
+    published shapes are drawn and written block by block (``_write_random_weights``), so a 7B model takes
+    64 MB of memory, not its 15 GB. ``max_shard_size`` ("50MB", or bytes) splits the weights the way
+    ``save_pretrained`` writes published checkpoints; none gives one model.safetensors. ``tokenizer`` is
     "tiny" (trained here on the shipped data) or "real" (Qwen2.5's, copied from ``QWEN25_TOKENIZER_DIR``,
     with its chat template and generation_config.json).
     """
     import torch
     import transformers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config
 
     if shape not in SHAPES or dtype not in DTYPES or tokenizer not in TOKENIZERS:
         raise ValueError(f"shape must be one of {sorted(SHAPES)}, dtype one of {DTYPES}, tokenizer one of "
@@ -154,9 +157,31 @@ def create_random_model(out_dir: Path, shape: str, seed: int = 0, *, layers: int
         base = {"vocab_size": len(hf_tokenizer), **base}
     config = Qwen2Config(**base, **ids)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    transformers.logging.disable_progress_bar()
+    if shape == "tiny":
+        _save_transformers_model(out_dir, config, torch_dtype, seed, max_shard_size)
+    else:
+        _write_random_weights(out_dir, config.to_dict(), dtype, seed, max_shard_size)
+        config.architectures = ["Qwen2ForCausalLM"]
+        config.dtype = torch_dtype
+        config.save_pretrained(out_dir)
+        GenerationConfig.from_model_config(config).save_pretrained(out_dir)
+    if hf_tokenizer is not None:
+        hf_tokenizer.save_pretrained(out_dir)
+    else:
+        for name in QWEN25_TOKENIZER_FILES:  # generation_config.json replaces the one written above
+            shutil.copyfile(QWEN25_TOKENIZER_DIR / name, out_dir / name)
+    return out_dir
+
+
+def _save_transformers_model(out_dir: Path, config, torch_dtype, seed: int, max_shard_size) -> None:
+    """The built-in model: initialised and saved by transformers (its figures in the README are of these weights)."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
     torch.manual_seed(seed)
-    # Made in the stored dtype (transformers sets it as torch's default while it builds): fp32 gives the same
-    # weights as ever, bf16 / fp16 draw their own (a seeded random model either way).
+    # Made in the stored dtype (transformers sets it as torch's default while it builds).
     model = Qwen2ForCausalLM._from_config(config, dtype=torch_dtype)
     # Random init leaves norm weights at exactly 1; perturb them so tests cannot pass by accident
     # (a wrong norm would change nothing). The build no longer needs it: equal weights stay apart.
@@ -164,12 +189,51 @@ def create_random_model(out_dir: Path, shape: str, seed: int = 0, *, layers: int
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.add_(0.1 * torch.randn_like(param))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    transformers.logging.disable_progress_bar()
     model.save_pretrained(out_dir, **({"max_shard_size": max_shard_size} if max_shard_size is not None else {}))
-    if hf_tokenizer is not None:
-        hf_tokenizer.save_pretrained(out_dir)
-    else:
-        for name in QWEN25_TOKENIZER_FILES:  # generation_config.json replaces the one save_pretrained wrote
-            shutil.copyfile(QWEN25_TOKENIZER_DIR / name, out_dir / name)
-    return out_dir
+
+
+def _write_random_weights(out_dir: Path, config: dict, dtype: str, seed: int, max_shard_size) -> None:
+    """Seeded random weights of a published shape, written as save_pretrained lays them out (one
+    model.safetensors, or shards of at most ``max_shard_size`` with model.safetensors.index.json), a block
+    at a time: a 7B model is 15 GB in bf16, and no more than RANDOM_BLOCK_BYTES of it is ever in memory.
+    Matrices and biases are N(0, initializer_range), norm weights 1 + N(0, 0.1)."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    from ortlora.build.model_dir import SAFETENSORS_INDEX, expected_weights
+    from ortlora.weights import from_float32, stream_safetensors
+
+    code = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}[dtype]
+    itemsize = 4 if dtype == "fp32" else 2
+    shapes = expected_weights(config)
+    limit = convert_file_size_to_int(max_shard_size) if max_shard_size is not None else None
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = itemsize * math.prod(shape)
+        if limit is not None and shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    rng = np.random.default_rng(seed)
+    std = config.get("initializer_range", 0.02)
+
+    def blocks(name: str):
+        shape = shapes[name]
+        rows = max(1, RANDOM_BLOCK_BYTES // (4 * math.prod(shape[1:])))
+        for start in range(0, shape[0], rows):
+            values = rng.standard_normal((min(rows, shape[0] - start), *shape[1:]), dtype=np.float32)
+            yield from_float32(code, 1 + 0.1 * values if name.endswith("norm.weight") else std * values)
+
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        stream_safetensors(out_dir / "model.safetensors", {n: (code, shapes[n]) for n in shards[0]}, blocks, metadata)
+        return
+    weight_map = {}
+    for k, names in enumerate(shards, 1):
+        file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        stream_safetensors(out_dir / file, {n: (code, shapes[n]) for n in names}, blocks, metadata)
+        weight_map.update(dict.fromkeys(names, file))
+    total = sum(itemsize * math.prod(shape) for shape in shapes.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
