@@ -188,7 +188,7 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
             shutil.copytree(options.model_dir, staging / BUNDLED_BASE)
 
     with stages("checking that ONNX Runtime loads every artifact"):
-        _check_loads(staging, lora_names)
+        _check_loads(staging, lora_names, places)
 
     past_names, present_names = cache_names(config["num_hidden_layers"])
     files = {
@@ -282,14 +282,25 @@ def _check_lora_initializers(model, lora_values: dict) -> None:
         raise RuntimeError(f"export lost or reshaped LoRA weights: {bad[:3]}")
 
 
-def _check_loads(directory: Path, lora_names: list[str]) -> None:
+def _check_loads(directory: Path, lora_names: list[str], places: dict[str, dict]) -> None:
+    """Create every session the runtime creates, as it does: the frozen weights mapped once and handed to
+    each session (runtime/frozen.py), so ONNX Runtime reads none of them into memory of its own (left to
+    itself, ORT's training API failed to allocate a 7B model's 28 GiB here)."""
     import onnxruntime as ort
     from onnxruntime.capi import _pybind_state as C
 
-    def options():
+    from ortlora.runtime.frozen import share_with
+    from ortlora.weights import map_layout
+
+    weights = map_layout(directory / frozen_weights.FROZEN_WEIGHTS, places)
+    shared = []  # the OrtValues over the mapping, which must outlive the sessions
+
+    def options(frozen: bool = True):
         result = ort.SessionOptions()
         result.log_severity_level = 3  # LoRA inputs with default initializers are intended, not a warning
         result.add_session_config_entry("session.disable_prepacking", "1")  # no second copy of the weights
+        if frozen:
+            shared.extend(share_with(result, weights))
         return result
 
     state = C.load_checkpoint(str(directory / training_artifacts.CHECKPOINT))
@@ -301,12 +312,12 @@ def _check_loads(directory: Path, lora_names: list[str]) -> None:
         device,
         options(),
     )
-    C.Optimizer(str(directory / training_artifacts.OPTIMIZER_MODEL), state, device, options())
+    C.Optimizer(str(directory / training_artifacts.OPTIMIZER_MODEL), state, device, options(frozen=False))
     names = sorted(state.parameter_names())
     trainable = sorted(n for n in names if state.get_parameter(n).requires_grad)
     if names != sorted(lora_names) or trainable != names:
         raise RuntimeError(f"the checkpoint should hold exactly the LoRA weights, all trainable: {names[:4]}")
-    del module, state  # one model's weights in memory at a time
+    del module, state
     for name in (INFERENCE_MODEL, DECODER_MODEL, portable_graph.PORTABLE_TRAINING, portable_graph.PORTABLE_EVAL):
         ort.InferenceSession(str(directory / name), options(), providers=["CPUExecutionProvider"])
 

@@ -3,13 +3,16 @@
 The graphs do not depend on the values of the frozen weights, so the build never loads them into
 torch. The model is made on PyTorch's meta device from config.json alone (no memory, no
 initialisation), LoRA is injected with real, seeded A and B weights, and every frozen parameter
-is replaced by a placeholder: a zero-stride tensor of the parameter's shape, which costs one float.
-Each export passes the placeholders as graph inputs named after the checkpoint's tensors
+is replaced by a placeholder: an uninitialised tensor of the parameter's shape. Large ones are fresh
+pages of the operating system that nothing writes, so they take no memory even when the trace
+reads them (a page never written reads as the shared zero page); the values are never looked at,
+since no graph depends on them. Each export passes the placeholders as graph inputs named after the checkpoint's tensors
 (``model.layers.0.self_attn.q_proj.weight``), so the graphs read the frozen weights by name, and
 frozen_weights.py streams the values from the checkpoint into one file afterwards.
 
-Tracing still runs the forward pass on these shapes (an example batch of a few tokens), which takes
-transient copies of a weight at a time where an operator needs contiguous data.
+Tracing still runs the forward pass on these shapes (an example batch of a few tokens). Measured on the
+7B shape, the loss graph's export: 11.5 s at 0.47 GB peak; with zero-stride placeholders (one float
+each, but an operator that needs contiguous data copies them) 16.6 s at 2.6 GB.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ def _replace_frozen(model: nn.Module, lora: set[str]) -> dict[str, torch.Tensor]
             if param is None or full in lora:
                 continue
             if id(param) not in placeholders:
-                placeholders[id(param)] = torch.zeros((), dtype=torch.float32).expand(param.shape)
+                placeholders[id(param)] = torch.empty(param.shape, dtype=torch.float32)
                 frozen[checkpoint_name(full)] = placeholders[id(param)]
             del module._parameters[name]
             setattr(module, name, placeholders[id(param)])
