@@ -65,13 +65,14 @@ def check_out_dir(out_dir: Path, force: bool, model_dir: Path | None = None) -> 
                      reads=[model_dir] if model_dir else [])
 
 
-def check_free_space(directory: Path, needed: int) -> None:
+def check_free_space(directory: Path, needed: int, replacing: bool = False) -> None:
     """The frozen weights are written in float32 (4 bytes a parameter, twice a bf16 checkpoint): say so
     before the work when the disk cannot hold them, not when a write fails half-way."""
     free, needed = shutil.disk_usage(directory).free, needed + FREE_SPACE_MARGIN
     if free < needed:
+        beside = ", beside the build in --out until the new one is complete" if replacing else ""
         raise OrtloraError(f"{directory.parent} has {byte_size(free)} free and the artifacts need {byte_size(needed)} "
-                           f"(frozen weights in float32); free some space or choose an --out on another disk")
+                           f"(the frozen weights in float32{beside}); free some space or choose an --out on another disk")
 
 
 def check_training_build() -> None:
@@ -123,7 +124,7 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
         total_base, trainable = skeleton.frozen_count, sum(v.numel() for v in lora_values.values())
         echo(f"      trainable params: {trainable:,} || all params: {total_base + trainable:,} "
              f"|| trainable%: {100 * trainable / (total_base + trainable):.4f}")
-        check_free_space(staging, 4 * total_base)
+        check_free_space(staging, 4 * total_base, replacing=options.out_dir.exists())
 
     # A small example batch drives tracing; every axis that matters is exported as dynamic.
     example_ids = torch.randint(0, config["vocab_size"], (2, 8))
