@@ -24,7 +24,8 @@ PEFT_PREFIX = "base_model.model."
 NUMBER = (int, float)
 SCHEMA = {
     "format": int,
-    "model": {"architecture": str, "model_type": str, "source": str, "weights_sha256": str, "source_dtype?": str},
+    "model": {"architecture": str, "model_type": str, "source": str, "weights_sha256": str, "source_dtype?": str,
+              "base_precision?": str, "block_size?": int},
     "lora": {"rank": int, "alpha": NUMBER, "scaling": NUMBER, "dropout": NUMBER, "targets": [str], "init": str,
              "seed": int},
     "label_smoothing": NUMBER,
@@ -41,7 +42,7 @@ SCHEMA = {
     "extra?": dict,
 }
 KINDS = {int: "an integer", NUMBER: "a number", str: "a string", dict: "an object"}
-FROZEN_DTYPES = ("float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool")
+FROZEN_DTYPES = ("float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool", "int4")
 
 
 @dataclass(frozen=True)
@@ -158,10 +159,11 @@ def _value_problems(data: dict) -> list[str]:
         if entry["dtype"] not in FROZEN_DTYPES:
             problems.append(f"frozen.{name}.dtype is {entry['dtype']!r}, not one of {', '.join(FROZEN_DTYPES)}")
             continue
-        size = np.dtype(entry["dtype"]).itemsize
+        size = 1 if entry["dtype"] == "int4" else np.dtype(entry["dtype"]).itemsize
+        count = int(np.prod(entry["shape"]))
+        needed = (count + 1) // 2 if entry["dtype"] == "int4" else size * count  # int4: two to a byte
         if min(entry["shape"], default=0) < 0 or entry["offset"] < 0 or entry["offset"] % size:
             problems.append(f"frozen.{name} has a negative dimension or a misaligned offset")
-        elif entry["length"] != size * int(np.prod(entry["shape"])):
-            problems.append(f"frozen.{name} is {entry['length']} bytes long, its dtype and shape need "
-                            f"{size * int(np.prod(entry['shape']))}")
+        elif entry["length"] != needed:
+            problems.append(f"frozen.{name} is {entry['length']} bytes long, its dtype and shape need {needed}")
     return problems

@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from ortlora.manifest import Manifest
 
 
-def peft_model(artifacts: Path, weights: dict[str, np.ndarray] | None = None):
-    """The artifacts' base model with a PEFT LoRA adapter of the same configuration and weights."""
+def peft_model(artifacts: Path, weights: dict[str, np.ndarray] | None = None, base: Path | None = None):
+    """The artifacts' base model (or ``base``) with a PEFT LoRA adapter of the same configuration and weights."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     manifest = Manifest.load(artifacts)
-    base = AutoModelForCausalLM.from_pretrained(artifacts / manifest.model["source"], attn_implementation="eager",
-                                                dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(base or artifacts / manifest.model["source"],
+                                                attn_implementation="eager", dtype=torch.float32)
     lora = manifest.lora
     config = LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=0.0, target_modules=lora["targets"],
                         init_lora_weights="gaussian")

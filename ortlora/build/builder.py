@@ -15,6 +15,7 @@ from tqdm import tqdm
 from ortlora.build import frozen_weights, portable_graph, training_artifacts
 from ortlora.build.export import stamp_ir_version
 from ortlora.build.model_dir import TOKENIZER_FILES, check_model_dir, source_dtype
+from ortlora.build.quantize import BLOCK_SIZE, PRECISIONS
 from ortlora.errors import OrtloraError
 from ortlora.files import byte_size
 from ortlora.manifest import MANIFEST_NAME, PEFT_PREFIX, LoraParameter, Manifest
@@ -41,6 +42,8 @@ class BuildOptions:
     seed: int = 0
     force: bool = False
     bundle_base: bool = False  # copy the base model into the artifacts (the tiny default)
+    base_precision: str = "fp32"  # the frozen matrices: fp32, or blockwise int8 / int4 (quantize.py)
+    block_size: int = BLOCK_SIZE  # inputs that share a scale in a quantized base
 
 
 class Stages:
@@ -97,6 +100,12 @@ def build(options: BuildOptions, echo=print) -> Manifest:
     check_training_build()
     if not 0.0 <= options.label_smoothing < 1.0:
         raise OrtloraError(f"--label-smoothing must be in [0, 1), got {options.label_smoothing}")
+    if options.base_precision not in PRECISIONS:
+        raise OrtloraError(f"--base-precision must be one of {', '.join(PRECISIONS)}, got {options.base_precision}")
+    widths = {config["hidden_size"], config["intermediate_size"]}
+    if options.base_precision != "fp32" and (options.block_size <= 0 or any(w % options.block_size for w in widths)):
+        raise OrtloraError(f"--block-size must divide the model's hidden size ({config['hidden_size']}) and "
+                           f"intermediate size ({config['intermediate_size']}), got {options.block_size}")
     with staging_dir(options.out_dir) as staging:
         manifest = _build_into(staging, config, options, echo)
         replace_dir(staging, options.out_dir)
@@ -124,7 +133,6 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
         total_base, trainable = skeleton.frozen_count, sum(v.numel() for v in lora_values.values())
         echo(f"      trainable params: {trainable:,} || all params: {total_base + trainable:,} "
              f"|| trainable%: {100 * trainable / (total_base + trainable):.4f}")
-        check_free_space(staging, 4 * total_base, replacing=options.out_dir.exists())
 
     # A small example batch drives tracing; every axis that matters is exported as dynamic.
     example_ids = torch.randint(0, config["vocab_size"], (2, 8))
@@ -149,12 +157,14 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
         export_decoder(model, lora_names, lora_values, work / "decoder.onnx", frozen)
         graphs = {name: load_exported(work / f"{name}.onnx") for name in ("loss", "inference", "decoder")}
         shutil.rmtree(work)
-        storage = frozen_weights.plan(list(graphs.values()), {name: tuple(t.shape) for name, t in frozen.items()})
+        storage = frozen_weights.plan(list(graphs.values()), {name: tuple(t.shape) for name, t in frozen.items()},
+                                      options.base_precision, options.block_size)
         for graph in graphs.values():
             frozen_weights.fold(graph, storage)
 
     places = frozen_weights.layout(storage)
     size = sum(place["length"] for place in places.values())
+    check_free_space(staging, size, replacing=options.out_dir.exists())
     with stages(f"writing {frozen_weights.FROZEN_WEIGHTS} from the checkpoint ({byte_size(size)} of float32)"):
         with tqdm(total=size, unit="B", unit_scale=True, leave=False, disable=None) as bar:
             frozen_weights.write(storage, places, stored_tensors(weight_files(options.model_dir)),
@@ -223,9 +233,13 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
         # Relative paths are inside the artifact directory.
         "source": BUNDLED_BASE if options.bundle_base else str(options.model_dir.resolve()),
         "weights_sha256": base_hash,
-        "source_dtype": source_dtype(options.model_dir),  # the frozen weights are stored in fp32 whatever it is
+        "source_dtype": source_dtype(options.model_dir),
+        # The frozen matrices as stored: fp32 whatever the source, or blockwise int8 / int4.
+        "base_precision": options.base_precision,
+        **({"block_size": options.block_size} if options.base_precision != "fp32" else {}),
     }
-    identity = json.dumps([model_info["weights_sha256"], lora, options.label_smoothing], sort_keys=True)
+    identity = json.dumps([model_info["weights_sha256"], lora, options.label_smoothing, options.base_precision,
+                           options.block_size if options.base_precision != "fp32" else None], sort_keys=True)
     manifest = Manifest(
         model=model_info,
         lora=lora,

@@ -32,6 +32,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="comma-separated projections (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj) "
                         "or all-linear (default: q_proj,v_proj)")
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the loss (default: 0)")
+    parser.add_argument("--base-precision", choices=("fp32", "int8", "int4"), default="fp32",
+                        help="how the frozen matrices are stored and read: fp32, or blockwise int8 / int4 quantized "
+                        "(dequantized at each use; LoRA stays fp32) (default: fp32)")
+    parser.add_argument("--block-size", type=int, default=32,
+                        help="inputs that share a scale in an int8 / int4 base (default: 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed for LoRA A initialisation and the tiny model (default: 0)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the export (default: all cores)")
     parser.add_argument("--force", action="store_true",
@@ -90,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             force=args.force,
             # The tiny base model lives with its artifacts: PEFT and merges need a base directory.
             bundle_base=args.tiny,
+            base_precision=args.base_precision,
+            block_size=args.block_size,
         )
         manifest = build(options)
     print(f"built {args.out} in {time.perf_counter() - start:.1f} s: "

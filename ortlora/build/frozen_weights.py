@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ortlora.build import quantize
 from ortlora.weights import StoredTensor, to_float32
 
 FROZEN_WEIGHTS = "frozen_weights.bin"
@@ -40,15 +41,21 @@ class Stored:
     """One weight of frozen_weights.bin: the checkpoint tensor it holds and how."""
 
     source: str  # the checkpoint's tensor name
-    shape: tuple[int, ...]  # as stored, in float32
+    shape: tuple[int, ...]  # as the graphs read it (float32; a quantized one after dequantization)
     transposed: bool
+    precision: str = "fp32"  # "int8" / "int4": stored as NAME.q and NAME.scale (quantize.py)
+    block: int = 0  # inputs that share a scale, where quantized
 
 
-def plan(graphs: list[onnx.ModelProto], shapes: dict[str, tuple[int, ...]]) -> dict[str, Stored]:
+def plan(graphs: list[onnx.ModelProto], shapes: dict[str, tuple[int, ...]], precision: str = "fp32",
+         block: int = quantize.BLOCK_SIZE) -> dict[str, Stored]:
     """Stored name -> Stored for every frozen weight (checkpoint name -> shape), in the order given.
 
-    A matrix that every graph reads only through Transpose(perm=[1, 0]) is stored transposed, so its
-    products read it as it lies (the exporter's constant folding did the same with the values in hand).
+    In float32, a matrix that every graph reads only through Transpose(perm=[1, 0]) is stored transposed,
+    so its products read it as it lies (the exporter's constant folding did the same with the values in
+    hand). Quantized (``precision`` int8 or int4, blocks of ``block`` inputs), matrices keep the
+    checkpoint's [out, in] and are quantized; a matrix read by a Gather (the embedding) is int8 even in an
+    int4 base, since ONNX Runtime gathers no int4.
     """
     readers: dict[str, list[onnx.NodeProto]] = {name: [] for name in shapes}
     for model in graphs:
@@ -59,6 +66,11 @@ def plan(graphs: list[onnx.ModelProto], shapes: dict[str, tuple[int, ...]]) -> d
     storage = {}
     for source, shape in shapes.items():
         nodes = readers[source]
+        if quantize.is_quantized(shape, precision):
+            quantize.check_block(shape, block, source)
+            gathered = any(n.op_type == "Gather" for n in nodes)
+            storage[source] = Stored(source, tuple(shape), False, "int8" if gathered else precision, block)
+            continue
         transposed = len(shape) == 2 and bool(nodes) and all(_is_matrix_transpose(n) for n in nodes)
         name = source + TRANSPOSED if transposed else source
         storage[name] = Stored(source, tuple(shape[::-1]) if transposed else tuple(shape), transposed)
@@ -134,23 +146,37 @@ def _product_with_transposed(node: onnx.NodeProto, weight: str, storage: dict[st
 
 
 def layout(storage: dict[str, Stored]) -> dict[str, dict]:
-    """Where each weight lies in the file (dtype, shape, offset, length in bytes), as the manifest records it:
-    the runtime maps the file without onnx. Tensors of a page or more start on a page."""
+    """Where each stored tensor lies in the file (dtype, shape, offset, length in bytes), as the manifest
+    records it: the runtime maps the file without onnx. A quantized weight NAME is two tensors, NAME.q
+    (int8, or int4 two to a byte) and NAME.scale (float32). Tensors of a page or more start on a page."""
     result, end = {}, 0
-    for name, stored in storage.items():
-        length = 4 * int(np.prod(stored.shape, dtype=np.int64))
+    for name, entry in _entries(storage):
+        dtype, shape = entry
+        count = int(np.prod(shape, dtype=np.int64))
+        length = (count + 1) // 2 if dtype == "int4" else count * np.dtype(dtype).itemsize
         align = PAGE if length >= PAGE else 16
         offset = end + (-end % align)
-        result[name] = {"dtype": "float32", "shape": list(stored.shape), "offset": offset, "length": length}
+        result[name] = {"dtype": dtype, "shape": list(shape), "offset": offset, "length": length}
         end = offset + length
     return result
+
+
+def _entries(storage: dict[str, Stored]):
+    """(file entry name, (dtype, shape)) for every tensor of the file, in order."""
+    for name, stored in storage.items():
+        if stored.precision == "fp32":
+            yield name, ("float32", stored.shape)
+        else:
+            rows, width = stored.shape
+            yield name + quantize.QUANTIZED, (stored.precision, stored.shape)
+            yield name + quantize.SCALE, ("float32", (rows, width // stored.block))
 
 
 def references(places: dict[str, dict], location: str = FROZEN_WEIGHTS) -> dict[str, TensorProto]:
     """Data-less TensorProtos that point into the file ``location``, one per weight of ``layout``."""
     result = {}
     for name, place in places.items():
-        reference = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=place["shape"])
+        reference = TensorProto(name=name, data_type=quantize.ONNX_TYPES[place["dtype"]], dims=place["shape"])
         reference.data_location = TensorProto.EXTERNAL
         for key, value in (("location", location), ("offset", place["offset"]), ("length", place["length"])):
             reference.external_data.add(key=key, value=str(value))
@@ -163,10 +189,18 @@ def write(storage: dict[str, Stored], places: dict[str, dict], tensors: dict[str
     """Stream every stored weight from the checkpoint's ``tensors`` into ``path``, at the offsets of ``places``.
 
     One checkpoint tensor is in memory at a time, as stored (bf16: half its float32 size); it is widened
-    to float32 and, where stored transposed, transposed in blocks of about BLOCK_BYTES.
-    ``progress(bytes)`` is called after each block.
+    to float32 and, where stored transposed, transposed, or quantized, in blocks of about BLOCK_BYTES of
+    float32. ``progress(bytes)`` is called after each block with the bytes it wrote.
     """
     with open(path, "wb") as f:
+
+        def put(entry: str, data: np.ndarray) -> None:
+            if f.tell() < places[entry]["offset"]:
+                f.write(b"\0" * (places[entry]["offset"] - f.tell()))
+            f.write(np.ascontiguousarray(data).data)
+            if progress is not None:
+                progress(data.nbytes)
+
         for name, stored in storage.items():
             source = tensors[stored.source]
             values = source.read()
@@ -174,18 +208,33 @@ def write(storage: dict[str, Stored], places: dict[str, dict], tensors: dict[str
                 values = values.T
             row_bytes = 4 * int(np.prod(values.shape[1:], dtype=np.int64))
             rows = max(1, BLOCK_BYTES // max(row_bytes, 1))
-            f.write(b"\0" * (places[name]["offset"] - f.tell()))
+            scales = []
             for start in range(0, values.shape[0], rows):
-                block = np.ascontiguousarray(to_float32(source.dtype, values[start: start + rows]), dtype=np.float32)
-                f.write(block.data)
-                if progress is not None:
-                    progress(block.nbytes)
+                block = to_float32(source.dtype, values[start: start + rows])
+                if stored.precision == "fp32":
+                    put(name, block.astype(np.float32, copy=False))
+                    continue
+                q, scale = quantize.quantize(block.astype(np.float32, copy=False), stored.precision, stored.block)
+                put(name + quantize.QUANTIZED, quantize.pack_int4(q) if stored.precision == "int4" else q)
+                scales.append(scale)
+            if scales:
+                put(name + quantize.SCALE, np.concatenate(scales))
             del values
 
 
 def attach(model: onnx.ModelProto, references: dict[str, TensorProto]) -> int:
-    """Turn the graph inputs that are frozen weights into initializers read from the file. Returns how many."""
+    """Turn the graph inputs that are frozen weights into initializers read from the file; a quantized
+    matrix NAME is read through a DequantizeLinear of NAME.q and NAME.scale at each use
+    (quantize.dequantize_per_use). Returns how many initializers were added."""
     graph = model.graph
+    quantized = {}
+    for value in graph.input:
+        q = references.get(value.name + quantize.QUANTIZED)
+        if q is not None:
+            blocks = references[value.name + quantize.SCALE].dims[1]
+            quantized[value.name] = (quantize.PRECISION_OF[q.data_type], q.dims[1] // blocks)
+    if quantized:
+        quantize.dequantize_per_use(model, quantized)
     moved = [i.name for i in graph.input if i.name in references]
     kept = [i for i in graph.input if i.name not in references]
     del graph.input[:]

@@ -42,7 +42,10 @@ def fuse_head_gradient(model: onnx.ModelProto) -> int:
             readers[name].append(node)
     for out in graph.output:
         readers[out.name].append(None)
+    # The head weight: an initializer, or a frozen weight still read as a graph input (frozen_weights.attach).
     weights = {t.name: list(t.dims) for t in graph.initializer}
+    weights.update({i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input
+                    if i.type.tensor_type.shape.dim and all(d.HasField("dim_value") for d in i.type.tensor_type.shape.dim)})
 
     replacements: dict[int, list[onnx.NodeProto]] = {}
     for node in nodes:

@@ -32,6 +32,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ortlora.build import quantize
 from ortlora.build.portable_ops import PROVIDER_SPELLINGS, UnsupportedNode, attrs, is_standard, rewrite_node
 from ortlora.build.training_artifacts import disable_dropout, spell_out_slow_kernels
 
@@ -74,6 +75,8 @@ def make_portable(training_model: onnx.ModelProto, lora_shapes: dict[str, tuple[
     portable = helper.make_graph(nodes, "ortlora_portable_training", inputs, outputs, initializers)
     model = helper.make_model(portable, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="ortlora")
     model.ir_version = 10
+    if quantize.opset_of(training_model) > OPSET:  # a quantized base: DequantizeLinear's blocks need opset 21
+        quantize.raise_opset(model)
     return model
 
 
@@ -203,6 +206,8 @@ def eval_graph(loss_model: onnx.ModelProto, weights: dict[str, TensorProto], lor
     names_without_slash(nodes, keep={i.name for i in inputs} | {o.name for o in graph.output} | {t.name for t in initializers})
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+    if quantize.opset_of(loss_model) > OPSET:
+        quantize.raise_opset(model)
     return model
 
 

@@ -58,10 +58,10 @@ def generate(loss_model: onnx.ModelProto, lora: dict[str, np.ndarray], frozen: d
         model = onnx.load(str(out_dir / name), load_external_data=False)
         if name == EVAL_MODEL:
             disable_dropout(model)
-        frozen_weights.attach(model, frozen)
         if name == TRAINING_MODEL:
             fuse_head_gradient(model)
         spell_out_slow_kernels(model)
+        frozen_weights.attach(model, frozen)  # last: a quantized base raises the opset of the whole graph
         stamp_ir_version(model)
         onnx.save(model, str(out_dir / name))
 

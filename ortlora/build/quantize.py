@@ -1,0 +1,156 @@
+"""A quantized frozen base: blockwise int8 or int4 matrices, dequantized where each product uses them.
+
+Every frozen matrix (the linear layers' weights, the embedding and an untied LM head) is stored as
+the checkpoint lays it out, [out, in], in blocks of ``block`` consecutive inputs that share a float32
+scale: symmetric, q = round(w / scale) with scale = max |w| / qmax over the block (qmax 127 for int8,
+7 for int4). The norms and biases stay float32. ``frozen_weights.bin`` holds ``NAME.q`` (int8, or int4
+packed two to a byte as ONNX stores it) and ``NAME.scale`` ([out, in / block]) for each matrix.
+
+In the graphs, each reader of a matrix gets a DequantizeLinear (opset 21, block_size, axis 1) of its
+own: the forward product, and in the training graph the backward's input-gradient product too
+(``dequantize_per_use``), so no float32 copy of a matrix lives longer than the product that needs it.
+The embedding's Gather reads quantized rows and dequantizes those alone. ONNX Runtime computes the
+products in float32 on the dequantized values: loss and gradients equal PyTorch's on the same
+dequantized weights (tests/test_quantized.py).
+
+Why axis 1 and [out, in]: blocks must run along the product's inner dimension, and ONNX Runtime
+(1.19.2 and 1.32.0 alike) dequantizes blocked int4 along axis 0 wrongly (errors of the size of a
+quantization step; axis 1 is exact), so matrices are not stored transposed as the float32 base is.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+PRECISIONS = ("fp32", "int8", "int4")
+BLOCK_SIZE = 32
+OPSET = 21  # DequantizeLinear with block_size
+QMAX = {"int8": 127, "int4": 7}
+ONNX_TYPES = {"int8": TensorProto.INT8, "int4": TensorProto.INT4, "float32": TensorProto.FLOAT}
+PRECISION_OF = {TensorProto.INT8: "int8", TensorProto.INT4: "int4"}
+QUANTIZED = ".q"
+SCALE = ".scale"
+
+
+def is_quantized(shape: tuple[int, ...], precision: str) -> bool:
+    """Whether a frozen weight of ``shape`` is quantized: matrices are, vectors (norms, biases) are not."""
+    return precision != "fp32" and len(shape) == 2
+
+
+def check_block(shape: tuple[int, ...], block: int, name: str) -> None:
+    if shape[1] % block:
+        raise ValueError(f"{name} has {shape[1]} inputs, not a multiple of the block size {block}")
+
+
+def quantize(values: np.ndarray, precision: str, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 rows [rows, in] -> (q int8 [rows, in], scale float32 [rows, in / block])."""
+    rows, width = values.shape
+    blocks = values.reshape(rows, width // block, block)
+    scale = np.abs(blocks).max(axis=2) / np.float32(QMAX[precision])
+    scale[scale == 0] = 1.0  # an all-zero block: any scale gives back zeros
+    q = np.rint(blocks / scale[:, :, None]).clip(-QMAX[precision] - (precision == "int4"), QMAX[precision])
+    return q.astype(np.int8).reshape(rows, width), scale.astype(np.float32)
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, block: int) -> np.ndarray:
+    rows, width = q.shape
+    return (q.reshape(rows, width // block, block).astype(np.float32) * scale[:, :, None]).reshape(rows, width)
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """int8 values in [-8, 7] -> bytes, two to a byte, the first in the low four bits (ONNX's INT4 layout)."""
+    pairs = (q.astype(np.uint8) & 0x0F).reshape(-1, 2)
+    return (pairs[:, 0] | (pairs[:, 1] << 4)).astype(np.uint8)
+
+
+def unpack_int4(packed: np.ndarray, count: int) -> np.ndarray:
+    low = (packed & 0x0F).astype(np.int8)
+    high = (packed >> 4).astype(np.int8)
+    values = np.stack([low, high], axis=-1).reshape(-1)[:count]
+    return np.where(values > 7, values - 16, values).astype(np.int8)
+
+
+# Reductions whose axes moved from an attribute to an input at opset 18 (ReduceSum did at 13).
+AXES_AS_INPUT = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
+                 "ReduceLogSumExp", "ReduceSumSquare")
+
+
+def raise_opset(model: onnx.ModelProto) -> None:
+    """Bring the model's standard operators to OPSET, which DequantizeLinear's blocks need.
+
+    Between the export's opset 17 and 21, the only change our graphs meet is that reductions take
+    their axes as an input from 18 on; every other operator they use only gained types. ONNX's own
+    version converter does the same but stops at the contrib operators of ORT's training graphs. Nodes
+    added later in the opset-17 spelling (portable_ops' rewrites) are brought along by calling it again.
+    """
+    next(o for o in model.opset_import if o.domain in ("", "ai.onnx")).version = OPSET
+    nodes = []
+    for node in model.graph.node:
+        axes = next((a for a in node.attribute if a.name == "axes"), None)
+        if node.domain in ("", "ai.onnx") and node.op_type in AXES_AS_INPUT and axes is not None:
+            name = f"{node.name or node.output[0]}/axes"
+            nodes.append(helper.make_node("Constant", [], [name], name=name,
+                                          value=helper.make_tensor(name, TensorProto.INT64, [len(axes.ints)], axes.ints)))
+            node.attribute.remove(axes)
+            node.input.append(name)
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def dequantize_per_use(model: onnx.ModelProto, matrices: dict[str, tuple[str, int]]) -> int:
+    """Replace every read of a quantized matrix (the graph input NAME; ``matrices``: NAME -> (precision,
+    block)) by a DequantizeLinear of NAME.q and NAME.scale of its own; a Gather of rows (the embedding)
+    gathers quantized rows and their scales and dequantizes those. The NAME inputs become NAME.q and
+    NAME.scale inputs, and the model goes to OPSET. Returns how many DequantizeLinear nodes there are."""
+    raise_opset(model)
+    graph = model.graph
+    shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    nodes, count = [], 0
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name not in matrices:
+                continue
+            count += 1
+            out, block = f"{name}/dequantized_{count}", matrices[name][1]
+            # Gathered rows are dequantized alone; ONNX Runtime gathers no int4, so an int4 matrix that is
+            # gathered (an untied LM head, by the head gradient's label rows) is dequantized whole.
+            if node.op_type == "Gather" and k == 0 and _attr(node, "axis", 0) == 0 and matrices[name][0] != "int4":
+                rows_q, rows_scale = f"{name}/rows_{count}.q", f"{name}/rows_{count}.scale"
+                nodes += [helper.make_node("Gather", [name + QUANTIZED, node.input[1]], [rows_q], axis=0),
+                          helper.make_node("Gather", [name + SCALE, node.input[1]], [rows_scale], axis=0),
+                          helper.make_node("DequantizeLinear", [rows_q, rows_scale], [node.output[0]], axis=-1,
+                                           block_size=block, name=out)]
+                node = None
+                break
+            nodes.append(helper.make_node("DequantizeLinear", [name + QUANTIZED, name + SCALE], [out], axis=1,
+                                          block_size=block, name=out))
+            node.input[k] = out
+        if node is not None:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    inputs = []
+    for value in graph.input:
+        if value.name not in matrices:
+            inputs.append(value)
+            continue
+        out_features, in_features = shapes[value.name]
+        precision, block = matrices[value.name]
+        inputs += [helper.make_tensor_value_info(value.name + QUANTIZED, ONNX_TYPES[precision],
+                                                 [out_features, in_features]),
+                   helper.make_tensor_value_info(value.name + SCALE, TensorProto.FLOAT,
+                                                 [out_features, in_features // block])]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    return count
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)

@@ -1,0 +1,169 @@
+"""A quantized frozen base (--base-precision int8 / int4) against PyTorch + PEFT on the dequantized weights.
+
+The reference quantizes the checkpoint itself, in torch (blockwise symmetric, round half to even), so the
+build's quantization, ONNX Runtime's DequantizeLinear and the graph rewrites are all checked against an
+implementation that shares no code with them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from ortlora.build import quantize
+from ortlora.build.builder import BuildOptions, build
+from ortlora.manifest import Manifest
+from ortlora.runtime.backend import OrtTrainingBackend
+from ortlora.runtime.session_backend import OrtSessionBackend
+from ortlora.weights import map_layout, read_tensors
+from tests.reference import loss_and_grads, peft_model, random_weights, rel_err
+from tests.test_build import make_batch
+
+TOL = 1e-4
+BLOCK = 16  # the tiny model's intermediate size, 176, is 11 blocks of 16
+
+
+def torch_dequantized(weight: torch.Tensor, precision: str, block: int) -> torch.Tensor:
+    qmax = {"int8": 127, "int4": 7}[precision]
+    rows, width = weight.shape
+    blocks = weight.float().reshape(rows, width // block, block)
+    scale = blocks.abs().amax(dim=-1, keepdim=True) / qmax
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.round(blocks / scale).clamp(-qmax - (precision == "int4"), qmax)
+    return (q * scale).reshape(rows, width)
+
+
+def dequantized_model(model_dir: Path, out: Path, precision: str) -> Path:
+    """A copy of the model whose matrices are their quantized values; the embedding at int8 (gathered rows)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    weights = load_file(out / "model.safetensors")
+    for name, value in weights.items():
+        if value.ndim == 2:
+            weights[name] = torch_dequantized(value, "int8" if "embed_tokens" in name else precision, BLOCK)
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="module", params=[("int8", True), ("int4", True), ("int4", False)],
+                ids=["int8", "int4", "int4-untied"])
+def quantized(request, tmp_path_factory, tiny_model) -> tuple[Path, Path, str]:
+    """(artifacts, the dequantized reference model, precision)."""
+    from ortlora.build.tiny import create_random_model
+
+    precision, tied = request.param
+    model = tiny_model if tied else create_random_model(tmp_path_factory.mktemp("model") / "untied", "tiny", seed=0,
+                                                        tie_word_embeddings=False)
+    out = tmp_path_factory.mktemp("artifacts") / precision
+    build(BuildOptions(model_dir=model, out_dir=out, bundle_base=True, base_precision=precision, block_size=BLOCK),
+          echo=lambda *a, **k: None)
+    return out, dequantized_model(model, tmp_path_factory.mktemp("reference") / "model", precision), precision
+
+
+def test_the_stored_base_is_the_checkpoint_quantized(quantized):
+    artifacts, reference, precision = quantized
+    from safetensors.torch import load_file
+
+    manifest = Manifest.load(artifacts)
+    assert (manifest.model["base_precision"], manifest.model["block_size"]) == (precision, BLOCK)
+    stored = map_layout(artifacts / manifest.files["frozen_weights"], manifest.frozen)
+    expected = load_file(reference / "model.safetensors")
+    for name, value in expected.items():
+        if value.ndim == 1:
+            np.testing.assert_array_equal(stored[name], value.numpy(), err_msg=name)
+            continue
+        q, scale = stored[name + quantize.QUANTIZED], stored[name + quantize.SCALE]
+        dtype = manifest.frozen[name + quantize.QUANTIZED]["dtype"]
+        assert dtype == ("int8" if "embed_tokens" in name else precision), name
+        if dtype == "int4":
+            q = quantize.unpack_int4(q, value.numel()).reshape(value.shape)
+        np.testing.assert_array_equal(quantize.dequantize(q, scale, BLOCK), value.numpy(), err_msg=name)
+    fp32 = sum(4 * int(np.prod(p["shape"])) for n, p in manifest.frozen.items() if not n.endswith(quantize.SCALE))
+    size = sum(p["length"] for p in manifest.frozen.values())
+    assert size < {"int8": 0.32, "int4": 0.2 if "untied" in str(artifacts) else 0.3}[precision] * fp32
+
+
+def test_no_matrix_is_float32_and_each_use_dequantizes_its_own(quantized):
+    """No graph holds a float32 copy of a frozen matrix: each product reads a DequantizeLinear of its own, so
+    the backward pass dequantizes again instead of keeping the forward's float32 matrix alive."""
+    artifacts, _, _ = quantized
+    manifest = Manifest.load(artifacts)
+    for role in ("training_model", "eval_model", "portable_training_model", "portable_eval_model",
+                 "inference_model", "decoder_model"):
+        model = onnx.load(str(artifacts / manifest.files[role]), load_external_data=False)
+        assert quantize.opset_of(model) == quantize.OPSET, role
+        matrices = [t.name for t in model.graph.initializer if len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT
+                    and t.name in manifest.frozen]
+        assert not [n for n in matrices if not n.endswith(quantize.SCALE)], role
+        readers: dict[str, int] = {}
+        for node in model.graph.node:
+            for name in node.input:
+                readers[name] = readers.get(name, 0) + 1
+        stored = {t.name for t in model.graph.initializer}  # (gathered embedding rows are activations, not weights)
+        dequantized = [n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in stored]
+        assert dequantized and all(readers.get(out, 0) == 1 for out in dequantized), role
+
+
+@pytest.mark.parametrize("case", ["plain", "ignored", "padding"])
+@pytest.mark.parametrize("backend_type", [OrtTrainingBackend, OrtSessionBackend], ids=["ort-training", "ort-session"])
+def test_loss_and_gradients_match_peft_on_the_dequantized_base(quantized, case, backend_type):
+    artifacts, reference, _ = quantized
+    manifest = Manifest.load(artifacts)
+    weights = random_weights(manifest, seed=1)
+    backend = backend_type(artifacts, manifest)
+    backend.set_weights(weights)
+    batch = make_batch(int(json.loads((artifacts / "config.json").read_text())["vocab_size"]), case)
+    backend.zero_grad()
+    loss = backend.train_step(batch)
+    grads = backend.gradients()
+    ref_loss, ref_grads = loss_and_grads(peft_model(artifacts, weights, base=reference), manifest, batch)
+    assert abs(loss - ref_loss) / ref_loss < TOL
+    worst = max(rel_err(grads[n], ref_grads[n]) for n in ref_grads)
+    assert worst < TOL, worst
+    assert backend.eval_loss(batch) == pytest.approx(ref_loss, rel=TOL)
+
+
+def test_inference_and_decoder_logits_match_the_dequantized_base(quantized):
+    import onnxruntime as ort
+
+    from ortlora.build.decoder import cache_names
+
+    artifacts, reference, _ = quantized
+    manifest = Manifest.load(artifacts)
+    weights = random_weights(manifest, seed=2)
+    batch = make_batch(int(json.loads((artifacts / "config.json").read_text())["vocab_size"]), "plain")
+    with torch.no_grad():
+        ref = peft_model(artifacts, weights, base=reference)(input_ids=torch.from_numpy(batch["input_ids"]),
+                                                             attention_mask=torch.from_numpy(batch["attention_mask"]))
+    feeds = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **weights}
+    session = ort.InferenceSession(str(artifacts / manifest.files["inference_model"]), providers=["CPUExecutionProvider"])
+    assert rel_err(session.run(["logits"], feeds)[0], ref.logits.numpy()) < TOL
+    decoder = ort.InferenceSession(str(artifacts / manifest.files["decoder_model"]), providers=["CPUExecutionProvider"])
+    config = json.loads((artifacts / "config.json").read_text())
+    past, _ = cache_names(config["num_hidden_layers"])
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    empty = np.zeros((3, config["num_key_value_heads"], 0, head_dim), np.float32)
+    logits = decoder.run(["logits"], {**feeds, **dict.fromkeys(past, empty)})[0]
+    assert rel_err(logits, ref.logits.numpy()) < TOL
+
+
+def test_training_and_resume_run_on_a_quantized_base(quantized, tmp_path):
+    from ortlora.runtime import cli as train_cli
+
+    artifacts, _, _ = quantized
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert train_cli.main(["--artifacts", str(artifacts), "--out", str(full), "--max-steps", "4", "--save-every", "2",
+                           "--lr", "0.05", "--no-progress", "--no-plot"]) == 0
+    assert train_cli.main(["--resume", str(full / "checkpoint-2"), "--out", str(resumed), "--no-progress",
+                           "--no-plot"]) == 0
+    a, b = (read_tensors(r / "checkpoint-4" / "adapter_model.safetensors") for r in (full, resumed))
+    assert a.keys() == b.keys() and any(np.abs(v).max() > 0 for k, v in a.items() if "lora_B" in k)
+    for name, value in a.items():
+        np.testing.assert_allclose(b[name], value, rtol=1e-6, atol=1e-9, err_msg=name)
