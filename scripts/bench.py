@@ -185,6 +185,20 @@ def run_torch(args) -> dict:
 
 # -- the driver ------------------------------------------------------------------------------------
 
+def cpu_description() -> str:
+    """The CPU model and the vector extensions that decide its matmul rates (figures differ by CPU family)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+
+        return f"CPU: {platform.processor() or platform.machine()}"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "amx_bf16")
+    return f"CPU: {model}, {os.cpu_count()} cores; {' '.join(f for f in wanted if f in flags) or 'no AVX2'}"
+
+
 def make_shape(shape: str) -> Path:
     """models/SHAPE: a random model of a published shape, laid out as the published checkpoint is."""
     from ortlora.build.tiny import SHAPES, create_random_model
@@ -202,7 +216,8 @@ def run_build(args) -> dict:
     """Build --artifacts from --build with ortlora-build; its wall time and peak resident memory."""
     source = ["--tiny"] if args.build == "tiny" else ["--model", args.build]
     command = [sys.executable, str(ROOT / "scripts" / "build_artifacts.py"), *source, "--out", args.artifacts,
-               "--targets", args.targets, "--rank", str(args.rank), "--force"]
+               "--targets", args.targets, "--rank", str(args.rank), "--force", "--base-precision", args.base_precision,
+               "--block-size", str(args.block_size)]
     if args.threads:
         command += ["--threads", str(args.threads)]
     start = time.perf_counter()
@@ -247,6 +262,9 @@ def main(argv=None) -> int:
                         help="first build --artifacts from this model directory ('tiny': the built-in model), timed")
     parser.add_argument("--shape", default=None, help="a published shape (qwen2.5-0.5b ... qwen2.5-7b): make a random "
                         "bf16, sharded model of it in models/SHAPE if missing, then --build it into artifacts/SHAPE")
+    parser.add_argument("--base-precision", choices=("fp32", "int8", "int4"), default="fp32",
+                        help="the frozen base of the --build / --shape (default: fp32); torch stays fp32")
+    parser.add_argument("--block-size", type=int, default=32, help="block size of a quantized base (default: 32)")
     parser.add_argument("--targets", default="q_proj,v_proj", help="LoRA targets of the --build (default: q_proj,v_proj)")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank of the --build (default: 8)")
     parser.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
@@ -257,7 +275,8 @@ def main(argv=None) -> int:
         return 0
 
     if args.shape:
-        args.build, args.artifacts = str(make_shape(args.shape)), f"artifacts/{args.shape}"
+        suffix = "" if args.base_precision == "fp32" else f"-{args.base_precision}"
+        args.build, args.artifacts = str(make_shape(args.shape)), f"artifacts/{args.shape}{suffix}"
     build = run_build(args) if args.build else None
     tokens = {"plain": args.batch * args.seq, "masked": args.batch * (args.seq - args.seq // 2)}[args.data]
     results: dict[str, dict] = {}
@@ -277,7 +296,8 @@ def main(argv=None) -> int:
                for _ in range(3))
     torch_step = statistics.median(results["torch"]["step_s"]) if "step_s" in results.get("torch", {}) else None
     torch_rss = results.get("torch", {}).get("peak_rss_mb")
-    print(f"\n{args.artifacts}: batch {args.batch} x {args.seq}, {args.data} data ({tokens} trained tokens a step), "
+    print(f"\n{cpu_description()}")
+    print(f"{args.artifacts}: batch {args.batch} x {args.seq}, {args.data} data ({tokens} trained tokens a step), "
           f"threads {args.threads or os.cpu_count()}, median of {args.steps} steps after {args.warmup} warm-up"
           + (f", best of {args.rounds} rounds" if args.rounds > 1 else ""))
     if build:

@@ -112,7 +112,7 @@ def dequantize_per_use(model: onnx.ModelProto, matrices: dict[str, tuple[str, in
     raise_opset(model)
     graph = model.graph
     shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
-    nodes, count = [], 0
+    nodes, count, shaped = [], 0, {}
     for node in graph.node:
         for k, name in enumerate(node.input):
             if name not in matrices:
@@ -129,13 +129,29 @@ def dequantize_per_use(model: onnx.ModelProto, matrices: dict[str, tuple[str, in
                                            block_size=block, name=out)]
                 node = None
                 break
-            nodes.append(helper.make_node("DequantizeLinear", [name + QUANTIZED, name + SCALE], [out], axis=1,
+            scale = name + SCALE
+            anchor = next((x for j, x in enumerate(node.input) if j != k and x and x not in matrices), None)
+            if anchor is not None:  # run the dequantization when the product's other operand is ready (see below)
+                scale = f"{out}/scale"
+                nodes += [helper.make_node("Shape", [anchor], [f"{out}/after"], start=0, end=0),
+                          helper.make_node("Concat", [f"{name}/scale_shape", f"{out}/after"], [f"{out}/shape"], axis=0),
+                          helper.make_node("Reshape", [name + SCALE, f"{out}/shape"], [scale])]
+                shaped[name] = [shapes[name][0], shapes[name][1] // block]
+            nodes.append(helper.make_node("DequantizeLinear", [name + QUANTIZED, scale], [out], axis=1,
                                           block_size=block, name=out))
             node.input[k] = out
         if node is not None:
             nodes.append(node)
+    # A DequantizeLinear of initializers alone may run at any time, and ONNX Runtime runs such nodes early:
+    # every float32 matrix then lived from the start of the step to its product (0.5B int4: 4.9 GB peak, more
+    # than the float32 base's 3.3). Reading the scales through a Reshape to their own shape, whose shape
+    # input includes an empty slice of the other operand's Shape, ties each one to its product (the scales,
+    # since ONNX Runtime 1.19 reshapes no int4).
+    constants = [helper.make_node("Constant", [], [f"{name}/scale_shape"], name=f"{name}/scale_shape",
+                                  value=helper.make_tensor(f"{name}/scale_shape", TensorProto.INT64, [2], dims))
+                 for name, dims in sorted(shaped.items())]
     del graph.node[:]
-    graph.node.extend(nodes)
+    graph.node.extend(constants + nodes)
     inputs = []
     for value in graph.input:
         if value.name not in matrices:
