@@ -75,7 +75,7 @@ def check_free_space(directory: Path, needed: int, replacing: bool = False) -> N
     if free < needed:
         beside = ", beside the build in --out until the new one is complete" if replacing else ""
         raise OrtloraError(f"{directory.parent} has {byte_size(free)} free and the artifacts need {byte_size(needed)} "
-                           f"(the frozen weights in float32{beside}); free some space or choose an --out on another disk")
+                           f"(the frozen weights{beside}); free some space or choose an --out on another disk")
 
 
 def check_training_build() -> None:
@@ -165,7 +165,8 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
     places = frozen_weights.layout(storage)
     size = sum(place["length"] for place in places.values())
     check_free_space(staging, size, replacing=options.out_dir.exists())
-    with stages(f"writing {frozen_weights.FROZEN_WEIGHTS} from the checkpoint ({byte_size(size)} of float32)"):
+    stored_as = "float32" if options.base_precision == "fp32" else f"{options.base_precision} matrices"
+    with stages(f"writing {frozen_weights.FROZEN_WEIGHTS} from the checkpoint ({byte_size(size)}, {stored_as})"):
         with tqdm(total=size, unit="B", unit_scale=True, leave=False, disable=None) as bar:
             frozen_weights.write(storage, places, stored_tensors(weight_files(options.model_dir)),
                                  staging / frozen_weights.FROZEN_WEIGHTS, bar.update)

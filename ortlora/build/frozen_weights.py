@@ -34,6 +34,7 @@ FROZEN_WEIGHTS = "frozen_weights.bin"
 PAGE = 4096
 TRANSPOSED = ".T"  # suffix of a weight stored transposed: model.layers.0.mlp.up_proj.weight.T is [in, out]
 BLOCK_BYTES = 64 << 20  # float32 written per block while streaming
+VOCABULARY_MATRICES = ("embed_tokens.weight", "lm_head.weight")  # Qwen2's [vocab, hidden] matrices
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,10 @@ def plan(graphs: list[onnx.ModelProto], shapes: dict[str, tuple[int, ...]], prec
     In float32, a matrix that every graph reads only through Transpose(perm=[1, 0]) is stored transposed,
     so its products read it as it lies (the exporter's constant folding did the same with the values in
     hand). Quantized (``precision`` int8 or int4, blocks of ``block`` inputs), matrices keep the
-    checkpoint's [out, in] and are quantized; a matrix read by a Gather (the embedding) is int8 even in an
-    int4 base, since ONNX Runtime gathers no int4.
+    checkpoint's [out, in] and are quantized. The vocabulary matrices are int8 even in an int4 base: they
+    are read by rows (the embedding by the input's tokens, the LM head by the head gradient's labels), and
+    ONNX Runtime gathers no int4, so an int4 one would be dequantized whole for a few rows (7B's untied
+    head: 2.2 GB of float32 for each use).
     """
     readers: dict[str, list[onnx.NodeProto]] = {name: [] for name in shapes}
     for model in graphs:
@@ -68,8 +71,8 @@ def plan(graphs: list[onnx.ModelProto], shapes: dict[str, tuple[int, ...]], prec
         nodes = readers[source]
         if quantize.is_quantized(shape, precision):
             quantize.check_block(shape, block, source)
-            gathered = any(n.op_type == "Gather" for n in nodes)
-            storage[source] = Stored(source, tuple(shape), False, "int8" if gathered else precision, block)
+            by_rows = any(n.op_type == "Gather" for n in nodes) or source.endswith(VOCABULARY_MATRICES)
+            storage[source] = Stored(source, tuple(shape), False, "int8" if by_rows else precision, block)
             continue
         transposed = len(shape) == 2 and bool(nodes) and all(_is_matrix_transpose(n) for n in nodes)
         name = source + TRANSPOSED if transposed else source
