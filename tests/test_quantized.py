@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from ortlora.manifest import Manifest
 from ortlora.runtime.backend import OrtTrainingBackend
 from ortlora.runtime.session_backend import OrtSessionBackend
 from ortlora.weights import map_layout, read_tensors
+from tests.environments import needs, python_of, run_in
 from tests.reference import loss_and_grads, peft_model, random_weights, rel_err
 from tests.test_build import make_batch
 
@@ -173,3 +175,82 @@ def test_training_and_resume_run_on_a_quantized_base(quantized, tmp_path):
     assert a.keys() == b.keys() and any(np.abs(v).max() > 0 for k, v in a.items() if "lora_B" in k)
     for name, value in a.items():
         np.testing.assert_allclose(b[name], value, rtol=1e-6, atol=1e-9, err_msg=name)
+
+
+OPTIMIZED_GRAPH = """
+    import json, sys
+    import onnxruntime as ort
+    from pathlib import Path
+    from ortlora.manifest import Manifest
+    from ortlora.runtime.frozen import map_frozen_weights, share_with
+    artifacts, out = Path(sys.argv[1]), Path(sys.argv[2])
+    manifest = Manifest.load(artifacts)
+    for role in ("portable_training_model", "inference_model"):
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(out / f"{role}.onnx")
+        keep = share_with(options, map_frozen_weights(artifacts, manifest))
+        ort.InferenceSession(str(artifacts / manifest.files[role]), options, providers=["CPUExecutionProvider"])
+    print(json.dumps({"onnxruntime": ort.__version__}))
+"""
+
+
+def _optimized(python: str, artifacts: Path, out: Path) -> dict:
+    """What ONNX Runtime (under ``python``) makes of the graphs: its optimized models, saved and counted here."""
+    import subprocess
+
+    result = subprocess.run([python, "-c", textwrap.dedent(OPTIMIZED_GRAPH), str(artifacts), str(out)],
+                            capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    for role in ("portable_training_model", "inference_model"):
+        graph = onnx.load(str(out / f"{role}.onnx"), load_external_data=False).graph
+        found[role] = {"dequantize": sum(n.op_type == "DequantizeLinear" for n in graph.node),
+                       "float_matrices": sorted(t.name for t in graph.initializer if len(t.dims) == 2
+                                                and t.data_type == onnx.TensorProto.FLOAT and t.dims[0] * t.dims[1] >= 512
+                                                and not t.name.endswith(".scale") and ".lora_" not in t.name)}
+    return found
+
+
+@pytest.mark.parametrize("environment", ["training", pytest.param("plain-ort", marks=needs("plain-ort"))])
+def test_onnx_runtime_neither_folds_nor_merges_the_dequantization(quantized, tmp_path, environment):
+    """ONNX Runtime's graph optimizations (constant folding, common-subexpression elimination) fold no
+    DequantizeLinear into a float32 copy of a matrix and merge none, on the training build and on the newest
+    plain onnxruntime alike (the portable training graph, and the inference graph)."""
+    import sys
+
+    artifacts, _, _ = quantized
+    manifest = Manifest.load(artifacts)
+    python = sys.executable if environment == "training" else str(python_of("plain-ort"))
+    optimized = _optimized(python, artifacts, tmp_path)
+    for role in ("portable_training_model", "inference_model"):
+        model = onnx.load(str(artifacts / manifest.files[role]), load_external_data=False)
+        count = sum(n.op_type == "DequantizeLinear" for n in model.graph.node)
+        # (ORT may add DequantizeLinear nodes: its QDQ pass gives each reader of the gathered embedding rows one.)
+        assert optimized[role]["dequantize"] >= count and not optimized[role]["float_matrices"], \
+            (optimized["onnxruntime"], role, optimized[role])
+
+
+@needs("plain-ort")
+def test_the_newest_plain_onnxruntime_trains_a_quantized_base(quantized, tmp_path):
+    artifacts, reference, _ = quantized
+    manifest = Manifest.load(artifacts)
+    weights = random_weights(manifest, seed=5)
+    batch = make_batch(int(json.loads((artifacts / "config.json").read_text())["vocab_size"]), "ignored")
+    np.savez(tmp_path / "in.npz", **{f"w:{k}": v for k, v in weights.items()}, **{f"b:{k}": v for k, v in batch.items()})
+    run_in("plain-ort", f"""
+        import json
+        import numpy as np
+        from pathlib import Path
+        from ortlora.manifest import Manifest
+        from ortlora.runtime.session_backend import OrtSessionBackend
+        data = np.load(r"{tmp_path / 'in.npz'}")
+        backend = OrtSessionBackend(Path(r"{artifacts}"), Manifest.load(r"{artifacts}"))
+        backend.set_weights({{k[2:]: data[k] for k in data.files if k.startswith("w:")}})
+        loss = backend.train_step({{k[2:]: data[k] for k in data.files if k.startswith("b:")}})
+        np.savez(r"{tmp_path / 'out.npz'}", loss=loss, **backend.gradients())
+        print(json.dumps({{}}))
+    """)
+    out = np.load(tmp_path / "out.npz")
+    ref_loss, ref_grads = loss_and_grads(peft_model(artifacts, weights, base=reference), manifest, batch)
+    assert abs(float(out["loss"]) - ref_loss) / ref_loss < TOL
+    assert max(rel_err(out[n], ref_grads[n]) for n in ref_grads) < TOL
