@@ -55,18 +55,26 @@ def dequantized_model(model_dir: Path, out: Path, precision: str) -> Path:
     return out
 
 
-@pytest.fixture(scope="module", params=[("int8", True), ("int4", True), ("int4", False)],
-                ids=["int8", "int4", "int4-untied"])
+@pytest.fixture(scope="module", params=[("int8", True, None), ("int4", True, 200), ("int4", False, 100)],
+                ids=["int8", "int4-head-in-chunks", "int4-untied-head-in-chunks"])
 def quantized(request, tmp_path_factory, tiny_model) -> tuple[Path, Path, str]:
-    """(artifacts, the dequantized reference model, precision)."""
+    """(artifacts, the dequantized reference model, precision). The chunked builds dequantize the 512-row LM
+    head for its products in chunks of 200 or 100 rows (the last one shorter), as the vocabulary's 151,936
+    rows are in chunks of quantize.CHUNK_ROWS."""
     from ortlora.build.tiny import create_random_model
 
-    precision, tied = request.param
+    precision, tied, chunk_rows = request.param
     model = tiny_model if tied else create_random_model(tmp_path_factory.mktemp("model") / "untied", "tiny", seed=0,
                                                         tie_word_embeddings=False)
     out = tmp_path_factory.mktemp("artifacts") / precision
-    build(BuildOptions(model_dir=model, out_dir=out, bundle_base=True, base_precision=precision, block_size=BLOCK),
-          echo=lambda *a, **k: None)
+    with pytest.MonkeyPatch.context() as patch:
+        if chunk_rows:
+            patch.setattr(quantize, "CHUNK_ROWS", chunk_rows)
+        build(BuildOptions(model_dir=model, out_dir=out, bundle_base=True, base_precision=precision, block_size=BLOCK),
+              echo=lambda *a, **k: None)
+    chunked = sum(n.op_type == "Slice" and n.input[0].endswith(quantize.QUANTIZED) for n in
+                  onnx.load(str(out / "training_model.onnx"), load_external_data=False).graph.node)
+    assert chunked == (0 if chunk_rows is None else 2 * -(-512 // chunk_rows)), chunked  # forward head and its gradient
     return out, dequantized_model(model, tmp_path_factory.mktemp("reference") / "model", precision), precision
 
 
