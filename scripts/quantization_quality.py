@@ -5,7 +5,7 @@
     ortlora-build --model models/qwen2.5-0.5b --out artifacts/qwen2.5-0.5b-int4 --base-precision int4
     python scripts/quantization_quality.py artifacts/qwen2.5-0.5b artifacts/qwen2.5-0.5b-int4
 
-Both artifact directories must come from the same model. The text is the shipped chat data rendered with
+Both artifact directories must come from the same model. The text is the shipped chat validation data rendered with
 the model's chat template, in batches of --batch conversations cut to --seq-len tokens; every position with
 a token after it counts. Printed: the mean KL divergence KL(float32 || quantized) in nats per token, the
 share of positions whose most likely next token is the same, and the largest logit difference.
@@ -35,7 +35,7 @@ def batches(artifacts: Path, batch: int, seq_len: int, count: int):
     from ortlora.runtime.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(artifacts)
-    lines = (resources.files("ortlora.data") / "chat.jsonl").read_text(encoding="utf-8").splitlines()
+    lines = (resources.files("ortlora.data") / "chat_valid.jsonl").read_text(encoding="utf-8").splitlines()
     rows = [tokenizer.encode(tokenizer.apply_chat_template(json.loads(line)["messages"]))[:seq_len] for line in lines]
     for start in range(0, min(len(rows), batch * count), batch):
         chunk = rows[start: start + batch]

@@ -157,19 +157,22 @@ def test_equal_weights_stay_apart(tmp_path, tiny_model):
     assert rel_err(logits, ref) < TOL
 
 
-def _check_against_peft(directory, case):
+def _check_against_peft(directory, case, backend_type=OrtTrainingBackend, base=None):
+    """Loss, LoRA gradients and eval loss of ``backend_type`` on the artifacts against PyTorch + PEFT (on the
+    artifacts' base model, or ``base``)."""
     manifest = Manifest.load(directory)
     for role in ("training_model", "eval_model"):  # spelled out: faster than ORT 1.19's kernels
         graph = onnx.load(str(directory / manifest.files[role]), load_external_data=False).graph
         assert not {n.op_type for n in graph.node} & set(SLOW_KERNELS), role
     weights = random_weights(manifest, seed=1)
-    backend = OrtTrainingBackend(directory, manifest)
+    backend = backend_type(directory, manifest)
     backend.set_weights(weights)
     batch = make_batch(int(json.loads((directory / "config.json").read_text())["vocab_size"]), case)
     backend.zero_grad()
     loss = backend.train_step(batch)
     grads = backend.gradients()
-    ref_loss, ref_grads = loss_and_grads(peft_model(directory, weights), manifest, batch, manifest.label_smoothing)
+    ref_loss, ref_grads = loss_and_grads(peft_model(directory, weights, base=base), manifest, batch,
+                                         manifest.label_smoothing)
     assert abs(loss - ref_loss) / ref_loss < TOL
     worst = max(rel_err(grads[n], ref_grads[n]) for n in ref_grads)
     assert worst < TOL, worst

@@ -25,7 +25,7 @@ from ortlora.runtime.session_backend import OrtSessionBackend
 from ortlora.weights import map_layout, read_tensors
 from tests.environments import needs, python_of, run_in
 from tests.reference import loss_and_grads, peft_model, random_weights, rel_err
-from tests.test_build import make_batch
+from tests.test_build import _check_against_peft, make_batch
 
 TOL = 1e-4
 BLOCK = 16  # the tiny model's intermediate size, 176, is 11 blocks of 16
@@ -131,19 +131,7 @@ def test_no_matrix_is_float32_and_each_use_dequantizes_its_own_when_it_is_needed
 @pytest.mark.parametrize("backend_type", [OrtTrainingBackend, OrtSessionBackend], ids=["ort-training", "ort-session"])
 def test_loss_and_gradients_match_peft_on_the_dequantized_base(quantized, case, backend_type):
     artifacts, reference, _ = quantized
-    manifest = Manifest.load(artifacts)
-    weights = random_weights(manifest, seed=1)
-    backend = backend_type(artifacts, manifest)
-    backend.set_weights(weights)
-    batch = make_batch(int(json.loads((artifacts / "config.json").read_text())["vocab_size"]), case)
-    backend.zero_grad()
-    loss = backend.train_step(batch)
-    grads = backend.gradients()
-    ref_loss, ref_grads = loss_and_grads(peft_model(artifacts, weights, base=reference), manifest, batch)
-    assert abs(loss - ref_loss) / ref_loss < TOL
-    worst = max(rel_err(grads[n], ref_grads[n]) for n in ref_grads)
-    assert worst < TOL, worst
-    assert backend.eval_loss(batch) == pytest.approx(ref_loss, rel=TOL)
+    _check_against_peft(artifacts, case, backend_type, base=reference)
 
 
 def test_inference_and_decoder_logits_match_the_dequantized_base(quantized):
