@@ -9,7 +9,9 @@ Each system runs in its own process (so peak memory is its own) on the same seed
 ort-training (ORT's training API), ort-session (the portable training graph in an InferenceSession,
 optionally under another interpreter with --plain-python, e.g. the newest plain onnxruntime) and
 torch (PyTorch + PEFT in eager mode, the same base weights, LoRA settings and thread count). A step
-is what the trainer does: forward, backward and an AdamW update of the LoRA weights. Printed: median
+is what the trainer does: forward, backward and an AdamW update of the LoRA weights. torch-gc is torch with
+gradient checkpointing (``gradient_checkpointing_enable()``: each layer recomputed in the backward pass),
+what PyTorch users turn on for large batches; it runs when asked (--systems). Printed: median
 step time after warm-up, trained tokens/s, peak resident memory, load time, and the ratio to torch;
 with --build, first the time and peak memory of building the artifacts (ortlora-build, once per model).
 --shape NAME does all of it for a published shape: it writes a random model laid out as the published
@@ -34,7 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SYSTEMS = ("ort-training", "ort-session", "torch")
+SYSTEMS = ("ort-training", "ort-session", "torch", "torch-gc")  # torch-gc: with gradient checkpointing
 
 
 def make_batches(vocab: int, batch: int, seq: int, data: str, count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
@@ -164,6 +166,8 @@ def run_torch(args) -> dict:
     start = time.perf_counter()
     base = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager", dtype=torch.float32)
     lora = manifest.lora
+    if args.worker == "torch-gc":  # recompute each layer in the backward pass, as users turn on for large batches
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(base, LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                                             target_modules=lora["targets"], init_lora_weights="gaussian"))
     model.train()
@@ -245,7 +249,8 @@ def measure(system: str, args) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--artifacts", default="artifacts/tiny", help="an ortlora-build artifact directory")
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, from " + ", ".join(SYSTEMS))
+    parser.add_argument("--systems", default="ort-training,ort-session,torch",
+                        help="comma-separated, from " + ", ".join(SYSTEMS) + " (default: the first three)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--data", choices=("plain", "masked"), default="plain",
@@ -271,7 +276,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args.worker:
-        print(json.dumps(run_torch(args) if args.worker == "torch" else run_ort(args.worker, args)))
+        print(json.dumps(run_torch(args) if args.worker.startswith("torch") else run_ort(args.worker, args)))
         return 0
 
     if args.shape:

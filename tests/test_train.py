@@ -40,6 +40,8 @@ def test_loss_goes_down_on_shipped_data(artifacts_all_linear, tmp_path):
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:3])
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 100 and summary["eval_loss"] < losses[0]
+    peaks = [r["peak_rss_mb"] for r in records(run)]  # the high-water mark, in every step's record
+    assert 0 < peaks[0] and peaks == sorted(peaks) and peaks[-1] <= summary["peak_rss_mb"]
     assert (run / "loss.png").stat().st_size > 1000 and (run / "checkpoint-100").is_dir()
     assert json.loads((run / "config.json").read_text())["lr"] == 0.01
 

@@ -198,6 +198,7 @@ class Trainer:
                     "epoch": self.position.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                     "tokens": tokens, "step_seconds": time.perf_counter() - step_start,
                     "tokens_per_s": tokens_seen / elapsed, "elapsed": elapsed,
+                    "peak_rss_mb": round(peak_rss_mb(), 1),  # the process's high-water mark so far
                 })
             if c.eval_every and self.position.step % c.eval_every == 0 and self.position.step < self.total_steps:
                 eval_loss = self.evaluate()
