@@ -42,7 +42,7 @@ SCHEMA = {
     "extra?": dict,
 }
 KINDS = {int: "an integer", NUMBER: "a number", str: "a string", dict: "an object"}
-FROZEN_DTYPES = ("float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool", "int4")
+FROZEN_DTYPES = ("float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool", "uint4")
 
 
 @dataclass(frozen=True)
@@ -159,9 +159,9 @@ def _value_problems(data: dict) -> list[str]:
         if entry["dtype"] not in FROZEN_DTYPES:
             problems.append(f"frozen.{name}.dtype is {entry['dtype']!r}, not one of {', '.join(FROZEN_DTYPES)}")
             continue
-        size = 1 if entry["dtype"] == "int4" else np.dtype(entry["dtype"]).itemsize
+        size = 1 if entry["dtype"] == "uint4" else np.dtype(entry["dtype"]).itemsize
         count = int(np.prod(entry["shape"]))
-        needed = (count + 1) // 2 if entry["dtype"] == "int4" else size * count  # int4: two to a byte
+        needed = (count + 1) // 2 if entry["dtype"] == "uint4" else size * count  # uint4: two to a byte
         if min(entry["shape"], default=0) < 0 or entry["offset"] < 0 or entry["offset"] % size:
             problems.append(f"frozen.{name} has a negative dimension or a misaligned offset")
         elif entry["length"] != needed:

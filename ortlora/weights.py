@@ -192,6 +192,6 @@ def map_layout(path: Path, layout: dict[str, dict]) -> dict[str, np.ndarray]:
     if not layout:
         return {}
     data = np.memmap(path, dtype=np.uint8, mode="r")
-    return {name: data[p["offset"]: p["offset"] + p["length"]] if p["dtype"] == "int4"  # packed, two to a byte
+    return {name: data[p["offset"]: p["offset"] + p["length"]] if p["dtype"] == "uint4"  # packed, two to a byte
             else data[p["offset"]: p["offset"] + p["length"]].view(p["dtype"]).reshape(p["shape"])
             for name, p in layout.items()}

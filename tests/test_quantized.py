@@ -92,11 +92,14 @@ def test_the_stored_base_is_the_checkpoint_quantized(quantized):
             continue
         q, scale = stored[name + quantize.QUANTIZED], stored[name + quantize.SCALE]
         dtype = manifest.frozen[name + quantize.QUANTIZED]["dtype"]
-        assert dtype == ("int8" if name.endswith(VOCABULARY) else precision), name
-        if dtype == "int4":
-            q = quantize.unpack_int4(q, value.numel()).reshape(value.shape)
+        assert dtype == ("int8" if name.endswith(VOCABULARY) else quantize.STORED[precision]), name
+        if dtype == "uint4":  # q + 8 with zero point 8
+            q = quantize.unpack_uint4(q, value.numel()).reshape(value.shape)
+            zero = quantize.unpack_uint4(stored[name + quantize.ZERO_POINT], scale.size) + 8
+            assert (zero == 8).all(), name
         np.testing.assert_array_equal(quantize.dequantize(q, scale, BLOCK), value.numpy(), err_msg=name)
-    fp32 = sum(4 * int(np.prod(p["shape"])) for n, p in manifest.frozen.items() if not n.endswith(quantize.SCALE))
+    fp32 = sum(4 * int(np.prod(p["shape"])) for n, p in manifest.frozen.items()
+               if not n.endswith((quantize.SCALE, quantize.ZERO_POINT)))
     size = sum(p["length"] for p in manifest.frozen.values())
     assert size < {"int8": 0.32, "int4": 0.3}[precision] * fp32
 
@@ -119,7 +122,15 @@ def test_no_matrix_is_float32_and_each_use_dequantizes_its_own_when_it_is_needed
                 readers[name] = readers.get(name, 0) + 1
         stored = {t.name for t in model.graph.initializer}  # (gathered embedding rows are activations, not weights)
         dequantized = [n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in stored]
-        assert dequantized and all(readers.get(out, 0) == 1 for out in dequantized), role
+        assert all(readers.get(out, 0) == 1 for out in dequantized), role
+        # Graphs without gradients multiply by an int4 matrix with MatMulNBits, on its stored bytes.
+        nbits = [n.input[1] for n in model.graph.node if n.op_type == "MatMulNBits"]
+        four_bit = {n[: -len(quantize.QUANTIZED)] for n, p in manifest.frozen.items()
+                    if p["dtype"] == "uint4" and n.endswith(quantize.QUANTIZED)}
+        if role in ("inference_model", "decoder_model"):
+            assert sorted(nbits) == sorted(m + quantize.PACKED for m in four_bit), role
+        else:
+            assert dequantized and not nbits, role
         # ... and runs when its product's other operand is ready, not at the start of the step (its scales
         # come through a Reshape that depends on that operand), so the float32 matrices do not all live at once.
         early = [n.name for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in stored

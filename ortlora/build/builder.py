@@ -272,7 +272,7 @@ def _save_with_lora_defaults(model, lora_values: dict, path: Path, references: d
     from ortlora.build.export import inputs_to_initializers, save_model
 
     inputs_to_initializers(model, lora_values, keep_as_inputs=True)
-    frozen_weights.attach(model, references)
+    frozen_weights.attach(model, references, fused_products=True)
     stamp_ir_version(model)
     save_model(model, path)
 

@@ -150,13 +150,14 @@ def _product_with_transposed(node: onnx.NodeProto, weight: str, storage: dict[st
 
 def layout(storage: dict[str, Stored]) -> dict[str, dict]:
     """Where each stored tensor lies in the file (dtype, shape, offset, length in bytes), as the manifest
-    records it: the runtime maps the file without onnx. A quantized weight NAME is two tensors, NAME.q
-    (int8, or int4 two to a byte) and NAME.scale (float32). Tensors of a page or more start on a page."""
+    records it: the runtime maps the file without onnx. A quantized weight NAME is NAME.q (int8, or for int4
+    uint4 two to a byte) and NAME.scale (float32), and for int4 NAME.zero_point (uint4, all 8). Tensors of a
+    page or more start on a page."""
     result, end = {}, 0
     for name, entry in _entries(storage):
         dtype, shape = entry
         count = int(np.prod(shape, dtype=np.int64))
-        length = (count + 1) // 2 if dtype == "int4" else count * np.dtype(dtype).itemsize
+        length = (count + 1) // 2 if dtype == "uint4" else count * np.dtype(dtype).itemsize
         align = PAGE if length >= PAGE else 16
         offset = end + (-end % align)
         result[name] = {"dtype": dtype, "shape": list(shape), "offset": offset, "length": length}
@@ -171,19 +172,32 @@ def _entries(storage: dict[str, Stored]):
             yield name, ("float32", stored.shape)
         else:
             rows, width = stored.shape
-            yield name + quantize.QUANTIZED, (stored.precision, stored.shape)
+            yield name + quantize.QUANTIZED, (quantize.STORED[stored.precision], stored.shape)
             yield name + quantize.SCALE, ("float32", (rows, width // stored.block))
+            if stored.precision == "int4":
+                yield name + quantize.ZERO_POINT, ("uint4", (rows, width // stored.block))
 
 
 def references(places: dict[str, dict], location: str = FROZEN_WEIGHTS) -> dict[str, TensorProto]:
-    """Data-less TensorProtos that point into the file ``location``, one per weight of ``layout``."""
+    """Data-less TensorProtos that point into the file ``location``, one per weight of ``layout``; an int4
+    matrix's bytes also as NAME.packed, uint8 [out, in / block, block / 2], the same bytes as MatMulNBits reads
+    them."""
     result = {}
-    for name, place in places.items():
-        reference = TensorProto(name=name, data_type=quantize.ONNX_TYPES[place["dtype"]], dims=place["shape"])
+
+    def point(name: str, dtype: str, dims: list[int], place: dict) -> None:
+        reference = TensorProto(name=name, data_type=quantize.ONNX_TYPES[dtype], dims=dims)
         reference.data_location = TensorProto.EXTERNAL
         for key, value in (("location", location), ("offset", place["offset"]), ("length", place["length"])):
             reference.external_data.add(key=key, value=str(value))
         result[name] = reference
+
+    for name, place in places.items():
+        point(name, place["dtype"], place["shape"], place)
+        if place["dtype"] == "uint4" and name.endswith(quantize.QUANTIZED):
+            matrix = name[: -len(quantize.QUANTIZED)]
+            rows, width = place["shape"]
+            blocks = places[matrix + quantize.SCALE]["shape"][1]
+            point(matrix + quantize.PACKED, "uint8", [rows, blocks, width // blocks // 2], place)
     return result
 
 
@@ -218,17 +232,21 @@ def write(storage: dict[str, Stored], places: dict[str, dict], tensors: dict[str
                     put(name, block.astype(np.float32, copy=False))
                     continue
                 q, scale = quantize.quantize(block.astype(np.float32, copy=False), stored.precision, stored.block)
-                put(name + quantize.QUANTIZED, quantize.pack_int4(q) if stored.precision == "int4" else q)
+                put(name + quantize.QUANTIZED, quantize.pack_uint4(q) if stored.precision == "int4" else q)
                 scales.append(scale)
             if scales:
-                put(name + quantize.SCALE, np.concatenate(scales))
+                scale = np.concatenate(scales)
+                put(name + quantize.SCALE, scale)
+                if stored.precision == "int4":
+                    put(name + quantize.ZERO_POINT, quantize.pack_uint4(np.zeros(scale.shape, np.int8)))
             del values
 
 
-def attach(model: onnx.ModelProto, references: dict[str, TensorProto]) -> int:
+def attach(model: onnx.ModelProto, references: dict[str, TensorProto], fused_products: bool = False) -> int:
     """Turn the graph inputs that are frozen weights into initializers read from the file; a quantized
-    matrix NAME is read through a DequantizeLinear of NAME.q and NAME.scale at each use
-    (quantize.dequantize_per_use). Returns how many initializers were added."""
+    matrix NAME is read through a DequantizeLinear of NAME.q and NAME.scale at each use, or in a graph
+    without gradients (``fused_products``) an int4 one by MatMulNBits (quantize.dequantize_per_use).
+    Returns how many initializers were added."""
     graph = model.graph
     quantized = {}
     for value in graph.input:
@@ -237,7 +255,7 @@ def attach(model: onnx.ModelProto, references: dict[str, TensorProto]) -> int:
             blocks = references[value.name + quantize.SCALE].dims[1]
             quantized[value.name] = (quantize.PRECISION_OF[q.data_type], q.dims[1] // blocks)
     if quantized:
-        quantize.dequantize_per_use(model, quantized)
+        quantize.dequantize_per_use(model, quantized, fused_products)
     moved = [i.name for i in graph.input if i.name in references]
     kept = [i for i in graph.input if i.name not in references]
     del graph.input[:]

@@ -22,11 +22,11 @@ from ortlora.weights import map_layout
 def map_frozen_weights(artifacts: Path, manifest: Manifest) -> dict[str, np.ndarray]:
     """Every frozen weight by name, as a read-only array over the mapped file (empty for older builds).
 
-    int4 tensors (a quantized base) are left out: numpy has no int4, and ONNX Runtime 1.19 makes no
+    uint4 tensors (an int4 base) are left out: numpy has no 4-bit type, and ONNX Runtime 1.19 makes no
     OrtValue of one from numpy, so each session maps those from the file itself."""
     if not manifest.frozen:
         return {}
-    shared = {name: place for name, place in manifest.frozen.items() if place["dtype"] != "int4"}
+    shared = {name: place for name, place in manifest.frozen.items() if place["dtype"] != "uint4"}
     return map_layout(Path(artifacts) / manifest.files["frozen_weights"], shared)
 
 
