@@ -74,10 +74,15 @@ class StoredTensor:
     offset: int
     length: int
 
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        """How numpy holds it: bfloat16 as its uint16 bits."""
+        return np.dtype(np.uint16 if self.dtype == "BF16" else NUMPY_DTYPES[self.dtype])
+
     def read(self) -> np.ndarray:
         """The tensor as stored (bfloat16 as its uint16 bits), read into memory of its own: no mapping of the
         file stays behind, so streaming a checkpoint tensor by tensor holds one tensor at a time."""
-        dtype = np.dtype(np.uint16 if self.dtype == "BF16" else NUMPY_DTYPES[self.dtype])
+        dtype = self.numpy_dtype
         with self.path.open("rb") as f:
             f.seek(self.offset)
             data = np.fromfile(f, dtype=dtype, count=self.length // dtype.itemsize)
@@ -103,18 +108,13 @@ def stored_tensors(files: list[Path]) -> dict[str, StoredTensor]:
 
 def read_safetensors(path: Path) -> Iterator[tuple[str, str, np.ndarray]]:
     """(name, dtype, array) for every tensor of a file; bfloat16 comes as its uint16 bits."""
-    unreadable = [f"{name} is {dtype}" for name, (dtype, _) in check_safetensors(path).items()
-                  if dtype not in NUMPY_DTYPES and dtype != "BF16"]
+    tensors = stored_tensors([path])
+    unreadable = [f"{name} is {t.dtype}" for name, t in tensors.items() if t.dtype not in NUMPY_DTYPES and t.dtype != "BF16"]
     if unreadable:
         raise OrtloraError(f"{path} holds tensors of a dtype ortlora does not read: {', '.join(unreadable[:3])}")
     with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        (size,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + size])
-        header.pop("__metadata__", None)
-        for name, info in header.items():
-            start, end = (8 + size + o for o in info["data_offsets"])
-            dtype = np.uint16 if info["dtype"] == "BF16" else NUMPY_DTYPES[info["dtype"]]
-            yield name, info["dtype"], np.frombuffer(data[start:end], dtype=dtype).reshape(info["shape"])
+        for name, t in tensors.items():
+            yield name, t.dtype, np.frombuffer(data[t.offset: t.offset + t.length], dtype=t.numpy_dtype).reshape(t.shape)
 
 
 def write_safetensors(path: Path, tensors: dict[str, tuple[str, np.ndarray]], metadata: dict[str, str] | None = None) -> None:

@@ -292,3 +292,14 @@ def test_generation_and_every_export_work_on_a_quantized_base(quantized, tmp_pat
     for target in ("peft", "merged", "onnx"):
         assert export_cli.main(["--artifacts", str(artifacts), "--adapter", str(adapter), "--to", target,
                                 "--out", str(tmp_path / target)]) == 0, target
+
+
+@pytest.mark.parametrize("size", ["32", "0"])
+def test_a_block_size_that_does_not_divide_every_matrix_is_one_line(tiny_model, tmp_path, capsys, size):
+    from ortlora.build import cli
+
+    out = tmp_path / "out"
+    assert cli.main(["--model", str(tiny_model), "--out", str(out), "--base-precision", "int4", "--block-size", size]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --block-size must divide the input width of every matrix of the model (64, 176), got {size}"
+    assert not out.exists()

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from ortlora.build import frozen_weights, portable_graph, training_artifacts
 from ortlora.build.export import stamp_ir_version
-from ortlora.build.model_dir import TOKENIZER_FILES, check_model_dir, source_dtype
+from ortlora.build.model_dir import TOKENIZER_FILES, check_model_dir, expected_weights, source_dtype
 from ortlora.build.quantize import BLOCK_SIZE, PRECISIONS
 from ortlora.errors import OrtloraError
 from ortlora.files import byte_size
@@ -102,10 +102,12 @@ def build(options: BuildOptions, echo=print) -> Manifest:
         raise OrtloraError(f"--label-smoothing must be in [0, 1), got {options.label_smoothing}")
     if options.base_precision not in PRECISIONS:
         raise OrtloraError(f"--base-precision must be one of {', '.join(PRECISIONS)}, got {options.base_precision}")
-    widths = {config["hidden_size"], config["intermediate_size"]}
+    # Every matrix is quantized in blocks along its inputs: the hidden and intermediate sizes, and the
+    # attention heads' width (o_proj), which differs from the hidden size where config.json sets head_dim.
+    widths = sorted({shape[1] for shape in expected_weights(config).values() if len(shape) == 2})
     if options.base_precision != "fp32" and (options.block_size <= 0 or any(w % options.block_size for w in widths)):
-        raise OrtloraError(f"--block-size must divide the model's hidden size ({config['hidden_size']}) and "
-                           f"intermediate size ({config['intermediate_size']}), got {options.block_size}")
+        raise OrtloraError(f"--block-size must divide the input width of every matrix of the model "
+                           f"({', '.join(map(str, widths))}), got {options.block_size}")
     with staging_dir(options.out_dir) as staging:
         manifest = _build_into(staging, config, options, echo)
         replace_dir(staging, options.out_dir)

@@ -69,8 +69,7 @@ def plan(graphs: list[onnx.ModelProto], shapes: dict[str, tuple[int, ...]], prec
     storage = {}
     for source, shape in shapes.items():
         nodes = readers[source]
-        if quantize.is_quantized(shape, precision):
-            quantize.check_block(shape, block, source)
+        if quantize.is_quantized(shape, precision):  # (the builder checked that ``block`` divides every width)
             by_rows = any(n.op_type == "Gather" for n in nodes) or source.endswith(VOCABULARY_MATRICES)
             storage[source] = Stored(source, tuple(shape), False, "int8" if by_rows else precision, block)
             continue
@@ -229,9 +228,9 @@ def write(storage: dict[str, Stored], places: dict[str, dict], tensors: dict[str
             for start in range(0, values.shape[0], rows):
                 block = to_float32(source.dtype, values[start: start + rows])
                 if stored.precision == "fp32":
-                    put(name, block.astype(np.float32, copy=False))
+                    put(name, block)
                     continue
-                q, scale = quantize.quantize(block.astype(np.float32, copy=False), stored.precision, stored.block)
+                q, scale = quantize.quantize(block, stored.precision, stored.block)
                 put(name + quantize.QUANTIZED, quantize.pack_uint4(q) if stored.precision == "int4" else q)
                 scales.append(scale)
             if scales:

@@ -46,11 +46,6 @@ def is_quantized(shape: tuple[int, ...], precision: str) -> bool:
     return precision != "fp32" and len(shape) == 2
 
 
-def check_block(shape: tuple[int, ...], block: int, name: str) -> None:
-    if shape[1] % block:
-        raise ValueError(f"{name} has {shape[1]} inputs, not a multiple of the block size {block}")
-
-
 def quantize(values: np.ndarray, precision: str, block: int) -> tuple[np.ndarray, np.ndarray]:
     """float32 rows [rows, in] -> (q int8 [rows, in], scale float32 [rows, in / block])."""
     rows, width = values.shape
@@ -144,8 +139,9 @@ def dequantize_per_use(model: onnx.ModelProto, matrices: dict[str, tuple[str, in
                 continue
             count += 1
             out, block = f"{name}/dequantized_{count}", matrices[name][1]
-            # Gathered rows are dequantized alone; ONNX Runtime gathers no int4, so an int4 matrix that is
-            # gathered (an untied LM head, by the head gradient's label rows) is dequantized whole.
+            # Gathered rows are dequantized alone. ONNX Runtime gathers no int4, which is why the vocabulary
+            # matrices, the ones read by rows, are int8 in an int4 base (frozen_weights.plan); an int4 matrix
+            # that is gathered all the same is dequantized whole.
             if node.op_type == "Gather" and k == 0 and _attr(node, "axis", 0) == 0 and matrices[name][0] != "int4":
                 rows_q, rows_scale = f"{name}/rows_{count}.q", f"{name}/rows_{count}.scale"
                 nodes += [helper.make_node("Gather", [name + QUANTIZED, node.input[1]], [rows_q], axis=0),
