@@ -330,7 +330,16 @@ def test_tied_lm_head_reads_the_embedding_itself(artifacts):
     for role in ("training_model", "eval_model", "portable_training_model", "inference_model", "decoder_model"):
         graph = onnx.load(str(artifacts / manifest.files[role]), load_external_data=False).graph
         assert [list(t.dims) for t in graph.initializer].count([64, 512]) == 0, role
-        assert any(n.op_type == "Gemm" and "model.embed_tokens.weight" in n.input for n in graph.node), role
+        assert any(n.op_type == "Gemm" and "model.embed_tokens.weight" in n.input for n in all_nodes(graph)), role
+
+
+def all_nodes(graph: onnx.GraphProto):
+    """The graph's nodes and those of its subgraphs (the chunked loss's Loop body)."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from all_nodes(attribute.g)
 
 
 def test_frozen_weights_are_stored_once(artifacts):

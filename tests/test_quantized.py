@@ -25,7 +25,7 @@ from ortlora.runtime.session_backend import OrtSessionBackend
 from ortlora.weights import map_layout, read_tensors
 from tests.environments import needs, python_of, run_in
 from tests.reference import loss_and_grads, peft_model, random_weights, rel_err
-from tests.test_build import _check_against_peft, make_batch
+from tests.test_build import _check_against_peft, all_nodes, make_batch
 
 TOL = 1e-4
 BLOCK = 16  # the tiny model's intermediate size, 176, is 11 blocks of 16
@@ -72,8 +72,8 @@ def quantized(request, tmp_path_factory, tiny_model) -> tuple[Path, Path, str]:
             patch.setattr(quantize, "CHUNK_ROWS", chunk_rows)
         build(BuildOptions(model_dir=model, out_dir=out, bundle_base=True, base_precision=precision, block_size=BLOCK),
               echo=lambda *a, **k: None)
-    chunked = sum(n.op_type == "Slice" and n.input[0].endswith(quantize.QUANTIZED) for n in
-                  onnx.load(str(out / "training_model.onnx"), load_external_data=False).graph.node)
+    chunked = sum(n.op_type == "Slice" and n.input[0].endswith(quantize.QUANTIZED) for n in  # in the loss's Loop
+                  all_nodes(onnx.load(str(out / "training_model.onnx"), load_external_data=False).graph))
     assert chunked == (0 if chunk_rows is None else 2 * -(-512 // chunk_rows)), chunked  # forward head and its gradient
     return out, dequantized_model(model, tmp_path_factory.mktemp("reference") / "model", precision), precision
 

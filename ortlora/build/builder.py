@@ -180,12 +180,13 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
         _check_lora_initializers(loss_model, lora_values)
         stamp_ir_version(loss_model)
         lora_arrays = {name: value.numpy() for name, value in lora_values.items()}
-        training_artifacts.generate(loss_model, lora_arrays, references, staging)
+        whole_head = training_artifacts.generate(loss_model, lora_arrays, references, staging,
+                                                  options.label_smoothing)
 
     with stages("writing the portable training graph (standard ONNX for any onnxruntime)"):
         frozen_weights.attach(loss_model, references)
         lora_shapes = {name: value.shape for name, value in lora_arrays.items()}
-        portable_graph.write(loss_model, staging / training_artifacts.TRAINING_MODEL, references, lora_shapes, staging)
+        portable_graph.write(loss_model, whole_head, references, lora_shapes, staging)
         save_file(lora_arrays, str(staging / INITIAL_LORA))
         del loss_model
 

@@ -211,14 +211,13 @@ def eval_graph(loss_model: onnx.ModelProto, weights: dict[str, TensorProto], lor
     return model
 
 
-def write(loss_model: onnx.ModelProto, training_model: Path, frozen: dict[str, TensorProto],
+def write(loss_model: onnx.ModelProto, training_model: onnx.ModelProto, frozen: dict[str, TensorProto],
           lora_shapes: dict[str, tuple[int, ...]], out_dir: Path) -> None:
     """Write the portable training and eval graphs into ``out_dir``.
 
-    ``loss_model``: the exported loss graph. ``training_model``: ORT's training model, as
-    training_artifacts.generate leaves it. ``frozen``: references into the frozen weights file
+    ``loss_model``: the exported loss graph. ``training_model``: ORT's training model with the loss
+    whole, as training_artifacts.generate returns it. ``frozen``: references into the frozen weights file
     (frozen_weights.py), which the eval graph reads (the training model already does).
     """
     onnx.save(eval_graph(loss_model, frozen, lora_shapes), str(out_dir / PORTABLE_EVAL))
-    training = onnx.load(str(training_model), load_external_data=False)
-    onnx.save(make_portable(training, lora_shapes), str(out_dir / PORTABLE_TRAINING))
+    onnx.save(make_portable(training_model, lora_shapes), str(out_dir / PORTABLE_TRAINING))

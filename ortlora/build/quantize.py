@@ -132,49 +132,61 @@ def dequantize_per_use(model: onnx.ModelProto, matrices: dict[str, tuple[str, in
     raise_opset(model)
     graph = model.graph
     shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
-    nodes, count, shaped, packed = [], 0, {}, set()
-    for node in graph.node:
-        for k, name in enumerate(node.input):
-            if name not in matrices:
-                continue
-            count += 1
-            out, block = f"{name}/dequantized_{count}", matrices[name][1]
-            # Gathered rows are dequantized alone. ONNX Runtime gathers no int4, which is why the vocabulary
-            # matrices, the ones read by rows, are int8 in an int4 base (frozen_weights.plan); an int4 matrix
-            # that is gathered all the same is dequantized whole.
-            if node.op_type == "Gather" and k == 0 and _attr(node, "axis", 0) == 0 and matrices[name][0] != "int4":
-                rows_q, rows_scale = f"{name}/rows_{count}.q", f"{name}/rows_{count}.scale"
-                nodes += [helper.make_node("Gather", [name + QUANTIZED, node.input[1]], [rows_q], axis=0),
-                          helper.make_node("Gather", [name + SCALE, node.input[1]], [rows_scale], axis=0),
-                          helper.make_node("DequantizeLinear", [rows_q, rows_scale], [node.output[0]], axis=-1,
-                                           block_size=block, name=out)]
-                node = None
-                break
-            scale = name + SCALE
-            anchor = next((x for j, x in enumerate(node.input) if j != k and x and x not in matrices), None)
-            if fused_products and _nbits_product(node, k, matrices[name]):
-                out_features, in_features = shapes[name]
-                nodes.append(helper.make_node("MatMulNBits", [node.input[0], name + PACKED, name + SCALE],
-                                              [node.output[0]], name=out, domain="com.microsoft", K=in_features,
-                                              N=out_features, bits=4, block_size=block, accuracy_level=0))
-                packed.add(name)
-                node = None
-                break
-            if anchor is not None and matrices[name][0] == "int8" and _chunkable(node, k, shapes[name][0]):
-                nodes += _product_in_row_chunks(node, name, block, anchor, shapes[name][0], out)
-                node = None
-                break
-            if anchor is not None:  # run the dequantization when the product's other operand is ready (see below)
-                scale = f"{out}/scale"
-                nodes += [helper.make_node("Shape", [anchor], [f"{out}/after"], start=0, end=0),
-                          helper.make_node("Concat", [f"{name}/scale_shape", f"{out}/after"], [f"{out}/shape"], axis=0),
-                          helper.make_node("Reshape", [name + SCALE, f"{out}/shape"], [scale])]
-                shaped[name] = [shapes[name][0], shapes[name][1] // block]
-            nodes.append(helper.make_node("DequantizeLinear", [name + QUANTIZED, scale, *_zero_point(name, matrices)],
-                                          [out], axis=1, block_size=block, name=out))
-            node.input[k] = out
-        if node is not None:
-            nodes.append(node)
+    count, shaped, packed = 0, {}, set()
+
+    def rewrite(graph_nodes) -> list[onnx.NodeProto]:
+        nonlocal count
+        nodes = []
+        for node in graph_nodes:
+            for attribute in node.attribute:  # a Loop's body (chunked_loss) reads the matrices from outside
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    inner = rewrite(attribute.g.node)
+                    del attribute.g.node[:]
+                    attribute.g.node.extend(inner)
+            for k, name in enumerate(node.input):
+                if name not in matrices:
+                    continue
+                count += 1
+                out, block = f"{name}/dequantized_{count}", matrices[name][1]
+                # Gathered rows are dequantized alone. ONNX Runtime gathers no int4, which is why the vocabulary
+                # matrices, the ones read by rows, are int8 in an int4 base (frozen_weights.plan); an int4 matrix
+                # that is gathered all the same is dequantized whole.
+                if node.op_type == "Gather" and k == 0 and _attr(node, "axis", 0) == 0 and matrices[name][0] != "int4":
+                    rows_q, rows_scale = f"{name}/rows_{count}.q", f"{name}/rows_{count}.scale"
+                    nodes += [helper.make_node("Gather", [name + QUANTIZED, node.input[1]], [rows_q], axis=0),
+                              helper.make_node("Gather", [name + SCALE, node.input[1]], [rows_scale], axis=0),
+                              helper.make_node("DequantizeLinear", [rows_q, rows_scale], [node.output[0]], axis=-1,
+                                               block_size=block, name=out)]
+                    node = None
+                    break
+                scale = name + SCALE
+                anchor = next((x for j, x in enumerate(node.input) if j != k and x and x not in matrices), None)
+                if fused_products and _nbits_product(node, k, matrices[name]):
+                    out_features, in_features = shapes[name]
+                    nodes.append(helper.make_node("MatMulNBits", [node.input[0], name + PACKED, name + SCALE],
+                                                  [node.output[0]], name=out, domain="com.microsoft", K=in_features,
+                                                  N=out_features, bits=4, block_size=block, accuracy_level=0))
+                    packed.add(name)
+                    node = None
+                    break
+                if anchor is not None and matrices[name][0] == "int8" and _chunkable(node, k, shapes[name][0]):
+                    nodes += _product_in_row_chunks(node, name, block, anchor, shapes[name][0], out)
+                    node = None
+                    break
+                if anchor is not None:  # run the dequantization when the product's other operand is ready (see below)
+                    scale = f"{out}/scale"
+                    nodes += [helper.make_node("Shape", [anchor], [f"{out}/after"], start=0, end=0),
+                              helper.make_node("Concat", [f"{name}/scale_shape", f"{out}/after"], [f"{out}/shape"], axis=0),
+                              helper.make_node("Reshape", [name + SCALE, f"{out}/shape"], [scale])]
+                    shaped[name] = [shapes[name][0], shapes[name][1] // block]
+                nodes.append(helper.make_node("DequantizeLinear", [name + QUANTIZED, scale, *_zero_point(name, matrices)],
+                                              [out], axis=1, block_size=block, name=out))
+                node.input[k] = out
+            if node is not None:
+                nodes.append(node)
+        return nodes
+
+    nodes = rewrite(graph.node)
     # A DequantizeLinear of initializers alone may run at any time, and ONNX Runtime runs such nodes early:
     # every float32 matrix then lived from the start of the step to its product (0.5B int4: 4.9 GB peak, more
     # than the float32 base's 3.3). Reading the scales through a Reshape to their own shape, whose shape

@@ -20,6 +20,7 @@ import onnx
 from onnx import TensorProto
 
 from ortlora.build import frozen_weights
+from ortlora.build.chunked_loss import chunk_head_loss
 from ortlora.build.export import stamp_ir_version
 from ortlora.build.head_gradient import fuse_head_gradient
 from ortlora.build.portable_ops import rewrite_node
@@ -31,7 +32,7 @@ CHECKPOINT = "checkpoint"
 
 
 def generate(loss_model: onnx.ModelProto, lora: dict[str, np.ndarray], frozen: dict[str, TensorProto],
-             out_dir: Path) -> None:
+             out_dir: Path, label_smoothing: float = 0.0) -> onnx.ModelProto:
     """Write the training, eval and optimizer models and the checkpoint into ``out_dir``.
 
     ``loss_model`` holds the initial LoRA weights as initializers, the trainable parameters (``lora``:
@@ -41,6 +42,12 @@ def generate(loss_model: onnx.ModelProto, lora: dict[str, np.ndarray], frozen: d
     weights only (a few MB, the same file for every ORT app that trains the adapter). Afterwards the
     frozen inputs of the training and eval models become initializers read from frozen_weights.bin
     (``frozen``: the references), shared with every other graph.
+
+    The training and eval models compute the loss over the LM head in chunks of rows (chunked_loss.py;
+    ``label_smoothing``: the exported loss's), in a Loop, which ONNX Runtime's training API runs on the
+    CPU and CUDA. Returned: the training model with the loss whole and the head's gradient fused
+    (head_gradient.py), which the portable graph is made from: OpenVINO's provider cannot take the Loop
+    (its ONNX reader finds no tensor a Loop body reads from the graph).
     """
     from onnxruntime.training import artifacts
 
@@ -54,16 +61,24 @@ def generate(loss_model: onnx.ModelProto, lora: dict[str, np.ndarray], frozen: d
             optimizer=artifacts.OptimType.AdamW,
             artifact_directory=str(out_dir),
         )
+    whole = onnx.load(str(out_dir / TRAINING_MODEL), load_external_data=False)
     for name in (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL):
         model = onnx.load(str(out_dir / name), load_external_data=False)
         if name == EVAL_MODEL:
             disable_dropout(model)
-        if name == TRAINING_MODEL:
-            fuse_head_gradient(model)
-        spell_out_slow_kernels(model)
-        frozen_weights.attach(model, frozen)  # last: a quantized base raises the opset of the whole graph
-        stamp_ir_version(model)
-        onnx.save(model, str(out_dir / name))
+        if name != OPTIMIZER_MODEL:
+            chunk_head_loss(model, label_smoothing)
+        onnx.save(finish(model, frozen), str(out_dir / name))
+    fuse_head_gradient(whole)
+    return finish(whole, frozen)
+
+
+def finish(model: onnx.ModelProto, frozen: dict[str, TensorProto]) -> onnx.ModelProto:
+    """Slow kernels spelled out, frozen weights attached, an IR version ORT 1.19 loads."""
+    spell_out_slow_kernels(model)
+    frozen_weights.attach(model, frozen)  # last: a quantized base raises the opset of the whole graph
+    stamp_ir_version(model)
+    return model
 
 
 @contextlib.contextmanager
