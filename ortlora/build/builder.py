@@ -16,6 +16,7 @@ from ortlora.build import frozen_weights, portable_graph, training_artifacts
 from ortlora.build.export import stamp_ir_version
 from ortlora.build.model_dir import TOKENIZER_FILES, check_model_dir, expected_weights, source_dtype
 from ortlora.build.quantize import BLOCK_SIZE, PRECISIONS
+from ortlora.build.recompute import MODES as RECOMPUTE_MODES
 from ortlora.errors import OrtloraError
 from ortlora.files import byte_size
 from ortlora.manifest import MANIFEST_NAME, PEFT_PREFIX, LoraParameter, Manifest
@@ -44,6 +45,7 @@ class BuildOptions:
     bundle_base: bool = False  # copy the base model into the artifacts (the tiny default)
     base_precision: str = "fp32"  # the frozen matrices: fp32, or blockwise int8 / int4 (quantize.py)
     block_size: int = BLOCK_SIZE  # inputs that share a scale in a quantized base
+    recompute: str = "none"  # "layers": decoder layers recomputed in the backward pass (recompute.py)
 
 
 class Stages:
@@ -100,6 +102,8 @@ def build(options: BuildOptions, echo=print) -> Manifest:
     check_training_build()
     if not 0.0 <= options.label_smoothing < 1.0:
         raise OrtloraError(f"--label-smoothing must be in [0, 1), got {options.label_smoothing}")
+    if options.recompute not in RECOMPUTE_MODES:
+        raise OrtloraError(f"--recompute must be one of {', '.join(RECOMPUTE_MODES)}, got {options.recompute}")
     if options.base_precision not in PRECISIONS:
         raise OrtloraError(f"--base-precision must be one of {', '.join(PRECISIONS)}, got {options.base_precision}")
     # Every matrix is quantized in blocks along its inputs: the hidden and intermediate sizes, and the
@@ -181,7 +185,7 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
         stamp_ir_version(loss_model)
         lora_arrays = {name: value.numpy() for name, value in lora_values.items()}
         whole_head = training_artifacts.generate(loss_model, lora_arrays, references, staging,
-                                                  options.label_smoothing)
+                                                  options.label_smoothing, options.recompute)
 
     with stages("writing the portable training graph (standard ONNX for any onnxruntime)"):
         frozen_weights.attach(loss_model, references)
@@ -241,6 +245,8 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
         # The frozen matrices as stored: fp32 whatever the source, or blockwise int8 / int4.
         "base_precision": options.base_precision,
         **({"block_size": options.block_size} if options.base_precision != "fp32" else {}),
+        # How the training graphs keep activations: "layers" recomputes each decoder layer in the backward pass.
+        "recompute": options.recompute,
     }
     identity = json.dumps([model_info["weights_sha256"], lora, options.label_smoothing, options.base_precision,
                            options.block_size if options.base_precision != "fp32" else None], sort_keys=True)

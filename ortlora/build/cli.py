@@ -37,6 +37,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(dequantized at each use; LoRA stays fp32) (default: fp32)")
     parser.add_argument("--block-size", type=int, default=32,
                         help="inputs that share a scale in an int8 / int4 base (default: 32)")
+    parser.add_argument("--recompute", choices=("none", "layers"), default="none",
+                        help="layers: each decoder layer's forward pass is recomputed in the backward pass instead of "
+                        "keeping its activations (gradient checkpointing: less memory at large batches, about a "
+                        "third more time) (default: none)")
     parser.add_argument("--seed", type=int, default=0, help="seed for LoRA A initialisation and the tiny model (default: 0)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the export (default: all cores)")
     parser.add_argument("--force", action="store_true",
@@ -97,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             bundle_base=args.tiny,
             base_precision=args.base_precision,
             block_size=args.block_size,
+            recompute=args.recompute,
         )
         manifest = build(options)
     print(f"built {args.out} in {time.perf_counter() - start:.1f} s: "

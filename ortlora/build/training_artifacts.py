@@ -24,6 +24,7 @@ from ortlora.build.chunked_loss import chunk_head_loss
 from ortlora.build.export import stamp_ir_version
 from ortlora.build.head_gradient import fuse_head_gradient
 from ortlora.build.portable_ops import rewrite_node
+from ortlora.build.recompute import recompute_layers
 
 TRAINING_MODEL = "training_model.onnx"
 EVAL_MODEL = "eval_model.onnx"
@@ -32,7 +33,7 @@ CHECKPOINT = "checkpoint"
 
 
 def generate(loss_model: onnx.ModelProto, lora: dict[str, np.ndarray], frozen: dict[str, TensorProto],
-             out_dir: Path, label_smoothing: float = 0.0) -> onnx.ModelProto:
+             out_dir: Path, label_smoothing: float = 0.0, recompute: str = "none") -> onnx.ModelProto:
     """Write the training, eval and optimizer models and the checkpoint into ``out_dir``.
 
     ``loss_model`` holds the initial LoRA weights as initializers, the trainable parameters (``lora``:
@@ -47,7 +48,8 @@ def generate(loss_model: onnx.ModelProto, lora: dict[str, np.ndarray], frozen: d
     ``label_smoothing``: the exported loss's), in a Loop, which ONNX Runtime's training API runs on the
     CPU and CUDA. Returned: the training model with the loss whole and the head's gradient fused
     (head_gradient.py), which the portable graph is made from: OpenVINO's provider cannot take the Loop
-    (its ONNX reader finds no tensor a Loop body reads from the graph).
+    (its ONNX reader finds no tensor a Loop body reads from the graph). ``recompute`` "layers": both
+    training graphs recompute each decoder layer in the backward pass (recompute.py).
     """
     from onnxruntime.training import artifacts
 
@@ -68,8 +70,12 @@ def generate(loss_model: onnx.ModelProto, lora: dict[str, np.ndarray], frozen: d
             disable_dropout(model)
         if name != OPTIMIZER_MODEL:
             chunk_head_loss(model, label_smoothing)
+        if name == TRAINING_MODEL and recompute == "layers":
+            recompute_layers(model)
         onnx.save(finish(model, frozen), str(out_dir / name))
     fuse_head_gradient(whole)
+    if recompute == "layers":
+        recompute_layers(whole)
     return finish(whole, frozen)
 
 
