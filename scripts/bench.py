@@ -241,6 +241,8 @@ def measure(system: str, args) -> dict:
         command += ["--threads", str(args.threads)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)} if args.threads else None
     result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode == -9:  # SIGKILL: on Linux, the kernel's out-of-memory killer as a rule
+        return {"error": "killed (SIGKILL; out of memory, as a rule: see dmesg)"}
     if result.returncode != 0:
         return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"}
     return json.loads(result.stdout.strip().splitlines()[-1])
