@@ -26,7 +26,7 @@ import onnx
 from onnx import helper
 
 MODES = ("none", "layers")
-KEPT_OPS = {"Dropout", "BitmaskDropout", "RandomNormal", "RandomNormalLike", "RandomUniform",
+KEPT_OPS = {"Shape", "Size", "Dropout", "BitmaskDropout", "RandomNormal", "RandomNormalLike", "RandomUniform",
             "RandomUniformLike", "Multinomial"}
 LAYER = re.compile(r"^/model/layers\.(\d+)/")
 SUFFIX = "/recomputed"
