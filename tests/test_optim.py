@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -54,32 +52,48 @@ def test_constant_with_warmup():
     assert s(100) == 1.0
 
 
-def test_linear_edges():
-    s = Schedule("linear", lr=1.0, total=11, min_lr=0.1)
-    assert s(0) == 1.0
-    assert s(10) == pytest.approx(0.1)  # the last step reaches min_lr
-    assert s(5) == pytest.approx(0.55)
-    assert s(50) == pytest.approx(0.1)  # past the end: stays
+def transformers_lrs(name: str, lr: float, total: int, warmup: int, min_lr: float) -> list[float]:
+    """The lr transformers' schedule of that name gives at steps 0 .. total + 4."""
+    from transformers import optimization as hf
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=lr)
+    if name == "linear":
+        assert min_lr == 0
+        scheduler = hf.get_linear_schedule_with_warmup(optimizer, warmup, total)
+    elif min_lr:
+        scheduler = hf.get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, total, min_lr_rate=min_lr / lr)
+    else:
+        scheduler = hf.get_cosine_schedule_with_warmup(optimizer, warmup, total)
+    lrs = []
+    for _ in range(total + 5):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
 
 
-def test_cosine_edges():
-    s = Schedule("cosine", lr=2.0, total=21, warmup=0)
-    assert s(0) == 2.0
-    assert s(10) == pytest.approx(1.0)  # half way
-    assert s(20) == pytest.approx(0.0)
-    assert s(99) == pytest.approx(0.0)
+@pytest.mark.parametrize("name,total,warmup,min_lr", [
+    ("linear", 11, 0, 0.0), ("linear", 30, 5, 0.0), ("cosine", 21, 0, 0.0), ("cosine", 30, 4, 0.0),
+    ("cosine", 30, 4, 0.1), ("warmup-cosine", 100, 0, 0.1), ("linear", 1, 0, 0.0), ("cosine", 1, 0, 0.0)])
+def test_schedules_are_transformers_after_warmup(name, total, warmup, min_lr):
+    """After warmup, each decaying schedule is transformers' at every step; the decay reaches min_lr at step
+    ``total``, so the last scheduled step still learns (and a one-step run trains at lr)."""
+    s = Schedule(name, lr=2.0, total=total, warmup=warmup, min_lr=min_lr)
+    reference = transformers_lrs("linear" if name == "linear" else "cosine", 2.0, total, s.warmup, min_lr)
+    for step in range(s.warmup, total):
+        assert s(step) == pytest.approx(reference[step], rel=1e-12, abs=1e-15), step
+    assert s(total - 1) > min_lr
+    assert s(total + 3) == pytest.approx(min_lr)  # past the end: stays (transformers' cosine rises again)
 
 
-def test_warmup_cosine_edges():
+def test_warmup_starts_above_zero_where_transformers_starts_at_zero():
     s = Schedule("warmup-cosine", lr=1.0, total=100, min_lr=0.1)
     assert s.warmup == 10  # 10% default
-    assert s(0) == pytest.approx(0.1)
-    assert s(9) == pytest.approx(1.0)  # end of warmup: peak
-    assert s(10) == pytest.approx(1.0)  # first decay step
-    assert s(99) == pytest.approx(0.1)  # last step: min_lr
-    assert s(150) == pytest.approx(0.1)
-    mid = 10 + (99 - 10) / 2
-    assert s(int(mid)) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (int(mid) - 10) / 89)))
+    reference = transformers_lrs("cosine", 1.0, 100, 10, 0.1)
+    assert reference[0] == 0.0 and s(0) == pytest.approx(0.1)  # ours: (step + 1) / warmup
+    assert [s(i) for i in range(10)] == pytest.approx([reference[i + 1] for i in range(10)])  # one step ahead
+    assert s(9) == pytest.approx(1.0) and s(10) == pytest.approx(1.0)  # the peak, then the decay's first step
 
 
 def test_unknown_schedule():

@@ -1,14 +1,19 @@
 """Learning-rate schedules: lr at optimizer step ``step`` (0-based) of ``total``.
 
 Every schedule may start with a linear warmup: lr * (step + 1) / warmup for step < warmup, so the
-first step already learns and step warmup - 1 reaches the peak. After warmup:
+first step already learns and step warmup - 1 reaches the peak (transformers' warmup starts at 0:
+lr * step / warmup). After warmup, with progress = (step - warmup) / (total - warmup):
 
 - constant:      lr
-- linear:        lr down to min_lr at the last step (step total - 1)
+- linear:        lr + (min_lr - lr) * progress
 - cosine:        min_lr + (lr - min_lr) * (1 + cos(pi * progress)) / 2
 - warmup-cosine: cosine, with a warmup of 10% of the steps when none is given
 
-Past the end, lr stays at its final value (min_lr for the decaying schedules).
+The decay reaches min_lr at step ``total``, one past the last, as transformers' schedules do, so every
+scheduled step learns (``--max-steps 1`` trains at lr). After warmup these are transformers'
+``get_linear_schedule_with_warmup`` and ``get_cosine_schedule_with_warmup`` (min_lr 0), and
+``get_cosine_with_min_lr_schedule_with_warmup`` (min_lr_rate = min_lr / lr) for the cosine with a floor;
+tests/test_optim.py checks each. Past the end, lr stays at min_lr (transformers' cosine rises again).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ class Schedule:
             return self.lr * (step + 1) / self.warmup
         if self.name == "constant":
             return self.lr
-        decay_steps = self.total - 1 - self.warmup
+        decay_steps = self.total - self.warmup
         progress = 1.0 if decay_steps <= 0 else min(1.0, (step - self.warmup) / decay_steps)
         if self.name == "linear":
             return self.lr + (self.min_lr - self.lr) * progress

@@ -165,16 +165,21 @@ class Trainer:
         while self.position.step < self.total_steps:
             step_start = time.perf_counter()
             lr = self.schedule(self.position.step)
-            self.backend.zero_grad()
-            losses, tokens = [], 0
+            grads, loss, tokens = None, 0.0, 0
             for _ in range(c.grad_accum):
+                # Each micro-batch's loss and gradients are means over its trained tokens: weighted by those
+                # tokens, k micro-batches of b examples make the same step as one batch of k * b.
+                # Every example has a trained token (data.py), so n > 0.
                 batch, following = next(micro_batches)
-                losses.append(self.backend.train_step(batch))
-                tokens += trained_tokens(batch)
-            grads = self.backend.gradients()
-            if c.grad_accum > 1:
-                grads = {k: g / c.grad_accum for k, g in grads.items()}  # mean of micro-batch means
-            loss = float(np.mean(losses))
+                n = trained_tokens(batch)
+                self.backend.zero_grad()
+                loss += self.backend.train_step(batch) * n
+                step_grads = self.backend.gradients()
+                grads = {k: g * n for k, g in step_grads.items()} if grads is None else \
+                    {k: grads[k] + g * n for k, g in step_grads.items()}
+                tokens += n
+            grads = {k: g / tokens for k, g in grads.items()}
+            loss /= tokens
             if not math.isfinite(loss) or not all_finite(grads):
                 # The weights that gave this loss came from the last update: go back to before it.
                 self._bad_step(f"the loss became {loss}", good)
