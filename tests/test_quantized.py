@@ -275,7 +275,7 @@ def test_generation_and_every_export_work_on_a_quantized_base(quantized, tmp_pat
 
     artifacts, reference, _ = quantized
     run = tmp_path / "run"
-    assert train_cli.main(["--artifacts", str(artifacts), "--out", str(run), "--max-steps", "5", "--lr", "0.05",
+    assert train_cli.main(["--artifacts", str(artifacts), "--out", str(run), "--max-steps", "5", "--lr", "0.02",
                            "--no-progress", "--no-plot"]) == 0
     adapter = run / "checkpoint-5"
     generator = Generator(artifacts, adapter)
