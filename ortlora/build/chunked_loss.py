@@ -104,7 +104,7 @@ def _forward(e: "_Nodes", rows: str, targets: str, weight: str, transposed: bool
     padded_rows = e("Pad", [flat, e("Concat", [zero, zero, padding, zero], axis=0)])
     padded_targets = e("Pad", [targets, e("Concat", [zero, padding], axis=0), e.const(ignore)])
 
-    body = _Nodes(e.count, inner=True)
+    body = _Nodes(e.count)
     i, cond = f"{PREFIX}.iteration", f"{PREFIX}.condition"
     start = body("Mul", [body("Unsqueeze", [i, body.const([0])]), size])
     end = body("Add", [start, size])
@@ -158,8 +158,8 @@ def _forward(e: "_Nodes", rows: str, targets: str, weight: str, transposed: bool
 class _Nodes:
     """Nodes with fresh names (no "/"), numbered on from ``count``."""
 
-    def __init__(self, count: int = 0, inner: bool = False):
-        self.nodes, self.count, self.inner = [], count, inner
+    def __init__(self, count: int = 0):
+        self.nodes, self.count = [], count
 
     def fresh(self) -> str:
         self.count += 1
