@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ortlora.build.portable_ops import weight_shapes
 from ortlora.errors import OrtloraError
 
 # Rows of logits a chunk holds: [1024, 151936] float32 is 622 MB. Measured at 8 x 512 on the 0.5B
@@ -55,7 +56,7 @@ def chunk_head_loss(model: onnx.ModelProto, label_smoothing: float, chunk_rows: 
     if a.get("reduction", b"mean") not in (b"mean", "mean") or len(ce.input) > 2 and ce.input[2]:
         raise OrtloraError(f"{LOSS}: only the mean without class weights is chunked")
     product = _through_reshapes(ce.input[0], producer)
-    weights = _shapes(graph)
+    weights = weight_shapes(graph)
     if product is None or product.op_type not in PRODUCTS or len(weights.get(product.input[1], [])) != 2:
         raise OrtloraError("the loss is not computed on a product of the hidden rows with the LM head's weight")
     pa = {x.name: helper.get_attribute_value(x) for x in product.attribute}
@@ -180,15 +181,6 @@ def _through_reshapes(name: str, producer: dict) -> onnx.NodeProto | None:
     while node is not None and node.op_type == "Reshape":
         node = producer.get(node.input[0])
     return node
-
-
-def _shapes(graph: onnx.GraphProto) -> dict[str, list[int]]:
-    shapes = {t.name: list(t.dims) for t in graph.initializer}
-    for value in graph.input:
-        dims = value.type.tensor_type.shape.dim
-        if dims and all(d.HasField("dim_value") for d in dims):
-            shapes[value.name] = [d.dim_value for d in dims]
-    return shapes
 
 
 def read_names(node: onnx.NodeProto) -> list[str]:

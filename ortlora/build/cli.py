@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--recompute", choices=("none", "layers"), default="none",
                         help="layers: each decoder layer's forward pass is recomputed in the backward pass instead of "
                         "keeping its activations (gradient checkpointing: less memory at large batches, about a "
-                        "third more time) (default: none)")
+                        "fifth to a quarter more time) (default: none)")
     parser.add_argument("--seed", type=int, default=0, help="seed for LoRA A initialisation and the tiny model (default: 0)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the export (default: all cores)")
     parser.add_argument("--force", action="store_true",

@@ -26,7 +26,7 @@ from collections import defaultdict
 
 import onnx
 
-from ortlora.build.portable_ops import Emitter, attrs, label_rows, loss_reduction
+from ortlora.build.portable_ops import Emitter, attrs, label_rows, loss_reduction, weight_shapes
 
 LOSS_GRAD = "SoftmaxCrossEntropyLossGrad"
 PRODUCTS = {("", "Gemm"), ("", "MatMul"), ("com.microsoft", "FusedMatMul")}
@@ -42,10 +42,7 @@ def fuse_head_gradient(model: onnx.ModelProto) -> int:
             readers[name].append(node)
     for out in graph.output:
         readers[out.name].append(None)
-    # The head weight: an initializer, or a frozen weight still read as a graph input (frozen_weights.attach).
-    weights = {t.name: list(t.dims) for t in graph.initializer}
-    weights.update({i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input
-                    if i.type.tensor_type.shape.dim and all(d.HasField("dim_value") for d in i.type.tensor_type.shape.dim)})
+    weights = weight_shapes(graph)  # the head weight: an initializer, or a frozen weight still read as an input
 
     replacements: dict[int, list[onnx.NodeProto]] = {}
     for node in nodes:

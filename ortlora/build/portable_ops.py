@@ -79,6 +79,17 @@ def attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
+def weight_shapes(graph: onnx.GraphProto) -> dict[str, list[int]]:
+    """The dims of the graph's weights: its initializers, and the graph inputs of fixed shape (frozen weights
+    still read as inputs before frozen_weights.attach)."""
+    shapes = {t.name: list(t.dims) for t in graph.initializer}
+    for value in graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            shapes[value.name] = [d.dim_value for d in dims]
+    return shapes
+
+
 def _input(node: onnx.NodeProto, i: int) -> str:
     return node.input[i] if len(node.input) > i else ""
 

@@ -50,15 +50,23 @@ def recompute_layers(model: onnx.ModelProto) -> int:
         if found and i not in backward:
             layers[int(found.group(1))].add(i)
 
+    # The forward pass's readers of each tensor, by their layer (None: outside every layer).
+    forward_readers = defaultdict(set)
+    for i, node in enumerate(nodes):
+        if i not in backward:
+            found = LAYER.match(node.name)
+            for x in node.input:
+                forward_readers[x].add(int(found.group(1)) if found else None)
+    in_order = sorted(backward)
+
     inserted: dict[int, list[onnx.NodeProto]] = {}
     count = 0
     for layer, members in sorted(layers.items()):
         recomputable = {i for i in members if nodes[i].op_type not in KEPT_OPS}
         # The layer's output is the next layer's input, kept for that layer's copies anyway: not recomputed.
-        escaping = {x for i, node in enumerate(nodes) if i not in members and i not in backward for x in node.input}
-        saved = {x for i in sorted(backward) for x in nodes[i].input
-                 if producer.get(x) in recomputable and x not in escaping}
-        readers = [i for i in sorted(backward) if any(x in saved for x in nodes[i].input)]
+        saved = {x for i in in_order for x in nodes[i].input
+                 if producer.get(x) in recomputable and not forward_readers[x] - {layer}}
+        readers = [i for i in in_order if any(x in saved for x in nodes[i].input)]
         if not readers:
             continue
         copies, stack = set(), [producer[x] for x in saved]

@@ -165,7 +165,7 @@ class Trainer:
         while self.position.step < self.total_steps:
             step_start = time.perf_counter()
             lr = self.schedule(self.position.step)
-            grads, loss, tokens = None, 0.0, 0
+            grads, loss, tokens = {}, 0.0, 0
             for _ in range(c.grad_accum):
                 # Each micro-batch's loss and gradients are means over its trained tokens: weighted by those
                 # tokens, k micro-batches of b examples make the same step as one batch of k * b.
@@ -174,9 +174,7 @@ class Trainer:
                 n = trained_tokens(batch)
                 self.backend.zero_grad()
                 loss += self.backend.train_step(batch) * n
-                step_grads = self.backend.gradients()
-                grads = {k: g * n for k, g in step_grads.items()} if grads is None else \
-                    {k: grads[k] + g * n for k, g in step_grads.items()}
+                grads = {k: grads.get(k, 0.0) + g * n for k, g in self.backend.gradients().items()}
                 tokens += n
             grads = {k: g / tokens for k, g in grads.items()}
             loss /= tokens
