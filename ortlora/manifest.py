@@ -25,7 +25,7 @@ NUMBER = (int, float)
 SCHEMA = {
     "format": int,
     "model": {"architecture": str, "model_type": str, "source": str, "weights_sha256": str, "source_dtype?": str,
-              "base_precision?": str, "block_size?": int, "recompute?": str},
+              "base_precision?": str, "block_size?": int, "recompute?": str, "attention_mask?": str},
     "lora": {"rank": int, "alpha": NUMBER, "scaling": NUMBER, "dropout": NUMBER, "targets": [str], "init": str,
              "seed": int},
     "label_smoothing": NUMBER,

@@ -247,6 +247,8 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
         **({"block_size": options.block_size} if options.base_precision != "fp32" else {}),
         # How the training graphs keep activations: "layers" recomputes each decoder layer in the backward pass.
         "recompute": options.recompute,
+        # The loss graphs read attention_mask as segment ids: examples packed into a row attend to themselves.
+        "attention_mask": "segments",
     }
     identity = json.dumps([model_info["weights_sha256"], lora, options.label_smoothing, options.base_precision,
                            options.block_size if options.base_precision != "fp32" else None], sort_keys=True)

@@ -66,6 +66,22 @@ def last_layer_at_rows(decoder: nn.Module, rows: torch.Tensor):
         del last.forward
 
 
+def segment_attention(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss graphs' attention_mask, [batch, seq] segment ids -> (additive mask [batch, 1, seq, seq], positions).
+
+    0 is padding, and 1, 2, ... number the examples packed into a row (a plain row is all 1, then 0s). A
+    position attends to the positions of its own segment up to itself, and its position id counts from the
+    segment's start, so each packed example is computed exactly as if it were alone in its row (as
+    transformers' padding-free collator makes flash attention do). Padding attends to padding, so no row of
+    the mask is empty (an empty row would make the softmax 0/0, and its NaN would reach the gradients).
+    """
+    index = torch.arange(segments.shape[1], device=segments.device)
+    allowed = (segments[:, :, None] == segments[:, None, :]) & (index[None, :] <= index[:, None])[None]
+    positions = allowed.sum(-1) - 1
+    mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return mask[:, None], positions
+
+
 class CausalLMLoss(nn.Module):
     """Mean next-token cross-entropy over positions whose (already shifted) label is not ignored.
 
@@ -87,7 +103,8 @@ class CausalLMLoss(nn.Module):
         keep = torch.nonzero(flat_labels != IGNORE_INDEX).squeeze(1)
         with external_lora_weights(self.model, dict(zip(self.lora_names, lora))), \
                 last_layer_at_rows(self.model.model, keep) as decoder:
-            rows = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            mask, positions = segment_attention(attention_mask)
+            rows = decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions).last_hidden_state
         logits = self.model.lm_head(rows)
         targets = flat_labels.index_select(0, keep)
         loss = F.cross_entropy(logits, targets)

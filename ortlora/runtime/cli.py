@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         raise OrtloraError(f"--max-seq-len {c.max_seq_len} is longer than the model's context "
                            f"(max_position_embeddings {limit}); pass at most {limit}")
 
+    if c.pack and manifest.model.get("attention_mask") != "segments":
+        raise OrtloraError(f"{artifacts} was built before --pack kept packed examples apart (they would attend to "
+                           "each other); rebuild it with ortlora-build, or train without --pack")
     tokenizer = Tokenizer(artifacts)
     train, evaluation, messages = load_data(c, tokenizer)
     _, _, total = plan_steps(len(train), c)

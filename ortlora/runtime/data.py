@@ -26,6 +26,7 @@ IGNORE_INDEX = -100
 class Example:
     input_ids: np.ndarray  # int64 [n]
     labels: np.ndarray  # int64 [n]; labels[t] = token t + 1, or IGNORE_INDEX
+    segments: np.ndarray | None = None  # int64 [n]: 1, 2, ... the packed example each token belongs to
 
 
 @dataclass
@@ -184,27 +185,31 @@ def load_jsonl(path: Path, tokenizer: Tokenizer, max_seq_len: int, on_bad: str =
 def pack(examples: list[Example], max_seq_len: int) -> list[Example]:
     """Concatenate consecutive examples into sequences of at most max_seq_len tokens.
 
-    Labels never cross an example boundary (each example is shifted on its own); attention does,
-    as in the usual packing without per-example masks.
+    Each token keeps its example's number (``segments``), which the loss graphs read in the attention mask
+    column: an example attends only to itself and its positions restart at 0, so a packed example's loss and
+    gradients are those it has alone (export.segment_attention). Labels never cross a boundary either, since
+    each example is shifted on its own.
     """
     packed: list[Example] = []
-    ids: list[np.ndarray] = []
-    labels: list[np.ndarray] = []
-    length = 0
+    group: list[Example] = []
     for ex in examples:
-        if length + len(ex.input_ids) > max_seq_len and ids:
-            packed.append(Example(np.concatenate(ids), np.concatenate(labels)))
-            ids, labels, length = [], [], 0
-        ids.append(ex.input_ids)
-        labels.append(ex.labels)
-        length += len(ex.input_ids)
-    if ids:
-        packed.append(Example(np.concatenate(ids), np.concatenate(labels)))
+        if group and sum(len(g.input_ids) for g in group) + len(ex.input_ids) > max_seq_len:
+            packed.append(_concatenate(group))
+            group = []
+        group.append(ex)
+    if group:
+        packed.append(_concatenate(group))
     return packed
 
 
+def _concatenate(group: list[Example]) -> Example:
+    return Example(np.concatenate([ex.input_ids for ex in group]), np.concatenate([ex.labels for ex in group]),
+                   np.concatenate([np.full(len(ex.input_ids), i, np.int64) for i, ex in enumerate(group, 1)]))
+
+
 def collate(examples: list[Example], pad_id: int) -> dict[str, np.ndarray]:
-    """Right-pad to the longest example: pad tokens are not attended to and not trained."""
+    """Right-pad to the longest example: pad tokens are not attended to and not trained. The attention mask
+    holds each token's segment (1 for an example of its own, 1, 2, ... in a packed sequence; 0 padding)."""
     width = max(len(ex.input_ids) for ex in examples)
     input_ids = np.full((len(examples), width), pad_id, dtype=np.int64)
     attention_mask = np.zeros((len(examples), width), dtype=np.int64)
@@ -212,7 +217,7 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, np.ndarray]:
     for row, ex in enumerate(examples):
         n = len(ex.input_ids)
         input_ids[row, :n] = ex.input_ids
-        attention_mask[row, :n] = 1
+        attention_mask[row, :n] = 1 if ex.segments is None else ex.segments
         labels[row, :n] = ex.labels
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
