@@ -90,26 +90,32 @@ class Tokenizer:
         if self.chat_template is None:
             raise OrtloraError("this tokenizer has no chat template, so 'messages' data cannot be rendered")
         if self._template is None:
-            from jinja2.exceptions import TemplateError, TemplateSyntaxError
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
+            from jinja2.exceptions import TemplateSyntaxError
 
-            def raise_exception(message):
-                raise TemplateError(message)
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = raise_exception
             try:
-                self._template = env.from_string(self.chat_template)
+                self._template = _environment().from_string(self.chat_template)
             except TemplateSyntaxError as e:
                 raise OrtloraError(f"{self.template_source} line {e.lineno}: the chat template has a syntax error: "
                                    f"{e.message}") from None
         return self._template
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def renders(self, name: str) -> bool:
+        """Whether the chat template reads ``name`` at all ("tools", "tool_calls"): a template that never does
+        would drop them from the text without a word."""
+        return self.chat_template is not None and name in self.chat_template
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
+                            tools: list[dict] | None = None) -> str:
+        """The conversation as transformers' ``apply_chat_template(messages, tools=tools, tokenize=False)``
+        renders it: keys whose value is None are dropped from each message first (as transformers does, so
+        an assistant turn of tool calls may have ``"content": null``), and the template sees ``tools``."""
         template = self._compiled()
+        messages = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in messages]
         try:
             return template.render(
                 messages=messages,
+                tools=tools,
+                documents=None,
                 add_generation_prompt=add_generation_prompt,
                 eos_token=self.eos_token,
                 pad_token=self.pad_token,
@@ -117,3 +123,57 @@ class Tokenizer:
             )
         except Exception as e:  # the template is a program from the model's files: whatever it raises, it failed here
             raise TemplateRenderError(f"the chat template failed on these messages ({type(e).__name__}: {one_line(e)})") from None
+
+
+def _environment():
+    """jinja's immutable sandbox with what transformers' chat-template environment adds
+    (transformers.utils.chat_template_utils._cached_compile_jinja_template): the loop controls, its
+    ``tojson`` (no key sorting, no HTML escaping, non-ASCII kept: jinja's own filter would turn
+    {"zcity": "Zürich", "a<b": 1} into {"a\\u003cb": 1, "zcity": "Z\\u00fcrich"}), ``raise_exception``,
+    ``strftime_now``, ``dict`` and a ``namespace`` that refuses underscored names. Not its ``{% generation %}``
+    tag, which only marks assistant text for transformers' own masks."""
+    import json
+    from datetime import datetime
+
+    import jinja2.ext
+    from jinja2.exceptions import SecurityError, TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.utils import Namespace
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(format):
+        return datetime.now().strftime(format)
+
+    class TemplateDict:  # dict(...) without the class itself, so no attribute leads out of the sandbox
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    def check_name(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise SecurityError(f"chat templates cannot store underscore-prefixed attributes on a namespace ({name!r})")
+
+    class TemplateNamespace(Namespace):
+        def __init__(*args, **kwargs):  # Namespace's own signature trick, so that namespace(self=...) works
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                check_name(name)
+            Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            check_name(name)
+            Namespace.__setitem__(self, name, value)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, dict=TemplateDict(),
+                       namespace=TemplateNamespace)
+    return env
