@@ -20,10 +20,10 @@ from ortlora.runtime import config as cfg
 from ortlora.runtime.checkpoint import TRAINER_STATE, find_checkpoint, load_adapter, load_resume_state
 from ortlora.runtime.data import load_jsonl, pack
 from ortlora.runtime.providers import PROVIDERS, short_name
-from ortlora.runtime.report import JsonlLog, ProgressBar, format_step, plot_losses
+from ortlora.runtime.report import JsonlLog, ProgressBar, TensorBoardLog, format_step, plot_losses, tensorboard_writer
 from ortlora.runtime.run_dir import RunDir, check_run_dir, write_json
 from ortlora.runtime.tokenizer import Tokenizer
-from ortlora.runtime.trainer import Trainer, TrainingStopped, plan_steps
+from ortlora.runtime.trainer import RunState, Trainer, TrainingStopped, plan_steps
 
 BUILTIN = cfg.BUILTIN
 RESUME_ELSEWHERE = "resume from another checkpoint"
@@ -140,6 +140,8 @@ def stop_at_step_boundary(trainer: Trainer):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     c, resume_from = resolve_config(args)
+    if c.report_to == "tensorboard":
+        tensorboard_writer()  # not installed: one line saying what to install, before any work
     artifacts = Path(c.artifacts)
     run_path = Path(c.out) if c.out else Path("runs") / f"{artifacts.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     reads = [artifacts] + [Path(p) for p in (c.data, c.eval_data, c.init_adapter) if p and not p.startswith(BUILTIN)]
@@ -158,11 +160,19 @@ def main(argv: list[str] | None = None) -> int:
                            "each other); rebuild it with ortlora-build, or train without --pack")
     tokenizer = Tokenizer(artifacts)
     train, evaluation, messages = load_data(c, tokenizer)
+    if c.early_stop_patience and not evaluation:
+        raise OrtloraError("--early-stop-patience needs evaluation data: pass --eval-data or --eval-split")
     _, _, total = plan_steps(len(train), c)
-    done = load_resume_state(resume_from, manifest)[1]["position"]["step"] if resume_from else 0
+    state = load_resume_state(resume_from, manifest)[1] if resume_from else {}
+    done = state["position"]["step"] if resume_from else 0
     if resume_from and done >= total:
         print(f"{resume_from} has done all {total} steps of its run; nothing to do "
               f"(pass a larger --max-steps or --epochs to train further)")
+        return 0
+    if resume_from and RunState.from_state(state, resume_from / TRAINER_STATE).stopped_early(c.early_stop_patience):
+        print(f"{resume_from} stopped early at step {done} (its eval loss had not improved for --early-stop-patience "
+              f"{c.early_stop_patience} evaluations); nothing to do (pass a larger --early-stop-patience, or 0, to "
+              "train further)")
         return 0
 
     remove_stale_temp(PROFILE_TEMP)
@@ -186,13 +196,16 @@ def train_in(run_dir: Path, c: cfg.TrainConfig, artifacts: Path, manifest: Manif
         backend.set_weights(load_adapter(Path(c.init_adapter), manifest))
         messages.append(f"initialised LoRA weights from {c.init_adapter}")
     if resume_from:
-        trainer.restore(resume_from)
+        messages += trainer.restore(resume_from)
         messages.append(f"resumed from {resume_from} at step {trainer.position.step}")
     write_json(run_dir / "config.json", c.with_absolute_paths().to_dict())
 
     interactive = c.progress and sys.stderr.isatty()
     bar = ProgressBar(trainer.total_steps, trainer.position.step, enabled=interactive)
     trainer.callbacks = [log, bar]
+    if c.report_to == "tensorboard":
+        # A resume's events start after its checkpoint: TensorBoard drops the earlier process's from there on.
+        trainer.callbacks.append(TensorBoardLog(run_dir, purge_step=trainer.position.step + 1 if resume_from else None))
     if not interactive:  # logs and CI: about twenty plain lines instead of a bar
         every = max(1, trainer.total_steps // 20)
         trainer.callbacks.append(lambda r: print(format_step(r), flush=True)
@@ -214,7 +227,9 @@ def train_in(run_dir: Path, c: cfg.TrainConfig, artifacts: Path, manifest: Manif
         return 130
     finally:
         bar.close()
-        log.close()
+        for callback in trainer.callbacks:
+            if hasattr(callback, "close"):
+                callback.close()
     if getattr(backend, "placement", None):
         summary["nodes_per_provider"] = backend.placement
         print("nodes run per execution provider: " + ", ".join(f"{ep} {n}" for ep, n in backend.placement.items()))
@@ -225,5 +240,10 @@ def train_in(run_dir: Path, c: cfg.TrainConfig, artifacts: Path, manifest: Manif
     print(f"done: {summary['steps']} steps, {summary['trained_tokens']:,} trained tokens in {summary['wall_seconds']:.1f} s "
           f"({summary['tokens_per_s']:,.0f} tok/s), train loss {summary['train_loss']:.4f}{eval_text}, "
           f"peak memory {summary['peak_rss_mb']:.0f} MB")
+    if summary["stopped_early"]:
+        print(f"stopped early at step {summary['steps']} of {trainer.total_steps}: {summary['stop_reason']}")
+    if summary["best_checkpoint"] and summary["best_checkpoint"] != summary["checkpoint"]:
+        print(f"best: {summary['best_checkpoint']} (eval loss {summary['best_eval_loss']:.4f}; {run_dir / 'best'} "
+              "names it to ortlora-export and ortlora-generate)")
     print(f"adapter: {summary['checkpoint']}  (PeftModel.from_pretrained(base, that directory))")
     return 0

@@ -22,6 +22,7 @@ from ortlora.runtime.providers import PROVIDERS
 BACKENDS = ("auto", "ort-training", "ort-session")
 EPS = tuple(PROVIDERS)
 BUILTIN = "builtin:"
+REPORT_TO = ("none", "tensorboard")
 COMMAND_LINE = "command line"  # the source name of settings typed as options
 
 # Ranges, as (test, what the message says). Every float must also be finite.
@@ -74,6 +75,13 @@ class TrainConfig:
     save_every: int = _f(0, "save a checkpoint every N optimizer steps (one is always saved at the end)",
                          valid=NON_NEGATIVE)
     log_every: int = _f(1, "write a log line every N optimizer steps", valid=POSITIVE)
+    keep_last: int = _f(0, "keep only the N newest checkpoints, removing older ones once a newer one is written; the "
+                        "best by eval loss is kept too (0: keep all)", valid=NON_NEGATIVE)
+    early_stop_patience: int = _f(0, "stop after N evaluations in a row without an eval loss below the best so far "
+                                  "(strictly lower, no threshold; needs --eval-every; 0: off)", valid=NON_NEGATIVE)
+    report_to: str = _f("none", "tensorboard: also write the logged numbers as TensorBoard event files into "
+                        "RUN/tensorboard (needs tensorboardX: pip install \"ortlora[tensorboard]\")",
+                        choices=REPORT_TO)
     on_bad_data: str = _f("stop", "a malformed data line: stop, or skip it and count it", choices=("stop", "skip"))
     on_nan: str = _f("stop", "a NaN/inf loss: stop (keeping the last checkpoint), or skip the step", choices=("stop", "skip"))
     resume: str | None = _f(None, "continue a run: a run directory (its latest checkpoint) or a checkpoint directory",
@@ -134,6 +142,9 @@ def check_together(c: TrainConfig) -> None:
     """Rules that tie settings to each other (each alone passed ``_check``)."""
     if c.min_lr > c.lr:
         raise OrtloraError(f"--min-lr ({c.min_lr}) must not exceed --lr ({c.lr})")
+    if c.early_stop_patience and not c.eval_every:
+        raise OrtloraError(f"--early-stop-patience {c.early_stop_patience} counts evaluations during training: "
+                           "pass --eval-every N too")
 
 
 def from_mapping(values: dict, source: str, base: TrainConfig | None = None) -> TrainConfig:

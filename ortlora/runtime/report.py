@@ -1,7 +1,11 @@
-"""What the user sees: a progress bar, a JSON Lines log, a summary and a loss-curve picture.
+"""What the user sees: a progress bar, a JSON Lines log, a summary, a loss-curve picture and, with
+--report-to tensorboard, TensorBoard event files.
 
 Every record is a plain dict handed to each callback, so a progress bar, a log file and a test
-consume the same numbers.
+consume the same numbers. A train record holds step, total_steps, epoch, loss, lr, grad_norm (before
+clipping), tokens (trained in the step), trained_tokens (in the run so far, across resumes),
+step_seconds, tokens_per_s (this process's average), elapsed and peak_rss_mb; an eval record step,
+eval_loss and eval_perplexity.
 """
 
 from __future__ import annotations
@@ -10,6 +14,17 @@ import json
 import resource
 import sys
 from pathlib import Path
+
+from ortlora.errors import OrtloraError
+from ortlora.runtime.run_dir import TENSORBOARD_DIR
+
+# Log record field -> TensorBoard scalar tag (transformers' names where it has them), by record kind.
+TENSORBOARD_SCALARS = {
+    "train": {"loss": "train/loss", "lr": "train/learning_rate", "grad_norm": "train/grad_norm",
+              "tokens_per_s": "train/tokens_per_s", "trained_tokens": "train/trained_tokens",
+              "peak_rss_mb": "train/peak_rss_mb"},
+    "eval": {"eval_loss": "eval/loss", "eval_perplexity": "eval/perplexity"},
+}
 
 
 def peak_rss_mb() -> float:
@@ -32,6 +47,41 @@ class JsonlLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+def tensorboard_writer():
+    """tensorboardX's SummaryWriter, or a one-line error saying what to install. tensorboardX imports torch
+    when it can (only to accept torch tensors); the runtime never loads torch, so it is kept out of the import."""
+    blocked = "torch" not in sys.modules
+    if blocked:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects without torch
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError as e:
+        raise OrtloraError(f"--report-to tensorboard writes with tensorboardX, which cannot be imported ({e}): "
+                           "pip install \"ortlora[tensorboard]\"") from None
+    finally:
+        if blocked and "torch" in sys.modules and sys.modules["torch"] is None:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
+class TensorBoardLog:
+    """Train and eval records as TensorBoard scalars by step, in RUN/tensorboard (one event file per process).
+
+    ``purge_step``: a resume logs again from there, so TensorBoard drops what earlier event files hold at and
+    after that step (a SessionLog START event, TensorBoard's own rule for restarted runs)."""
+
+    def __init__(self, run_dir: Path, purge_step: int | None):
+        self._writer = tensorboard_writer()(str(run_dir / TENSORBOARD_DIR), purge_step=purge_step, flush_secs=10)
+
+    def __call__(self, record: dict) -> None:
+        for key, tag in TENSORBOARD_SCALARS.get(record["kind"], {}).items():
+            if record.get(key) is not None:
+                self._writer.add_scalar(tag, record[key], record["step"])
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 class ProgressBar:

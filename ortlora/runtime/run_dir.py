@@ -5,6 +5,7 @@ RUN/
     .ortlora-run.lock       held (flock) by the process training into RUN, released by the kernel at exit
     checkpoint-STEP/        see checkpoint.py
     config.json, log.jsonl, summary.json, loss.png
+    tensorboard/            event files (--report-to tensorboard)
 
 Checkpoint numbers alone do not tell which is current: a resume from an earlier checkpoint leaves
 higher-numbered checkpoints of the abandoned branch behind. So checkpoints carry a write sequence number
@@ -13,6 +14,10 @@ latest checkpoint with its ``seq``: a resume sets the record to the checkpoint i
 highest ``seq`` the directory holds, so nothing written before it counts as newer. Readers (--resume,
 ortlora-export, ortlora-generate) take the checkpoint of highest ``seq`` above the record's, else the
 record's own: a kill between a checkpoint's rename into place and the record's update loses nothing.
+
+``RUN/best`` names the checkpoint of lowest eval loss. Each checkpoint's trainer_state.json records the
+best so far (its step and eval loss; every new best is saved as a checkpoint), so the latest checkpoint
+names the run's best, through kills and resumes alike, and --keep-last never removes it.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ RUN_FILES = ("config.json", "log.jsonl", "summary.json", "loss.png", RUN_STATE)
 # A run directory is ortlora-train's when it has its record, or (runs of older versions) a checkpoint.
 RUN_MARKERS = (RUN_STATE, LOCK_FILE, f"checkpoint-*/{TRAINER_STATE}")
 NAME_A_CHECKPOINT = "name a checkpoint directory (RUN/checkpoint-STEP) instead"
+BEST = "best"  # RUN/best: the checkpoint of lowest eval loss
+TENSORBOARD_DIR = "tensorboard"
 
 
 def write_json(path: Path, data) -> None:
@@ -116,6 +123,34 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return run_dir / latest if latest else None
 
 
+def best_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint of lowest eval loss, as the run's latest checkpoint records it (see the module's docstring)."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        raise OrtloraError(f"{run_dir} holds no checkpoint, so no best one either")
+    state = latest / TRAINER_STATE
+    best = read_json(state, NAME_A_CHECKPOINT).get("best") if state.is_file() else None
+    if best is None:
+        raise OrtloraError(f"{run_dir} has no best checkpoint yet: no evaluation has run in it (train with evaluation "
+                           f"data; --eval-every N evaluates during training); {NAME_A_CHECKPOINT}")
+    if not (isinstance(best, dict) and type(best.get("step")) is int and best["step"] >= 0):
+        raise OrtloraError(f"{state} is damaged (best {best!r}); {NAME_A_CHECKPOINT}")
+    path = run_dir / f"checkpoint-{best['step']}"
+    if not path.is_dir():
+        raise OrtloraError(f"{run_dir}'s best checkpoint, {path.name} (eval loss {best.get('eval_loss')}), is gone; "
+                           f"{NAME_A_CHECKPOINT}")
+    return path
+
+
+def remove_checkpoint(checkpoint: Path) -> None:
+    """--keep-last's removal: renamed out of the way first (a leftover's name, which the next start removes), so
+    a kill during the removal never leaves part of a checkpoint under a checkpoint's name."""
+    if checkpoint.is_dir():
+        doomed = checkpoint.parent / f".{checkpoint.name}.tmp-removed-{os.getpid()}"
+        os.replace(checkpoint, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
 def check_run_dir(out: Path, *, resuming_from: Path | None, overwrite: bool, reads: list[Path]) -> tuple[bool, bool]:
     """Refuse an --out that this run may not write, before any work. Returns whether the run continues
     its own directory (a resume into the run directory of the checkpoint), and whether it starts the
@@ -165,7 +200,7 @@ class RunDir:
     def start_over(self) -> None:
         """--overwrite: remove the previous run's checkpoints and files, and nothing else."""
         for entry in self.path.iterdir():
-            if CHECKPOINT_RE.match(entry.name) and entry.is_dir():
+            if (CHECKPOINT_RE.match(entry.name) or entry.name == TENSORBOARD_DIR) and entry.is_dir():
                 shutil.rmtree(entry)
             elif entry.name in RUN_FILES:
                 entry.unlink()

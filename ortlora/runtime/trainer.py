@@ -1,10 +1,17 @@
-"""The training loop: micro-batches -> accumulated gradients -> AdamW step -> log, eval, checkpoint."""
+"""The training loop: micro-batches -> accumulated gradients -> AdamW step -> log, eval, checkpoint.
+
+Around the checkpoints, as transformers' Trainer does: every new best eval loss is saved as a checkpoint
+(RUN/best, run_dir.py), --early-stop-patience N stops after N evaluations in a row without a strictly
+lower eval loss (EarlyStoppingCallback with no threshold), and --keep-last N removes older checkpoints of
+the run once a newer one is in place, never the best. All of it is in each checkpoint's trainer_state.json
+(``best``, ``evals_without_improvement``, ``checkpoints``), so a resume continues it exactly.
+"""
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +25,7 @@ from ortlora.runtime.config import TrainConfig
 from ortlora.runtime.data import Example, batches_in_epoch, collate, trained_tokens
 from ortlora.runtime.optim import AdamW, AdamWConfig
 from ortlora.runtime.report import peak_rss_mb
+from ortlora.runtime.run_dir import remove_checkpoint
 from ortlora.runtime.schedules import Schedule
 
 
@@ -46,6 +54,35 @@ class TrainingStopped(Exception):
     def __init__(self, checkpoint: Path, step: int, total: int):
         super().__init__(f"stopped at step {step} of {total}")
         self.checkpoint, self.step, self.total = checkpoint, step, total
+
+
+@dataclass
+class RunState:
+    """What a checkpoint holds besides weights and position: the best eval so far, evaluations since it
+    improved, this run's checkpoints (steps, oldest first, before --keep-last's removal) and tokens trained."""
+
+    best: dict | None = None  # {"step": int, "eval_loss": float}
+    evals_without_improvement: int = 0
+    checkpoints: list[int] = field(default_factory=list)
+    trained_tokens: int = 0
+
+    @classmethod
+    def from_state(cls, state: dict, where: Path) -> "RunState":
+        """From a trainer_state.json; checkpoints of earlier versions have none of it (defaults)."""
+        values = {name: state.get(name, getattr(cls(), name)) for name in ("best", "evals_without_improvement",
+                                                                          "checkpoints", "trained_tokens")}
+        best = values["best"]
+        counts_ok = all(type(values[k]) is int and values[k] >= 0 for k in ("evals_without_improvement", "trained_tokens"))
+        best_ok = best is None or (isinstance(best, dict) and type(best.get("step")) is int and best["step"] >= 0
+                                   and isinstance(best.get("eval_loss"), (int, float)) and not isinstance(best["eval_loss"], bool))
+        steps_ok = isinstance(values["checkpoints"], list) and all(type(v) is int and v >= 0 for v in values["checkpoints"])
+        if not (counts_ok and best_ok and steps_ok):
+            raise OrtloraError(f"{where} is damaged: best, evals_without_improvement, checkpoints or trained_tokens "
+                               "is not what ortlora-train writes; resume from another checkpoint")
+        return cls(**values)
+
+    def stopped_early(self, patience: int) -> bool:
+        return bool(patience) and self.evals_without_improvement >= patience
 
 
 def all_finite(arrays: dict[str, np.ndarray]) -> bool:
@@ -85,15 +122,28 @@ class Trainer:
         self.skipped_steps = 0
         self.stop_requested: str | None = None  # set (by a signal handler) to stop at the next step boundary
         self._saved: dict[int, Path] = {}  # step -> checkpoint written by this run
+        self.run = RunState()
+        self.stop_reason: str | None = None  # why training ended before its last step (early stopping)
 
     # -- state ---------------------------------------------------------------------------------
-    def restore(self, directory: Path) -> None:
-        """Continue from a checkpoint: weights, AdamW moments, schedule and data position."""
+    def restore(self, directory: Path) -> list[str]:
+        """Continue from a checkpoint: weights, AdamW moments, schedule and data position, the best eval,
+        patience and --keep-last's list. Returns lines that tell the user what changed."""
         weights = ckpt.load_adapter(directory, self.manifest)
         optimizer_state, state = ckpt.load_resume_state(directory, self.manifest)
         self.backend.set_weights(weights)
         self.optimizer.load_state_dict(optimizer_state)
         self.position = Position(**state["position"])
+        self.run = RunState.from_state(state, directory / ckpt.TRAINER_STATE)
+        said = []
+        best = self.run.best
+        if best is not None and not (self.run_dir / f"checkpoint-{best['step']}").is_dir():
+            # Removed by --keep-last in a branch that this resume (from an earlier checkpoint) abandons.
+            said.append(f"the best checkpoint recorded at {directory.name}, checkpoint-{best['step']} (eval loss "
+                        f"{best['eval_loss']:.4f}), is gone from {self.run_dir}; the best is tracked again from here")
+            self.run.best, self.run.evals_without_improvement = None, 0
+        self._rotate()  # finish a removal that a kill interrupted
+        return said
 
     def snapshot(self) -> Snapshot:
         # Copies: ORT's training API hands out weights that may share memory with its own buffers.
@@ -108,13 +158,44 @@ class Trainer:
         if s.position.step in self._saved:
             return self._saved[s.position.step]
         lr = self.schedule(max(s.position.step - 1, 0))
+        self.run.checkpoints = sorted(set(self.run.checkpoints) | {s.position.step})
         state = {"position": vars(s.position), "config": self.config.with_absolute_paths().to_dict(),
-                 "skipped_steps": self.skipped_steps}
+                 "skipped_steps": self.skipped_steps, **vars(self.run)}
         metadata = {"epoch": s.position.epoch, "loss": s.loss, "lr": lr}
         path = ckpt.save_checkpoint(self.run_dir, s.position.step, self.manifest, self.base_model,
                                     s.weights, s.optimizer, state, metadata)
         self._saved[s.position.step] = path
+        self._rotate()  # only now that the new checkpoint, which names the best, is in place
         return path
+
+    def _rotate(self) -> None:
+        """--keep-last N: remove this run's checkpoints but the N newest and the best."""
+        if not self.config.keep_last:
+            return
+        keep = set(self.run.checkpoints[-self.config.keep_last:])
+        if self.run.best is not None:
+            keep.add(self.run.best["step"])
+        for step in self.run.checkpoints:
+            if step not in keep:
+                remove_checkpoint(self.run_dir / f"checkpoint-{step}")
+                self._saved.pop(step, None)
+        self.run.checkpoints = [step for step in self.run.checkpoints if step in keep]
+
+    def _track(self, eval_loss: float) -> bool:
+        """Count an evaluation toward the best and the patience; True when it is a new best."""
+        best = self.run.best
+        if math.isfinite(eval_loss) and (best is None or eval_loss < best["eval_loss"]):
+            self.run.best = {"step": self.position.step, "eval_loss": eval_loss}
+            self.run.evals_without_improvement = 0
+            return True
+        self.run.evals_without_improvement += 1
+        return False
+
+    def early_stop_reason(self) -> str:
+        best, n = self.run.best, self.run.evals_without_improvement
+        since = f"the best, {best['eval_loss']:.4f} at step {best['step']}" if best else "a finite value"
+        return (f"eval loss did not improve on {since}, for {n} evaluation{'s' if n > 1 else ''} "
+                f"(--early-stop-patience {self.config.early_stop_patience})")
 
     def _roll_back(self, snapshot: Snapshot) -> None:
         self.backend.set_weights(snapshot.weights)
@@ -194,26 +275,40 @@ class Trainer:
             self.position = Position(self.position.step + 1, *following)
             self.last_loss = loss
             tokens_seen += tokens
+            self.run.trained_tokens += tokens
             elapsed = time.perf_counter() - start
             if self.position.step % c.log_every == 0 or self.position.step == self.total_steps:
                 self._emit({
                     "kind": "train", "step": self.position.step, "total_steps": self.total_steps,
                     "epoch": self.position.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                    "tokens": tokens, "step_seconds": time.perf_counter() - step_start,
+                    "tokens": tokens, "trained_tokens": self.run.trained_tokens,
+                    "step_seconds": time.perf_counter() - step_start,
                     "tokens_per_s": tokens_seen / elapsed, "elapsed": elapsed,
                     "peak_rss_mb": round(peak_rss_mb(), 1),  # the process's high-water mark so far
                 })
             if c.eval_every and self.position.step % c.eval_every == 0 and self.position.step < self.total_steps:
                 eval_loss = self.evaluate()
+                if eval_loss is not None and self._track(eval_loss):
+                    self.save()  # every new best is a checkpoint: RUN/best holds the weights that scored it
+                elif self.run.stopped_early(c.early_stop_patience):
+                    self.stop_reason = self.early_stop_reason()
+                    self._emit({"kind": "message", "step": self.position.step,
+                                "text": f"step {self.position.step}: stopping early: {self.stop_reason}"})
+                    break
             if c.save_every and self.position.step % c.save_every == 0 and self.position.step < self.total_steps:
                 self.save()
             if self.stop_requested and self.position.step < self.total_steps:
                 raise TrainingStopped(self.save(), self.position.step, self.total_steps)
         wall = time.perf_counter() - start
-        eval_loss = self.evaluate()
+        if self.stop_reason is None:  # an early stop has just evaluated this step
+            eval_loss = self.evaluate()
+            if eval_loss is not None:
+                self._track(eval_loss)
         saved = self.save()
+        best = self.run.best
         return {
             "steps": self.position.step,
+            "total_steps": self.total_steps,
             "skipped_steps": self.skipped_steps,
             "trained_tokens": tokens_seen,
             "wall_seconds": round(wall, 3),
@@ -223,6 +318,13 @@ class Trainer:
             "eval_perplexity": math.exp(min(eval_loss, 50)) if eval_loss is not None else None,
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "checkpoint": str(saved),
+            "best_checkpoint": str(self.run_dir / f"checkpoint-{best['step']}") if best else None,
+            "best_step": best["step"] if best else None,
+            "best_eval_loss": best["eval_loss"] if best else None,
+            "stopped_early": self.stop_reason is not None,
+            "stop_reason": self.stop_reason,
+            "checkpoints": [f"checkpoint-{step}" for step in self.run.checkpoints],
+            "run_trained_tokens": self.run.trained_tokens,
         }
 
     def _bad_step(self, what: str, good: Snapshot | None) -> None:
