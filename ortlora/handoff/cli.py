@@ -22,7 +22,7 @@ from ortlora.runtime.checkpoint import (
     load_adapter,
 )
 
-TARGETS = ("peft", "merged", "onnx")
+TARGETS = ("peft", "merged", "onnx", "onnx-adapter", "genai")
 
 
 def parse_size(text: str) -> int:
@@ -38,7 +38,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--adapter", type=Path, required=True, help="a checkpoint, a run directory (its latest checkpoint) or a PEFT adapter directory")
     parser.add_argument("--to", choices=TARGETS, required=True,
                         help="peft: the adapter alone; merged: a Hugging Face model with W + B@A*scaling; "
-                             "onnx: that merged model as an inference ONNX model (needs ortlora[build])")
+                             "onnx: that merged model as an inference ONNX model (needs ortlora[build]); "
+                             "onnx-adapter: ONNX Runtime's .onnx_adapter for the artifacts' graphs; "
+                             "genai: an onnxruntime-genai model folder with that adapter")
     parser.add_argument("--out", type=Path, required=True, help="output directory (replaced only with --force)")
     parser.add_argument("--base", type=Path, default=None, help="the base model directory (default: the one the artifacts were built from)")
     parser.add_argument("--max-shard-size", default="2GB", help="merged: largest safetensors file (default: 2GB)")
@@ -60,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     max_shard = parse_size(args.max_shard_size)
     if args.to == "onnx" and not all(importlib.util.find_spec(m) for m in ("torch", "transformers", "onnx")):
         raise OrtloraError("--to onnx exports with torch and transformers: pip install \"ortlora[build]\"")
+    if args.to in ("onnx-adapter", "genai"):  # refused before anything is written
+        from ortlora.handoff import genai, onnx_adapter
+
+        onnx_adapter.check_exportable(manifest)
 
     # Everything is written beside --out and moved into place at the end: a failure writes nothing.
     with staging_dir(args.out) as staging:
@@ -72,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
                 config["base_model_name_or_path"] = str(base.resolve())
             (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
             summary = f"PEFT adapter ({len(weights)} tensors)"
+        elif args.to == "onnx-adapter":
+            summary = onnx_adapter.export(manifest, weights, staging)
+        elif args.to == "genai":
+            summary = genai.export(args.artifacts, manifest, weights, staging)
         else:
             from ortlora.handoff.merge import base_model_dir, write_merged
 

@@ -1,0 +1,124 @@
+"""An onnxruntime-genai model folder: the artifacts' decoder, its weights, the tokenizer, genai_config.json
+and the adapter as an ``.onnx_adapter``.
+
+    model.onnx              the artifacts' decoder_model.onnx, unchanged: input_ids, attention_mask,
+                            past.{i}.key/value -> logits, present.{i}.key/value; every LoRA weight an
+                            input whose default (its initializer) is the untrained LoRA, so no adapter = the base
+    frozen_weights.bin      its external data (a hard link to the artifacts' file where the filesystem allows)
+    adapter.onnx_adapter    the exported adapter (onnx_adapter.py)
+    tokenizer.json, ...     the artifacts' tokenizer files
+    genai_config.json       model type qwen2, the decoder's shapes and I/O names, eos / pad ids, search defaults
+
+GenAI then swaps adapters per request without re-exporting: ``og.Adapters(model).load(path, name)`` and
+``generator.set_active_adapter(adapters, name)``; any ``--to onnx-adapter`` export of the same artifacts
+loads into the same folder. GenAI's config names the decoder's inputs and outputs (inputs.past_key_names
+and so on, src/config.cpp), so the graph is the very file ortlora-generate runs, not a renamed copy: no
+onnx package is needed and the two cannot drift. Positions come from the attention mask inside the graph,
+so the folder has no position_ids input, and the cache grows by concatenation, so
+past_present_share_buffer is off (GenAI would otherwise hand the graph a max-length buffer to write into).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ortlora.errors import REBUILD, OrtloraError
+from ortlora.files import read_json
+from ortlora.handoff.onnx_adapter import ADAPTER_FILE, write_adapter
+from ortlora.manifest import Manifest
+from ortlora.onnx_files import check_external_data, read_external_data_locations
+
+CONFIG_FILE = "genai_config.json"
+MODEL_FILE = "model.onnx"
+# generation_config.json keys that become GenAI's search defaults, with transformers' defaults
+SEARCH_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
+
+
+def _int(config: dict, key: str, path: Path) -> int:
+    value = config.get(key)
+    if type(value) is not int or value <= 0:
+        raise OrtloraError(f"{path}: {key} must be a positive integer, not {value!r}; {REBUILD}")
+    return value
+
+
+def _ids(value) -> list[int]:
+    ids = value if isinstance(value, list) else [] if value is None else [value]
+    return [i for i in ids if type(i) is int]
+
+
+def genai_config(artifacts: Path, manifest: Manifest) -> dict:
+    """genai_config.json for the artifacts' decoder (names from the manifest, sizes from config.json)."""
+    from ortlora.runtime.tokenizer import Tokenizer
+
+    config_path = artifacts / manifest.files["config"]
+    config = read_json(config_path, REBUILD)
+    layers, heads = _int(config, "num_hidden_layers", config_path), _int(config, "num_attention_heads", config_path)
+    hidden = _int(config, "hidden_size", config_path)
+    head_size = config.get("head_dim") or hidden // heads
+    io = manifest.io["decoder"]
+    names = {"past_key_names": "past.%d.key", "past_value_names": "past.%d.value"}
+    present = {"present_key_names": "present.%d.key", "present_value_names": "present.%d.value"}
+    expected_in = [n % i for i in range(layers) for n in names.values()]
+    expected_out = ["logits", *[n % i for i in range(layers) for n in present.values()]]
+    if io["inputs"][:2] != ["input_ids", "attention_mask"] or not set(expected_in) <= set(io["inputs"]) \
+            or io["outputs"] != expected_out:
+        raise OrtloraError(f"the artifacts' decoder does not have the inputs and outputs this ortlora expects; {REBUILD}")
+
+    generation_path = artifacts / "generation_config.json"
+    generation = read_json(generation_path, REBUILD) if generation_path.is_file() else {}
+    # The same end-of-sequence set as ortlora-generate: the tokenizer's eos token and generation_config's.
+    eos = sorted({Tokenizer(artifacts).eos_id, *_ids(generation.get("eos_token_id"))})
+    pad = next(iter(_ids(generation.get("pad_token_id")) or _ids(config.get("pad_token_id")) or eos))
+    context = manifest.context_length(artifacts)
+    search = {key: generation.get(key, default) for key, default in SEARCH_DEFAULTS.items()}
+    model = {
+        "type": config.get("model_type", "qwen2"),
+        "context_length": context,
+        "vocab_size": _int(config, "vocab_size", config_path),
+        "eos_token_id": eos,
+        "pad_token_id": pad,
+        "decoder": {
+            "filename": MODEL_FILE,
+            "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+            "head_size": head_size,
+            "hidden_size": hidden,
+            "num_attention_heads": heads,
+            "num_hidden_layers": layers,
+            "num_key_value_heads": config.get("num_key_value_heads") or heads,
+            "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", **names},
+            "outputs": {"logits": "logits", **present},
+        },
+    }
+    bos = _ids(config.get("bos_token_id"))
+    if bos:
+        model["bos_token_id"] = bos[0]
+    return {"model": model, "search": {"max_length": context, "min_length": 0, "num_beams": 1, "num_return_sequences": 1,
+                                       "past_present_share_buffer": False, **search}}
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where the filesystem allows (the frozen weights are the model's size), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def export(artifacts: Path, manifest: Manifest, weights: dict, staging: Path) -> str:
+    """``ortlora-export --to genai``: the folder described above, assembled in ``staging``."""
+    artifacts = Path(artifacts)
+    config = genai_config(artifacts, manifest)  # checks the decoder's I/O first
+    write_adapter(manifest, weights, staging / ADAPTER_FILE)  # refuses what the format cannot hold
+    decoder = artifacts / manifest.files["decoder_model"]
+    check_external_data(decoder, artifacts)
+    shutil.copy2(decoder, staging / MODEL_FILE)
+    for location in dict.fromkeys(read_external_data_locations(decoder)):  # relative to the model: keep the names
+        (staging / location).parent.mkdir(parents=True, exist_ok=True)
+        _link_or_copy(decoder.parent / location, staging / location)
+    for name in manifest.files["tokenizer"]:
+        shutil.copy2(artifacts / name, staging / Path(name).name)
+    (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return f"onnxruntime-genai folder ({MODEL_FILE}, {CONFIG_FILE}, {ADAPTER_FILE}, tokenizer)"
