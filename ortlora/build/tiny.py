@@ -88,7 +88,8 @@ def shipped_texts() -> list[str]:
                 if key in row:
                     texts.append(row[key])
             for message in row.get("messages", []):
-                texts.append(message["content"])
+                if isinstance(message.get("content"), str):  # an assistant turn of tool calls alone has none
+                    texts.append(message["content"])
     return texts
 
 
