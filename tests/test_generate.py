@@ -3,6 +3,8 @@ against recomputing the whole sequence."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -119,6 +121,52 @@ def test_adapter_changes_generation_and_none_is_the_base_model(artifacts, traine
     with_adapter = Generator(artifacts, trained_adapter)
     base = Generator(artifacts)
     prompt = base.prompt("The capital of")
-    logits_base, _ = base._run(prompt, len(prompt), base._empty_cache())
-    logits_adapted, _ = with_adapter._run(prompt, len(prompt), with_adapter._empty_cache())
+    logits_base, _ = base.logits(prompt)
+    logits_adapted, _ = with_adapter.logits(prompt)
     assert rel_err(logits_adapted, logits_base) > 1e-3
+
+
+PROMPTS = ["The capital of", "Once upon a time there was a small", "Hi", "What is 2 plus 3? The answer is"]
+
+
+@pytest.mark.parametrize("sampling", [Sampling(max_new_tokens=14),
+                                      Sampling(max_new_tokens=14, temperature=0.9, top_k=40, seed=5)])
+def test_batched_rows_equal_their_unbatched_runs(artifacts, trained_adapter, sampling):
+    """Prompts of different lengths, left-padded into one batch: each row's tokens, text and stop are its own run's,
+    with and without the cache; a stop string ends its row alone."""
+    generator = Generator(artifacts, trained_adapter)
+    prompts = [generator.prompt(p) for p in PROMPTS]
+    alone = [generator.generate(p, sampling) for p in prompts]
+    assert len({len(p) for p in prompts}) == len(prompts) and len({tuple(g.tokens) for g in alone}) > 1
+    for use_cache in (True, False):
+        batched = generator.generate_batch(prompts, sampling, use_cache=use_cache)
+        assert [(g.tokens, g.text, g.stop_reason) for g in batched] == [(g.tokens, g.text, g.stop_reason) for g in alone]
+
+    stop = alone[1].text[3:5]
+    stopped = generator.generate_batch(prompts, dataclasses.replace(sampling, stop=[stop]))
+    assert stopped[1].stop_reason == "stop string" and alone[1].text.startswith(stopped[1].text)
+    for row, g in enumerate(stopped):
+        if stop not in alone[row].text:
+            assert (g.tokens, g.stop_reason) == (alone[row].tokens, alone[row].stop_reason)
+
+
+def test_prompts_file_writes_a_line_per_prompt(artifacts, trained_adapter, tmp_path, capsys):
+    import json
+
+    rows = [{"prompt": "The capital of"}, {"messages": [{"role": "user", "content": "What is 2 plus 3?"}]},
+            {"prompt": "Hi"}]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert generate_cli.main(["--artifacts", str(artifacts), "--adapter", str(trained_adapter), "--prompts-file",
+                              str(path), "--max-new-tokens", "10", "--batch-size", "2"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    generator = Generator(artifacts, trained_adapter)
+    expected = [generator.generate(generator.prompt(r.get("prompt"), r.get("messages")), Sampling(max_new_tokens=10))
+                for r in rows]
+    assert [line["index"] for line in lines] == [0, 1, 2]
+    assert [(line["text"], line["tokens"], line["stop_reason"]) for line in lines] == \
+        [(g.text, g.tokens, g.stop_reason) for g in expected]
+
+    path.write_text('{"prompt": "ok"}\n{"promt": "typo"}\n')
+    assert generate_cli.main(["--artifacts", str(artifacts), "--prompts-file", str(path)]) == 2
+    assert f"{path}:2:" in capsys.readouterr().err

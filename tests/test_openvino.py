@@ -127,11 +127,11 @@ def test_generation_on_openvino_equals_the_cpu_provider(artifacts):
         from ortlora.runtime.generate import Generator, Sampling
         cpu, ov = (Generator(Path(r"{artifacts}"), ep=ep) for ep in ("cpu", "openvino"))
         ids = cpu.prompt("Once upon a time there was")
-        a, cache = cpu._run(ids[:-2], len(ids) - 2, cpu._empty_cache())  # the prompt less two tokens
-        b, _ = ov._run(ids[:-2], len(ids) - 2, ov._empty_cache())
+        a, cache = cpu.logits(ids[:-2])  # the prompt less two tokens
+        b, _ = ov.logits(ids[:-2])
         diffs = [float(np.abs(a - b).max())]
-        a, _ = cpu._run(ids[-2:], len(ids), cache)  # two more tokens on the CPU's cache
-        b, _ = ov._run(ids[-2:], len(ids), cache)
+        a, _ = cpu.logits(ids[-2:], cache)  # two more tokens on the CPU's cache
+        b, _ = ov.logits(ids[-2:], cache)
         diffs.append(float(np.abs(a - b).max()))
         tokens = [g.generate(ids, Sampling(max_new_tokens=12)).tokens for g in (cpu, ov)]
         print(json.dumps({{"diffs": diffs, "same_tokens": tokens[0] == tokens[1]}}))

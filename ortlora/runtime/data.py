@@ -5,6 +5,9 @@ Each line is one of
     {"prompt": "...", "completion": "..."}        only the completion is trained
     {"messages": [{"role": ..., "content": ...}]}  rendered with the chat template; only
                                                   assistant turns are trained
+    {"messages": [...], "tools": [...]}           the same with function calling (TRL's format): tools are
+                                                  JSON-schema function descriptions, assistant turns may
+                                                  carry "tool_calls", "tool" turns hold their results
 An end-of-sequence token is appended to text and completions (chat templates bring their own).
 """
 
@@ -49,60 +52,150 @@ class BadExample(ValueError):
     pass
 
 
-def check_messages(messages) -> None:
-    """A conversation is a non-empty list of {"role": str, "content": str} objects (for data lines and
-    ortlora-generate --messages alike); raises BadExample saying what is not."""
+ROLES = ("system", "user", "assistant", "tool")
+TOOL_CALL_SHAPE = '{"type": "function", "function": {"name": ..., "arguments": {...}}}'
+
+
+def check_messages(messages) -> list[dict]:
+    """A conversation is a non-empty list of {"role": ..., "content": str} objects (for data lines and
+    ortlora-generate --messages alike); raises BadExample saying what is not.
+
+    Roles are system, user, assistant and tool (a tool call's result). An assistant message may carry
+    "tool_calls", a list of {"type": "function", "function": {"name": str, "arguments": ...}}, and then
+    its content may be empty, null or absent. Returns the messages to render: a copy in which arguments
+    given as a JSON string (as OpenAI's API and many datasets give them) are decoded into the object they
+    spell, since chat templates write ``arguments | tojson`` and would otherwise quote the string.
+    """
     if not isinstance(messages, list) or not messages:
         raise BadExample('\'messages\' must be a non-empty list of {"role": ..., "content": ...} objects')
+    checked = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise BadExample(f"message {i} is {json_type(m)}, not an object")
-        for key in ("role", "content"):
-            if not isinstance(m.get(key), str):
-                raise BadExample(f"message {i} needs a string {key!r}, not {json_type(m.get(key))}")
+        role = m.get("role")
+        if not isinstance(role, str):
+            raise BadExample(f"message {i} needs a string 'role', not {json_type(role)}")
+        if role not in ROLES:
+            raise BadExample(f"message {i} has role {role!r}; expected one of {', '.join(ROLES)}")
+        calls = m.get("tool_calls")
+        if calls is not None and role != "assistant":
+            raise BadExample(f"message {i} is a {role!r} message with 'tool_calls'; only assistant messages make tool calls")
+        if calls is not None and not isinstance(calls, list):
+            raise BadExample(f"message {i}: 'tool_calls' must be a list of {TOOL_CALL_SHAPE} objects, not {json_type(calls)}")
+        content = m.get("content")
+        if not isinstance(content, str) and not (calls and content is None):
+            raise BadExample(f"message {i} needs a string 'content', not {json_type(content)}"
+                             + (" (it may be null only in an assistant message with tool calls)" if content is None else ""))
+        if calls:
+            m = {**m, "tool_calls": [_check_tool_call(call, f"message {i}, tool call {j}") for j, call in enumerate(calls)]}
+        checked.append(m)
+    return checked
 
 
-def _render(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+def _check_tool_call(call, where: str) -> dict:
+    """One tool call, {"type": "function", "function": {"name", "arguments"}} or, as Qwen2.5's template also
+    reads it, {"name", "arguments"}; returned with JSON-string arguments decoded."""
+    if not isinstance(call, dict):
+        raise BadExample(f"{where} is {json_type(call)}, not an object like {TOOL_CALL_SHAPE}")
+    if call.get("type", "function") != "function":
+        raise BadExample(f"{where} has type {call.get('type')!r}; only 'function' calls are rendered")
+    function = call.get("function", call)
+    if not isinstance(function, dict):
+        raise BadExample(f"{where}: 'function' must be an object with 'name' and 'arguments', not {json_type(function)}")
+    if not isinstance(function.get("name"), str) or not function["name"]:
+        raise BadExample(f"{where} needs a non-empty string 'name', not {json_type(function.get('name'))}")
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            arguments = parse_json(arguments)
+        except ValueError as e:
+            raise BadExample(f"{where}: 'arguments' is a string that is {e}") from None
+    if not isinstance(arguments, dict):
+        raise BadExample(f"{where}: 'arguments' must be an object (or a JSON string of one), not {json_type(arguments)}")
+    function = {**function, "arguments": arguments}
+    return {**call, "function": function} if "function" in call else function
+
+
+def check_tools(tools) -> list[dict] | None:
+    """The tools a conversation may call: a list of JSON-schema function descriptions, each
+    {"type": "function", "function": {"name": ..., "description": ..., "parameters": {...}}} or the bare
+    {"name": ..., ...}, as transformers' apply_chat_template(tools=...) takes them. None: no tools."""
+    if tools is None:
+        return None
+    shape = '{"type": "function", "function": {"name": ..., "parameters": {...}}}'
+    if not isinstance(tools, list):
+        raise BadExample(f"'tools' must be a list of function descriptions like {shape}, not {json_type(tools)}")
+    for j, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise BadExample(f"tool {j} is {json_type(tool)}, not an object like {shape}")
+        function = tool.get("function", tool)
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise BadExample(f"tool {j} needs a non-empty string 'name' (in its 'function' object), as in {shape}")
+    return tools
+
+
+def _render(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = False,
+            tools: list[dict] | None = None) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt, tools=tools)
     except TemplateRenderError as e:
         raise BadExample(str(e)) from None
 
 
-def _turn_span(messages: list[dict], i: int, full: str, tokenizer: Tokenizer) -> tuple[int, int]:
+def _turn_span(messages: list[dict], i: int, full: str, tokenizer: Tokenizer,
+               tools: list[dict] | None = None) -> tuple[int, int]:
     """The characters of assistant message ``i`` in ``full``, the whole conversation rendered.
 
     The turn is what rendering messages[:i + 1] adds to the prompt before it (messages[:i] with the
-    generation prompt). Some templates cannot render that prompt: Qwen2.5's reads messages[0], so a
-    conversation that opens with the assistant has none. Then the turn starts at its content.
+    generation prompt): its reply, its tool calls and its end of turn. Some templates cannot render that
+    prompt: Qwen2.5's reads messages[0], so a conversation that opens with the assistant has none. Then the
+    turn starts where its content does: found by rendering the message with a marker for content (an assistant
+    message of tool calls alone may have none), provided the text before the marker is the real turn's too.
     """
-    upto = _render(tokenizer, messages[: i + 1])
+    upto = _render(tokenizer, messages[: i + 1], tools=tools)
     if not full.startswith(upto):
         raise BadExample(f"the chat template renders message {i} differently once later messages follow, "
                          "so its tokens cannot be told apart")
     try:
-        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tools=tools)
     except TemplateRenderError:
         prompt = None
     if prompt is not None and upto.startswith(prompt):
         return len(prompt), len(upto)
-    content = messages[i]["content"]
-    start = upto.rfind(content) if content else -1
-    if start < 0:
+    marker = "\ue000"  # a private-use character; where the data holds one too, the check below fails safe
+    try:
+        probe = tokenizer.apply_chat_template([*messages[:i], {**messages[i], "content": marker}], tools=tools)
+    except TemplateRenderError:
+        probe = ""
+    start = probe.rfind(marker)
+    if start < 0 or not upto.startswith(probe[:start]):
         raise BadExample(f"the chat template cannot render the conversation before message {i}, nor does its "
                          "rendering show that message's content, so its tokens cannot be told apart")
     return start, len(upto)
+
+
+def _tools_rendered(tokenizer: Tokenizer, tools: list[dict] | None, messages: list[dict]) -> None:
+    """Refuse tools or tool calls that the chat template would leave out of the text without a word."""
+    missing = [name for name, used in (("tools", tools), ("tool_calls", any(m.get("tool_calls") for m in messages)))
+               if used and not tokenizer.renders(name)]
+    if missing:
+        raise BadExample(f"the chat template ({tokenizer.template_source}) never reads {' or '.join(map(repr, missing))}, "
+                         "so it cannot render this function-calling example; use a model whose template renders "
+                         "tools, such as Qwen2.5's")
 
 
 def _spans(row, tokenizer: Tokenizer) -> tuple[str, list[tuple[int, int]], bool]:
     """Text of the example, the character spans that are trained, and whether to append EOS."""
     if not isinstance(row, dict):
         raise BadExample(f"expected JSON Lines, one object per line, not {json_type(row)}")
+    if "tools" in row and "messages" not in row:
+        raise BadExample("'tools' come with 'messages', the conversation that may call them")
     if "messages" in row:
-        messages = row["messages"]
-        check_messages(messages)
-        full = _render(tokenizer, messages)
-        spans = [_turn_span(messages, i, full, tokenizer) for i, m in enumerate(messages) if m["role"] == "assistant"]
+        messages = check_messages(row["messages"])
+        tools = check_tools(row.get("tools"))
+        _tools_rendered(tokenizer, tools, messages)
+        full = _render(tokenizer, messages, tools=tools)
+        spans = [_turn_span(messages, i, full, tokenizer, tools) for i, m in enumerate(messages) if m["role"] == "assistant"]
         return full, spans, False
     if "prompt" in row or "completion" in row:
         prompt, completion = row.get("prompt"), row.get("completion")

@@ -123,62 +123,111 @@ class Generator:
             raise OrtloraError(f"{path}: eos_token_id must be a token id or a list of them, not {eos!r}; {REBUILD}")
         return set(ids)
 
-    def prompt(self, text: str | None = None, messages: list[dict] | None = None) -> list[int]:
-        """Token ids of a plain prompt, or of chat messages rendered with the chat template."""
+    def prompt(self, text: str | None = None, messages: list[dict] | None = None,
+               tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a plain prompt, or of chat messages rendered with the chat template (with the tools
+        the model may call, JSON-schema function descriptions, where the template renders them)."""
         if messages is not None:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
         if not text:
             raise OrtloraError("the prompt is empty")
         return self.tokenizer.encode(text)
 
-    def _empty_cache(self) -> dict[str, np.ndarray]:
-        return {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in self.past}
+    def _empty_cache(self, batch: int) -> dict[str, np.ndarray]:
+        return {i.name: np.zeros((batch, i.shape[1], 0, i.shape[3]), np.float32) for i in self.past}
 
-    def _run(self, ids: list[int], mask_length: int, cache: dict[str, np.ndarray]) -> tuple[np.ndarray, dict]:
-        feeds = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, mask_length), np.int64),
-                 **self.lora, **cache}
-        outputs = self.session.run(None, feeds)
+    def _run(self, ids: np.ndarray, mask: np.ndarray, cache: dict[str, np.ndarray]) -> tuple[np.ndarray, dict]:
+        """ids [batch, new], mask [batch, past + new] -> (the last position's logits [batch, vocab], cache)."""
+        outputs = self.session.run(None, {"input_ids": ids, "attention_mask": mask, **self.lora, **cache})
         names = [o.name for o in self.session.get_outputs()]
         present = {n.replace("present.", "past."): v for n, v in zip(names[1:], outputs[1:])}
-        return outputs[0][0, -1], present
+        return outputs[0][:, -1], present
+
+    def logits(self, ids: list[int], cache: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, dict]:
+        """One sequence's next-token logits [vocab] after ``ids``, which follow ``cache`` (a previous call's) if given."""
+        past = 0 if cache is None else next(iter(cache.values())).shape[2]
+        logits, cache = self._run(np.asarray([ids], np.int64), np.ones((1, past + len(ids)), np.int64),
+                                  self._empty_cache(1) if cache is None else cache)
+        return logits[0], cache
 
     def generate(self, prompt_ids: list[int], sampling: Sampling, on_text: Callable[[str], None] | None = None,
                  use_cache: bool = True) -> Generation:
+        """One prompt, its text streamed to ``on_text`` as it settles."""
+        return self.generate_batch([prompt_ids], sampling, on_text, use_cache)[0]
+
+    def generate_batch(self, prompts: list[list[int]], sampling: Sampling,
+                       on_text: Callable[[str], None] | None = None, use_cache: bool = True) -> list[Generation]:
+        """Several prompts at once, left-padded into one batch through the decoder and its cache. Each row stops on
+        its own (end of sequence, a stop string, its length limit) and then only waits for the others; its tokens
+        are those it gets alone, and with a seed each row samples as it would alone with that seed. The prompt
+        and generation times are the batch's. ``on_text`` streams the first row."""
         sampling.check()
-        if len(prompt_ids) >= self.context:
-            raise OrtloraError(f"the prompt is {len(prompt_ids):,} tokens and the model takes {self.context:,} in all "
-                               "(max_position_embeddings); shorten it to leave room for new tokens")
-        # Prompt and new tokens together stay within the context the model was trained for.
-        limit = min(sampling.max_new_tokens, self.context - len(prompt_ids))
-        rng = np.random.default_rng(sampling.seed)
+        if not prompts:
+            return []
+        for ids in prompts:
+            if not ids:
+                raise OrtloraError("a prompt is empty")
+            if len(ids) >= self.context:
+                raise OrtloraError(f"a prompt is {len(ids):,} tokens and the model takes {self.context:,} in all "
+                                   "(max_position_embeddings); shorten it to leave room for new tokens")
+        rows = [_Row(ids, min(sampling.max_new_tokens, self.context - len(ids)), sampling, on_text if i == 0 else None)
+                for i, ids in enumerate(prompts)]
+        width = max(len(ids) for ids in prompts)
+        ids = np.zeros((len(prompts), width), np.int64)  # left padding: the decoder counts positions from the mask
+        mask = np.zeros((len(prompts), width), np.int64)
+        for r, prompt in enumerate(prompts):
+            ids[r, width - len(prompt):], mask[r, width - len(prompt):] = prompt, 1
         start = time.perf_counter()
-        logits, cache = self._run(prompt_ids, len(prompt_ids), self._empty_cache())
+        logits, cache = self._run(ids, mask, self._empty_cache(len(prompts)))
         prompt_seconds = time.perf_counter() - start
-        tokens: list[int] = []
-        text, emitted = "", ""
-        reason = "length" if limit == sampling.max_new_tokens else "context length"
         start = time.perf_counter()
         while True:
-            token = next_token(logits, prompt_ids + tokens, sampling, rng)
-            if token in self.eos_ids:
-                reason = "eos"
+            step = np.array([[row.step(logits[r], self.eos_ids, self.tokenizer)] for r, row in enumerate(rows)], np.int64)
+            if all(row.reason for row in rows):
                 break
-            tokens.append(token)
-            text = self.tokenizer.decode(tokens)
-            hit = next((s for s in sampling.stop if s in text), None)
-            if hit is not None:
-                text, reason = text[: text.index(hit)], "stop string"
-            # Stream what is settled: a byte-level token can end inside a UTF-8 character ("\ufffd").
-            if on_text and not text.endswith("\ufffd") and text.startswith(emitted) and len(text) > len(emitted):
-                on_text(text[len(emitted):])
-                emitted = text
-            if hit is not None or len(tokens) >= limit:
-                break
-            total = len(prompt_ids) + len(tokens)
+            mask = np.concatenate([mask, np.ones((len(rows), 1), np.int64)], axis=1)
             if use_cache:
-                logits, cache = self._run([token], total, cache)
+                logits, cache = self._run(step, mask, cache)
             else:  # the whole sequence again: the reference the cache must agree with
-                logits, _ = self._run(prompt_ids + tokens, total, self._empty_cache())
-        if on_text and text.startswith(emitted) and len(text) > len(emitted):
-            on_text(text[len(emitted):])
-        return Generation(tokens, text, reason, len(prompt_ids), prompt_seconds, time.perf_counter() - start)
+                ids = np.concatenate([ids, step], axis=1)
+                logits, _ = self._run(ids, mask, self._empty_cache(len(rows)))
+        seconds = time.perf_counter() - start
+        return [Generation(row.tokens, row.text, row.reason, len(row.prompt), prompt_seconds, seconds) for row in rows]
+
+
+class _Row:
+    """One prompt's generation within a batch: its sampler, tokens, text, streaming and stop."""
+
+    def __init__(self, prompt: list[int], limit: int, sampling: Sampling, on_text: Callable[[str], None] | None):
+        self.prompt, self.limit, self.sampling, self.on_text = prompt, limit, sampling, on_text
+        self.rng = np.random.default_rng(sampling.seed)
+        self.tokens: list[int] = []
+        self.text, self.emitted = "", ""
+        self.reason = ""  # set when the row is done (Generation.stop_reason)
+
+    def step(self, logits: np.ndarray, eos_ids: set[int], tokenizer: Tokenizer) -> int:
+        """Take the next token from ``logits``; returns the token to feed (any, once the row is done)."""
+        if self.reason:
+            return 0
+        token = next_token(logits, self.prompt + self.tokens, self.sampling, self.rng)
+        if token in eos_ids:
+            self.reason = "eos"
+            self._stream(final=True)
+            return token
+        self.tokens.append(token)
+        self.text = tokenizer.decode(self.tokens)
+        hit = next((s for s in self.sampling.stop if s in self.text), None)
+        if hit is not None:
+            self.text, self.reason = self.text[: self.text.index(hit)], "stop string"
+        elif len(self.tokens) >= self.limit:
+            self.reason = "length" if self.limit == self.sampling.max_new_tokens else "context length"
+        self._stream(final=bool(self.reason))
+        return token
+
+    def _stream(self, final: bool) -> None:
+        # Stream what is settled: a byte-level token can end inside a UTF-8 character ("\ufffd").
+        text = self.text
+        if self.on_text and (final or not text.endswith("\ufffd")) and text.startswith(self.emitted) \
+                and len(text) > len(self.emitted):
+            self.on_text(text[len(self.emitted):])
+            self.emitted = text

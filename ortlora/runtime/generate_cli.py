@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from ortlora.errors import OrtloraError, add_debug_argument, cli_entry
 from ortlora.files import parse_json
-from ortlora.runtime.data import BadExample, check_messages
+from ortlora.runtime.data import BadExample, check_messages, check_tools
 from ortlora.runtime.generate import Generator, Sampling
 from ortlora.runtime.providers import PROVIDERS
+
+PROMPT_KEYS = {"prompt", "messages", "tools"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -22,6 +25,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     prompt.add_argument("--prompt", help="plain text to continue")
     prompt.add_argument("--messages", help='chat messages as JSON, e.g. \'[{"role": "user", "content": "Hi"}]\', '
                                            "rendered with the chat template")
+    prompt.add_argument("--prompts-file", type=Path,
+                        help='JSON Lines, one prompt per line: {"prompt": ...} or {"messages": [...], "tools"?: [...]}; '
+                             "generated in batches, one JSON line per prompt on stdout, in order")
+    parser.add_argument("--tools", help='with --messages: the functions the model may call, as JSON, e.g. \'[{"type": '
+                                        '"function", "function": {"name": "get_weather", "parameters": {...}}}]\'')
     defaults = Sampling()
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
                         help=f"most tokens to generate (default: {defaults.max_new_tokens}; fewer where the model's "
@@ -35,6 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ep", default="cpu", choices=tuple(PROVIDERS), help="execution provider (default: cpu)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence for every token")
+    parser.add_argument("--batch-size", type=int, default=8, help="--prompts-file: prompts generated at once (default: 8)")
     add_debug_argument(parser)
     return parser.parse_args(argv)
 
@@ -42,30 +51,89 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    messages = None
-    if args.messages is not None:
-        try:
-            messages = parse_json(args.messages)
-        except ValueError as e:
-            raise OrtloraError(f"--messages is {e}") from None
-        try:
-            check_messages(messages)
-        except BadExample as e:
-            raise OrtloraError(f"--messages: {e}") from None
+    if args.tools is not None and args.messages is None:
+        raise OrtloraError("--tools goes with --messages, the conversation that may call them")
+    if args.batch_size <= 0:
+        raise OrtloraError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.prompts_file is not None:
+        requests = read_prompts(args.prompts_file)
+    else:
+        messages = None if args.messages is None else checked(parse(args.messages, "--messages"), "messages", "--messages")
+        tools = None if args.tools is None else checked(parse(args.tools, "--tools"), "tools", "--tools")
+        requests = [(args.prompt, messages, tools)]
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty,
                         args.seed, args.stop)
     sampling.check()
     if args.threads is not None and args.threads <= 0:
         raise OrtloraError(f"--threads must be positive, got {args.threads}")
     generator = Generator(args.artifacts, args.adapter, ep=args.ep, threads=args.threads)
-    prompt = generator.prompt(args.prompt, messages)
+    if any(tools for _, _, tools in requests) and not generator.tokenizer.renders("tools"):
+        raise OrtloraError(f"--tools: the chat template ({generator.tokenizer.template_source}) never reads 'tools', "
+                           "so the model would not see them")
+    prompts = [generator.prompt(*request) for request in requests]
+    if args.prompts_file is not None:
+        return generate_file(generator, prompts, sampling, args)
 
     def stream(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    result = generator.generate(prompt, sampling, on_text=stream, use_cache=not args.no_cache)
+    result = generator.generate(prompts[0], sampling, on_text=stream, use_cache=not args.no_cache)
     print()
     print(f"[{result.prompt_tokens} prompt tokens at {result.prompt_tokens_per_s:,.0f} tok/s, {len(result.tokens)} "
           f"generated at {result.tokens_per_s:,.1f} tok/s, stopped by {result.stop_reason}]", file=sys.stderr)
+    return 0
+
+
+def parse(text: str, flag: str):
+    try:
+        return parse_json(text)
+    except ValueError as e:
+        raise OrtloraError(f"{flag} is {e}") from None
+
+
+def checked(value, key: str, where: str):
+    """check_messages / check_tools, their complaint prefixed with ``where``."""
+    try:
+        return check_messages(value) if key == "messages" else check_tools(value)
+    except BadExample as e:
+        raise OrtloraError(f"{where}: {e}") from None
+
+
+def read_prompts(path: Path) -> list[tuple[str | None, list[dict] | None, list[dict] | None]]:
+    """(prompt, messages, tools) of each line of a --prompts-file; the first bad line is an error naming it."""
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise OrtloraError(f"--prompts-file {path} cannot be read ({getattr(e, 'strerror', None) or e})") from None
+    requests = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        row = parse(line, where)
+        if not isinstance(row, dict) or ("prompt" in row) == ("messages" in row) or set(row) - PROMPT_KEYS:
+            raise OrtloraError(f'{where}: expected {{"prompt": "..."}} or {{"messages": [...], "tools"?: [...]}}')
+        if "prompt" in row and (not isinstance(row["prompt"], str) or "tools" in row):
+            raise OrtloraError(f'{where}: "prompt" must be a string (and "tools" goes with "messages")')
+        messages = checked(row["messages"], "messages", where) if "messages" in row else None
+        tools = checked(row["tools"], "tools", where) if row.get("tools") is not None else None
+        requests.append((row.get("prompt"), messages, tools))
+    if not requests:
+        raise OrtloraError(f"--prompts-file {path} holds no prompts")
+    return requests
+
+
+def generate_file(generator: Generator, prompts: list[list[int]], sampling: Sampling, args: argparse.Namespace) -> int:
+    generated, seconds = 0, 0.0
+    for start in range(0, len(prompts), args.batch_size):
+        batch = generator.generate_batch(prompts[start: start + args.batch_size], sampling, use_cache=not args.no_cache)
+        for index, result in enumerate(batch, start=start):
+            print(json.dumps({"index": index, "text": result.text, "tokens": result.tokens,
+                              "stop_reason": result.stop_reason, "prompt_tokens": result.prompt_tokens},
+                             ensure_ascii=False), flush=True)
+        generated += sum(len(r.tokens) for r in batch)
+        seconds += batch[0].prompt_seconds + batch[0].generation_seconds
+    print(f"[{len(prompts)} prompts in batches of {args.batch_size}: {generated} tokens generated in {seconds:.1f} s, "
+          f"{generated / seconds:,.1f} tok/s]", file=sys.stderr)
     return 0
