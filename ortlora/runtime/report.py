@@ -11,8 +11,10 @@ eval_loss and eval_perplexity.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
+import time
 from pathlib import Path
 
 from ortlora.errors import OrtloraError
@@ -73,7 +75,11 @@ class TensorBoardLog:
     after that step (a SessionLog START event, TensorBoard's own rule for restarted runs)."""
 
     def __init__(self, run_dir: Path, purge_step: int | None):
-        self._writer = tensorboard_writer()(str(run_dir / TENSORBOARD_DIR), purge_step=purge_step, flush_secs=10)
+        # tensorboardX names a file by the second it opened it and truncates one of the same name: a resume within
+        # the second (or in the same process) would erase the earlier events. The suffix keeps names unique and in
+        # the order written, which is the order TensorBoard reads them in.
+        self._writer = tensorboard_writer()(str(run_dir / TENSORBOARD_DIR), purge_step=purge_step, flush_secs=10,
+                                            filename_suffix=f".{time.time_ns()}.{os.getpid()}")
 
     def __call__(self, record: dict) -> None:
         for key, tag in TENSORBOARD_SCALARS.get(record["kind"], {}).items():
