@@ -1,5 +1,6 @@
-"""Other Python environments the tests run code in: the newest plain onnxruntime (.venv-ort) and
-onnxruntime-openvino (.venv-ov). Each is skipped where it is absent, except in CI, which creates both."""
+"""Other Python environments the tests run code in: the newest plain onnxruntime (.venv-ort),
+onnxruntime-openvino (.venv-ov) and onnxruntime-genai (.venv-genai). Each is skipped where it is absent,
+except in CI, which creates them all."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ ROOT = Path(__file__).parents[1]
 ENVIRONMENTS = {  # name -> (its folder, the variable that names another interpreter, what it holds)
     "plain-ort": (".venv-ort", "ORTLORA_PLAIN_ORT_PYTHON", "the plain onnxruntime package"),
     "openvino": (".venv-ov", "ORTLORA_OPENVINO_PYTHON", "onnxruntime-openvino"),
+    "genai": (".venv-genai", "ORTLORA_GENAI_PYTHON", "onnxruntime-genai"),
 }
 
 

@@ -1,0 +1,226 @@
+"""ortlora-export --to onnx-adapter / genai: ONNX Runtime's adapter format and an onnxruntime-genai folder.
+
+The export runs here (onnxruntime-training 1.19.2, which has no AdapterFormat); the files are used where
+they are meant to be: ONNX Runtime 1.32's LoraAdapter in .venv-ort, onnxruntime-genai in .venv-genai.
+References: the same weights fed to the graphs as inputs, ortlora-generate, and transformers + PEFT.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ortlora.handoff import cli as export_cli
+from ortlora.handoff.onnx_adapter import ADAPTER_FILE, adapter_bytes, model_version
+from ortlora.manifest import MANIFEST_NAME, Manifest
+from ortlora.runtime.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, load_adapter
+from ortlora.runtime.generate import Generator, Sampling
+from tests.environments import needs, run_in
+from tests.reference import random_weights
+
+NEW_TOKENS = 16
+MESSAGES = [{"role": "user", "content": "What is 2 plus 3?"}]
+
+
+def export(artifacts: Path, adapter: Path, to: str, out: Path) -> Path:
+    assert export_cli.main(["--artifacts", str(artifacts), "--adapter", str(adapter), "--to", to, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def other_adapter(artifacts, tmp_path_factory) -> Path:
+    """A second adapter with other weights (random, larger than the trained one's), saved as PEFT saves it."""
+    from safetensors.numpy import save_file
+
+    manifest = Manifest.load(artifacts)
+    weights = random_weights(manifest, seed=11, scale=0.5)
+    out = tmp_path_factory.mktemp("other-adapter")
+    save_file({p.peft_name: weights[p.onnx_name] for p in manifest.parameters}, str(out / ADAPTER_WEIGHTS))
+    (out / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(manifest, "")))
+    return out
+
+
+def test_adapter_file_holds_the_weights_under_the_graph_input_names(artifacts, trained_adapter, tmp_path):
+    manifest = Manifest.load(artifacts)
+    out = export(artifacts, trained_adapter, "onnx-adapter", tmp_path / "adapter")
+    data = (out / ADAPTER_FILE).read_bytes()
+    assert data[4:8] == b"TORT"  # the flatbuffer's file identifier, what ONNX Runtime checks first
+    weights = load_adapter(trained_adapter, manifest)
+    # Every tensor's bytes are in the file, 8-aligned (the schema's force_align on raw_data).
+    for name, tensor in weights.items():
+        at = data.find(tensor.tobytes())
+        assert at > 0 and at % 8 == 0, name
+        assert name.encode() in data
+    assert {p.onnx_name for p in manifest.parameters} <= set(manifest.io["decoder"]["inputs"])
+    assert json.loads((out / "ortlora-export.json").read_text())["to"] == "onnx-adapter"
+
+
+@needs("plain-ort")
+def test_onnxruntime_reads_the_file_and_feeds_it_as_the_inputs(artifacts, trained_adapter, other_adapter, tmp_path):
+    """ONNX Runtime 1.32: AdapterFormat reads back every tensor; with RunOptions.add_active_adapter the inference
+    and decoder graphs give the logits of the same weights fed directly; no adapter is the base model; two
+    adapters switched in one session give each its own logits."""
+    manifest = Manifest.load(artifacts)
+    first = export(artifacts, trained_adapter, "onnx-adapter", tmp_path / "first") / ADAPTER_FILE
+    second = export(artifacts, other_adapter, "onnx-adapter", tmp_path / "second") / ADAPTER_FILE
+    expected = tmp_path / "expected.npz"
+    np.savez(expected, **{f"first/{k}": v for k, v in load_adapter(trained_adapter, manifest).items()},
+             **{f"second/{k}": v for k, v in load_adapter(other_adapter, manifest).items()})
+    result = run_in("plain-ort", f"""
+        import json, numpy as np, onnxruntime as ort
+        artifacts, files = {str(artifacts)!r}, {{"first": {str(first)!r}, "second": {str(second)!r}}}
+        stored = np.load({str(expected)!r})
+        weights = {{k: {{n.split("/", 1)[1]: stored[n] for n in stored.files if n.startswith(k + "/")}} for k in files}}
+        out = {{"version": ort.__version__, "read_back": {{}}, "errors": {{}}}}
+        for key, path in files.items():
+            f = ort.AdapterFormat.read_adapter(path)
+            params = {{n: v.numpy() for n, v in f.get_parameters().items()}}
+            out["read_back"][key] = (sorted(params) == sorted(weights[key])
+                                     and all(np.array_equal(params[n], weights[key][n]) for n in params))
+            out["model_version"] = f.get_model_version()
+        adapters = {{}}
+        for key, path in files.items():
+            adapters[key] = ort.LoraAdapter()
+            adapters[key].Load(path)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        ids = np.array([[5, 17, 42, 99, 3, 250, 7]], np.int64)
+        for graph in ("inference_model.onnx", "decoder_model.onnx"):
+            session = ort.InferenceSession(f"{{artifacts}}/{{graph}}", options, providers=["CPUExecutionProvider"])
+            feeds = {{"input_ids": ids, "attention_mask": np.ones_like(ids)}}
+            feeds.update({{i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+                           for i in session.get_inputs() if i.name.startswith("past.")}})
+            def run(adapter=None, direct=None):
+                run_options = ort.RunOptions()
+                if adapter:
+                    run_options.add_active_adapter(adapters[adapter])
+                return session.run(["logits"], {{**feeds, **(direct or {{}})}}, run_options)[0]
+            base = run()
+            # Switched back and forth in one session: each run gets the adapter it names.
+            switched = [run("first"), run("second"), run("first"), run()]
+            direct = {{k: run(direct=weights[k]) for k in files}}
+            zeros = {{n: np.zeros_like(v) if ".lora_B." in n else v for n, v in weights["first"].items()}}
+            def rel(a, b):
+                return float(np.abs(a - b).max() / np.abs(b).max())
+            out[graph] = {{"first": rel(switched[0], direct["first"]), "second": rel(switched[1], direct["second"]),
+                           "first_again": rel(switched[2], direct["first"]), "none_again": rel(switched[3], base),
+                           "base_is_b_zero": rel(base, run(direct=zeros)),
+                           "first_vs_base": rel(direct["first"], base), "second_vs_first": rel(direct["second"], direct["first"])}}
+        print(json.dumps(out))
+    """)
+    assert tuple(int(x) for x in result["version"].split(".")[:2]) >= (1, 20)  # LoraAdapter is 1.20+
+    assert result["read_back"] == {"first": True, "second": True}
+    assert result["model_version"] == model_version(manifest) > 0
+    for graph in ("inference_model.onnx", "decoder_model.onnx"):
+        r = result[graph]
+        assert max(r["first"], r["second"], r["first_again"], r["none_again"], r["base_is_b_zero"]) < 1e-6, (graph, r)
+        assert r["first_vs_base"] > 1e-3 and r["second_vs_first"] > 1e-3, (graph, r)  # the checks above can fail
+
+
+def transformers_greedy(artifacts: Path, adapter: Path | None, prompt: list[int], eos: set[int]) -> list[int]:
+    """transformers + PEFT (merged) greedy tokens, cut at the first end-of-sequence token."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(artifacts / "base_model", dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    with torch.no_grad():
+        tokens = model.eval().generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                       do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=sorted(eos),
+                                       pad_token_id=0)[0, len(prompt):].tolist()
+    return next((tokens[:i] for i, t in enumerate(tokens) if t in eos), tokens)
+
+
+@needs("genai")
+def test_genai_greedy_tokens_equal_ortlora_generate_and_transformers(artifacts, trained_adapter, other_adapter, tmp_path):
+    """GenAI's folder: its tokenizer and chat template give ortlora's prompt ids; its greedy tokens without an
+    adapter, with the folder's adapter and with a second adapter exported alone (--to onnx-adapter), switched
+    in one process, equal ortlora-generate's and transformers + PEFT's, token for token."""
+    folder = export(artifacts, trained_adapter, "genai", tmp_path / "genai")
+    second = export(artifacts, other_adapter, "onnx-adapter", tmp_path / "second") / ADAPTER_FILE
+    generator = Generator(artifacts)
+    prompt = generator.prompt(messages=MESSAGES)
+    eos = generator.eos_ids
+    config = json.loads((folder / "genai_config.json").read_text())
+    assert set(config["model"]["eos_token_id"]) == eos
+
+    result = run_in("genai", f"""
+        import json, onnxruntime_genai as og
+        model = og.Model({str(folder)!r})
+        tokenizer = og.Tokenizer(model)
+        text = tokenizer.apply_chat_template(json.dumps({MESSAGES!r}), add_generation_prompt=True)
+        adapters = og.Adapters(model)
+        adapters.load({str(folder / ADAPTER_FILE)!r}, "trained")
+        adapters.load({str(second)!r}, "other")
+        prompt, eos = {prompt!r}, {sorted(eos)!r}
+        def greedy(name):
+            params = og.GeneratorParams(model)
+            params.set_search_options(do_sample=False, max_length=len(prompt) + {NEW_TOKENS})
+            generator = og.Generator(model, params)
+            if name:
+                generator.set_active_adapter(adapters, name)
+            generator.append_tokens(prompt)
+            tokens = []
+            while not generator.is_done():
+                generator.generate_next_token()
+                tokens.append(int(generator.get_next_tokens()[0]))
+            return tokens[:-1] if tokens and tokens[-1] in eos else tokens
+        runs = [(name, greedy(name)) for name in ("trained", None, "other", "trained", None)]
+        print(json.dumps({{"ids": [int(i) for i in tokenizer.encode(text)], "runs": runs}}))
+    """)
+    assert result["ids"] == prompt
+
+    expected = {}
+    for name, adapter in (("trained", trained_adapter), (None, None), ("other", other_adapter)):
+        ours = Generator(artifacts, adapter).generate(prompt, Sampling(max_new_tokens=NEW_TOKENS)).tokens
+        assert ours == transformers_greedy(artifacts, adapter, prompt, eos), name
+        expected[name] = ours
+    assert len({tuple(t) for t in expected.values()}) == 3  # three different outputs: the switch is seen
+    assert all(len(t) >= 3 for t in expected.values()), expected
+    for name, tokens in result["runs"]:
+        assert tokens == expected[name], name
+
+
+def patched_artifacts(artifacts: Path, tmp_path: Path, patch) -> Path:
+    copy = tmp_path / "artifacts"
+    shutil.copytree(artifacts, copy)
+    data = json.loads((copy / MANIFEST_NAME).read_text())
+    patch(data)
+    (copy / MANIFEST_NAME).write_text(json.dumps(data))
+    return copy
+
+
+def drop_decoder_input(data: dict) -> None:
+    """As if a LoRA variant's tensor (say DoRA's magnitude) were folded into the graph instead of an input."""
+    data["io"]["decoder"]["inputs"].remove(data["parameters"][0]["onnx_name"])
+
+
+@pytest.mark.parametrize("to", ["onnx-adapter", "genai"])
+@pytest.mark.parametrize("patch, message", [
+    (lambda d: d["model"].update(base_precision="int4", block_size=32), "quantized base (int4)"),
+    (drop_decoder_input, "do not take every adapter tensor as an input"),
+])
+def test_what_the_format_cannot_hold_is_refused_in_one_line(artifacts, trained_adapter, tmp_path, capsys, to, patch, message):
+    copy = patched_artifacts(artifacts, tmp_path, patch)
+    out = tmp_path / "out"
+    code = export_cli.main(["--artifacts", str(copy), "--adapter", str(trained_adapter), "--to", to, "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["artifacts"]  # nothing written
+
+
+def test_adapter_bytes_are_a_valid_flatbuffer_layout():
+    """The layout by hand: root offset, identifier, the Adapter table's four fields (schema order)."""
+    data = adapter_bytes({"x": np.arange(6, dtype=np.float32).reshape(2, 3)}, adapter_version=3, model_version=7)
+    root = int.from_bytes(data[:4], "little")
+    vtable = root - int.from_bytes(data[root:root + 4], "little", signed=True)
+    size = int.from_bytes(data[vtable:vtable + 2], "little")
+    offsets = [int.from_bytes(data[vtable + 4 + 2 * i: vtable + 6 + 2 * i], "little") for i in range((size - 4) // 2)]
+    fields = [int.from_bytes(data[root + o: root + o + 4], "little") for o in offsets[:3]]
+    assert data[4:8] == b"TORT" and fields == [1, 3, 7]  # format_version 1 (ORT's kAdapterFormatVersion), adapter, model
