@@ -15,15 +15,18 @@ import numpy as np
 import pytest
 import torch
 
+from ortlora.build.builder import BuildOptions, build
 from ortlora.handoff import cli as export_cli
 from ortlora.handoff.onnx_adapter import ADAPTER_FILE, adapter_bytes, model_version
 from ortlora.manifest import MANIFEST_NAME, Manifest
 from ortlora.runtime.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, load_adapter
 from ortlora.runtime.generate import Generator, Sampling
 from tests.environments import needs, run_in
-from tests.reference import random_weights
+from tests.reference import peft_model, random_weights, rel_err
 
 NEW_TOKENS = 16
+TOL = 1e-4
+IDS = [5, 17, 42, 99, 3, 250, 7, 64]
 MESSAGES = [{"role": "user", "content": "What is 2 plus 3?"}]
 
 
@@ -32,16 +35,28 @@ def export(artifacts: Path, adapter: Path, to: str, out: Path) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def other_adapter(artifacts, tmp_path_factory) -> Path:
-    """A second adapter with other weights (random, larger than the trained one's), saved as PEFT saves it."""
+def save_adapter(manifest: Manifest, weights: dict[str, np.ndarray], out: Path) -> Path:
+    """``weights`` (by ONNX name) as a PEFT adapter directory, as PEFT saves one."""
     from safetensors.numpy import save_file
 
-    manifest = Manifest.load(artifacts)
-    weights = random_weights(manifest, seed=11, scale=0.5)
-    out = tmp_path_factory.mktemp("other-adapter")
+    out.mkdir(parents=True, exist_ok=True)
     save_file({p.peft_name: weights[p.onnx_name] for p in manifest.parameters}, str(out / ADAPTER_WEIGHTS))
     (out / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(manifest, "")))
+    return out
+
+
+@pytest.fixture(scope="module")
+def other_adapter(artifacts, tmp_path_factory) -> Path:
+    """A second adapter with other weights (random, larger than the trained one's)."""
+    manifest = Manifest.load(artifacts)
+    return save_adapter(manifest, random_weights(manifest, seed=11, scale=0.5), tmp_path_factory.mktemp("other-adapter"))
+
+
+@pytest.fixture(scope="module")
+def artifacts_dora(tmp_path_factory, tiny_model) -> Path:
+    """DoRA: the build makes each module's magnitude vector a graph input too, so the adapter file holds it."""
+    out = tmp_path_factory.mktemp("artifacts") / "dora"
+    build(BuildOptions(model_dir=tiny_model, out_dir=out, bundle_base=True, dora=True), echo=lambda *a, **k: None)
     return out
 
 
@@ -60,38 +75,35 @@ def test_adapter_file_holds_the_weights_under_the_graph_input_names(artifacts, t
     assert json.loads((out / "ortlora-export.json").read_text())["to"] == "onnx-adapter"
 
 
-@needs("plain-ort")
-def test_onnxruntime_reads_the_file_and_feeds_it_as_the_inputs(artifacts, trained_adapter, other_adapter, tmp_path):
-    """ONNX Runtime 1.32: AdapterFormat reads back every tensor; with RunOptions.add_active_adapter the inference
-    and decoder graphs give the logits of the same weights fed directly; no adapter is the base model; two
-    adapters switched in one session give each its own logits."""
+def onnxruntime_runs(artifacts: Path, adapters: dict[str, Path], tmp_path: Path) -> tuple[dict, dict]:
+    """Export each adapter --to onnx-adapter here, then in ONNX Runtime 1.32 (.venv-ort): read each file back
+    with AdapterFormat, and run the inference and decoder graphs on one prompt with no adapter, with each
+    adapter through RunOptions.add_active_adapter (switched back and forth in one session), and with each
+    adapter's weights fed directly as inputs. Returns (facts, logits by "graph/how")."""
     manifest = Manifest.load(artifacts)
-    first = export(artifacts, trained_adapter, "onnx-adapter", tmp_path / "first") / ADAPTER_FILE
-    second = export(artifacts, other_adapter, "onnx-adapter", tmp_path / "second") / ADAPTER_FILE
-    expected = tmp_path / "expected.npz"
-    np.savez(expected, **{f"first/{k}": v for k, v in load_adapter(trained_adapter, manifest).items()},
-             **{f"second/{k}": v for k, v in load_adapter(other_adapter, manifest).items()})
-    result = run_in("plain-ort", f"""
+    files = {k: str(export(artifacts, a, "onnx-adapter", tmp_path / k) / ADAPTER_FILE) for k, a in adapters.items()}
+    stored, logits = tmp_path / "weights.npz", tmp_path / "logits.npz"
+    np.savez(stored, **{f"{k}/{n}": v for k, a in adapters.items() for n, v in load_adapter(a, manifest).items()})
+    facts = run_in("plain-ort", f"""
         import json, numpy as np, onnxruntime as ort
-        artifacts, files = {str(artifacts)!r}, {{"first": {str(first)!r}, "second": {str(second)!r}}}
-        stored = np.load({str(expected)!r})
+        artifacts, files = {str(artifacts)!r}, {files!r}
+        stored = np.load({str(stored)!r})
         weights = {{k: {{n.split("/", 1)[1]: stored[n] for n in stored.files if n.startswith(k + "/")}} for k in files}}
-        out = {{"version": ort.__version__, "read_back": {{}}, "errors": {{}}}}
+        facts, logits = {{"version": ort.__version__, "read_back": {{}}, "model_version": {{}}}}, {{}}
+        adapters = {{}}
         for key, path in files.items():
             f = ort.AdapterFormat.read_adapter(path)
             params = {{n: v.numpy() for n, v in f.get_parameters().items()}}
-            out["read_back"][key] = (sorted(params) == sorted(weights[key])
-                                     and all(np.array_equal(params[n], weights[key][n]) for n in params))
-            out["model_version"] = f.get_model_version()
-        adapters = {{}}
-        for key, path in files.items():
+            facts["read_back"][key] = (sorted(params) == sorted(weights[key])
+                                       and all(np.array_equal(params[n], weights[key][n]) for n in params))
+            facts["model_version"][key] = f.get_model_version()
             adapters[key] = ort.LoraAdapter()
             adapters[key].Load(path)
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        ids = np.array([[5, 17, 42, 99, 3, 250, 7]], np.int64)
-        for graph in ("inference_model.onnx", "decoder_model.onnx"):
-            session = ort.InferenceSession(f"{{artifacts}}/{{graph}}", options, providers=["CPUExecutionProvider"])
+        ids = np.array([{IDS!r}], np.int64)
+        for graph in ("inference", "decoder"):
+            session = ort.InferenceSession(f"{{artifacts}}/{{graph}}_model.onnx", options, providers=["CPUExecutionProvider"])
             feeds = {{"input_ids": ids, "attention_mask": np.ones_like(ids)}}
             feeds.update({{i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
                            for i in session.get_inputs() if i.name.startswith("past.")}})
@@ -100,26 +112,67 @@ def test_onnxruntime_reads_the_file_and_feeds_it_as_the_inputs(artifacts, traine
                 if adapter:
                     run_options.add_active_adapter(adapters[adapter])
                 return session.run(["logits"], {{**feeds, **(direct or {{}})}}, run_options)[0]
-            base = run()
-            # Switched back and forth in one session: each run gets the adapter it names.
-            switched = [run("first"), run("second"), run("first"), run()]
-            direct = {{k: run(direct=weights[k]) for k in files}}
-            zeros = {{n: np.zeros_like(v) if ".lora_B." in n else v for n, v in weights["first"].items()}}
-            def rel(a, b):
-                return float(np.abs(a - b).max() / np.abs(b).max())
-            out[graph] = {{"first": rel(switched[0], direct["first"]), "second": rel(switched[1], direct["second"]),
-                           "first_again": rel(switched[2], direct["first"]), "none_again": rel(switched[3], base),
-                           "base_is_b_zero": rel(base, run(direct=zeros)),
-                           "first_vs_base": rel(direct["first"], base), "second_vs_first": rel(direct["second"], direct["first"])}}
-        print(json.dumps(out))
+            logits[f"{{graph}}/none"] = run()
+            for round in (1, 2):  # every adapter, then every adapter again, in one session
+                for key in files:
+                    logits[f"{{graph}}/{{key}}/active{{round}}"] = run(key)
+                logits[f"{{graph}}/none{{round}}"] = run()
+            for key in files:
+                logits[f"{{graph}}/{{key}}/direct"] = run(direct=weights[key])
+        np.savez({str(logits)!r}, **logits)
+        print(json.dumps(facts))
     """)
-    assert tuple(int(x) for x in result["version"].split(".")[:2]) >= (1, 20)  # LoraAdapter is 1.20+
-    assert result["read_back"] == {"first": True, "second": True}
-    assert result["model_version"] == model_version(manifest) > 0
-    for graph in ("inference_model.onnx", "decoder_model.onnx"):
-        r = result[graph]
-        assert max(r["first"], r["second"], r["first_again"], r["none_again"], r["base_is_b_zero"]) < 1e-6, (graph, r)
-        assert r["first_vs_base"] > 1e-3 and r["second_vs_first"] > 1e-3, (graph, r)  # the checks above can fail
+    assert tuple(int(x) for x in facts["version"].split(".")[:2]) >= (1, 20)  # LoraAdapter is 1.20+
+    assert facts["read_back"] == {k: True for k in adapters}
+    assert set(facts["model_version"].values()) == {model_version(manifest)}
+    with np.load(logits) as data:
+        return facts, dict(data)
+
+
+def check_logits(artifacts: Path, adapters: dict[str, Path], logits: dict) -> None:
+    """With the adapter active, each graph gives the logits of its weights fed directly (the same run, so
+    1e-6) and of transformers + PEFT (1e-4, as tests/test_generate.py); with none, the base model's."""
+    from transformers import AutoModelForCausalLM
+
+    manifest = Manifest.load(artifacts)
+    ids = torch.tensor([IDS])
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(artifacts / "base_model", dtype=torch.float32).eval()
+        reference = {"none": base(input_ids=ids).logits.numpy()}
+        for key, adapter in adapters.items():
+            reference[key] = peft_model(artifacts, load_adapter(adapter, manifest))(input_ids=ids).logits.numpy()
+    for graph in ("inference", "decoder"):
+        for round in ("", "1", "2"):
+            assert rel_err(logits[f"{graph}/none{round}"], reference["none"]) < TOL, (graph, round)
+        for key in adapters:
+            for round in (1, 2):
+                assert rel_err(logits[f"{graph}/{key}/active{round}"], logits[f"{graph}/{key}/direct"]) < 1e-6, (graph, key)
+            assert rel_err(logits[f"{graph}/{key}/active1"], reference[key]) < TOL, (graph, key)
+            assert rel_err(reference[key], reference["none"]) > 1e-3, key  # the adapter changes the logits
+    if len(adapters) > 1:
+        first, second = (reference[k] for k in adapters)
+        assert rel_err(first, second) > 1e-3
+
+
+@needs("plain-ort")
+def test_onnxruntime_feeds_the_file_as_the_graph_inputs(artifacts, trained_adapter, other_adapter, tmp_path):
+    adapters = {"trained": trained_adapter, "other": other_adapter}
+    _, logits = onnxruntime_runs(artifacts, adapters, tmp_path)
+    check_logits(artifacts, adapters, logits)
+
+
+@needs("plain-ort")
+def test_dora_magnitudes_travel_in_the_file_too(artifacts_dora, tmp_path):
+    manifest = Manifest.load(artifacts_dora)
+    assert manifest.lora["dora"] and any(p.kind == "magnitude" for p in manifest.parameters)
+    weights = random_weights(manifest, seed=5, scale=0.3)
+    rng = np.random.default_rng(6)
+    for p in manifest.parameters:
+        if p.kind == "magnitude":  # positive, around the base rows' norms
+            weights[p.onnx_name] = (1.5 + 0.3 * rng.standard_normal(p.shape)).astype(np.float32)
+    adapters = {"dora": save_adapter(manifest, weights, tmp_path / "dora-adapter")}
+    _, logits = onnxruntime_runs(artifacts_dora, adapters, tmp_path)
+    check_logits(artifacts_dora, adapters, logits)
 
 
 def transformers_greedy(artifacts: Path, adapter: Path | None, prompt: list[int], eos: set[int]) -> list[int]:
