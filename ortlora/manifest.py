@@ -27,7 +27,8 @@ SCHEMA = {
     "model": {"architecture": str, "model_type": str, "source": str, "weights_sha256": str, "source_dtype?": str,
               "base_precision?": str, "block_size?": int, "recompute?": str, "attention_mask?": str},
     "lora": {"rank": int, "alpha": NUMBER, "scaling": NUMBER, "dropout": NUMBER, "targets": [str], "init": str,
-             "seed": int},
+             "seed": int, "rslora?": bool, "layers?": [int], "rank_pattern?": {str: int}, "alpha_pattern?": {str: NUMBER},
+             "dora?": bool},
     "label_smoothing": NUMBER,
     "parameters": [{"onnx_name": str, "peft_name": str, "shape": [int], "layer": int, "module": str, "kind": str}],
     "files": {"training_model": str, "eval_model": str, "checkpoint": str, "initial_lora": str, "config": str,
@@ -41,7 +42,7 @@ SCHEMA = {
     "frozen?": {str: {"dtype": str, "shape": [int], "offset": int, "length": int}},
     "extra?": dict,
 }
-KINDS = {int: "an integer", NUMBER: "a number", str: "a string", dict: "an object"}
+KINDS = {int: "an integer", NUMBER: "a number", str: "a string", dict: "an object", bool: "true or false"}
 FROZEN_DTYPES = ("float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool", "uint4")
 
 
@@ -52,13 +53,13 @@ class LoraParameter:
     shape: tuple[int, ...]
     layer: int
     module: str  # "q_proj"
-    kind: str  # "A" or "B"
+    kind: str  # "A", "B", or "magnitude" (DoRA's lora_magnitude_vector)
 
 
 @dataclass
 class Manifest:
     model: dict  # architecture, source dir, the HF config, base weights hash
-    lora: dict  # rank, alpha, dropout, scaling, targets, init, seed
+    lora: dict  # rank, alpha, dropout, scaling, targets, init, seed, rslora, layers, rank/alpha_pattern, dora
     label_smoothing: float
     parameters: list[LoraParameter]
     files: dict  # role -> file name inside the artifact directory
@@ -141,7 +142,7 @@ def _problems(value, spec, where: str) -> list[str]:
         if not isinstance(value, list):
             return [f"{where} must be an array, not {json_type(value)}"]
         return [p for i, item in enumerate(value) for p in _problems(item, spec[0], f"{where}[{i}]")]
-    if isinstance(value, bool) or not isinstance(value, spec):  # JSON's true is no number
+    if (isinstance(value, bool) and spec is not bool) or not isinstance(value, spec):  # JSON's true is no number
         return [f"{where} must be {KINDS[spec]}, not {json_type(value)}"]
     return []
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ortlora.lora_config import peft_fields
 from ortlora.manifest import Manifest
 
 
@@ -19,9 +20,8 @@ def peft_model(artifacts: Path, weights: dict[str, np.ndarray] | None = None, ba
     manifest = Manifest.load(artifacts)
     base = AutoModelForCausalLM.from_pretrained(base or artifacts / manifest.model["source"],
                                                 attn_implementation="eager", dtype=torch.float32)
-    lora = manifest.lora
-    config = LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=0.0, target_modules=lora["targets"],
-                        init_lora_weights="gaussian")
+    # The artifacts' variant as PEFT names it (init, rsLoRA, layers, rank / alpha patterns, DoRA); no dropout.
+    config = LoraConfig(**{**peft_fields(manifest.lora), "lora_dropout": 0.0})
     model = get_peft_model(base, config)
     model.eval()
     if weights is not None:
@@ -29,13 +29,20 @@ def peft_model(artifacts: Path, weights: dict[str, np.ndarray] | None = None, ba
     return model
 
 
+def peft_key(p) -> str:
+    """PEFT's module parameter name of a manifest parameter: it carries the adapter name
+    (...q_proj.lora_A.default.weight, ...q_proj.lora_magnitude_vector.default.weight)."""
+    if p.kind == "magnitude":
+        return p.peft_name + ".default.weight"
+    return p.peft_name.replace(f".lora_{p.kind}.weight", f".lora_{p.kind}.default.weight")
+
+
 def set_peft_weights(model, manifest: Manifest, weights: dict[str, np.ndarray]) -> None:
     params = dict(model.named_parameters())
     with torch.no_grad():
         for p in manifest.parameters:
             # PEFT's module parameter names carry the adapter name: ...q_proj.lora_A.default.weight
-            key = p.peft_name.replace(f".lora_{p.kind}.weight", f".lora_{p.kind}.default.weight")
-            params[key].copy_(torch.from_numpy(weights[p.onnx_name]))
+            params[peft_key(p)].copy_(torch.from_numpy(weights[p.onnx_name]))
 
 
 def loss_and_grads(model, manifest: Manifest, batch: dict[str, np.ndarray], label_smoothing: float = 0.0):
@@ -47,8 +54,7 @@ def loss_and_grads(model, manifest: Manifest, batch: dict[str, np.ndarray], labe
     params = dict(model.named_parameters())
     grads = {}
     for p in manifest.parameters:
-        key = p.peft_name.replace(f".lora_{p.kind}.weight", f".lora_{p.kind}.default.weight")
-        grads[p.onnx_name] = params[key].grad.numpy().copy()
+        grads[p.onnx_name] = params[peft_key(p)].grad.numpy().copy()
     return float(loss.detach()), grads
 
 

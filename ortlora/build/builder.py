@@ -19,6 +19,7 @@ from ortlora.build.quantize import BLOCK_SIZE, PRECISIONS
 from ortlora.build.recompute import MODES as RECOMPUTE_MODES
 from ortlora.errors import OrtloraError
 from ortlora.files import byte_size
+from ortlora.lora_config import scaling
 from ortlora.manifest import MANIFEST_NAME, PEFT_PREFIX, LoraParameter, Manifest
 from ortlora.output_dirs import check_output_dir, replace_dir, staging_dir
 from ortlora.weights import stored_tensors, weight_files, weights_sha256
@@ -46,6 +47,14 @@ class BuildOptions:
     base_precision: str = "fp32"  # the frozen matrices: fp32, or blockwise int8 / int4 (quantize.py)
     block_size: int = BLOCK_SIZE  # inputs that share a scale in a quantized base
     recompute: str = "none"  # "layers": decoder layers recomputed in the backward pass (recompute.py)
+    # LoRA variants, PEFT's (lora_config.py): A's initialisation, rsLoRA, a subset of the decoder layers
+    # ("last:N", "N" or "0,1,5-7"; None: all), a rank / alpha per module name (a dict, or the CLI's text), DoRA.
+    init: str = "gaussian"
+    rslora: bool = False
+    layers: str | None = None
+    rank_pattern: dict | str | None = None
+    alpha_pattern: dict | str | None = None
+    dora: bool = False
 
 
 class Stages:
@@ -112,13 +121,56 @@ def build(options: BuildOptions, echo=print) -> Manifest:
     if options.base_precision != "fp32" and (options.block_size <= 0 or any(w % options.block_size for w in widths)):
         raise OrtloraError(f"--block-size must divide the input width of every matrix of the model "
                            f"({', '.join(map(str, widths))}), got {options.block_size}")
+    variant = lora_variant(options, config)
     with staging_dir(options.out_dir) as staging:
-        manifest = _build_into(staging, config, options, echo)
+        manifest = _build_into(staging, config, options, variant, echo)
         replace_dir(staging, options.out_dir)
     return manifest
 
 
-def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Manifest:
+def lora_variant(options: BuildOptions, config: dict) -> dict:
+    """The LoRA variant's settings, checked and resolved against the model (lora.inject_lora's keywords)."""
+    from ortlora.build.lora import ATTENTION_TARGETS
+    from ortlora.lora_config import INITS, parse_layers, parse_pattern, unmatched_keys
+
+    if options.init not in INITS:
+        raise OrtloraError(f"--init must be one of {', '.join(INITS)}, got {options.init}")
+    if options.dora and options.base_precision != "fp32":
+        raise OrtloraError(f"--dora needs an fp32 base: DoRA's weight norms read the whole base matrix, which a "
+                           f"--base-precision {options.base_precision} build does not support yet")
+    patterns = {}
+    for field, option, integer in (("rank_pattern", "--rank-pattern", True), ("alpha_pattern", "--alpha-pattern", False)):
+        value = getattr(options, field) or {}
+        patterns[field] = parse_pattern(value if isinstance(value, str) else json.dumps(value), option, integer)
+    layers = None if options.layers is None else parse_layers(str(options.layers), config["num_hidden_layers"])
+    # A pattern key that matches no adapted module is most likely a typo (PEFT would ignore it): say so now.
+    modules = [f"model.layers.{i}.{'self_attn' if t in ATTENTION_TARGETS else 'mlp'}.{t}"
+               for i in (layers if layers is not None else range(config["num_hidden_layers"])) for t in options.targets]
+    problems = unmatched_keys(patterns, modules)
+    if problems:
+        raise OrtloraError(f"{'; '.join(problems)} (adapted: {', '.join(options.targets)} in layers "
+                           f"{', '.join(map(str, layers)) if layers is not None else 'all'})")
+    return {"init": options.init, "rslora": bool(options.rslora), "layers": layers, **patterns, "dora": bool(options.dora)}
+
+
+def _initial_magnitudes(model_dir: Path, names: list[str]) -> dict:
+    """DoRA's initial magnitude of each adapted module: the L2 norm of each row of its base weight W (B is
+    zero, so ||W + scaling B A|| is ||W||), read from the checkpoint one matrix at a time."""
+    import numpy as np
+
+    from ortlora.build.lora import MAGNITUDE
+    from ortlora.weights import to_float32
+
+    stored = stored_tensors(weight_files(model_dir))
+    result = {}
+    for name in names:
+        if name.endswith(MAGNITUDE):
+            tensor = stored[name[: -len(MAGNITUDE)] + "weight"]
+            result[name] = np.linalg.norm(to_float32(tensor.dtype, tensor.read()), axis=1).astype(np.float32)
+    return result
+
+
+def _build_into(staging: Path, config: dict, options: BuildOptions, variant: dict, echo) -> Manifest:
     import onnxruntime
     import torch
     import transformers
@@ -133,9 +185,11 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
     stages = Stages(8, echo)
     with stages("reading the model's shape from config.json (no weight is loaded)"):
         skeleton = load_skeleton(options.model_dir, list(options.targets), options.rank, options.alpha,
-                                 options.dropout, options.seed)
+                                 options.dropout, options.seed, **variant)
         model, lora_values, frozen = skeleton.model, skeleton.lora, skeleton.frozen
         lora_names = list(lora_values)
+        for name, norms in _initial_magnitudes(options.model_dir, lora_names).items():
+            lora_values[name].copy_(torch.from_numpy(norms))
         total_base, trainable = skeleton.frozen_count, sum(v.numel() for v in lora_values.values())
         echo(f"      trainable params: {trainable:,} || all params: {total_base + trainable:,} "
              f"|| trainable%: {100 * trainable / (total_base + trainable):.4f}")
@@ -229,11 +283,16 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, echo) -> Man
     lora = {
         "rank": options.rank,
         "alpha": options.alpha,
-        "scaling": options.alpha / options.rank,
+        "scaling": scaling(options.alpha, options.rank, variant["rslora"]),  # modules' own with a pattern
         "dropout": options.dropout,
         "targets": list(options.targets),
-        "init": "gaussian",
+        "init": variant["init"],
         "seed": options.seed,
+        "rslora": variant["rslora"],
+        **({"layers": variant["layers"]} if variant["layers"] is not None else {}),  # absent: every layer
+        "rank_pattern": variant["rank_pattern"],
+        "alpha_pattern": variant["alpha_pattern"],
+        "dora": variant["dora"],
     }
     model_info = {
         "architecture": (config.get("architectures") or ["Qwen2ForCausalLM"])[0],
@@ -289,7 +348,7 @@ def _save_with_lora_defaults(model, lora_values: dict, path: Path, references: d
 
 
 def _describe(name: str, shape: tuple[int, ...]) -> LoraParameter:
-    # name: model.layers.{layer}.{self_attn|mlp}.{module}.lora_{A|B}.weight
+    # name: model.layers.{layer}.{self_attn|mlp}.{module}.lora_{A|B}.weight or ....{module}.lora_magnitude_vector
     parts = name.split(".")
     return LoraParameter(
         onnx_name=name,
@@ -297,7 +356,7 @@ def _describe(name: str, shape: tuple[int, ...]) -> LoraParameter:
         shape=shape,
         layer=int(parts[2]),
         module=parts[4],
-        kind=parts[5][-1],
+        kind="magnitude" if parts[5] == "lora_magnitude_vector" else parts[5][-1],
     )
 
 

@@ -31,6 +31,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--targets", default="q_proj,v_proj",
                         help="comma-separated projections (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj) "
                         "or all-linear (default: q_proj,v_proj)")
+    parser.add_argument("--init", choices=("gaussian", "kaiming"), default="gaussian",
+                        help="initialisation of LoRA A (B starts at zero): gaussian, N(0, 1/rank) (PEFT's "
+                        "init_lora_weights=\"gaussian\"), or kaiming, nn.Linear's kaiming-uniform (PEFT's default, "
+                        "init_lora_weights=True) (default: gaussian)")
+    parser.add_argument("--rslora", action="store_true",
+                        help="rank-stabilised LoRA: scaling = alpha / sqrt(rank) (PEFT's use_rslora)")
+    parser.add_argument("--layers", default=None,
+                        help="adapt only these decoder layers: N or last:N for the last N, or indices and ranges "
+                        "like 0,1,5-7 (PEFT's layers_to_transform) (default: all)")
+    parser.add_argument("--rank-pattern", default=None,
+                        help="rank per module name, e.g. v_proj=16,o_proj=4 or '{\"layers.0.self_attn.q_proj\": 4}' "
+                        "(PEFT's rank_pattern: a key matches the end of a module name, the first match wins)")
+    parser.add_argument("--alpha-pattern", default=None,
+                        help="alpha per module name, as --rank-pattern (PEFT's alpha_pattern)")
+    parser.add_argument("--dora", action="store_true",
+                        help="DoRA: a trainable magnitude per output row of each adapted module (PEFT's use_dora; "
+                        "fp32 base only)")
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the loss (default: 0)")
     parser.add_argument("--base-precision", choices=("fp32", "int8", "int4"), default="fp32",
                         help="how the frozen matrices are stored and read: fp32, or blockwise int8 / int4 quantized "
@@ -73,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
 
     targets = tuple(parse_targets(args.targets))
     check_numbers(args)
+    from ortlora.lora_config import parse_pattern
+
+    for option, value, integer in (("--rank-pattern", args.rank_pattern, True), ("--alpha-pattern", args.alpha_pattern, False)):
+        if value is not None:
+            parse_pattern(value, option, integer)  # the build checks them again, with the model at hand
     check_out_dir(args.out, args.force, args.model)  # fail before any slow work
     import torch
 
@@ -102,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
             base_precision=args.base_precision,
             block_size=args.block_size,
             recompute=args.recompute,
+            init=args.init,
+            rslora=args.rslora,
+            layers=args.layers,
+            rank_pattern=args.rank_pattern,
+            alpha_pattern=args.alpha_pattern,
+            dora=args.dora,
         )
         manifest = build(options)
     print(f"built {args.out} in {time.perf_counter() - start:.1f} s: "

@@ -39,9 +39,10 @@ class Skeleton:
 
 
 def load_skeleton(model_dir: Path, targets: list[str] = (), rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-                  seed: int = 0) -> Skeleton:
+                  seed: int = 0, **variant) -> Skeleton:
     """The model of ``model_dir`` (config.json only) with LoRA injected into ``targets`` (none: the plain model)
-    and placeholders for the frozen weights."""
+    and placeholders for the frozen weights. ``variant``: lora.inject_lora's init, rslora, layers, rank_pattern,
+    alpha_pattern, dora."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
@@ -53,7 +54,7 @@ def load_skeleton(model_dir: Path, targets: list[str] = (), rank: int = 8, alpha
     if meta:
         raise OrtloraError(f"the model has buffers ortlora cannot compute without loading it: {meta[:3]}")
     model.eval()
-    lora_names = inject_lora(model, list(targets), rank, alpha, dropout, seed) if targets else []
+    lora_names = inject_lora(model, list(targets), rank, alpha, dropout, seed, **variant) if targets else []
     lora = {name: param.detach() for name, param in model.named_parameters() if name in lora_names}
     return Skeleton(model, {name: lora[name] for name in lora_names}, _replace_frozen(model, set(lora_names)))
 

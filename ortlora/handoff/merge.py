@@ -1,6 +1,8 @@
 """Merge a LoRA adapter into its base model, as PEFT's ``merge_and_unload`` does, without torch.
 
-    W' = W + (B @ A) * scaling        (W: out x in, B: out x r, A: r x in, scaling = alpha / r)
+    W' = W + (B @ A) * scaling        (W: out x in, B: out x r, A: r x in, scaling = alpha / r, the module's own
+                                       with rsLoRA or a rank / alpha pattern: lora_config.module_scaling)
+    DoRA: W' = m / ||W + (B @ A) * scaling||_row * (W + (B @ A) * scaling)   (m: the magnitude, one per row)
 
 The result is an ordinary Hugging Face model directory: safetensors in the base model's dtype
 (bfloat16 included), sharded when large, with the config and tokenizer beside them.
@@ -15,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from ortlora.errors import OrtloraError
-from ortlora.manifest import PEFT_PREFIX, Manifest
+from ortlora.lora_config import module_scaling
+from ortlora.manifest import Manifest
 from ortlora.weights import (
     from_float32,
     read_safetensors,
@@ -43,19 +46,28 @@ def base_model_dir(artifacts: Path, manifest: Manifest, given: Path | None = Non
 
 
 def lora_pairs(manifest: Manifest, weights: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
-    """{"A": ..., "B": ...} for every adapted projection, by the base model's weight name."""
+    """{"A": ..., "B": ...[, "magnitude": ...]} for every adapted projection, by the base model's weight name."""
     pairs: dict[str, dict[str, np.ndarray]] = {}
     for p in manifest.parameters:
-        base_name = p.peft_name[len(PEFT_PREFIX):].replace(f".lora_{p.kind}.weight", ".weight")
+        suffix = ".lora_magnitude_vector" if p.kind == "magnitude" else f".lora_{p.kind}.weight"
+        base_name = p.onnx_name.removesuffix(suffix) + ".weight"
         pairs.setdefault(base_name, {})[p.kind] = weights[p.onnx_name].astype(np.float32)
     return pairs
+
+
+def merged_weight(weight: np.ndarray, adapter: dict[str, np.ndarray], scaling: float) -> np.ndarray:
+    """W + B @ A * scaling, and with DoRA's magnitude m that times m / (its row norms), as PEFT's merge does."""
+    merged = weight + (adapter["B"] @ adapter["A"]) * np.float32(scaling)
+    if "magnitude" in adapter:
+        norms = np.linalg.norm(merged, axis=1)
+        merged = (adapter["magnitude"] / norms)[:, None] * merged
+    return merged
 
 
 def write_merged(base: Path, manifest: Manifest, weights: dict[str, np.ndarray], out: Path,
                  tokenizer_dir: Path, max_shard_bytes: int) -> list[str]:
     """Write the merged model directory into ``out`` (which must exist and be empty). Returns the weight files."""
     pairs = lora_pairs(manifest, weights)
-    scaling = np.float32(manifest.lora["alpha"] / manifest.lora["rank"])
     shard: dict[str, tuple[str, np.ndarray]] = {}
     written: list[tuple[Path, list[str], int]] = []  # shards are written as they fill, named at the end
 
@@ -70,8 +82,8 @@ def write_merged(base: Path, manifest: Manifest, weights: dict[str, np.ndarray],
             if name in pairs:  # one delta at a time: B @ A is as large as the weight it goes into
                 if dtype not in ("F32", "F16", "BF16"):
                     raise OrtloraError(f"{file}: {name} is {dtype}; only float weights can be merged")
-                ab = pairs.pop(name)
-                array = from_float32(dtype, to_float32(dtype, array) + (ab["B"] @ ab["A"]) * scaling)
+                scaling = module_scaling(manifest.lora, name.removesuffix(".weight"))
+                array = from_float32(dtype, merged_weight(to_float32(dtype, array), pairs.pop(name), scaling))
             if shard and sum(a.nbytes for _, a in shard.values()) + array.nbytes > max_shard_bytes:
                 flush()
             shard[name] = (dtype, array)
