@@ -214,7 +214,8 @@ def test_genai_greedy_tokens_equal_ortlora_generate_and_transformers(artifacts, 
         prompt, eos = {prompt!r}, {sorted(eos)!r}
         def greedy(name):
             params = og.GeneratorParams(model)
-            params.set_search_options(do_sample=False, max_length=len(prompt) + {NEW_TOKENS})
+            # genai_config's defaults are generation_config.json's (Qwen2.5's: sampling, repetition penalty 1.1)
+            params.set_search_options(do_sample=False, repetition_penalty=1.0, max_length=len(prompt) + {NEW_TOKENS})
             generator = og.Generator(model, params)
             if name:
                 generator.set_active_adapter(adapters, name)

@@ -7,7 +7,9 @@ and the adapter as an ``.onnx_adapter``.
     frozen_weights.bin      its external data (a hard link to the artifacts' file where the filesystem allows)
     adapter.onnx_adapter    the exported adapter (onnx_adapter.py)
     tokenizer.json, ...     the artifacts' tokenizer files
-    genai_config.json       model type qwen2, the decoder's shapes and I/O names, eos / pad ids, search defaults
+    genai_config.json       model type qwen2, the decoder's shapes and I/O names, eos / pad ids, and search
+                            defaults from generation_config.json (Qwen2.5's: do_sample, temperature 0.7, top_p 0.8,
+                            top_k 20, repetition_penalty 1.05 to 1.1), as GenAI's own model builder writes them
 
 GenAI then swaps adapters per request without re-exporting: ``og.Adapters(model).load(path, name)`` and
 ``generator.set_active_adapter(adapters, name)``; any ``--to onnx-adapter`` export of the same artifacts
