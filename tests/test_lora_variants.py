@@ -356,3 +356,16 @@ def test_bad_variants_are_one_line_errors(tmp_path, tiny_model, capsys, extra, m
     code, err = _run_build(["--model", str(tiny_model), "--out", str(tmp_path / "o"), *extra], capsys)
     assert code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def test_variants_on_a_quantized_base_match_peft_on_the_dequantized_weights(tmp_path_factory, tiny_model):
+    """rsLoRA, a subset of layers and a rank pattern on an int4 base: PEFT on the dequantized base is the
+    reference (as tests/test_quantized.py); DoRA is refused there (test_bad_variants_are_one_line_errors)."""
+    from tests.test_build import _check_against_peft
+    from tests.test_quantized import BLOCK, dequantized_model
+
+    directory = _build(tmp_path_factory, tiny_model, "variant-int4", base_precision="int4", block_size=BLOCK,
+                       rslora=True, layers="1,", rank_pattern={"v_proj": 4}, targets=("q_proj", "v_proj", "up_proj"))
+    reference = dequantized_model(tiny_model, tmp_path_factory.mktemp("reference") / "model", "int4")
+    for backend_type in (OrtTrainingBackend, OrtSessionBackend):
+        _check_against_peft(directory, "padding", backend_type, base=reference)
