@@ -44,8 +44,8 @@ def check_exportable(manifest: Manifest) -> None:
     """Refuse, in one line, artifacts whose adapters this format cannot carry to their graphs."""
     precision = manifest.model.get("base_precision", "fp32")
     if precision != "fp32":
-        raise OrtloraError(f"an .onnx_adapter export needs an fp32 base; these artifacts have a quantized base ({precision}): "
-                           "use --to peft, merged or onnx")
+        raise OrtloraError(f"these artifacts have a quantized base ({precision}); --to onnx-adapter and genai take fp32 "
+                           "bases only for now: use --to peft, merged or onnx")
     graphs = [g for g in GRAPHS if g in manifest.io]
     if "decoder" not in graphs:
         raise OrtloraError("these artifacts have no generation graph (built by an older ortlora); rebuild them with ortlora-build")
