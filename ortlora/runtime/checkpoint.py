@@ -24,10 +24,11 @@ import numpy as np
 
 from ortlora.errors import OrtloraError, listing
 from ortlora.files import read_json
+from ortlora.lora_config import peft_fields
 from ortlora.manifest import Manifest
 from ortlora.output_dirs import fresh_dir, replace_dir
 from ortlora.runtime.optim import state_problems
-from ortlora.runtime.run_dir import TRAINER_STATE, latest_checkpoint, next_seq, record_latest
+from ortlora.runtime.run_dir import BEST, TRAINER_STATE, best_checkpoint, latest_checkpoint, next_seq, record_latest
 from ortlora.weights import read_tensors, tensor_problems
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -36,22 +37,16 @@ OPTIMIZER_STATE = "optimizer.safetensors"
 
 
 def adapter_config(manifest: Manifest, base_model: str) -> dict:
-    lora = manifest.lora
+    fields = peft_fields(manifest.lora)  # r, alpha, targets and the variant: rsLoRA, layers, patterns, DoRA
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
-        "r": lora["rank"],
-        "lora_alpha": lora["alpha"],
-        "lora_dropout": lora["dropout"],
-        "target_modules": lora["targets"],
+        **fields,
         "bias": "none",
         "fan_in_fan_out": False,
-        "init_lora_weights": lora["init"],
         "inference_mode": True,
         "modules_to_save": None,
-        "use_rslora": False,
-        "use_dora": False,
     }
 
 
@@ -100,9 +95,12 @@ def save_checkpoint(
 
 
 def find_checkpoint(path: Path) -> Path:
-    """A checkpoint directory itself, or the latest complete checkpoint in a run directory."""
+    """A checkpoint directory itself, the latest complete checkpoint in a run directory, or for RUN/best the
+    run's checkpoint of lowest eval loss."""
     if (path / ADAPTER_WEIGHTS).is_file():
         return path
+    if path.name == BEST and not path.exists() and path.parent.is_dir():
+        return best_checkpoint(path.parent)
     if not path.is_dir():
         raise OrtloraError(f"{path} does not exist")
     latest = latest_checkpoint(path)
@@ -118,7 +116,8 @@ def load_adapter(directory: Path, manifest: Manifest) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise OrtloraError(f"{directory} has no {ADAPTER_WEIGHTS}")
     # PEFT may keep the adapter name in keys ("lora_A.default.weight") when saved by hand.
-    tensors = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
+    tensors = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+               .replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector"): v
                for k, v in read_tensors(path).items()}
     problems = []
     if (directory / ADAPTER_CONFIG).is_file():
@@ -132,12 +131,22 @@ def load_adapter(directory: Path, manifest: Manifest) -> dict[str, np.ndarray]:
 def _config_problems(config: dict, manifest: Manifest) -> list[str]:
     """Settings of a PEFT LoraConfig that would make the same tensors mean another adapter here."""
     problems = []
-    for key, ours in (("r", manifest.lora["rank"]), ("lora_alpha", manifest.lora["alpha"])):
-        value = config.get(key, ours)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != float(ours):
-            problems.append(f"{key} is {value!r}, the artifacts have {ours}")
-    problems += [f"{key} is set, the artifacts scale every module by lora_alpha / r"
-                 for key in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern") if config.get(key)]
+    ours = peft_fields(manifest.lora)
+    for key in ("r", "lora_alpha"):
+        value = config.get(key, ours[key])
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != float(ours[key]):
+            problems.append(f"{key} is {value!r}, the artifacts have {ours[key]}")
+    for key, flag in (("use_rslora", "--rslora"), ("use_dora", "--dora")):  # absent in a config: PEFT's default, off
+        if bool(config.get(key)) != ours[key]:
+            problems.append(f"{key} is set, the artifacts were built without {flag}" if config.get(key)
+                            else f"{key} is not set, the artifacts were built with {flag}")
+    for key in ("rank_pattern", "alpha_pattern"):  # the same keys and values (an int alpha equals its float)
+        value = config.get(key) or {}
+        if not (isinstance(value, dict) and value.keys() == ours[key].keys()
+                and all(not isinstance(v, bool) and isinstance(v, (int, float)) and float(v) == float(ours[key][k])
+                        for k, v in value.items())):
+            problems.append(f"{key} is {value!r}, the artifacts have {ours[key]}")
+    # layers_to_transform differs in the tensors an adapter holds, which the shape check reports
     return problems
 
 
