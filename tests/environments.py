@@ -1,6 +1,6 @@
 """Other Python environments the tests run code in: the newest plain onnxruntime (.venv-ort),
-onnxruntime-openvino (.venv-ov) and onnxruntime-genai (.venv-genai). Each is skipped where it is absent,
-except in CI, which creates them all."""
+onnxruntime-openvino (.venv-ov), onnxruntime-genai (.venv-genai), llama.cpp (.venv-llama) and mlx-lm (.venv-mlx).
+Each is skipped where it is absent, except in CI, which creates them all."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ ENVIRONMENTS = {  # name -> (its folder, the variable that names another interpr
     "plain-ort": (".venv-ort", "ORTLORA_PLAIN_ORT_PYTHON", "the plain onnxruntime package"),
     "openvino": (".venv-ov", "ORTLORA_OPENVINO_PYTHON", "onnxruntime-openvino"),
     "genai": (".venv-genai", "ORTLORA_GENAI_PYTHON", "onnxruntime-genai"),
+    "llama": (".venv-llama", "ORTLORA_LLAMA_PYTHON", "llama-cpp-python (llama.cpp built from source)"),
+    "mlx": (".venv-mlx", "ORTLORA_MLX_PYTHON", "mlx-lm on mlx's CPU build"),
 }
 
 

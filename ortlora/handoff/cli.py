@@ -1,4 +1,5 @@
-"""ortlora-export: a trained adapter as a PEFT adapter, a merged Hugging Face model, or a merged ONNX model."""
+"""ortlora-export: a trained adapter as a PEFT adapter, a merged Hugging Face model, a merged ONNX model, ONNX Runtime
+and onnxruntime-genai adapters, GGUF for llama.cpp or an mlx-lm adapter."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from ortlora import __version__
 from ortlora.errors import OrtloraError, add_debug_argument, cli_entry
 from ortlora.files import read_json
+from ortlora.handoff import gguf_export, mlx_adapter
 from ortlora.manifest import Manifest
 from ortlora.output_dirs import EXPORT_MARKER, check_output_dir, replace_dir, staging_dir
 from ortlora.runtime.checkpoint import (
@@ -22,7 +24,7 @@ from ortlora.runtime.checkpoint import (
     load_adapter,
 )
 
-TARGETS = ("peft", "merged", "onnx", "onnx-adapter", "genai")
+TARGETS = ("peft", "merged", "onnx", "onnx-adapter", "genai", "gguf", "gguf-merged", "mlx")
 
 
 def parse_size(text: str) -> int:
@@ -35,16 +37,23 @@ def parse_size(text: str) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ortlora-export", description=__doc__, allow_abbrev=False)
     parser.add_argument("--artifacts", type=Path, default=Path("artifacts/tiny"), help="the artifact directory the adapter was trained on")
-    parser.add_argument("--adapter", type=Path, required=True, help="a checkpoint, a run directory (its latest checkpoint) or a PEFT adapter directory")
+    parser.add_argument("--adapter", type=Path, required=True,
+                        help="a checkpoint, a run directory (its latest checkpoint), a PEFT or an mlx-lm adapter directory")
     parser.add_argument("--to", choices=TARGETS, required=True,
                         help="peft: the adapter alone; merged: a Hugging Face model with W + B@A*scaling; "
                              "onnx: that merged model as an inference ONNX model (needs ortlora[build]); "
                              "onnx-adapter: ONNX Runtime's .onnx_adapter for the artifacts' graphs; "
-                             "genai: an onnxruntime-genai model folder with that adapter")
+                             "genai: an onnxruntime-genai model folder with that adapter; gguf: the adapter for "
+                             "llama.cpp; gguf-merged: the merged model for llama.cpp (both need ortlora[gguf]); "
+                             "mlx: the adapter for mlx-lm")
     parser.add_argument("--out", type=Path, required=True, help="output directory (replaced only with --force)")
     parser.add_argument("--base", type=Path, default=None, help="the base model directory (default: the one the artifacts were built from)")
     parser.add_argument("--max-shard-size", default="2GB", help="merged: largest safetensors file (default: 2GB)")
     parser.add_argument("--ort-format", action="store_true", help="onnx: also write model.ort, the format of ONNX Runtime's mobile builds")
+    parser.add_argument("--gguf-type", default=None,
+                        help="gguf: f32 (default) or f16; gguf-merged: f16 (default), bf16, q8_0 or f32")
+    parser.add_argument("--with-base", action="store_true",
+                        help="gguf: also write base.gguf, the base model for llama.cpp (f16, or f32 with --gguf-type f32)")
     parser.add_argument("--force", action="store_true",
                         help="replace an existing output directory (only one that ortlora-export wrote)")
     add_debug_argument(parser)
@@ -57,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     check_output_dir(args.out, flag="--force", replace=args.force, markers=(EXPORT_MARKER,), what="ortlora-export",
                      reads=[p for p in (args.artifacts, args.adapter, args.base) if p is not None])
     manifest = Manifest.load(args.artifacts)
-    adapter_dir = find_checkpoint(args.adapter)
+    from_mlx = mlx_adapter.is_mlx_adapter(args.adapter)
+    adapter_dir = args.adapter if from_mlx else find_checkpoint(args.adapter)
     weights = load_adapter(adapter_dir, manifest)  # wrong model, rank or shapes: an error listing them
     max_shard = parse_size(args.max_shard_size)
     if args.to == "onnx" and not all(importlib.util.find_spec(m) for m in ("torch", "transformers", "onnx")):
@@ -66,14 +76,19 @@ def main(argv: list[str] | None = None) -> int:
         from ortlora.handoff import genai, onnx_adapter
 
         onnx_adapter.check_exportable(manifest)
+    if args.to in ("gguf", "gguf-merged", "mlx"):  # refused before anything is written
+        (gguf_export if args.to.startswith("gguf") else mlx_adapter).check_exportable(args, manifest)
 
     # Everything is written beside --out and moved into place at the end: a failure writes nothing.
     with staging_dir(args.out) as staging:
         if args.to == "peft":
             base = base_model_or_none(args, manifest)
-            shutil.copy2(adapter_dir / ADAPTER_WEIGHTS, staging / ADAPTER_WEIGHTS)
+            if from_mlx:
+                mlx_adapter.write_peft_weights(manifest, weights, staging / ADAPTER_WEIGHTS)
+            else:
+                shutil.copy2(adapter_dir / ADAPTER_WEIGHTS, staging / ADAPTER_WEIGHTS)
             given = adapter_dir / ADAPTER_CONFIG  # an adapter saved without its config gets ours
-            config = read_json(given) if given.is_file() else adapter_config(manifest, "")
+            config = read_json(given) if given.is_file() and not from_mlx else adapter_config(manifest, "")
             if base is not None:
                 config["base_model_name_or_path"] = str(base.resolve())
             (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -82,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             summary = onnx_adapter.export(manifest, weights, staging)
         elif args.to == "genai":
             summary = genai.export(args.artifacts, manifest, weights, staging)
+        elif args.to in ("gguf", "gguf-merged", "mlx"):
+            summary = (gguf_export if args.to.startswith("gguf") else mlx_adapter).export(
+                args, manifest, weights, staging, max_shard)
         else:
             from ortlora.handoff.merge import base_model_dir, write_merged
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from ortlora.errors import OrtloraError, listing
 from ortlora.files import read_json
+from ortlora.handoff.mlx_adapter import is_mlx_adapter, load_mlx
 from ortlora.lora_config import peft_fields
 from ortlora.manifest import Manifest
 from ortlora.output_dirs import fresh_dir, replace_dir
@@ -111,7 +112,10 @@ def find_checkpoint(path: Path) -> Path:
 
 
 def load_adapter(directory: Path, manifest: Manifest) -> dict[str, np.ndarray]:
-    """LoRA weights of a PEFT adapter (ours or PyTorch's), by ONNX name, checked against the artifacts."""
+    """LoRA weights of a PEFT adapter (ours or PyTorch's) or an mlx-lm adapter (converted), by ONNX name, checked
+    against the artifacts."""
+    if is_mlx_adapter(directory):
+        return load_mlx(directory, manifest)
     path = directory / ADAPTER_WEIGHTS
     if not path.is_file():
         raise OrtloraError(f"{directory} has no {ADAPTER_WEIGHTS}")

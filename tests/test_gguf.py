@@ -1,0 +1,174 @@
+"""GGUF for llama.cpp, checked with llama.cpp itself (llama-cpp-python 0.3.36, built from source in .venv-llama):
+the base model plus ``--to gguf``'s adapter, and ``--to gguf-merged``, give the merged Hugging Face model's logits
+(transformers, float32) and its greedy tokens; llama.cpp tokenizes as the model's tokenizer does."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from ortlora.errors import OrtloraError
+from ortlora.handoff import cli as export_cli
+from ortlora.handoff import gguf_export
+from ortlora.manifest import Manifest
+from tests.conftest import _build
+from tests.environments import needs, run_in
+from tests.handoff_helpers import IDS, export, greedy, merged_logits, random_adapter
+
+# |llama.cpp - transformers| logits allowed (largest, root mean square), by weight type; logits are up to 6, std 1.6.
+# Measured on the tiny model, over the trained adapter and a random one on every projection (largest, rms):
+#   f32 weights, f32 key/value cache        3.3e-5, 3.0e-6
+#   f16 weights, llama.cpp's f16 cache      7.0e-2, 6.8e-3   (the CPU kernels also round activations to f16)
+#   bf16                                    3.5e-1, 3.8e-2
+#   q8_0                                    3.3e-1, 6.1e-2
+TOL = {"f32": (1e-4, 1e-5), "f16": (0.15, 0.015), "bf16": (0.75, 0.08), "q8_0": (0.75, 0.12)}
+PROMPT, NEW_TOKENS = IDS[:5], 10
+TEXTS = ["Once upon a time, there was a tiny model.", "What is 12 + 30? It's 42!\n\n  Indented\tand tabbed.",
+         "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n", "héllo wörld — ünïcode ✓ 漢字"]
+
+LLAMA = """
+    import json, numpy as np, llama_cpp
+    jobs = json.loads({jobs!r})
+    results = []
+    for job in jobs:
+        kv = {{"type_k": 0, "type_v": 0}} if job["f32_cache"] else {{}}   # GGML_TYPE_F32; llama.cpp's default is f16
+        llm = llama_cpp.Llama(model_path=job["model"], lora_path=job["lora"], n_ctx=64, n_batch=64, n_threads=2,
+                              logits_all=True, verbose=False, seed=0, **kv)
+        llm.eval(job["ids"])
+        np.save(job["out"], np.array(llm.scores[: len(job["ids"])]))
+        llm.reset()
+        llm.eval(job["prompt"])
+        tokens = []
+        for _ in range(job["new"]):  # greedy: the argmax of the last position's logits
+            tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval([tokens[-1]])
+        tokenized = [llm.tokenize(t.encode(), add_bos=True, special=True) for t in job["texts"]]
+        results.append({{"greedy": tokens, "tokenized": tokenized, "metadata": llm.metadata}})
+    print(json.dumps(results))
+"""
+
+
+def assert_close(got: np.ndarray, expected: np.ndarray, kind: str) -> None:
+    diff = np.abs(got - expected)
+    largest, rms = TOL[kind]
+    assert diff.max() <= largest and np.sqrt((diff**2).mean()) <= rms, (kind, diff.max(), np.sqrt((diff**2).mean()))
+
+
+def llama(tmp_path: Path, runs: list[tuple[Path, Path | None, bool]]) -> list[dict]:
+    """llama.cpp's logits of IDS, greedy tokens after PROMPT and tokenization of TEXTS, per (model, lora, f32 cache)."""
+    jobs = [{"model": str(model), "lora": str(lora) if lora else None, "f32_cache": f32, "ids": IDS, "prompt": PROMPT,
+             "new": NEW_TOKENS, "texts": TEXTS, "out": str(tmp_path / f"llama-{i}.npy")}
+            for i, (model, lora, f32) in enumerate(runs)]
+    results = run_in("llama", LLAMA.format(jobs=json.dumps(jobs)))
+    for job, result in zip(jobs, results):
+        result["logits"] = np.load(job["out"])
+    return results
+
+
+@pytest.fixture(scope="module")
+def pattern_artifacts(tmp_path_factory, tiny_model) -> Path:
+    """rsLoRA with a rank and an alpha of their own for some modules: llama.cpp's single alpha cannot say it."""
+    return _build(tmp_path_factory, tiny_model, "gguf-patterns", rslora=True, rank_pattern={"v_proj": 4},
+                  alpha_pattern={"o_proj": 4, "down_proj": 40},
+                  targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+
+
+@needs("llama")
+@pytest.mark.parametrize("variant", ["trained", "patterns"])
+def test_llama_cpp_base_plus_adapter_equals_the_merged_model(variant, artifacts, trained_adapter, pattern_artifacts,
+                                                             tmp_path):
+    if variant == "trained":
+        arts, adapter = artifacts, trained_adapter
+    else:
+        arts = pattern_artifacts
+        adapter = random_adapter(arts, tmp_path / "peft", seed=2)
+    f32 = export(arts, adapter, "gguf", tmp_path / "gguf32", "--with-base")
+    f16 = export(arts, adapter, "gguf", tmp_path / "gguf16", "--with-base", "--gguf-type", "f16")
+    merged = export(arts, adapter, "merged", tmp_path / "merged")
+    expected, tokens = merged_logits(merged), greedy(merged, PROMPT, NEW_TOKENS)
+    adapted32, adapted16, base = llama(tmp_path, [(f32 / "base.gguf", f32 / "adapter.gguf", True),
+                                                  (f16 / "base.gguf", f16 / "adapter.gguf", False),
+                                                  (f32 / "base.gguf", None, True)])
+    assert_close(adapted32["logits"], expected, "f32")
+    assert_close(adapted16["logits"], expected, "f16")
+    assert adapted32["greedy"] == tokens and adapted16["greedy"] == tokens
+    assert np.abs(base["logits"] - expected).max() > 0.1  # the adapter is what makes them equal
+    reader = gguf.GGUFReader(f32 / "adapter.gguf")
+    ranks = {t.name: int(t.shape[0]) for t in reader.tensors if t.name.endswith(".lora_b")}  # ne = [r, out]
+    if variant == "patterns":  # llama.cpp reads each module's rank from its lora_b
+        assert ranks["blk.0.attn_v.weight.lora_b"] == 4 and ranks["blk.0.attn_q.weight.lora_b"] == 8
+
+
+@needs("llama")
+def test_dora_is_refused_as_an_adapter_and_folded_into_the_merged_gguf(tiny_model, tmp_path_factory, tmp_path, capsys):
+    arts = _build(tmp_path_factory, tiny_model, "gguf-dora", dora=True, targets=("q_proj", "v_proj", "down_proj"))
+    adapter = random_adapter(arts, tmp_path / "peft", seed=3)
+    out = tmp_path / "out"
+    assert export_cli.main(["--artifacts", str(arts), "--adapter", str(adapter), "--to", "gguf", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot hold a DoRA adapter" in err and len(err.strip().splitlines()) == 1 and not out.exists()
+    merged = export(arts, adapter, "merged", tmp_path / "merged")
+    model = export(arts, adapter, "gguf-merged", tmp_path / "gguf", "--gguf-type", "f32") / "model.gguf"
+    (result,) = llama(tmp_path, [(model, None, True)])
+    assert_close(result["logits"], merged_logits(merged), "f32")
+
+
+@needs("llama")
+def test_llama_cpp_runs_the_merged_gguf_as_the_merged_model(artifacts, trained_adapter, tmp_path):
+    merged = export(artifacts, trained_adapter, "merged", tmp_path / "merged")
+    expected, tokens = merged_logits(merged), greedy(merged, PROMPT, NEW_TOKENS)
+    kinds = ["f32", "f16", "bf16", "q8_0"]
+    files = [export(artifacts, trained_adapter, "gguf-merged", tmp_path / k, "--gguf-type", k) / "model.gguf"
+             for k in kinds]
+    results = llama(tmp_path, [(f, None, k == "f32") for f, k in zip(files, kinds)])
+    for kind, result in zip(kinds, results):
+        assert_close(result["logits"], expected, kind)
+        if kind in ("f32", "f16"):  # 8-bit weights may turn a near tie (the tiny model is random) another way
+            assert result["greedy"] == tokens, kind
+
+    # The tokenizer: llama.cpp splits text, special tokens included, as the tokenizers library runs the model's
+    # tokenizer.json (what ortlora trains with), and adds no BOS (Qwen2's tokenizer adds none); the chat template and
+    # the end-of-turn token travel with the model. (Not transformers 5's AutoTokenizer: for a qwen2 model it puts
+    # Qwen2's own split in place of the tiny tokenizer's GPT-2 one, so "12" becomes "1", "2" there.)
+    from tokenizers import Tokenizer
+
+    reference = Tokenizer.from_file(str(merged / "tokenizer.json"))
+    for text, got in zip(TEXTS, results[1]["tokenized"]):
+        assert got == reference.encode(text).ids, text
+    metadata = results[1]["metadata"]
+    assert metadata["tokenizer.chat_template"] == (artifacts / "chat_template.jinja").read_text()
+    assert metadata["tokenizer.ggml.pre"] == "gpt-2" and int(metadata["tokenizer.ggml.eos_token_id"]) == 2
+
+
+def test_the_adapter_gguf_is_laid_out_as_convert_lora_to_gguf_writes_it(artifacts, trained_adapter, tmp_path):
+    out = export(artifacts, trained_adapter, "gguf", tmp_path / "gguf", "--gguf-type", "f16")
+    reader = gguf.GGUFReader(out / "adapter.gguf")
+    fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
+    assert fields["general.architecture"] == "qwen2" and fields["adapter.lora.alpha"] == 16.0
+    tensors = {t.name: (t.tensor_type.name, [int(n) for n in t.shape]) for t in reader.tensors}
+    # ne order (GGUF reverses numpy's): lora_a [in, r], lora_b [r, out]; q_proj 64 -> 64, v_proj 64 -> 32
+    assert tensors == {f"blk.{i}.{name}.weight.lora_{ab}": ("F16", shape) for i in range(2)
+                       for name, out_dim in (("attn_q", 64), ("attn_v", 32))
+                       for ab, shape in (("a", [64, 8]), ("b", [8, out_dim]))}
+
+
+def test_what_gguf_cannot_hold_is_refused_in_one_line(artifacts, trained_adapter, tmp_path, capsys):
+    manifest = Manifest.load(artifacts)
+    assert "DoRA" in gguf_export.refusal(replace(manifest, lora={**manifest.lora, "dora": True}))
+    with pytest.raises(OrtloraError, match="gguf-merged"):
+        gguf_export.write_adapter(replace(manifest, lora={**manifest.lora, "dora": True}), {}, tmp_path / "x.gguf", "f32")
+    out = tmp_path / "out"
+    for args, message in ((["--to", "gguf", "--gguf-type", "q8_0"], "not one of f32, f16 for --to gguf"),
+                          (["--to", "gguf-merged", "--gguf-type", "q4_0"], "not one of f32, f16, bf16, q8_0"),
+                          (["--to", "gguf-merged", "--with-base"], "--with-base goes with --to gguf")):
+        assert export_cli.main(["--artifacts", str(artifacts), "--adapter", str(trained_adapter), "--out", str(out),
+                                *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+        assert not out.exists() and not list(tmp_path.glob(".out*"))
