@@ -12,6 +12,7 @@ import gguf
 import numpy as np
 import pytest
 
+from ortlora.build.tiny import QWEN25_TOKENIZER_DIR, create_random_model
 from ortlora.errors import OrtloraError
 from ortlora.handoff import cli as export_cli
 from ortlora.handoff import gguf_export
@@ -29,7 +30,8 @@ from tests.handoff_helpers import IDS, export, greedy, merged_logits, random_ada
 TOL = {"f32": (1e-4, 1e-5), "f16": (0.15, 0.015), "bf16": (0.75, 0.08), "q8_0": (0.75, 0.12)}
 PROMPT, NEW_TOKENS = IDS[:5], 10
 TEXTS = ["Once upon a time, there was a tiny model.", "What is 12 + 30? It's 42!\n\n  Indented\tand tabbed.",
-         "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n", "héllo wörld — ünïcode ✓ 漢字"]
+         "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n", "héllo wörld — ünïcode ✓ 漢字",
+         '<tool_call>{"name": "f"}</tool_call> 2024-11-26']
 
 LLAMA = """
     import json, numpy as np, llama_cpp
@@ -49,6 +51,7 @@ LLAMA = """
             llm.eval([tokens[-1]])
         tokenized = [llm.tokenize(t.encode(), add_bos=True, special=True) for t in job["texts"]]
         results.append({{"greedy": tokens, "tokenized": tokenized, "metadata": llm.metadata}})
+        llm.close()  # freed in order (model, context, adapter): left to interpreter exit, it can crash there
     print(json.dumps(results))
 """
 
@@ -172,3 +175,25 @@ def test_what_gguf_cannot_hold_is_refused_in_one_line(artifacts, trained_adapter
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
         assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+@needs("llama")
+@pytest.mark.skipif(not QWEN25_TOKENIZER_DIR.is_dir(), reason=f"needs {QWEN25_TOKENIZER_DIR}")
+def test_a_model_with_qwen25s_tokenizer_runs_in_llama_cpp_as_in_transformers(tmp_path):
+    """Qwen2.5's own tokenizer (151,665 tokens in 151,936 rows, Qwen2's split, added tokens special and not) on a
+    one-layer random model of 0.5B's vocabulary: llama.cpp tokenizes and predicts as transformers does."""
+    from transformers import AutoTokenizer
+
+    model = create_random_model(tmp_path / "model", "qwen2.5-0.5b", layers=1, tokenizer="real", hidden_size=64,
+                                intermediate_size=176, num_attention_heads=4, num_key_value_heads=2)
+    path = tmp_path / "model.gguf"
+    gguf_export.write_model(model, model, path, "f16", "qwen2.5-random")
+    (result,) = llama(tmp_path, [(path, None, False)])
+    assert_close(result["logits"], merged_logits(model), "f16")
+    assert result["greedy"] == greedy(model, PROMPT, NEW_TOKENS)
+    reference = AutoTokenizer.from_pretrained(model)
+    for text, got in zip(TEXTS, result["tokenized"]):
+        assert got == reference.encode(text), text
+    metadata = result["metadata"]
+    assert metadata["tokenizer.ggml.pre"] == "qwen2" and int(metadata["tokenizer.ggml.eos_token_id"]) == 151645
+    assert metadata["tokenizer.chat_template"] == reference.chat_template
