@@ -81,6 +81,11 @@ def make_backend(c: cfg.TrainConfig, artifacts: Path, manifest: Manifest):
     provider, the portable training graph otherwise. Returns its name and the backend."""
     from ortlora.runtime.backend import OrtTrainingBackend, has_training_api
 
+    if c.workers > 1 or c.ray_address:
+        from ortlora.runtime.distributed import RayBackend
+
+        backend = RayBackend(c, artifacts)
+        return f"{backend.worker_backend} on {c.workers} Ray worker{'s' if c.workers > 1 else ''}", backend
     name = c.backend
     if name == "auto":
         name = "ort-training" if c.ep in ("cpu", "cuda") and has_training_api() else "ort-session"
@@ -184,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                         resume_from)
     finally:
         run.close()
+        if hasattr(backend[1], "close"):  # Ray's workers
+            backend[1].close()
 
 
 def train_in(run_dir: Path, c: cfg.TrainConfig, artifacts: Path, manifest: Manifest, base_model: str, backend: tuple,
@@ -192,6 +199,8 @@ def train_in(run_dir: Path, c: cfg.TrainConfig, artifacts: Path, manifest: Manif
     c.out = str(run_dir)
     log = JsonlLog(run_dir / "log.jsonl", append=resume_from is not None)
     trainer = Trainer(c, manifest, backend, train, evaluation, tokenizer.pad_id, run_dir, base_model)
+    if hasattr(backend, "on_message"):  # Ray's workers: a lost one is replaced, which the log says
+        backend.on_message = trainer.note
     if c.init_adapter and not resume_from:
         backend.set_weights(load_adapter(Path(c.init_adapter), manifest))
         messages.append(f"initialised LoRA weights from {c.init_adapter}")

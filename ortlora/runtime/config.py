@@ -56,6 +56,11 @@ class TrainConfig:
     max_steps: int | None = _f(None, "optimizer steps to train; overrides --epochs", valid=POSITIVE)
     batch_size: int = _f(8, "examples per micro-batch", valid=POSITIVE)
     grad_accum: int = _f(1, "micro-batches per optimizer step (gradient accumulation)", valid=POSITIVE)
+    workers: int = _f(1, "data-parallel workers on Ray (pip install \"ortlora[ray]\"): each step's micro-batches, "
+                      "--grad-accum on each worker, are spread over them; the same step as --grad-accum x workers "
+                      "in one process", valid=POSITIVE)
+    ray_address: str | None = _f(None, "with --workers: join this Ray cluster (auto, or ray://HEAD:10001) instead of "
+                                 "starting one on this machine")
     max_seq_len: int = _f(512, "longer examples are truncated (and counted); at most the model's context length",
                           valid=POSITIVE)
     pack: bool = _f(False, "pack short examples into sequences of up to --max-seq-len tokens")

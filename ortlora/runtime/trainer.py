@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -89,12 +90,29 @@ def all_finite(arrays: dict[str, np.ndarray]) -> bool:
     return all(np.isfinite(a).all() for a in arrays.values())
 
 
+def accumulate(backend: TrainingBackend, batches: list[dict[str, np.ndarray]]) -> tuple[float, dict[str, np.ndarray], int]:
+    """sum(n * loss), sum(n * gradient) by name and sum(n) over ``batches``, n being each one's trained tokens.
+
+    Each micro-batch's loss and gradients are means over its trained tokens: weighted by those tokens, k
+    micro-batches of b examples make the same step as one batch of k * b. Every example has a trained token
+    (data.py), so n > 0."""
+    loss, grads, tokens = 0.0, {}, 0
+    for batch in batches:
+        n = trained_tokens(batch)
+        backend.zero_grad()
+        loss += backend.train_step(batch) * n
+        grads = {k: grads.get(k, 0.0) + g * n for k, g in backend.gradients().items()}
+        tokens += n
+    return loss, grads, tokens
+
+
 def plan_steps(n_examples: int, config: TrainConfig) -> tuple[int, int, int]:
-    """Micro-batches per epoch, optimizer steps per epoch and optimizer steps in all."""
+    """Micro-batches per epoch, optimizer steps per epoch and optimizer steps in all. A step reads --grad-accum
+    micro-batches on each of --workers workers."""
     if n_examples == 0:
         raise OrtloraError("no training examples are left (is --eval-split taking them all?)")
     batches_per_epoch = math.ceil(n_examples / config.batch_size)
-    steps_per_epoch = max(1, batches_per_epoch // config.grad_accum)
+    steps_per_epoch = max(1, batches_per_epoch // (config.grad_accum * config.workers))
     return batches_per_epoch, steps_per_epoch, config.max_steps or config.epochs * steps_per_epoch
 
 
@@ -115,6 +133,7 @@ class Trainer:
         self.train_examples, self.eval_examples, self.pad_id = train, evaluation, pad_id
         self.run_dir, self.base_model, self.callbacks = run_dir, base_model, list(callbacks)
         self.batches_per_epoch, self.steps_per_epoch, self.total_steps = plan_steps(len(train), config)
+        self.micro_batches_per_step = config.grad_accum * config.workers
         self.schedule = Schedule(config.schedule, config.lr, self.total_steps, config.warmup_steps, config.min_lr)
         self.optimizer = AdamW(AdamWConfig(config.beta1, config.beta2, config.adam_eps, config.weight_decay, config.max_grad_norm))
         self.position = Position()
@@ -218,6 +237,10 @@ class Trainer:
         for callback in self.callbacks:
             callback(record)
 
+    def note(self, text: str) -> None:
+        """A message record in the log, at the step in progress."""
+        self._emit({"kind": "message", "step": self.position.step + 1, "text": text})
+
     def evaluate(self) -> float | None:
         if not self.eval_examples:
             return None
@@ -246,17 +269,12 @@ class Trainer:
         while self.position.step < self.total_steps:
             step_start = time.perf_counter()
             lr = self.schedule(self.position.step)
-            grads, loss, tokens = {}, 0.0, 0
-            for _ in range(c.grad_accum):
-                # Each micro-batch's loss and gradients are means over its trained tokens: weighted by those
-                # tokens, k micro-batches of b examples make the same step as one batch of k * b.
-                # Every example has a trained token (data.py), so n > 0.
+            batches = []
+            for _ in range(self.micro_batches_per_step):
                 batch, following = next(micro_batches)
-                n = trained_tokens(batch)
-                self.backend.zero_grad()
-                loss += self.backend.train_step(batch) * n
-                grads = {k: grads.get(k, 0.0) + g * n for k, g in self.backend.gradients().items()}
-                tokens += n
+                batches.append(batch)
+            # A data-parallel backend (distributed.py) spreads the micro-batches over its workers.
+            loss, grads, tokens = (getattr(self.backend, "accumulate", None) or partial(accumulate, self.backend))(batches)
             grads = {k: g / tokens for k, g in grads.items()}
             loss /= tokens
             if not math.isfinite(loss) or not all_finite(grads):
