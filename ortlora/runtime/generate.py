@@ -164,11 +164,12 @@ class Generator:
         sampling.check()
         if not prompts:
             return []
-        for ids in prompts:
+        for i, ids in enumerate(prompts):
+            which = "the prompt" if len(prompts) == 1 else f"prompt {i}"
             if not ids:
-                raise OrtloraError("a prompt is empty")
+                raise OrtloraError(f"{which} is empty")
             if len(ids) >= self.context:
-                raise OrtloraError(f"a prompt is {len(ids):,} tokens and the model takes {self.context:,} in all "
+                raise OrtloraError(f"{which} is {len(ids):,} tokens and the model takes {self.context:,} in all "
                                    "(max_position_embeddings); shorten it to leave room for new tokens")
         rows = [_Row(ids, min(sampling.max_new_tokens, self.context - len(ids)), sampling, on_text if i == 0 else None)
                 for i, ids in enumerate(prompts)]
