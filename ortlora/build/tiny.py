@@ -76,20 +76,23 @@ QWEN25_TOKENIZER_DIR = Path(__file__).resolve().parents[3] / "shared" / "qwen2.5
 QWEN25_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
+# The tiny tokenizer's training corpus: the built-in datasets (builtin:NAME), a fixed list, so that shipping
+# another data file (tools_train.jsonl, for Qwen2.5's tokenizer) does not change the tiny model.
+CORPUS = ("chat_train.jsonl", "chat_valid.jsonl", "completions_train.jsonl", "completions_valid.jsonl",
+          "text_train.jsonl", "text_valid.jsonl")
+
+
 def shipped_texts() -> list[str]:
-    """Every string in the shipped datasets: the tokenizer's training corpus."""
+    """Every string in the built-in datasets: the tiny tokenizer's training corpus."""
     texts: list[str] = []
-    for entry in sorted(resources.files("ortlora.data").iterdir(), key=lambda p: p.name):
-        if not entry.name.endswith(".jsonl"):
-            continue
-        for line in entry.read_text(encoding="utf-8").splitlines():
+    for name in CORPUS:
+        for line in resources.files("ortlora.data").joinpath(name).read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
             for key in ("text", "prompt", "completion"):
                 if key in row:
                     texts.append(row[key])
             for message in row.get("messages", []):
-                if isinstance(message.get("content"), str):  # an assistant turn of tool calls alone has none
-                    texts.append(message["content"])
+                texts.append(message["content"])
     return texts
 
 

@@ -4,7 +4,9 @@ and the adapter as an ``.onnx_adapter``.
     model.onnx              the artifacts' decoder_model.onnx, unchanged: input_ids, attention_mask,
                             past.{i}.key/value -> logits, present.{i}.key/value; every LoRA weight an
                             input whose default (its initializer) is the untrained LoRA, so no adapter = the base
-    frozen_weights.bin      its external data (a hard link to the artifacts' file where the filesystem allows)
+    frozen_weights.bin      its external data, copied: a hard link would save the disk, but the onnx package's
+                            checker then refuses the model, and the artifacts' own (its file has "multiple hard
+                            links, indicating a potential hardlink attack")
     adapter.onnx_adapter    the exported adapter (onnx_adapter.py)
     tokenizer.json, ...     the artifacts' tokenizer files
     genai_config.json       model type qwen2, the decoder's shapes and I/O names, eos / pad ids, and search
@@ -23,7 +25,6 @@ past_present_share_buffer is off (GenAI would otherwise hand the graph a max-len
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -101,14 +102,6 @@ def genai_config(artifacts: Path, manifest: Manifest) -> dict:
                                        "past_present_share_buffer": False, **search}}
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    """A hard link where the filesystem allows (the frozen weights are the model's size), else a copy."""
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
-
-
 def export(artifacts: Path, manifest: Manifest, weights: dict, staging: Path) -> str:
     """``ortlora-export --to genai``: the folder described above, assembled in ``staging``."""
     artifacts = Path(artifacts)
@@ -119,7 +112,7 @@ def export(artifacts: Path, manifest: Manifest, weights: dict, staging: Path) ->
     shutil.copy2(decoder, staging / MODEL_FILE)
     for location in dict.fromkeys(read_external_data_locations(decoder)):  # relative to the model: keep the names
         (staging / location).parent.mkdir(parents=True, exist_ok=True)
-        _link_or_copy(decoder.parent / location, staging / location)
+        shutil.copyfile(decoder.parent / location, staging / location)
     for name in manifest.files["tokenizer"]:
         shutil.copy2(artifacts / name, staging / Path(name).name)
     (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
