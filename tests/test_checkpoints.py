@@ -18,10 +18,12 @@ from ortlora.runtime.checkpoint import find_checkpoint, load_adapter
 from ortlora.runtime.trainer import Trainer
 
 FAST = ["--no-progress", "--no-plot", "--batch-size", "4"]
-# On the tiny model at this learning rate the eval loss falls until step 28, then rises: with patience 3 the
-# run stops at step 34 of 40 (evaluations at 30, 32, 34 do not beat 28's). Evaluating and saving every 2 steps
+# On the tiny model at this learning rate the eval loss falls until step 30, then rises: with patience 3 the
+# run stops at step 36 of 40 (evaluations at 32, 34, 36 do not beat 30's). Evaluating and saving every 2 steps
 # writes a checkpoint at every evaluation, so --keep-last 2 has older ones to remove, the best among them.
-STOPS = ["--max-steps", "40", "--eval-every", "2", "--save-every", "2", "--lr", "0.05", "--schedule", "constant",
+# The tests work the stop, the best and the kept checkpoints out of the eval log; these figures only say why
+# the settings make an early stop happen.
+STOPS = ["--max-steps", "40", "--eval-every", "2", "--save-every", "2", "--lr", "0.1", "--schedule", "constant",
          "--early-stop-patience", "3", "--keep-last", "2"]
 
 
@@ -128,13 +130,15 @@ def assert_same_run(a: Path, b: Path) -> None:
 def test_an_interrupted_run_resumes_to_the_same_best_stop_and_checkpoints(artifacts, tmp_path, monkeypatch):
     full, interrupted = tmp_path / "full", tmp_path / "interrupted"
     assert train("--artifacts", str(artifacts), "--out", str(full), *STOPS) == 0
+    best = json.loads((full / "summary.json").read_text())["best_step"]
     with monkeypatch.context() as m:
-        # Step 29: after the best (28), with one evaluation without improvement still to come before the stop.
-        interrupt_at(m, 29)
+        # The step after the best, with evaluations without improvement still to come before the stop.
+        interrupt_at(m, best + 1)
         assert train("--artifacts", str(artifacts), "--out", str(interrupted), *STOPS) == 130
-    assert "checkpoint-29" in checkpoints(interrupted) and find_checkpoint(interrupted / "best").name == "checkpoint-28"
+    assert f"checkpoint-{best + 1}" in checkpoints(interrupted)
+    assert find_checkpoint(interrupted / "best").name == f"checkpoint-{best}"
     assert train("--resume", str(interrupted)) == 0
-    assert_same_run(full, interrupted)  # checkpoint-29, an extra one, went the way of --keep-last too
+    assert_same_run(full, interrupted)  # the interrupted step's checkpoint, an extra one, went the way of --keep-last too
 
 
 def test_a_kill_during_a_removal_keeps_the_newest_and_the_best(artifacts, tmp_path, monkeypatch):
