@@ -69,7 +69,9 @@ def run_transformers(args) -> dict:
     # No end-of-sequence token, as on ortlora's side: min_new_tokens would instead forbid it (a different
     # greedy choice where it is the most likely token).
     exact = GenerationConfig(do_sample=False, max_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=0)
-    model.generation_config.eos_token_id = None  # generate() merges the model's own defaults back in
+    # generate() merges the model's own defaults (generation_config.json: Qwen2.5's repetition penalty 1.1, its
+    # sampling, its eos) into any settings that are left at their defaults: replace them instead.
+    model.generation_config = exact
     results = {}
     for batch in args.batch:
         ids = torch.tensor(prompt_ids(artifacts, args.prompt_tokens, batch))
@@ -80,7 +82,7 @@ def run_transformers(args) -> dict:
                 model(input_ids=ids, use_cache=True)
                 prompt_s.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=exact)
+                out = model.generate(ids, attention_mask=torch.ones_like(ids))
                 # generate() includes the prompt pass: take it out to compare per-token decoding.
                 generate_s.append(time.perf_counter() - t0 - prompt_s[-1])
         results[batch] = {"prompt_s": prompt_s, "generate_s": generate_s, "tokens": out[:, ids.shape[1]:].tolist()}
