@@ -246,13 +246,15 @@ def test_runtime_trains_without_torch(artifacts, tmp_path):
     assert "trained without torch" in result.stdout
 
 
-def test_runtime_keeps_an_installed_torch_unloaded(artifacts, tmp_path):
-    """onnxruntime-training imports torch at import when it can; the runtime must prevent that."""
+@pytest.mark.parametrize("extra", [[], ["--report-to", "tensorboard"]])
+def test_runtime_keeps_an_installed_torch_unloaded(artifacts, tmp_path, extra):
+    """onnxruntime-training and tensorboardX import torch at import when they can; the runtime must prevent that."""
     pytest.importorskip("torch")
     script = textwrap.dedent(f"""
         import sys
         from ortlora.runtime.cli import main
-        code = main(["--artifacts", r"{artifacts}", "--out", r"{tmp_path / 'run'}", "--max-steps", "2", "--no-progress"])
+        code = main(["--artifacts", r"{artifacts}", "--out", r"{tmp_path / 'run'}", "--max-steps", "2", "--no-progress",
+                     *{extra!r}])
         assert code == 0, code
         assert "torch" not in sys.modules, "torch was imported"
         import torch  # still importable afterwards
@@ -261,6 +263,8 @@ def test_runtime_keeps_an_installed_torch_unloaded(artifacts, tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "torch stayed out" in result.stdout
+    if extra:
+        assert len(list((tmp_path / "run" / "tensorboard").iterdir())) == 1
 
 
 def test_accumulation_equals_the_large_batch(artifacts, tmp_path):
