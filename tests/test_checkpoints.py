@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from safetensors import safe_open
 
@@ -85,6 +86,12 @@ def test_early_stop_keeps_the_best_and_the_newest(artifacts, tmp_path, capsys):
     assert json.loads((out / "ortlora-export.json").read_text())["adapter"] == str((run / f"checkpoint-{best}").resolve())
     assert generate_cli.main(["--artifacts", str(artifacts), "--adapter", str(run / "best"), "--prompt", "Hi",
                               "--max-new-tokens", "2"]) == 0
+    started = tmp_path / "from-best"  # --init-adapter RUN/best: a new run starts from the best weights
+    assert train("--artifacts", str(artifacts), "--out", str(started), "--init-adapter", str(run / "best"),
+                 "--max-steps", "1", "--lr", "1e-9") == 0
+    manifest = Manifest.load(artifacts)
+    after, best_weights = (load_adapter(d, manifest) for d in (started / "checkpoint-1", run / f"checkpoint-{best}"))
+    assert all(np.allclose(after[k], best_weights[k], rtol=0, atol=1e-7) for k in after)
 
     # An early-stopped run is finished: resuming it does nothing unless the patience grows.
     capsys.readouterr()

@@ -96,9 +96,9 @@ def save_checkpoint(
 
 
 def find_checkpoint(path: Path) -> Path:
-    """A checkpoint directory itself, the latest complete checkpoint in a run directory, or for RUN/best the
-    run's checkpoint of lowest eval loss."""
-    if (path / ADAPTER_WEIGHTS).is_file():
+    """A checkpoint (or any PEFT or mlx-lm adapter) directory itself, the latest complete checkpoint in a run
+    directory, or for RUN/best the run's checkpoint of lowest eval loss."""
+    if (path / ADAPTER_WEIGHTS).is_file() or is_mlx_adapter(path):
         return path
     if path.name == BEST and not path.exists() and path.parent.is_dir():
         return best_checkpoint(path.parent)

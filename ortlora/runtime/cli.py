@@ -202,7 +202,7 @@ def train_in(run_dir: Path, c: cfg.TrainConfig, artifacts: Path, manifest: Manif
     if hasattr(backend, "on_message"):  # Ray's workers: a lost one is replaced, which the log says
         backend.on_message = trainer.note
     if c.init_adapter and not resume_from:
-        backend.set_weights(load_adapter(Path(c.init_adapter), manifest))
+        backend.set_weights(load_adapter(find_checkpoint(Path(c.init_adapter)), manifest))
         messages.append(f"initialised LoRA weights from {c.init_adapter}")
     if resume_from:
         messages += trainer.restore(resume_from)
