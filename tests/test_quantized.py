@@ -8,6 +8,7 @@ implementation that shares no code with them.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import textwrap
 from pathlib import Path
@@ -121,7 +122,10 @@ def test_no_matrix_is_float32_and_each_use_dequantizes_its_own_when_it_is_needed
             for name in node.input:
                 readers[name] = readers.get(name, 0) + 1
         stored = {t.name for t in model.graph.initializer}  # (gathered embedding rows are activations, not weights)
-        dequantized = [n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in stored]
+        # An int4 matrix is read by a DequantizeLinear, an int8 one by a Reshape to blocks, then Cast and Mul
+        # (quantize._scaled_int8): either way the float32 matrix is the tensor NAME/dequantized_N (. for / in the
+        # portable graph).
+        dequantized = [n.output[0] for n in model.graph.node if re.search(r"[/.]dequantized_\d+$", n.output[0])]
         assert all(readers.get(out, 0) == 1 for out in dequantized), role
         # Graphs without gradients multiply by an int4 matrix with MatMulNBits, on its stored bytes.
         nbits = [n.input[1] for n in model.graph.node if n.op_type == "MatMulNBits"]
@@ -133,8 +137,9 @@ def test_no_matrix_is_float32_and_each_use_dequantizes_its_own_when_it_is_needed
             assert dequantized and not nbits, role
         # ... and runs when its product's other operand is ready, not at the start of the step (its scales
         # come through a Reshape that depends on that operand), so the float32 matrices do not all live at once.
-        early = [n.name for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in stored
-                 and n.input[1] in stored]
+        constant = stored | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+        early = [n.name for n in model.graph.node if n.input and n.input[0].endswith(quantize.QUANTIZED)
+                 and n.input[0] in stored and all(x in constant for x in n.input[1:] if x)]
         assert not early, (role, early[:3])
 
 

@@ -41,6 +41,7 @@ ZERO_POINT = ".zero_point"  # uint4 [out, in / block], all 8
 PACKED = ".packed"  # an int4 matrix's bytes as uint8 [out, in / block, block / 2], for MatMulNBits
 QUANTIZED = ".q"
 SCALE = ".scale"
+INT8_SHAPES = "quantize/int8"  # Constants of the shapes _scaled_int8 reshapes to
 
 
 def is_quantized(shape: tuple[int, ...], precision: str) -> bool:
@@ -134,7 +135,7 @@ def dequantize_per_use(model: onnx.ModelProto, matrices: dict[str, tuple[str, in
     raise_opset(model)
     graph = model.graph
     shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
-    count, shaped, packed = 0, {}, set()
+    count, shape_constants, packed, int8_blocks = 0, {}, set(), set()
 
     def rewrite(graph_nodes) -> list[onnx.NodeProto]:
         nonlocal count
@@ -175,12 +176,21 @@ def dequantize_per_use(model: onnx.ModelProto, matrices: dict[str, tuple[str, in
                     nodes += _product_in_row_chunks(node, name, block, anchor, shapes[name][0], out)
                     node = None
                     break
+                if anchor is not None and matrices[name][0] == "int8":  # DequantizeLinear's values, faster
+                    nodes += [helper.make_node("Shape", [anchor], [f"{out}/after"], start=0, end=0),
+                              helper.make_node("Concat", [f"{INT8_SHAPES}/blocks{block}", f"{out}/after"],
+                                               [f"{out}/blocks_shape"], axis=0),
+                              *_scaled_int8(name + QUANTIZED, name + SCALE, out, f"{out}/blocks_shape",
+                                            f"{INT8_SHAPES}/column", f"{INT8_SHAPES}/matrix")]
+                    int8_blocks.add(block)
+                    node.input[k] = out
+                    continue
                 if anchor is not None:  # run the dequantization when the product's other operand is ready (see below)
                     scale = f"{out}/scale"
                     nodes += [helper.make_node("Shape", [anchor], [f"{out}/after"], start=0, end=0),
                               helper.make_node("Concat", [f"{name}/scale_shape", f"{out}/after"], [f"{out}/shape"], axis=0),
                               helper.make_node("Reshape", [name + SCALE, f"{out}/shape"], [scale])]
-                    shaped[name] = [shapes[name][0], shapes[name][1] // block]
+                    shape_constants[f"{name}/scale_shape"] = [shapes[name][0], shapes[name][1] // block]
                 nodes.append(helper.make_node("DequantizeLinear", [name + QUANTIZED, scale, *_zero_point(name, matrices)],
                                               [out], axis=1, block_size=block, name=out))
                 node.input[k] = out
@@ -194,9 +204,14 @@ def dequantize_per_use(model: onnx.ModelProto, matrices: dict[str, tuple[str, in
     # than the float32 base's 3.3). Reading the scales through a Reshape to their own shape, whose shape
     # input includes an empty slice of the other operand's Shape, ties each one to its product (the scales,
     # since ONNX Runtime 1.19 reshapes no int4).
-    constants = [helper.make_node("Constant", [], [f"{name}/scale_shape"], name=f"{name}/scale_shape",
-                                  value=helper.make_tensor(f"{name}/scale_shape", TensorProto.INT64, [2], dims))
-                 for name, dims in sorted(shaped.items())]
+    # An int8 matrix is read the same way, through a Reshape of its quantized values to [rows, blocks, block]
+    # whose shape ends in that empty slice (_scaled_int8).
+    shape_constants.update({f"{INT8_SHAPES}/blocks{block}": [0, -1, block] for block in int8_blocks})
+    if int8_blocks:
+        shape_constants.update({f"{INT8_SHAPES}/column": [0, -1, 1], f"{INT8_SHAPES}/matrix": [0, -1]})
+    constants = [helper.make_node("Constant", [], [name], name=name,
+                                  value=helper.make_tensor(name, TensorProto.INT64, [len(dims)], dims))
+                 for name, dims in sorted(shape_constants.items())]
     del graph.node[:]
     graph.node.extend(constants + nodes)
     inputs = []
