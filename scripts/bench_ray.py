@@ -62,7 +62,7 @@ def main() -> int:
         ray_backend.set_weights(ray_backend.weights())  # as after AdamW: the next step sends the weights again
 
     on_ray = timed(ray_step)
-    steps = ray_backend.steps[1:]
+    steps = list(ray_backend.steps)[1:]
     slowest = statistics.median(s["slowest_worker"] for s in steps)
     rest = statistics.median(s["seconds"] - s["slowest_worker"] for s in steps)
     out, back = steps[-1]["bytes_out"], steps[-1]["bytes_back"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -90,12 +91,13 @@ class RayBackend:
             first = ray.get(self.workers[0].weights.remote())
         except ray.exceptions.RayError as e:
             raise OrtloraError(f"a Ray worker could not start: {_reason(e)}") from None
-        self.names = list(first)
+        self.names = list(first)  # the LoRA weights' ONNX names, as the other backends have them
         self.worker_backend = ray.get(self.workers[0].backend_name.remote())
         self._weights = {k: v.copy() for k, v in first.items()}
         self._shared = None  # the weights as one Ray object, made once per update
         self.replacements = 0
-        self.steps: list[dict] = []  # per accumulate: seconds, slowest_worker (seconds), bytes_out, bytes_back
+        # The latest steps' costs (scripts/bench_ray.py): seconds, slowest_worker (seconds), bytes_out, bytes_back.
+        self.steps: deque[dict] = deque(maxlen=100)
 
     def _start(self):
         return self.ray.remote(Worker).options(**self._options).remote(self.config, self.artifacts)
