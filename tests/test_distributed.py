@@ -47,6 +47,8 @@ def assert_same_training(run: Path, reference: Path) -> None:
     for name in theirs:
         assert rel_err(ours[name], theirs[name]) < 1e-5, name
     assert np.allclose(losses(run), losses(reference), rtol=1e-6)
+    evals = [json.loads((r / "summary.json").read_text())["eval_loss"] for r in (run, reference)]
+    assert evals[0] == pytest.approx(evals[1], rel=1e-6)  # evaluated on every worker at once, the same loss
 
 
 @pytest.fixture(scope="module")

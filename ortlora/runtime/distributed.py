@@ -111,7 +111,12 @@ class RayBackend:
         self._shared = None
 
     def eval_loss(self, batch: dict[str, np.ndarray]) -> float:
-        return self._on_workers(lambda workers: [workers[0].eval_loss.remote(self._put(), batch)])[0]
+        return self.eval_losses([batch])[0]
+
+    def eval_losses(self, batches: list[dict[str, np.ndarray]]) -> list[float]:
+        """Each batch's loss, batch j on worker j mod N, all at once."""
+        return self._on_workers(lambda workers: [workers[j % len(workers)].eval_loss.remote(self._put(), batch)
+                                                 for j, batch in enumerate(batches)])
 
     def accumulate(self, batches: list[dict[str, np.ndarray]]) -> tuple[float, dict[str, np.ndarray], int]:
         """The token-weighted sums of ``accumulate`` over ``batches``, worker i taking batches i, i + N, ...;

@@ -249,15 +249,16 @@ class Trainer:
         starts = range(0, len(self.eval_examples), size)
         if self.config.eval_batches:
             starts = starts[: self.config.eval_batches]
-        for start in starts:
-            batch = collate(self.eval_examples[start : start + size], self.pad_id)
+        batches = [collate(self.eval_examples[start : start + size], self.pad_id) for start in starts]
+        # A data-parallel backend (distributed.py) evaluates the batches on all of its workers at once.
+        losses = getattr(self.backend, "eval_losses", None) or (lambda bs: [self.backend.eval_loss(b) for b in bs])
+        for batch, batch_loss in zip(batches, losses(batches)):
             n = trained_tokens(batch)
-            total += self.backend.eval_loss(batch) * n  # a batch's loss is its mean over trained tokens
+            total += batch_loss * n  # a batch's loss is its mean over trained tokens
             weight += n
         loss = total / weight
         self._emit({"kind": "eval", "step": self.position.step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))})
         return loss
-
 
     def train(self) -> dict:
         c = self.config
