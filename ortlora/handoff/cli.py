@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     check_output_dir(args.out, flag="--force", replace=args.force, markers=(EXPORT_MARKER,), what="ortlora-export",
                      reads=[p for p in (args.artifacts, args.adapter, args.base) if p is not None])
     manifest = Manifest.load(args.artifacts)
-    from_mlx = mlx_adapter.is_mlx_adapter(args.adapter)
-    adapter_dir = args.adapter if from_mlx else find_checkpoint(args.adapter)
+    adapter_dir = find_checkpoint(args.adapter)  # a checkpoint, RUN, RUN/best, a PEFT or an mlx-lm adapter
+    from_mlx = mlx_adapter.is_mlx_adapter(adapter_dir)
     weights = load_adapter(adapter_dir, manifest)  # wrong model, rank or shapes: an error listing them
     max_shard = parse_size(args.max_shard_size)
     if args.to == "onnx" and not all(importlib.util.find_spec(m) for m in ("torch", "transformers", "onnx")):
