@@ -285,11 +285,13 @@ def pack(examples: list[Example], max_seq_len: int) -> list[Example]:
     """
     packed: list[Example] = []
     group: list[Example] = []
+    length = 0
     for ex in examples:
-        if group and sum(len(g.input_ids) for g in group) + len(ex.input_ids) > max_seq_len:
+        if group and length + len(ex.input_ids) > max_seq_len:
             packed.append(_concatenate(group))
-            group = []
+            group, length = [], 0
         group.append(ex)
+        length += len(ex.input_ids)
     if group:
         packed.append(_concatenate(group))
     return packed
