@@ -227,7 +227,7 @@ def encode_example(row: dict, tokenizer: Tokenizer, max_seq_len: int) -> tuple[E
     return Example(ids_arr[:-1], labels), truncated
 
 
-def _parse_line(raw: bytes):
+def parse_line(raw: bytes):
     """One line of a JSON Lines file as its JSON value; BadExample when it is not UTF-8 or not JSON."""
     try:
         line = raw.decode("utf-8")
@@ -239,9 +239,10 @@ def _parse_line(raw: bytes):
         raise BadExample(f"{e}; expected JSON Lines, one object per line") from None
 
 
-def _lines(path: Path):
-    """(line number, bytes) of every non-blank line; each line is decoded on its own, so that one bad line
-    is one bad example. A UTF-8 byte order mark at the start is not part of the first line."""
+def jsonl_lines(path: Path, what: str = "data file"):
+    """(line number, bytes) of every non-blank line of a JSON Lines file (``what`` names it in the error when it
+    cannot be read); each line is decoded on its own (parse_line), so that one bad line is one bad example. A
+    UTF-8 byte order mark at the start is not part of the first line."""
     try:
         with path.open("rb") as f:
             for lineno, raw in enumerate(f, start=1):
@@ -249,7 +250,7 @@ def _lines(path: Path):
                 if raw.strip():
                     yield lineno, raw
     except OSError as e:
-        raise OrtloraError(f"data file {path} cannot be read ({e.strerror or e})") from None
+        raise OrtloraError(f"{what} {path} cannot be read ({e.strerror or e})") from None
 
 
 def load_jsonl(path: Path, tokenizer: Tokenizer, max_seq_len: int, on_bad: str = "stop") -> tuple[list[Example], LoadReport]:
@@ -258,9 +259,9 @@ def load_jsonl(path: Path, tokenizer: Tokenizer, max_seq_len: int, on_bad: str =
         raise OrtloraError(f"data file {path} " + ("is not a file" if path.exists() else "does not exist"))
     report = LoadReport(path)
     examples: list[Example] = []
-    for lineno, raw in _lines(path):
+    for lineno, raw in jsonl_lines(path):
         try:
-            example, truncated = encode_example(_parse_line(raw), tokenizer, max_seq_len)
+            example, truncated = encode_example(parse_line(raw), tokenizer, max_seq_len)
         except BadExample as e:
             where = f"{path}:{lineno}: {e}"
             if on_bad == "stop":

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ortlora.errors import OrtloraError, add_debug_argument, cli_entry
 from ortlora.files import parse_json
-from ortlora.runtime.data import BadExample, check_messages, check_tools
+from ortlora.runtime.data import BadExample, check_messages, check_tools, jsonl_lines, parse_line
 from ortlora.runtime.generate import Generator, Sampling
 from ortlora.runtime.providers import PROVIDERS
 
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompts_file is not None:
         requests = read_prompts(args.prompts_file)
     else:
-        messages = None if args.messages is None else checked(parse(args.messages, "--messages"), "messages", "--messages")
-        tools = None if args.tools is None else checked(parse(args.tools, "--tools"), "tools", "--tools")
+        messages = None if args.messages is None else checked(check_messages, parse(args.messages, "--messages"), "--messages")
+        tools = None if args.tools is None else checked(check_tools, parse(args.tools, "--tools"), "--tools")
         requests = [(args.prompt, messages, tools)]
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty,
                         args.seed, args.stop)
@@ -92,32 +92,26 @@ def parse(text: str, flag: str):
         raise OrtloraError(f"{flag} is {e}") from None
 
 
-def checked(value, key: str, where: str):
-    """check_messages / check_tools, their complaint prefixed with ``where``."""
+def checked(check, value, where: str):
+    """check_messages(value) or check_tools(value), a complaint prefixed with ``where``."""
     try:
-        return check_messages(value) if key == "messages" else check_tools(value)
+        return check(value)
     except BadExample as e:
         raise OrtloraError(f"{where}: {e}") from None
 
 
 def read_prompts(path: Path) -> list[tuple[str | None, list[dict] | None, list[dict] | None]]:
     """(prompt, messages, tools) of each line of a --prompts-file; the first bad line is an error naming it."""
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise OrtloraError(f"--prompts-file {path} cannot be read ({getattr(e, 'strerror', None) or e})") from None
     requests = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for lineno, raw in jsonl_lines(path, "--prompts-file"):
         where = f"{path}:{lineno}"
-        row = parse(line, where)
+        row = checked(parse_line, raw, where)
         if not isinstance(row, dict) or ("prompt" in row) == ("messages" in row) or set(row) - PROMPT_KEYS:
             raise OrtloraError(f'{where}: expected {{"prompt": "..."}} or {{"messages": [...], "tools"?: [...]}}')
         if "prompt" in row and (not isinstance(row["prompt"], str) or "tools" in row):
             raise OrtloraError(f'{where}: "prompt" must be a string (and "tools" goes with "messages")')
-        messages = checked(row["messages"], "messages", where) if "messages" in row else None
-        tools = checked(row["tools"], "tools", where) if row.get("tools") is not None else None
+        messages = checked(check_messages, row["messages"], where) if "messages" in row else None
+        tools = checked(check_tools, row["tools"], where) if row.get("tools") is not None else None
         requests.append((row.get("prompt"), messages, tools))
     if not requests:
         raise OrtloraError(f"--prompts-file {path} holds no prompts")
