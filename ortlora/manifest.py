@@ -55,6 +55,12 @@ class LoraParameter:
     module: str  # "q_proj"
     kind: str  # "A", "B", or "magnitude" (DoRA's lora_magnitude_vector)
 
+    @property
+    def module_path(self) -> str:
+        """The adapted module's name in the base model, "model.layers.0.self_attn.q_proj" (its weight: + ".weight")."""
+        marker = f".{self.module}."
+        return self.onnx_name[: self.onnx_name.index(marker) + len(marker) - 1]
+
 
 @dataclass
 class Manifest:

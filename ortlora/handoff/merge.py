@@ -49,9 +49,7 @@ def lora_pairs(manifest: Manifest, weights: dict[str, np.ndarray]) -> dict[str, 
     """{"A": ..., "B": ...[, "magnitude": ...]} for every adapted projection, by the base model's weight name."""
     pairs: dict[str, dict[str, np.ndarray]] = {}
     for p in manifest.parameters:
-        suffix = ".lora_magnitude_vector" if p.kind == "magnitude" else f".lora_{p.kind}.weight"
-        base_name = p.onnx_name.removesuffix(suffix) + ".weight"
-        pairs.setdefault(base_name, {})[p.kind] = weights[p.onnx_name].astype(np.float32)
+        pairs.setdefault(p.module_path + ".weight", {})[p.kind] = weights[p.onnx_name].astype(np.float32)
     return pairs
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from ortlora.errors import OrtloraError, listing
 from ortlora.files import read_json
 from ortlora.lora_config import module_scaling
-from ortlora.manifest import LoraParameter, Manifest
+from ortlora.manifest import Manifest
 from ortlora.weights import read_tensors, tensor_problems, write_safetensors
 
 MLX_WEIGHTS = "adapters.safetensors"
@@ -42,12 +42,6 @@ LEAF = {"A": "lora_a", "B": "lora_b", "magnitude": "m"}
 def is_mlx_adapter(path: Path) -> bool:
     """An mlx-lm adapter directory: adapters.safetensors and its adapter_config.json."""
     return (path / MLX_WEIGHTS).is_file() and (path / MLX_CONFIG).is_file()
-
-
-def _module_path(p: LoraParameter) -> str:
-    """"model.layers.0.self_attn.q_proj" of a parameter ("model.layers.0.self_attn.q_proj.lora_A.weight")."""
-    marker = f".{p.module}."
-    return p.onnx_name[: p.onnx_name.index(marker) + len(marker) - 1]
 
 
 def _layout(manifest: Manifest, layer_count: int) -> tuple[int, int, list[str]]:
@@ -96,11 +90,11 @@ def write_peft_weights(manifest: Manifest, weights: dict[str, np.ndarray], path:
 def write_mlx(manifest: Manifest, weights: dict[str, np.ndarray], out: Path, layers: int, base: str) -> str:
     """Write adapters.safetensors + adapter_config.json into ``out`` as mlx-lm's trainer does. Returns a summary."""
     rank, num_layers, keys = _layout(manifest, layers)
-    modules = list(dict.fromkeys(_module_path(p) for p in manifest.parameters))
+    modules = list(dict.fromkeys(p.module_path for p in manifest.parameters))
     scale = module_scaling(manifest.lora, modules[0])
     tensors, folded = {}, set()
     for p in manifest.parameters:
-        module = _module_path(p)
+        module = p.module_path
         array = weights[p.onnx_name].astype(np.float32)
         if p.kind == "B" and (factor := module_scaling(manifest.lora, module) / scale) != 1.0:
             array = (array.astype(np.float64) * factor).astype(np.float32)
@@ -136,7 +130,7 @@ def load_mlx(directory: Path, manifest: Manifest) -> dict[str, np.ndarray]:
         problems.append(f"lora_parameters.scale is {scale!r}, not a number (mlx-lm's multiplier, PEFT's alpha / r)")
     expected, sources = {}, {}
     for p in manifest.parameters:
-        name = f"{_module_path(p)}.{LEAF[p.kind]}"
+        name = f"{p.module_path}.{LEAF[p.kind]}"
         expected[name] = p.shape[::-1] if p.kind != "magnitude" else p.shape
         sources[p.onnx_name] = name
     tensors = read_tensors(directory / MLX_WEIGHTS)
@@ -147,7 +141,7 @@ def load_mlx(directory: Path, manifest: Manifest) -> dict[str, np.ndarray]:
     for p in manifest.parameters:
         array = tensors[sources[p.onnx_name]].astype(np.float32)
         array = array.T if p.kind != "magnitude" else array
-        if p.kind == "B" and (factor := float(scale) / module_scaling(manifest.lora, _module_path(p))) != 1.0:
+        if p.kind == "B" and (factor := float(scale) / module_scaling(manifest.lora, p.module_path)) != 1.0:
             array = (array.astype(np.float64) * factor).astype(np.float32)
         weights[p.onnx_name] = np.ascontiguousarray(array)
     return weights
