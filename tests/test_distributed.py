@@ -130,3 +130,12 @@ def test_a_killed_worker_is_replaced_and_the_result_is_unchanged(artifacts, refe
 def test_bad_settings_are_one_line(artifacts, tmp_path, capsys):
     assert train_cli.main(["--artifacts", str(artifacts), "--out", str(tmp_path / "r"), "--workers", "0"]) == 2
     assert "--workers" in capsys.readouterr().err
+    # An address where nothing listens: one line at once, not Ray's minutes of retries; nothing written.
+    for address, message in (("127.0.0.1:1", "--ray-address 127.0.0.1:1: nothing answers at 127.0.0.1:1"),
+                             ("headnode", "--ray-address takes auto, HOST:PORT or ray://HOST:PORT")):
+        start = time.monotonic()
+        assert train_cli.main(["--artifacts", str(artifacts), "--out", str(tmp_path / "r"), "--workers", "2",
+                               "--ray-address", address]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and time.monotonic() - start < 30, err
+        assert not (tmp_path / "r").exists()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import time
 from collections import deque
 from pathlib import Path
@@ -40,6 +41,21 @@ def import_ray():
     except ImportError:
         raise OrtloraError('--workers needs Ray: pip install "ortlora[ray]"') from None
     return ray
+
+
+def check_reachable(address: str) -> None:
+    """--ray-address HOST:PORT or ray://HOST:PORT must answer: Ray itself retries an address where nothing
+    listens for many minutes, printing warnings. "auto" (the cluster this machine belongs to) is Ray's to find."""
+    if address == "auto":
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise OrtloraError(f"--ray-address takes auto, HOST:PORT or ray://HOST:PORT, not {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as e:
+        raise OrtloraError(f"--ray-address {address}: nothing answers at {host}:{port} ({e.strerror or e}); start the "
+                           "cluster's head there (ray start --head), or leave --ray-address out to use this machine") from None
 
 
 class Worker:
@@ -79,12 +95,17 @@ class RayBackend:
     def __init__(self, config: TrainConfig, artifacts: Path, on_message=print):
         ray = self.ray = import_ray()
         self.config, self.artifacts, self.on_message = config, str(Path(artifacts).resolve()), on_message
+        if config.ray_address:
+            check_reachable(config.ray_address)
         if not ray.is_initialized():
-            if config.ray_address:
-                ray.init(address=config.ray_address, log_to_driver=False)
-            else:  # a local cluster of this machine: one CPU slot per worker, however many cores there are
-                ray.init(num_cpus=max(os.cpu_count() or 1, config.workers), include_dashboard=False,
-                         log_to_driver=False)
+            try:
+                if config.ray_address:
+                    ray.init(address=config.ray_address, log_to_driver=False)
+                else:  # a local cluster of this machine: one CPU slot per worker, however many cores there are
+                    ray.init(num_cpus=max(os.cpu_count() or 1, config.workers), include_dashboard=False,
+                             log_to_driver=False)
+            except (ConnectionError, RuntimeError, ValueError) as e:  # e.g. auto with no cluster running here
+                raise OrtloraError(f"Ray could not start or join a cluster ({_reason(e)})") from None
         self._options = {"num_cpus": 1, "num_gpus": 1 if config.ep == "cuda" else 0, "max_restarts": 0}
         self.workers = [self._start() for _ in range(config.workers)]
         try:
