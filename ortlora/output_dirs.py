@@ -3,10 +3,11 @@
 Three commands write directories: ``ortlora-build`` (artifacts), ``ortlora-export`` (an adapter or a
 model) and ``ortlora-train`` (a run). The rules they share:
 
-- ``--force`` / ``--overwrite`` replace only a directory that is empty or that ortlora wrote (its
-  marker file is there), and never the current directory or one above it, a filesystem root, the home
-  directory, or a directory the command reads from (the model, the artifacts, the adapter). Anything
-  else is refused in one line before any work starts.
+- ``--force`` / ``--overwrite`` replace only a directory that is empty or that ortlora can prove it wrote,
+  every entry of it (ownership.py: listed in ortlora's own record, with the recorded size and SHA-256),
+  and never the current directory or one above it, a filesystem root, the home directory, or a
+  directory the command reads from (the model, the artifacts, the adapter). Anything else is refused
+  in one line before any work starts, and checked again just before the replacement.
 - Output is assembled in a staging directory beside the target and swapped in by renames, so a kill
   leaves either the old output or the new one, never a mix.
 - Staging directories carry their owner's process id in their name: one whose owner is gone is a
@@ -21,12 +22,13 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from ortlora.errors import OrtloraError
+from ortlora.ownership import named, seal, unproven
 
-# Written into every export's output, so that --force knows the directory is ortlora's.
+# Written into every export's output: what was exported, from what.
 EXPORT_MARKER = "ortlora-export.json"
 
 
@@ -55,25 +57,29 @@ def check_location(out: Path, reads: Iterable[Path] = ()) -> None:
             raise OrtloraError(f"{shown} would replace {source}, which this command reads; choose another --out")
 
 
-def check_output_dir(out: Path, *, flag: str, replace: bool, markers: tuple[str, ...], reads: Iterable[Path] = (),
-                     what: str = "ortlora", hint: str = "") -> None:
+def check_output_dir(out: Path, *, flag: str, replace: bool, reads: Iterable[Path] = (), what: str = "ortlora",
+                     hint: str = "", proof: Callable[[Path], list[str]] = unproven) -> None:
     """Refuse, in one line, an output directory that ortlora may not write or replace.
 
-    ``replace``: the user passed ``flag`` (--force, --overwrite). ``markers``: glob patterns, inside
-    the directory, of files whose presence says ``what`` wrote it. ``reads``: what the command reads.
+    ``replace``: the user passed ``flag`` (--force, --overwrite). ``reads``: what the command reads.
+    ``proof``: the entries of the directory that ortlora cannot prove it wrote (ownership.py).
     """
     check_location(out, reads)
     if not out.is_dir() or not any(out.iterdir()):
         return
-    if not owned(out, markers):
-        raise OrtloraError(f"--out {out} holds files that {what} did not write (no {markers[0]}); choose an empty "
-                           f"or new directory ({flag} replaces only ortlora's own output)")
+    check_owned(out, what, proof)
     if not replace:
-        raise OrtloraError(f"--out {out} already holds files; {hint}pass {flag} to replace them, or choose another --out")
+        raise OrtloraError(f"--out {out} already holds {what}'s output; {hint}pass {flag} to replace it, or choose "
+                           "another --out")
 
 
-def owned(directory: Path, markers: tuple[str, ...]) -> bool:
-    return any(next(directory.glob(pattern), None) is not None for pattern in markers)
+def check_owned(out: Path, what: str, proof: Callable[[Path], list[str]] = unproven) -> None:
+    """Refuse a directory holding anything that ortlora cannot prove it wrote; the message names no flag,
+    since none may replace it."""
+    strangers = proof(out)
+    if strangers:
+        raise OrtloraError(f"{out} holds {named(strangers)}, which {what} did not write (or which changed "
+                           "since); ortlora never removes them: choose an empty or new directory, or move them out")
 
 
 def pid_alive(pid: int) -> bool:
@@ -143,16 +149,20 @@ def staging_dir(out: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def replace_dir(new: Path, final: Path) -> None:
-    """Move the finished directory ``new`` to ``final``, replacing what is there, by renames only.
+def replace_dir(new: Path, final: Path, what: str = "ortlora") -> None:
+    """Record the finished directory ``new`` as ortlora's and move it to ``final``, replacing what is there
+    (only when all of it is proven ortlora's: checked again now, since the check before the work), by
+    renames only.
 
     The old directory is moved aside under a name that marks it stale (``.NAME.old-<pid>-...``) and
     removed after the new one is in place: a kill at any moment leaves a complete ``final`` (old or
     new), except between the two renames, where the old one survives beside it.
     """
+    seal(new)
     if not final.exists():
         new.rename(final)
         return
+    check_owned(final, what)
     aside = Path(tempfile.mkdtemp(prefix=f"{old_prefix(final)}{os.getpid()}-", dir=final.absolute().parent))
     final.rename(aside / final.name)
     new.rename(final)

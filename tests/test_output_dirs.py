@@ -15,6 +15,7 @@ import pytest
 from ortlora.build import cli as build_cli
 from ortlora.handoff import cli as export_cli
 from ortlora.output_dirs import replace_dir, staging_dir
+from ortlora.ownership import FILES_RECORD, seal
 from ortlora.runtime import cli as train_cli
 
 
@@ -84,9 +85,9 @@ def test_force_replaces_only_ortloras_own_output(tmp_path, capsys, monkeypatch, 
     (foreign / "config.json").write_text("{}")  # as in a model directory
     export = ["--artifacts", str(artifacts), "--adapter", str(trained_adapter), "--to", "peft"]
     assert build_cli.main(["--tiny", "--out", str(foreign), "--force"]) == 2
-    assert "did not write (no ortlora.json)" in one_line_error(capsys)
+    assert "config.json and notes.txt, which ortlora-build did not write" in one_line_error(capsys)
     assert export_cli.main([*export, "--out", str(foreign), "--force"]) == 2
-    assert "did not write (no ortlora-export.json)" in one_line_error(capsys)
+    assert "which ortlora-export did not write" in one_line_error(capsys)
     for flags in ([], ["--overwrite"]):  # without --overwrite too: training would overwrite config.json
         assert train_cli.main(["--artifacts", str(artifacts), "--out", str(foreign), "--max-steps", "1", *flags]) == 2
         assert "did not write" in one_line_error(capsys)
@@ -132,11 +133,12 @@ def test_a_kill_between_the_renames_of_a_replacement_loses_nothing(tmp_path):
     final = tmp_path / "out"
     final.mkdir()
     (final / "old.txt").write_text("old")
+    seal(final)  # ortlora's own output: replace_dir replaces nothing else
     new = tmp_path / "new"
     new.mkdir()
     (new / "new.txt").write_text("new")
     replace_dir(new, final)
-    assert [p.name for p in final.iterdir()] == ["new.txt"] and not list(tmp_path.glob(".out.old-*"))
+    assert sorted(p.name for p in final.iterdir()) == ["new.txt", FILES_RECORD] and not list(tmp_path.glob(".out.old-*"))
     # Killed after moving the old output aside, before moving the new one in: the next start puts it back.
     aside = tmp_path / f".out.old-{dead_pid()}-xyz"
     aside.mkdir()

@@ -210,7 +210,10 @@ def test_resume_refuses_an_optimizer_state_of_other_weights(artifacts, tmp_path,
     renamed = {k.replace("q_proj", "k_proj"): v for k, v in state.items()}  # AdamW would silently start over
     save_file(renamed, str(path))
     capsys.readouterr()
+    # Into the same directory, the changed file is not the run's own any more (ownership.py): refused as such.
     assert train("--resume", str(run), "--max-steps", "3") == 2
+    assert "checkpoint-2/optimizer.safetensors, which ortlora-train did not write" in capsys.readouterr().err
+    assert train("--resume", str(run), "--max-steps", "3", "--out", str(tmp_path / "elsewhere")) == 2
     err = capsys.readouterr().err
     assert "optimizer.safetensors does not match the artifacts" in err and err.count("\n") == 1
     assert find_checkpoint(run).name == "checkpoint-2"
@@ -227,11 +230,20 @@ def test_a_checkpoint_renamed_in_before_the_record_was_updated_is_the_latest(art
     assert find_checkpoint(run).name == "checkpoint-6"
 
 
-def test_a_run_stopped_before_its_first_checkpoint_is_started_again_without_overwrite(artifacts, tmp_path, capsys):
+def test_a_run_stopped_before_its_first_checkpoint_is_started_again_without_overwrite(artifacts, tmp_path, capsys,
+                                                                                      monkeypatch):
+    from ortlora.runtime import trainer as trainer_module
+
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "ortlora-run.json").write_text('{"latest": null, "seq": 0}')  # killed before its first save
-    (run / "log.jsonl").write_text('{"kind": "train", "step": 1}\n')
+
+    def one_step_then_die(self):  # killed before its first save, its first step logged
+        self._emit({"kind": "train", "step": 1})
+        raise RuntimeError("killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer_module.Trainer, "train", one_step_then_die)
+        assert train("--artifacts", str(artifacts), "--out", str(run), "--max-steps", "2") == 1
+    assert '"step": 1' in (run / "log.jsonl").read_text()
     assert train("--resume", str(run)) == 2
     assert "started again with the same --out, not resumed" in capsys.readouterr().err
     assert train("--artifacts", str(artifacts), "--out", str(run), "--max-steps", "2") == 0

@@ -20,7 +20,7 @@ from ortlora.build.recompute import MODES as RECOMPUTE_MODES
 from ortlora.errors import OrtloraError
 from ortlora.files import byte_size
 from ortlora.lora_config import scaling
-from ortlora.manifest import MANIFEST_NAME, PEFT_PREFIX, LoraParameter, Manifest
+from ortlora.manifest import PEFT_PREFIX, LoraParameter, Manifest
 from ortlora.output_dirs import check_output_dir, replace_dir, staging_dir
 from ortlora.weights import stored_tensors, weight_files, weights_sha256
 
@@ -75,7 +75,7 @@ class Stages:
 
 def check_out_dir(out_dir: Path, force: bool, model_dir: Path | None = None) -> None:
     """Refuse an --out that --force may not replace (output_dirs.check_output_dir), before any work."""
-    check_output_dir(out_dir, flag="--force", replace=force, markers=(MANIFEST_NAME,), what="ortlora-build",
+    check_output_dir(out_dir, flag="--force", replace=force, what="ortlora-build",
                      reads=[model_dir] if model_dir else [])
 
 
@@ -124,7 +124,7 @@ def build(options: BuildOptions, echo=print) -> Manifest:
     variant = lora_variant(options, config)
     with staging_dir(options.out_dir) as staging:
         manifest = _build_into(staging, config, options, variant, echo)
-        replace_dir(staging, options.out_dir)
+        replace_dir(staging, options.out_dir, "ortlora-build")
     return manifest
 
 

@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    check_output_dir(args.out, flag="--force", replace=args.force, markers=(EXPORT_MARKER,), what="ortlora-export",
+    check_output_dir(args.out, flag="--force", replace=args.force, what="ortlora-export",
                      reads=[p for p in (args.artifacts, args.adapter, args.base) if p is not None])
     manifest = Manifest.load(args.artifacts)
     adapter_dir = find_checkpoint(args.adapter)  # a checkpoint, RUN, RUN/best, a PEFT or an mlx-lm adapter
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         marker = {"to": args.to, "adapter": str(adapter_dir.resolve()), "artifacts": str(args.artifacts.resolve()),
                   "artifact_id": manifest.artifact_id, "ortlora": __version__}
         (staging / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        replace_dir(staging, args.out)
+        replace_dir(staging, args.out, "ortlora-export")
     print(f"wrote {args.out}: {summary} from {adapter_dir}")
     return 0
 

@@ -29,6 +29,7 @@ from ortlora.lora_config import peft_fields
 from ortlora.manifest import Manifest
 from ortlora.output_dirs import fresh_dir, replace_dir
 from ortlora.runtime.optim import state_problems
+from ortlora.ownership import seal
 from ortlora.runtime.run_dir import BEST, TRAINER_STATE, best_checkpoint, latest_checkpoint, next_seq, record_latest
 from ortlora.weights import read_tensors, tensor_problems
 
@@ -84,6 +85,7 @@ def save_checkpoint(
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(manifest, base_model), indent=2) + "\n")
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
         for file in tmp.iterdir():
+        seal(tmp)  # ortlora-files.json: what --keep-last and --overwrite may remove (ownership.py)
             with file.open("rb") as f:
                 os.fsync(f.fileno())
         _fsync_dir(tmp)

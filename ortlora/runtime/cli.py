@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import time
@@ -21,9 +22,18 @@ from ortlora.runtime.checkpoint import TRAINER_STATE, find_checkpoint, load_adap
 from ortlora.runtime.data import load_jsonl, pack
 from ortlora.runtime.providers import PROVIDERS, short_name
 from ortlora.runtime.report import JsonlLog, ProgressBar, TensorBoardLog, format_step, plot_losses, tensorboard_writer
-from ortlora.runtime.run_dir import RunDir, check_run_dir, write_json
+from ortlora.runtime.run_dir import (
+    LOG,
+    RunDir,
+    check_run_dir,
+    expect_event_files,
+    finished,
+    json_bytes,
+    mark_finished,
+    write_owned,
+)
 from ortlora.runtime.tokenizer import Tokenizer
-from ortlora.runtime.trainer import RunState, Trainer, TrainingStopped, plan_steps
+from ortlora.runtime.trainer import RunState, Trainer, TrainingStopped, keep_last, plan_steps
 
 BUILTIN = cfg.BUILTIN
 RESUME_ELSEWHERE = "resume from another checkpoint"
@@ -170,15 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     _, _, total = plan_steps(len(train), c)
     state = load_resume_state(resume_from, manifest)[1] if resume_from else {}
     done = state["position"]["step"] if resume_from else 0
-    if resume_from and done >= total:
-        print(f"{resume_from} has done all {total} steps of its run; nothing to do "
-              f"(pass a larger --max-steps or --epochs to train further)")
-        return 0
-    if resume_from and RunState.from_state(state, resume_from / TRAINER_STATE).stopped_early(c.early_stop_patience):
-        print(f"{resume_from} stopped early at step {done} (its eval loss had not improved for --early-stop-patience "
-              f"{c.early_stop_patience} evaluations); nothing to do (pass a larger --early-stop-patience, or 0, to "
-              "train further)")
-        return 0
+    if resume_from and (done >= total or RunState.from_state(state, resume_from / TRAINER_STATE).stopped_early(
+            c.early_stop_patience)):
+        return finish_ended_run(run_path, c, resume_from, state, same_run, done, total)
 
     remove_stale_temp(PROFILE_TEMP)
     backend = make_backend(c, artifacts, manifest)  # before the run directory: a provider's refusal writes nothing
@@ -197,7 +201,7 @@ def train_in(run_dir: Path, c: cfg.TrainConfig, artifacts: Path, manifest: Manif
              tokenizer: Tokenizer, train: list, evaluation: list, messages: list[str], resume_from: Path | None) -> int:
     backend_name, backend = backend
     c.out = str(run_dir)
-    log = JsonlLog(run_dir / "log.jsonl", append=resume_from is not None)
+    log = JsonlLog(run_dir / LOG)  # made (empty, or cut back to the checkpoint resumed) by RunDir.begin
     trainer = Trainer(c, manifest, backend, train, evaluation, tokenizer.pad_id, run_dir, base_model)
     if hasattr(backend, "on_message"):  # Ray's workers: a lost one is replaced, which the log says
         backend.on_message = trainer.note
@@ -207,14 +211,17 @@ def train_in(run_dir: Path, c: cfg.TrainConfig, artifacts: Path, manifest: Manif
     if resume_from:
         messages += trainer.restore(resume_from)
         messages.append(f"resumed from {resume_from} at step {trainer.position.step}")
-    write_json(run_dir / "config.json", c.with_absolute_paths().to_dict())
+    write_owned(run_dir, "config.json", json_bytes(c.with_absolute_paths().to_dict()))
 
     interactive = c.progress and sys.stderr.isatty()
     bar = ProgressBar(trainer.total_steps, trainer.position.step, enabled=interactive)
     trainer.callbacks = [log, bar]
     if c.report_to == "tensorboard":
         # A resume's events start after its checkpoint: TensorBoard drops the earlier process's from there on.
-        trainer.callbacks.append(TensorBoardLog(run_dir, purge_step=trainer.position.step + 1 if resume_from else None))
+        suffix = f".{time.time_ns()}.{os.getpid()}"
+        expect_event_files(run_dir, suffix)  # the writer's file is the run's from its first byte
+        trainer.callbacks.append(TensorBoardLog(run_dir, purge_step=trainer.position.step + 1 if resume_from else None,
+                                                suffix=suffix))
     if not interactive:  # logs and CI: about twenty plain lines instead of a bar
         every = max(1, trainer.total_steps // 20)
         trainer.callbacks.append(lambda r: print(format_step(r), flush=True)
@@ -242,9 +249,7 @@ def train_in(run_dir: Path, c: cfg.TrainConfig, artifacts: Path, manifest: Manif
     if getattr(backend, "placement", None):
         summary["nodes_per_provider"] = backend.placement
         print("nodes run per execution provider: " + ", ".join(f"{ep} {n}" for ep, n in backend.placement.items()))
-    if c.plot and plot_losses(run_dir / "log.jsonl", run_dir / "loss.png"):
-        summary["loss_curve"] = str(run_dir / "loss.png")
-    write_json(run_dir / "summary.json", summary)
+    finish(run_dir, c, summary)
     eval_text = f", eval loss {summary['eval_loss']:.4f} (perplexity {summary['eval_perplexity']:.2f})" if summary["eval_loss"] is not None else ""
     print(f"done: {summary['steps']} steps, {summary['trained_tokens']:,} trained tokens in {summary['wall_seconds']:.1f} s "
           f"({summary['tokens_per_s']:,.0f} tok/s), train loss {summary['train_loss']:.4f}{eval_text}, "
@@ -255,4 +260,40 @@ def train_in(run_dir: Path, c: cfg.TrainConfig, artifacts: Path, manifest: Manif
         print(f"best: {summary['best_checkpoint']} (eval loss {summary['best_eval_loss']:.4f}; {run_dir / 'best'} "
               "names it to ortlora-export and ortlora-generate)")
     print(f"adapter: {summary['checkpoint']}  (PeftModel.from_pretrained(base, that directory))")
+    return 0
+
+
+def finish(run_dir: Path, c: cfg.TrainConfig, summary: dict) -> None:
+    """The end of a run: its loss curve, summary.json, and the record that the end is done."""
+    png = plot_losses(run_dir / LOG) if c.plot else None
+    if png is not None:
+        write_owned(run_dir, "loss.png", png)
+        summary["loss_curve"] = str(run_dir / "loss.png")
+    write_owned(run_dir, "summary.json", json_bytes(summary))
+    mark_finished(run_dir, True)
+
+
+def finish_ended_run(run_path: Path, c: cfg.TrainConfig, resume_from: Path, state: dict, same_run: bool, done: int,
+                     total: int) -> int:
+    """--resume of a run whose last step is saved: nothing to train; the end of the run (--keep-last's removals,
+    loss.png, summary.json) is completed once, where a kill had stopped it."""
+    stopped_early = done < total
+    more = ("pass a larger --early-stop-patience, or 0, to train further" if stopped_early else
+            "pass a larger --max-steps or --epochs to train further")
+    what = (f"stopped early at step {done} (its eval loss had not improved for --early-stop-patience "
+            f"{c.early_stop_patience} evaluations)" if stopped_early else f"has done all {total} steps of its run")
+    summary = state.get("summary")
+    if not same_run or not isinstance(summary, dict) or finished(run_path):
+        print(f"{resume_from} {what}; nothing to do ({more})")
+        return 0
+    run = RunDir(run_path)  # locked until the end is written
+    try:
+        kept, refused = keep_last(run_path, RunState.from_state(state, resume_from / TRAINER_STATE), c.keep_last)
+        summary = {**summary, "checkpoint": str(resume_from), "checkpoints": [f"checkpoint-{s}" for s in kept]}
+        finish(run_path, c, summary)
+    finally:
+        run.close()
+    kept_note = f" (--keep-last kept {', '.join(refused)}: they hold files ortlora-train did not write)" if refused else ""
+    print(f"{resume_from} {what}; completed the end of the run that a stop had cut short: {run_path / 'summary.json'}"
+          f"{kept_note}")
     return 0

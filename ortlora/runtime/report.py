@@ -10,11 +10,10 @@ eval_loss and eval_perplexity.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import resource
 import sys
-import time
 from pathlib import Path
 
 from ortlora.errors import OrtloraError
@@ -40,8 +39,10 @@ def format_step(r: dict) -> str:
 
 
 class JsonlLog:
-    def __init__(self, path: Path, append: bool):
-        self._file = path.open("a" if append else "w", encoding="utf-8")
+    """Records appended to a log that the run directory made (run_dir.RunDir.begin)."""
+
+    def __init__(self, path: Path):
+        self._file = path.open("a", encoding="utf-8")
 
     def __call__(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")
@@ -74,12 +75,12 @@ class TensorBoardLog:
     ``purge_step``: a resume logs again from there, so TensorBoard drops what earlier event files hold at and
     after that step (a SessionLog START event, TensorBoard's own rule for restarted runs)."""
 
-    def __init__(self, run_dir: Path, purge_step: int | None):
+    def __init__(self, run_dir: Path, purge_step: int | None, suffix: str):
         # tensorboardX names a file by the second it opened it and truncates one of the same name: a resume within
         # the second (or in the same process) would erase the earlier events. The suffix keeps names unique and in
         # the order written, which is the order TensorBoard reads them in.
         self._writer = tensorboard_writer()(str(run_dir / TENSORBOARD_DIR), purge_step=purge_step, flush_secs=10,
-                                            filename_suffix=f".{time.time_ns()}.{os.getpid()}")
+                                            filename_suffix=suffix)
 
     def __call__(self, record: dict) -> None:
         for key, tag in TENSORBOARD_SCALARS.get(record["kind"], {}).items():
@@ -109,15 +110,15 @@ class ProgressBar:
         self._bar.close()
 
 
-def plot_losses(log_path: Path, out_path: Path) -> bool:
-    """Train (and eval) loss against step as a PNG. Returns False when matplotlib is missing."""
+def plot_losses(log_path: Path) -> bytes | None:
+    """Train (and eval) loss against step as a PNG's bytes; None when matplotlib is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
+        return None
     from ortlora.runtime.run_dir import read_log
 
     records = read_log(log_path)
@@ -133,6 +134,7 @@ def plot_losses(log_path: Path, out_path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
-    return True
+    return png.getvalue()

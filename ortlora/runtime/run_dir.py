@@ -15,6 +15,13 @@ highest ``seq`` the directory holds, so nothing written before it counts as newe
 ortlora-export, ortlora-generate) take the checkpoint of highest ``seq`` above the record's, else the
 record's own: a kill between a checkpoint's rename into place and the record's update loses nothing.
 
+The record also proves which files are the run's (ownership.py): config.json, summary.json and loss.png by
+size and SHA-256 (a file about to be replaced is listed with both contents until the rename is done), log.jsonl
+and TensorBoard's event files by their first bytes, as of the last checkpoint, and what follows them (the log's
+JSON Lines records); each checkpoint by its own ortlora-files.json. Starting over (--overwrite, or a run killed
+before its first checkpoint), resuming into the directory and --keep-last remove or replace only what this
+proves; a directory holding anything else is refused before any work.
+
 ``RUN/best`` names the checkpoint of lowest eval loss. Each checkpoint's trainer_state.json records the
 best so far (its step and eval loss; every new best is saved as a checkpoint), so the latest checkpoint
 names the run's best, through kills and resumes alike, and --keep-last never removes it.
@@ -28,39 +35,36 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from ortlora.errors import OrtloraError
 from ortlora.files import read_json
 from ortlora.output_dirs import check_output_dir
+from ortlora.ownership import describe, describe_bytes, matches, read_record, unproven, write_atomic, write_record
 
 RUN_STATE = "ortlora-run.json"
 TRAINER_STATE = "trainer_state.json"  # a checkpoint's (checkpoint.py)
 LOCK_FILE = ".ortlora-run.lock"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-# What ortlora-train writes into a run directory: --overwrite removes these and nothing else.
-RUN_FILES = ("config.json", "log.jsonl", "summary.json", "loss.png", RUN_STATE)
-# A run directory is ortlora-train's when it has its record, or (runs of older versions) a checkpoint.
-RUN_MARKERS = (RUN_STATE, LOCK_FILE, f"checkpoint-*/{TRAINER_STATE}")
+LOG = "log.jsonl"
+# What ortlora-train writes into a run directory besides checkpoints, TensorBoard's files and its lock.
+RUN_FILES = ("config.json", LOG, "summary.json", "loss.png", RUN_STATE)
+# Temporaries of a killed run, by the names ortlora gives them: removed at the next start (under the lock).
+LEFTOVER_RE = re.compile(r"^\.checkpoint-\d+\.(tmp|old)-[\w-]+$|^\.(" + "|".join(map(re.escape, RUN_FILES))
+                         + r")\.tmp-\w+$")
 NAME_A_CHECKPOINT = "name a checkpoint directory (RUN/checkpoint-STEP) instead"
 BEST = "best"  # RUN/best: the checkpoint of lowest eval loss
 TENSORBOARD_DIR = "tensorboard"
 
 
+def json_bytes(data) -> bytes:
+    """JSON text as ortlora writes it; NaN and infinity become null."""
+    return (json.dumps(_finite(data), indent=2, allow_nan=False) + "\n").encode()
+
+
 def write_json(path: Path, data) -> None:
     """Write JSON atomically (a temporary file renamed over ``path``); NaN and infinity become null."""
-    text = json.dumps(_finite(data), indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json_bytes(data))
 
 
 def _finite(value):
@@ -73,8 +77,122 @@ def _finite(value):
     return value
 
 
+# -- the record: the latest checkpoint, and the proof of the run's own files ------------------------------
+def _load(run_dir: Path) -> dict:
+    record = read_record(run_dir / RUN_STATE)
+    return record if record and isinstance(record.get("files"), dict) else {"latest": None, "seq": 0, "files": {}}
+
+
+def _save(run_dir: Path, record: dict) -> None:
+    record["files"].update(_growing(run_dir, record["files"]))
+    write_record(run_dir / RUN_STATE, record)
+
+
+def _growing(run_dir: Path, files: dict) -> dict:
+    """The log's and TensorBoard's files as they are now (their first bytes prove them from here on)."""
+    found = {}
+    log = run_dir / LOG
+    if LOG in files and matches(log, files[LOG], _log_tail):
+        found[LOG] = [{**describe(log), "grows": True}]
+    board = run_dir / TENSORBOARD_DIR
+    if board.is_dir() and not board.is_symlink():
+        for path in board.iterdir():
+            name = f"{TENSORBOARD_DIR}/{path.name}"
+            if _event_file_known(path, files):
+                found[name] = [{**describe(path), "grows": True}]
+    return found
+
+
+def _log_tail(data: bytes) -> bool:
+    """What follows the recorded part of log.jsonl: its records, the last one perhaps torn by a kill."""
+    lines = data.split(b"\n")
+    for i, line in enumerate(lines):
+        if i == len(lines) - 1:
+            return not line or line.startswith(b"{")
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            return False
+        if not (isinstance(record, dict) and "kind" in record):
+            return False
+    return True
+
+
+def _event_file_known(path: Path, files: dict) -> bool:
+    """An event file this run's writer made: recorded by name, or by the suffix given to its writer."""
+    name = f"{TENSORBOARD_DIR}/{path.name}"
+    if name in files:
+        return matches(path, files[name], lambda tail: True)
+    suffixes = [k[len(TENSORBOARD_DIR) + 2:] for k in files if k.startswith(f"{TENSORBOARD_DIR}/*")]
+    return any(path.name.endswith(s) for s in suffixes) and path.is_file() and not path.is_symlink()
+
+
 def record_latest(run_dir: Path, checkpoint: Path | None, seq: int) -> None:
-    write_json(run_dir / RUN_STATE, {"latest": checkpoint.name if checkpoint else None, "seq": seq})
+    record = _load(run_dir)
+    record.update(latest=checkpoint.name if checkpoint else None, seq=seq)
+    _save(run_dir, record)
+
+
+def write_owned(run_dir: Path, name: str, data: bytes, grows: bool = False) -> None:
+    """Write one of the run's own files atomically, with the record proving it at every moment: listed with
+    the old and the new content while the file is replaced, then with the new one alone."""
+    record, new = _load(run_dir), {**describe_bytes(data), **({"grows": True} if grows else {})}
+    record["files"][name] = [*record["files"].get(name, []), new]
+    _save(run_dir, record)
+    write_atomic(run_dir / name, data)
+    record = _load(run_dir)
+    record["files"][name] = [new]
+    _save(run_dir, record)
+
+
+def expect_event_files(run_dir: Path, suffix: str) -> None:
+    """TensorBoard's writer is about to make a file whose name ends in ``suffix``: record it as the run's first."""
+    record = _load(run_dir)
+    record["files"][f"{TENSORBOARD_DIR}/*{suffix}"] = [{"size": 0, "sha256": describe_bytes(b"")["sha256"],
+                                                       "grows": True}]
+    _save(run_dir, record)
+
+
+def mark_finished(run_dir: Path, finished: bool) -> None:
+    """Whether the end of the run (summary.json, --keep-last's removals) is done, for a resume to complete it."""
+    record = _load(run_dir)
+    record["finished"] = finished
+    _save(run_dir, record)
+
+
+def finished(run_dir: Path) -> bool:
+    return bool(_load(run_dir).get("finished"))
+
+
+def _is_lock_file(path: Path) -> bool:
+    """The lock file as ortlora-train leaves it: empty, or the process id of its last holder."""
+    if path.is_symlink() or not path.is_file() or path.stat().st_size > 20:
+        return False
+    text = path.read_bytes().strip()
+    return not text or text.isdigit()
+
+
+def unproven_in_run(run_dir: Path) -> list[str]:
+    """Entries of a run directory that its record (and each checkpoint's) does not prove ortlora-train's."""
+    record = read_record(run_dir / RUN_STATE)
+    files = record.get("files") if record else None
+    if not isinstance(files, dict):  # no record of ortlora-train's: nothing but a lock it left is its own
+        return sorted(p.name for p in run_dir.iterdir() if not (p.name == LOCK_FILE and _is_lock_file(p)))
+    strangers = []
+    for entry in sorted(run_dir.iterdir()):
+        name = entry.name
+        if name == RUN_STATE or LEFTOVER_RE.match(name) and not entry.is_symlink():
+            continue
+        if name == LOCK_FILE:
+            if not _is_lock_file(entry):
+                strangers.append(name)
+        elif CHECKPOINT_RE.match(name) and entry.is_dir() and not entry.is_symlink():
+            strangers += [f"{name}/{inner}" for inner in unproven(entry)]
+        elif name == TENSORBOARD_DIR and entry.is_dir() and not entry.is_symlink():
+            strangers += [f"{name}/{p.name}" for p in sorted(entry.iterdir()) if not _event_file_known(p, files)]
+        elif not matches(entry, files.get(name, []), _log_tail if name == LOG else None):
+            strangers.append(name)
+    return strangers
 
 
 def _record(run_dir: Path) -> tuple[str | None, int] | None:
@@ -142,25 +260,33 @@ def best_checkpoint(run_dir: Path) -> Path:
     return path
 
 
-def remove_checkpoint(checkpoint: Path) -> None:
-    """--keep-last's removal: renamed out of the way first (a leftover's name, which the next start removes), so
-    a kill during the removal never leaves part of a checkpoint under a checkpoint's name."""
-    if checkpoint.is_dir():
-        doomed = checkpoint.parent / f".{checkpoint.name}.tmp-removed-{os.getpid()}"
-        os.replace(checkpoint, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+def remove_checkpoint(checkpoint: Path) -> bool:
+    """--keep-last's removal, of a checkpoint proven ortlora's (False, and nothing removed, otherwise): renamed
+    out of the way first (a leftover's name, which the next start removes), so a kill during the removal never
+    leaves part of a checkpoint under a checkpoint's name."""
+    if not checkpoint.is_dir():
+        return True
+    if checkpoint.is_symlink() or unproven(checkpoint):
+        return False
+    doomed = checkpoint.parent / f".{checkpoint.name}.tmp-removed-{os.getpid()}"
+    os.replace(checkpoint, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+    return True
 
 
 def check_run_dir(out: Path, *, resuming_from: Path | None, overwrite: bool, reads: list[Path]) -> tuple[bool, bool]:
-    """Refuse an --out that this run may not write, before any work. Returns whether the run continues
+    """Refuse an --out that this run may not write, before any work: one holding anything that is not proven
+    ortlora-train's (see the module's docstring), whatever the flags. Returns whether the run continues
     its own directory (a resume into the run directory of the checkpoint), and whether it starts the
     directory over: --overwrite, or a run of ours that stopped before its first checkpoint (nothing
     in it can be resumed, so nothing is lost)."""
     same_run = resuming_from is not None and out.resolve() == resuming_from.resolve().parent
-    unfinished = out.is_dir() and (out / RUN_STATE).is_file() and latest_checkpoint(out) is None
-    check_output_dir(out, flag="--overwrite", replace=overwrite or same_run or unfinished, markers=RUN_MARKERS,
-                     what="ortlora-train", reads=[] if same_run else reads,
-                     hint=f"continue that run with --resume {out}, or ")
+    if (out / LOCK_FILE).is_file() and _is_lock_file(out / LOCK_FILE):
+        _lock(out).close()  # a run training there now: say so, whatever else the directory holds
+    unfinished = out.is_dir() and read_record(out / RUN_STATE) is not None and latest_checkpoint(out) is None
+    check_output_dir(out, flag="--overwrite", replace=overwrite or same_run or unfinished, what="ortlora-train",
+                     reads=[] if same_run else reads, hint=f"continue that run with --resume {out}, or ",
+                     proof=unproven_in_run)
     return same_run, (overwrite or unfinished) and not same_run
 
 
@@ -175,7 +301,7 @@ class RunDir:
 
     def _remove_leftovers(self) -> int:
         """Half-written checkpoints and files of killed runs: none of them has an owner while we hold the lock."""
-        leftovers = [p for p in self.path.iterdir() if p.name.startswith((".checkpoint-", *(f".{n}.tmp-" for n in RUN_FILES)))]
+        leftovers = [p for p in self.path.iterdir() if LEFTOVER_RE.match(p.name) and not p.is_symlink()]
         for entry in leftovers:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         return len(leftovers)
@@ -193,40 +319,41 @@ class RunDir:
                 span = abandoned[0] if len(abandoned) == 1 else f"{abandoned[0]} to {abandoned[-1]}"
                 said.append(f"{span} in {self.path} belong to the run abandoned at {resume_from.name}; "
                             "the run's latest checkpoint is the one it writes last")
-        elif not (self.path / RUN_STATE).is_file():
-            record_latest(self.path, None, 0)
+        else:
+            if read_record(self.path / RUN_STATE) is None:
+                record_latest(self.path, None, 0)
+            write_owned(self.path, LOG, b"", grows=True)
+        mark_finished(self.path, False)
         return said
 
     def start_over(self) -> None:
-        """--overwrite: remove the previous run's checkpoints and files, and nothing else."""
+        """--overwrite: remove the previous run's checkpoints and files, each proven the run's, and nothing else."""
+        strangers = unproven_in_run(self.path)
+        if strangers:  # checked before the work began: something came in since
+            raise OrtloraError(f"{self.path} holds {strangers[0]}, which ortlora-train did not write; "
+                               "nothing was removed: choose an empty or new directory, or move it out")
         for entry in self.path.iterdir():
-            if (CHECKPOINT_RE.match(entry.name) or entry.name == TENSORBOARD_DIR) and entry.is_dir():
+            if CHECKPOINT_RE.match(entry.name) and entry.is_dir():
+                remove_checkpoint(entry)
+            elif entry.name == TENSORBOARD_DIR and entry.is_dir():
                 shutil.rmtree(entry)
-            elif entry.name in RUN_FILES:
+            elif entry.name in RUN_FILES and entry.name != RUN_STATE:
                 entry.unlink()
-        record_latest(self.path, None, next_seq(self.path) - 1)
+        write_record(self.path / RUN_STATE, {"latest": None, "seq": next_seq(self.path) - 1, "files": {}})
 
     def continue_from(self, checkpoint: Path, step: int) -> list[str]:
         """A resume: the run's latest checkpoint is the one it resumes from, and its log ends there.
         Returns the names of later checkpoints, left by the branch that the resume abandons."""
         same_dir = checkpoint.parent.resolve() == self.path.resolve()
         record_latest(self.path, checkpoint if same_dir else None, next_seq(self.path) - 1)
-        log = self.path / "log.jsonl"
-        if log.is_file():
-            kept = [r for r in read_log(log) if r.get("step", 0) <= step]
-            _write_lines(log, kept)
+        log = self.path / LOG
+        kept = [r for r in read_log(log) if r.get("step", 0) <= step] if log.is_file() else []
+        write_owned(self.path, LOG, b"".join(json.dumps(r).encode() + b"\n" for r in kept), grows=True)
         return sorted((p.name for p in self.path.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and int(m.group(1)) > step),
                       key=lambda n: int(n.split("-")[1]))
 
     def close(self) -> None:
         self._lock.close()
-
-
-def _write_lines(path: Path, records: list[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    os.replace(tmp, path)
 
 
 def read_log(path: Path) -> list[dict]:

@@ -106,6 +106,20 @@ def accumulate(backend: TrainingBackend, batches: list[dict[str, np.ndarray]]) -
     return loss, grads, tokens
 
 
+def keep_last(run_dir: Path, run: RunState, n: int) -> tuple[list[int], list[str]]:
+    """--keep-last N: remove the run's checkpoints but the N newest and the best, each only when proven
+    ortlora's. Returns the steps of the checkpoints left, and the names of those kept for holding other files."""
+    if not n:
+        return run.checkpoints, []
+    keep = set(run.checkpoints[-n:]) | ({run.best["step"]} if run.best is not None else set())
+    refused = []
+    for step in run.checkpoints:
+        if step not in keep and not remove_checkpoint(run_dir / f"checkpoint-{step}"):
+            keep.add(step)
+            refused.append(f"checkpoint-{step}")
+    return [step for step in run.checkpoints if step in keep], refused
+
+
 def plan_steps(n_examples: int, config: TrainConfig) -> tuple[int, int, int]:
     """Micro-batches per epoch, optimizer steps per epoch and optimizer steps in all. A step reads --grad-accum
     micro-batches on each of --workers workers."""
@@ -143,6 +157,7 @@ class Trainer:
         self._saved: dict[int, Path] = {}  # step -> checkpoint written by this run
         self.run = RunState()
         self.stop_reason: str | None = None  # why training ended before its last step (early stopping)
+        self.summary: dict | None = None  # the run's end, kept in its last checkpoint for a resume to finish it
 
     # -- state ---------------------------------------------------------------------------------
     def restore(self, directory: Path) -> list[str]:
@@ -174,12 +189,13 @@ class Trainer:
         """Write a checkpoint of the current state, or of ``snapshot``; a step this run saved already is
         the same state (positions only move forward), so its checkpoint is not written again."""
         s = snapshot or Snapshot(self.backend.weights(), self.optimizer.state_dict(), self.position, self.last_loss)
-        if s.position.step in self._saved:
+        if s.position.step in self._saved and self.summary is None:
             return self._saved[s.position.step]
         lr = self.schedule(max(s.position.step - 1, 0))
         self.run.checkpoints = sorted(set(self.run.checkpoints) | {s.position.step})
         state = {"position": vars(s.position), "config": self.config.with_absolute_paths().to_dict(),
-                 "skipped_steps": self.skipped_steps, **vars(self.run)}
+                 "skipped_steps": self.skipped_steps, **vars(self.run),
+                 **({"summary": self.summary} if self.summary is not None else {})}
         metadata = {"epoch": s.position.epoch, "loss": s.loss, "lr": lr}
         path = ckpt.save_checkpoint(self.run_dir, s.position.step, self.manifest, self.base_model,
                                     s.weights, s.optimizer, state, metadata)
@@ -189,16 +205,12 @@ class Trainer:
 
     def _rotate(self) -> None:
         """--keep-last N: remove this run's checkpoints but the N newest and the best."""
-        if not self.config.keep_last:
-            return
-        keep = set(self.run.checkpoints[-self.config.keep_last:])
-        if self.run.best is not None:
-            keep.add(self.run.best["step"])
-        for step in self.run.checkpoints:
-            if step not in keep:
-                remove_checkpoint(self.run_dir / f"checkpoint-{step}")
-                self._saved.pop(step, None)
-        self.run.checkpoints = [step for step in self.run.checkpoints if step in keep]
+        kept, refused = keep_last(self.run_dir, self.run, self.config.keep_last)
+        for step in set(self.run.checkpoints) - set(kept):
+            self._saved.pop(step, None)
+        self.run.checkpoints = kept
+        for name in refused:
+            self.note(f"--keep-last kept {name}: it holds files that ortlora-train did not write")
 
     def _track(self, eval_loss: float) -> bool:
         """Count an evaluation toward the best and the patience; True when it is a new best."""
@@ -323,9 +335,9 @@ class Trainer:
             eval_loss = self.evaluate()
             if eval_loss is not None:
                 self._track(eval_loss)
-        saved = self.save()
         best = self.run.best
-        return {
+        final = self.run_dir / f"checkpoint-{self.position.step}"
+        self.summary = {
             "steps": self.position.step,
             "total_steps": self.total_steps,
             "skipped_steps": self.skipped_steps,
@@ -336,15 +348,17 @@ class Trainer:
             "eval_loss": eval_loss,
             "eval_perplexity": math.exp(min(eval_loss, 50)) if eval_loss is not None else None,
             "peak_rss_mb": round(peak_rss_mb(), 1),
-            "checkpoint": str(saved),
+            "checkpoint": str(final),
             "best_checkpoint": str(self.run_dir / f"checkpoint-{best['step']}") if best else None,
             "best_step": best["step"] if best else None,
             "best_eval_loss": best["eval_loss"] if best else None,
             "stopped_early": self.stop_reason is not None,
             "stop_reason": self.stop_reason,
-            "checkpoints": [f"checkpoint-{step}" for step in self.run.checkpoints],
             "run_trained_tokens": self.run.trained_tokens,
         }
+        saved = self.save()  # holds the summary: a resume after a kill from here on finishes the run's end
+        return {**self.summary, "checkpoint": str(saved),
+                "checkpoints": [f"checkpoint-{step}" for step in self.run.checkpoints]}
 
     def _bad_step(self, what: str, good: Snapshot | None) -> None:
         """A NaN or infinite loss, gradient or weight: go back to the last state known good (the one
