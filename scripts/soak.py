@@ -5,9 +5,10 @@
 Setup: the tiny artifacts, an uninterrupted reference run (--steps, a checkpoint every 3, eval every 20)
 and its exports. Trials, 60% train, 20% build, 20% export:
   train   the reference run killed at a uniform moment of its expected time, or (AIM) as a checkpoint is
-          being written or just renamed in place; then resumed, killed again with chance REKILL, until
-          done. Every checkpoint must load and none may vanish; at the end each must equal the reference's,
-          log.jsonl and summary.json parse, and --resume of the finished run works.
+          being written, just renamed in place, or the final one just renamed in (before the run's end is
+          written); then resumed, killed again with chance REKILL, until done. Every checkpoint must load and
+          none may vanish; at the end each must equal the reference's, log.jsonl and summary.json parse, and
+          --resume of the finished run changes nothing.
   build   killed at random, into a fresh directory or (REPLACE) with --force over an earlier output, half
   export  of those as it is swapped out: nothing, a complete output or the earlier one must be left; the
           rerun must load (build) or equal the reference export byte for byte (export).
@@ -196,9 +197,9 @@ def train_trial(s: Soak, i: int, _to: str) -> str:
         saved, temp_before = checkpoints(run_dir), entries(run_dir, *CHECKPOINT_TEMP)
         proc = s.launch(cmd, log)
         if attempt == 0 or s.rng.random() < REKILL:
-            # AIM: from a random moment on, kill as the next checkpoint's temporary directory, or (half of
-            # those) the checkpoint itself, appears: while it is written, or just after it is renamed in place
-            aim = s.rng.random() < AIM and s.rng.choice([CHECKPOINT_TEMP[0], "checkpoint-*"])
+            # AIM: from a random moment on, kill as the next checkpoint's temporary directory, the checkpoint
+            # itself, or the final checkpoint appears: while it is written, or just after it is renamed in place
+            aim = s.rng.random() < AIM and s.rng.choice([CHECKPOINT_TEMP[0], "checkpoint-*", f"checkpoint-{s.steps}"])
             s.count[f"kills aimed at {aim}"] += bool(aim)
             if kill_at(proc, s.rng.uniform(0, s.seconds["train"]), appears(run_dir, aim) if aim else None):
                 new = entries(run_dir, *CHECKPOINT_TEMP) - temp_before
@@ -206,6 +207,8 @@ def train_trial(s: Soak, i: int, _to: str) -> str:
                                 "leftovers after kills": len(new)})
                 if lost := sorted(set(saved) - set(checkpoints(run_dir))):
                     raise TrialFailed(f"checkpoints {lost} vanished when the run was killed", "lost")
+                s.count["kills after the last step was saved"] += (s.steps in checkpoints(run_dir)
+                                                                   and not (run_dir / "summary.json").exists())
                 resume = bool(checkpoints(run_dir))
                 s.count["resumes" if resume else "train reruns"] += 1
                 cmd = resume_cmd if resume else s.train_cmd(run_dir, "--overwrite")
@@ -236,9 +239,10 @@ def check_finished_run(s: Soak, run_dir: Path, resume_cmd: list[str], log: str) 
     s.count["steps logged twice"] += len(steps) - len(set(steps))
     if json.loads((run_dir / "summary.json").read_text()).get("steps") != s.steps:
         raise TrialFailed(f"{run_dir}/summary.json does not report {s.steps} steps")
-    final = (found[s.steps] / files[0]).read_bytes()
+    final, ended = (found[s.steps] / files[0]).read_bytes(), (run_dir / "summary.json").read_bytes()
     s.run(resume_cmd, log)  # a finished run: nothing to do
-    s.count["finished-run resumes that rewrote it"] += (found[s.steps] / files[0]).read_bytes() != final
+    s.count["finished-run resumes that rewrote it"] += ((found[s.steps] / files[0]).read_bytes() != final
+                                                        or (run_dir / "summary.json").read_bytes() != ended)
     return diff
 
 
@@ -312,7 +316,9 @@ def summary(s: Soak, plan: list[tuple[str, str]], seconds: float, seed: int) -> 
     rows = {
         "trials": ", ".join(f"{k} {n}" for k, n in kinds.items()) + (f" (export: {exports})" if exports else ""),
         "kills": f"{c['kills']}, {c['kills in checkpoint writes']} during a checkpoint write (aimed at one being "
-                 f"written {c['kills aimed at .checkpoint-*.tmp-*']}, just renamed {c['kills aimed at checkpoint-*']}); "
+                 f"written {c['kills aimed at .checkpoint-*.tmp-*']}, just renamed {c['kills aimed at checkpoint-*']}, "
+                 f"the final one just renamed {c[f'kills aimed at checkpoint-{s.steps}']}); "
+                 f"{c['kills after the last step was saved']} left the last step saved and the run's end unwritten; "
                  f"{c['finished before the kill']} processes finished before their kill",
         "build/export kills left": f"{c['left complete']} complete, {c['left absent']} nothing, "
                                    f"{c['left old one aside']} the old one aside "
@@ -326,7 +332,8 @@ def summary(s: Soak, plan: list[tuple[str, str]], seconds: float, seed: int) -> 
         "max diff vs reference": f"{s.diff} (each checkpoint's adapter and optimizer state, exports; must be 0.0)",
         "exports byte-equal": f"{c['exports equal byte for byte']} of {kinds['export']}",
         "anomalies": f"{c['steps logged twice']} train steps logged twice in log.jsonl; "
-                     f"{c['finished-run resumes that rewrote it']} finished-run resumes rewrote the last checkpoint",
+                     f"{c['finished-run resumes that rewrote it']} finished-run resumes rewrote the last checkpoint or "
+                     "summary.json",
         "failures": len(s.failures),
     }
     for name, text in rows.items():

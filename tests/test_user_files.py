@@ -227,3 +227,36 @@ def test_records_are_checked_not_trusted(tmp_path):
     planted(d, "a.bin", b"12346")  # same size, other content
     planted(d, "sub/c.bin")
     assert unproven(d) == ["a.bin", "sub/c.bin"]
+
+
+# -- a run that finishes, finishes: a kill after its last checkpoint is completed by --resume, once ------------
+def test_a_kill_just_after_the_final_checkpoint_is_finished_by_resume_exactly_once(tmp_path, capsys, artifacts,
+                                                                                   monkeypatch):
+    from ortlora.runtime import checkpoint as checkpoint_module
+
+    out = tmp_path / "run"
+    rename_in = checkpoint_module.replace_dir
+
+    def killed_after_the_last(new, final, *args):  # the kill lands right after the rename, before the record
+        rename_in(new, final, *args)
+        if final.name == "checkpoint-4":
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint_module, "replace_dir", killed_after_the_last)
+        assert train(artifacts, out, "--max-steps", "4", "--save-every", "1", "--keep-last", "1", "--plot") == 130
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    assert not (out / "summary.json").exists()
+    capsys.readouterr()
+
+    resume = ["--resume", str(out), "--no-progress"]
+    assert train_cli.main(resume) == 0
+    assert "completed the end of the run" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["checkpoints"] == ["checkpoint-4"]
+    assert summary["checkpoint"] == str(out / "checkpoint-4") and (out / "loss.png").is_file()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]  # --keep-last 1, done now
+    finished = snapshot(out)
+    assert train_cli.main(resume) == 0  # the end is done: it is not done again
+    assert "nothing to do" in capsys.readouterr().out
+    assert snapshot(out) == finished
