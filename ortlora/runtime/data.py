@@ -20,7 +20,7 @@ import numpy as np
 
 from ortlora.errors import OrtloraError
 from ortlora.files import json_type, parse_json
-from ortlora.runtime.tokenizer import TemplateRenderError, Tokenizer
+from ortlora.runtime.tokenizer import TemplateRenderError, TemplateTooCostly, Tokenizer
 
 IGNORE_INDEX = -100
 
@@ -262,6 +262,8 @@ def load_jsonl(path: Path, tokenizer: Tokenizer, max_seq_len: int, on_bad: str =
     for lineno, raw in jsonl_lines(path):
         try:
             example, truncated = encode_example(parse_line(raw), tokenizer, max_seq_len)
+        except TemplateTooCostly as e:  # the template's fault, not the line's: the run stops, naming the line
+            raise OrtloraError(f"{path}:{lineno}: {e}") from None
         except BadExample as e:
             where = f"{path}:{lineno}: {e}"
             if on_bad == "stop":

@@ -6,16 +6,85 @@ as files, and the template is rendered with jinja2 the way transformers renders 
 
 from __future__ import annotations
 
+import functools
+import re
+import string
 from pathlib import Path
 
 import numpy as np
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from ortlora.errors import OrtloraError, one_line
+from ortlora.errors import REBUILD, OrtloraError, one_line
 from ortlora.files import json_type, read_json, read_text
+from ortlora.manifest import MANIFEST_NAME
 
 
 class TemplateRenderError(OrtloraError):
     """The chat template failed on one conversation: a data problem where the messages are a dataset's line."""
+
+
+class TemplateTooCostly(OrtloraError):
+    """The chat template exceeded its budget of operations or text on one conversation: the template's fault (a
+    loop that never ends, text that doubles), so the run stops rather than skipping every line."""
+
+
+# What one rendering of the chat template may cost, relative to the size of what it renders (the characters of
+# every string in the messages and tools, plus one per message, key and list item). Qwen2.5's template, tools and
+# tool calls included, takes about 0.25 operations per unit of size (13.5 per message; a message is at least ~20)
+# and writes 1.3 to 2.6 characters per unit (its system prompt of tools included), so 4 operations and 8
+# characters per unit leave it a margin of 4 to 16 times, and the bases cover any fixed preamble. An operation
+# costs ~2 microseconds (a macro call, on this project's 2-core machine), so the base allows ~0.4 s, and the
+# longest data line (64 MiB) at most ~8 minutes of a template that loops over every character.
+TEMPLATE_BASE_OPERATIONS = 200_000  # each call, filter, attribute or item lookup, operator and loop iteration
+TEMPLATE_OPERATIONS_PER_CHAR = 4
+TEMPLATE_BASE_CHARS = 1 << 20  # 1 MiB of output (and of any one string or list made on the way)
+TEMPLATE_CHARS_PER_CHAR = 8
+TEMPLATE_MAX_INT_BITS = 1 << 16  # a number of up to ~19,700 digits: enough for arithmetic, not for 9 ** 9 ** 9
+TEMPLATE_MAX_JSON_INDENT = 16
+
+
+def _size(value) -> int:
+    """The size of what a template renders: characters of its strings, plus one per item."""
+    if isinstance(value, str):
+        return len(value) + 1
+    if isinstance(value, dict):
+        return 1 + sum(_size(k) + _size(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return 1 + sum(_size(v) for v in value)
+    return 1
+
+
+class _Budget:
+    """The operations and characters one rendering may still spend."""
+
+    def __init__(self, source: str, size: int):
+        self.source = source
+        self.max_operations = TEMPLATE_BASE_OPERATIONS + TEMPLATE_OPERATIONS_PER_CHAR * size
+        self.max_chars = TEMPLATE_BASE_CHARS + TEMPLATE_CHARS_PER_CHAR * size
+        self.operations = 0
+        self.chars = 0
+
+    def charge(self) -> None:
+        self.operations += 1
+        if self.operations > self.max_operations:
+            raise TemplateTooCostly(
+                f"the chat template of {self.source} took more than {self.max_operations:,} operations rendering one "
+                f"conversation (a template may take {TEMPLATE_BASE_OPERATIONS:,} plus {TEMPLATE_OPERATIONS_PER_CHAR} "
+                "per character of the conversation); use a chat template without loops that run that long")
+
+    def too_large(self, what: str, size: int) -> TemplateTooCostly:
+        return TemplateTooCostly(
+            f"the chat template of {self.source} made a value of {size:,} characters or items ({what}) rendering one "
+            f"conversation, more than the {self.max_chars:,} allowed ({TEMPLATE_BASE_CHARS:,} plus "
+            f"{TEMPLATE_CHARS_PER_CHAR} per character of the conversation)")
+
+    def check_size(self, what: str, size: int) -> None:
+        if size > self.max_chars:
+            raise self.too_large(what, size)
+
+    def output(self, chars: int) -> None:
+        self.chars += chars
+        self.check_size("text", self.chars)
 
 
 def _token_text(config: dict, key: str, path: Path) -> str | None:
@@ -39,11 +108,25 @@ def _config_template(config: dict, path: Path) -> str | None:
     return template
 
 
+def artifact_file(directory: Path, name: str) -> Path:
+    """``directory / name``, a file read by its fixed name (tokenizer.json, chat_template.jinja, ...). In an
+    artifact directory (one with a manifest) it must not be a symbolic link that leads outside the directory,
+    listed in the manifest or not: artifacts come from elsewhere, and such a link would make ortlora read, and
+    render into training text, any file of the machine. A Hugging Face model directory is not confined: the
+    Hub's cache links every file of a snapshot to a blob outside it."""
+    path = Path(directory) / name
+    if (Path(directory) / MANIFEST_NAME).is_file() and (path.exists() or path.is_symlink()):
+        if not path.resolve().is_relative_to(Path(directory).resolve()):
+            raise OrtloraError(f"{path} is a symbolic link that leads outside the artifact directory {directory}, "
+                               f"which ortlora does not follow; {REBUILD}")
+    return path
+
+
 class Tokenizer:
     def __init__(self, directory: Path):
         from tokenizers import Tokenizer as FastTokenizer
 
-        path = directory / "tokenizer.json"
+        path = artifact_file(directory, "tokenizer.json")
         if not path.is_file():
             raise OrtloraError(f"{directory} has no tokenizer.json")
         text = read_text(path)
@@ -51,13 +134,13 @@ class Tokenizer:
             self._tok = FastTokenizer.from_str(text)
         except Exception as e:  # tokenizers raises plain Exception for any file it cannot parse
             raise OrtloraError(f"{path} is not a tokenizer the tokenizers library can read ({one_line(e)})") from None
-        config_path = directory / "tokenizer_config.json"
+        config_path = artifact_file(directory, "tokenizer_config.json")
         config = read_json(config_path) if config_path.is_file() else {}
         self.eos_token = _token_text(config, "eos_token", config_path) or "<|endoftext|>"
         self.pad_token = _token_text(config, "pad_token", config_path) or self.eos_token
         self.eos_id = self._id(self.eos_token)
         self.pad_id = self._id(self.pad_token)
-        template_path = directory / "chat_template.jinja"
+        template_path = artifact_file(directory, "chat_template.jinja")
         if template_path.is_file():
             self.chat_template, self.template_source = read_text(template_path), str(template_path)
         else:
@@ -111,8 +194,11 @@ class Tokenizer:
         an assistant turn of tool calls may have ``"content": null``), and the template sees ``tools``."""
         template = self._compiled()
         messages = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in messages]
+        budget = _Budget(self.template_source, _size((messages, tools)))
+        template.environment.budget = budget
         try:
-            return template.render(
+            chunks = []
+            for chunk in template.generate(
                 messages=messages,
                 tools=tools,
                 documents=None,
@@ -120,10 +206,16 @@ class Tokenizer:
                 eos_token=self.eos_token,
                 pad_token=self.pad_token,
                 bos_token="",
-            )
+            ):
+                budget.output(len(chunk))
+                chunks.append(chunk)
+            return "".join(chunks)
+        except TemplateTooCostly:
+            raise
         except Exception as e:  # the template is a program from the model's files: whatever it raises, it failed here
             raise TemplateRenderError(f"the chat template failed on these messages ({type(e).__name__}: {one_line(e)})") from None
-
+        finally:
+            template.environment.budget = None
 
 def _environment():
     """jinja's immutable sandbox with what transformers' chat-template environment adds
@@ -137,7 +229,6 @@ def _environment():
 
     import jinja2.ext
     from jinja2.exceptions import SecurityError, TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
     from jinja2.utils import Namespace
 
     def raise_exception(message):
@@ -172,8 +263,225 @@ def _environment():
             check_name(name)
             Namespace.__setitem__(self, name, value)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, dict=TemplateDict(),
                        namespace=TemplateNamespace)
+    env.globals.pop("lipsum", None)  # lipsum(100000) writes 60 MB of Latin: no chat template needs it
+    env.filters = {name: env.bounded(f, name) for name, f in env.filters.items()}
+    env.filters[_LOOP_FILTER] = env.loop_items
+    env.filters[_CHECKED_FILTER] = lambda value: env.checked(value, "a string joined with '~'")
     return env
+
+
+_PRINTF_SIZES = re.compile(r"%(?:\([^)]*\))?[-+ #0]*(\d+|\*)?(?:\.(\d+|\*))?")  # %-10.3f: width, precision
+_WIDTH_FILTERS = {"center", "wordwrap", "truncate", "batch", "slice"}  # their int arguments are sizes
+_STR_METHODS_OF_SIZE = {"center", "ljust", "rjust", "zfill"}
+
+
+def _largest(numbers) -> int:
+    return max((int(n) for n in numbers if n and n.isdigit()), default=0)
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """jinja's immutable sandbox in which one rendering has a budget (a ``_Budget``, set as ``budget`` while a
+    template renders): every call, filter, attribute and item lookup, operator and loop iteration costs one
+    operation, and no string, list or text written may grow past the budget's characters. Sizes are checked
+    before the operations that multiply them ('x' * n, s.center(n), s|replace('', s), '%*d' % (n, 1),
+    parts|join, 9 ** 9 ** 9) and after the ones that add (~, +, any call), so no single step allocates much
+    more than the budget; jinja's own ``range`` still stops at 100,000 items, and nested loops pay per item."""
+
+    intercepted_binops = frozenset(["+", "*", "%", "**"])  # the ones that can make a value much larger
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, optimized=False, **kwargs)  # optimized folds constants when compiling, unbudgeted
+        self.budget: _Budget | None = None
+
+    # --- what each step costs
+
+    def _charge(self) -> _Budget | None:
+        budget = self.budget
+        if budget is not None:
+            budget.charge()
+        return budget
+
+    def checked(self, value, what: str = "a value"):
+        budget = self.budget
+        if budget is None:
+            return value
+        if isinstance(value, (str, list, tuple, dict, set)):
+            budget.check_size(what, len(value))
+        elif isinstance(value, int) and value.bit_length() > TEMPLATE_MAX_INT_BITS:
+            raise self._too_big_number()
+        return value
+
+    def _too_big_number(self) -> TemplateTooCostly:
+        source = self.budget.source if self.budget is not None else "this tokenizer"
+        return TemplateTooCostly(f"the chat template of {source} made a number of more than "
+                                 f"{TEMPLATE_MAX_INT_BITS:,} bits rendering one conversation")
+
+    def _refuse_size(self, what: str, size: int) -> None:
+        if self.budget is not None:
+            self.budget.check_size(what, size)
+        elif size > TEMPLATE_BASE_CHARS:
+            raise TemplateTooCostly(f"the chat template makes a value of {size:,} characters or items ({what})")
+
+    def loop_items(self, iterable):
+        """Each item of a for loop costs one operation."""
+        for item in iterable:
+            self._charge()
+            yield item
+
+    # --- the sandbox's hooks
+
+    def getattr(self, obj, attribute):
+        self._charge()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj, argument):
+        self._charge()
+        return super().getitem(obj, argument)
+
+    def call_binop(self, context, operator, left, right):
+        self._charge()
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                    self._refuse_size(f"'{operator}' of a {type(seq).__name__}", len(seq) * max(n, 0))
+        elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0:
+            if right * (abs(left).bit_length() - 1) > TEMPLATE_MAX_INT_BITS:  # refused without computing the power
+                raise self._too_big_number()
+        elif operator == "%" and isinstance(left, str):
+            self._check_printf(left, right)
+        return self.checked(super().call_binop(context, operator, left, right), f"the result of '{operator}'")
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805  (jinja's own signature)
+        __self._charge()
+        from jinja2.runtime import LoopContext
+
+        if isinstance(__obj, LoopContext) and args:  # loop(children) of a recursive loop: its items cost too
+            args = (__self.loop_items(args[0]), *args[1:])
+        receiver = getattr(__obj, "__self__", None)
+        if isinstance(receiver, str):
+            __self._check_str_method(receiver, getattr(__obj, "__name__", ""), args, kwargs)
+        return __self.checked(super().call(__context, __obj, *args, **kwargs), "the result of a call")
+
+    def wrap_str_format(self, value):
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+        template = value.__self__
+
+        def checked_format(*args, **kwargs):
+            self._check_format(template, args, kwargs)
+            return wrapped(*args, **kwargs)
+
+        return checked_format
+
+    # --- checks before the steps that multiply sizes
+
+    def _check_ints(self, what: str, args, kwargs) -> None:
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, int) and not isinstance(value, bool):
+                self._refuse_size(what, value)
+
+    def _check_printf(self, template: str, values) -> None:
+        """'%*d' % (n, 1), '%10000000d' % 1: widths and precisions, written or given, are sizes."""
+        sizes = [n for match in _PRINTF_SIZES.finditer(template) for n in match.groups()]
+        self._refuse_size("a '%' format", _largest(sizes))
+        if "*" in sizes:
+            self._check_ints("a '%' format", values if isinstance(values, tuple) else (values,), {})
+
+    def _check_format(self, template: str, args, kwargs) -> None:
+        """'{:>10000000}'.format(1), '{:>{}}'.format(1, n)."""
+        try:
+            specs = [spec for _, _, spec, _ in string.Formatter().parse(template) if spec]
+        except ValueError:  # not a valid format string: str.format will say so
+            specs = []
+        self._refuse_size("a str.format", _largest(re.findall(r"\d+", " ".join(specs))))
+        if any("{" in spec for spec in specs):  # a width or precision given as an argument
+            mapping = args[0] if len(args) == 1 and isinstance(args[0], dict) else {}  # format_map's
+            self._check_ints("a str.format", [*args, *mapping.values()], kwargs)
+
+    def _check_str_method(self, text: str, name: str, args, kwargs) -> None:
+        if name in _STR_METHODS_OF_SIZE:
+            self._check_ints(f"str.{name}", args, kwargs)
+        elif name == "expandtabs":
+            self._check_repeated("str.expandtabs", text, "\t", [*args, *kwargs.values()])
+        elif name == "replace":
+            self._check_replace(text, *args[:2])
+        elif name == "join":
+            self._check_join(text, args[0] if args else ())
+
+    def _check_repeated(self, what: str, text: str, separator: str, widths) -> None:
+        """indent(width) and expandtabs(width) write up to ``width`` characters at each line or tab."""
+        width = max((len(w) if isinstance(w, str) else w for w in widths if isinstance(w, (int, str))), default=0)
+        self._refuse_size(what, len(text) + (text.count(separator) + 1) * width)
+
+    def _check_json_layout(self, layout) -> None:
+        """tojson's indent and separators are written once per line or item: at most a few characters."""
+        widths = [len(v) if isinstance(v, str) else v if isinstance(v, int) else sum(map(len, v)) for v in layout
+                  if isinstance(v, (int, str)) or isinstance(v, (list, tuple)) and all(isinstance(p, str) for p in v)]
+        if max(widths, default=0) > TEMPLATE_MAX_JSON_INDENT:
+            source = self.budget.source if self.budget is not None else "this tokenizer"
+            raise TemplateTooCostly(f"the chat template of {source} asks tojson for an indent or separators of "
+                                    f"{max(widths):,} characters; at most {TEMPLATE_MAX_JSON_INDENT} are allowed")
+
+    def _check_replace(self, text, old=None, new=None, *rest) -> None:
+        if isinstance(text, str) and isinstance(old, str) and isinstance(new, str) and len(new) > len(old):
+            count = len(text) + 1 if not old else text.count(old)
+            self._refuse_size("a replace", len(text) + count * (len(new) - len(old)))
+
+    def _check_join(self, separator, items) -> None:
+        if isinstance(items, (list, tuple)):
+            size = len(separator) * len(items) if isinstance(separator, str) else 0
+            self._refuse_size("a join", size + sum(len(i) for i in items if isinstance(i, str)))
+
+    def bounded(self, f, name: str):
+        """The filter ``f`` at one operation a call, with its sizes checked."""
+
+        @functools.wraps(f)
+        def filter(*args, **kwargs):
+            self._charge()
+            values = args[1:] if getattr(f, "jinja_pass_arg", None) is not None else args  # after the context
+            if name in _WIDTH_FILTERS:
+                self._check_ints(f"the {name} filter", values[1:], kwargs)
+            elif name == "indent" and values:
+                self._check_repeated("the indent filter", str(values[0]), "\n", [*values[1:2], kwargs.get("width")])
+            elif name == "tojson":
+                self._check_json_layout([*values[2:4], kwargs.get("indent"), kwargs.get("separators")])
+            elif name == "replace" and len(values) >= 3:
+                self._check_replace(str(values[0]), *values[1:3])
+            elif name == "join" and values:
+                items = list(values[0]) if not isinstance(values[0], (str, dict)) else values[0]
+                self.checked(items, "the list to join")
+                self._check_join(values[1] if len(values) > 1 else kwargs.get("d", ""), items)
+                values = (items, *values[1:])
+                args = (args[0], *values) if len(args) > len(values) else values
+            elif name == "format" and values and isinstance(values[0], str):
+                self._check_printf(values[0], tuple(values[1:]) + tuple(kwargs.values()))
+            return self.checked(f(*args, **kwargs), f"the result of the {name} filter")
+
+        return filter
+
+    # --- loops and ~ pay as they go: each for loop's items pass through _loop, each ~ is checked
+
+    def _parse(self, source, name, filename):
+        from jinja2 import nodes
+
+        tree = super()._parse(source, name, filename)
+        for loop in tree.find_all(nodes.For):
+            loop.iter = nodes.Filter(loop.iter, _LOOP_FILTER, [], [], None, None, lineno=loop.lineno)
+        for node in [tree, *tree.find_all(nodes.Node)]:
+            for field in node.fields:
+                value = getattr(node, field, None)
+                if isinstance(value, nodes.Concat):
+                    setattr(node, field, nodes.Filter(value, _CHECKED_FILTER, [], [], None, None, lineno=value.lineno))
+                elif isinstance(value, list):
+                    setattr(node, field, [nodes.Filter(v, _CHECKED_FILTER, [], [], None, None, lineno=v.lineno)
+                                          if isinstance(v, nodes.Concat) else v for v in value])
+        return tree
+
+
+_LOOP_FILTER = "ortlora_loop_budget"  # for x in (xs | ortlora_loop_budget): each item costs one operation
+_CHECKED_FILTER = "ortlora_checked_size"  # (a ~ b) | ortlora_checked_size: the joined string is checked

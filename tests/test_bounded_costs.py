@@ -1,0 +1,141 @@
+"""Hostile input costs bounded time and memory and ends in one line: chat templates that loop or grow without
+end, data lines too long to tokenise whole, tokenizer files that are links out of the artifacts, and Ctrl-C."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from ortlora.errors import OrtloraError
+from ortlora.manifest import MANIFEST_NAME
+from ortlora.runtime.tokenizer import TemplateRenderError, TemplateTooCostly, Tokenizer
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the opposite of hot?"},
+            {"role": "assistant", "content": "Cold."}]
+
+
+@pytest.fixture()
+def tokenizer(tiny_model) -> Tokenizer:
+    return Tokenizer(tiny_model)
+
+
+def with_template(tokenizer: Tokenizer, template: str) -> Tokenizer:
+    tokenizer.chat_template, tokenizer._template = template, None
+    return tokenizer
+
+
+# Each of these would run for minutes, or allocate gigabytes, without the budget; the first few finish in a
+# second or two unbudgeted (so that this test fails there rather than hangs) and are refused all the same.
+HOSTILE_TEMPLATES = {
+    "nested loops": "{% for i in range(1000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}",
+    "loops over the messages": "{% for a in messages %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+    "much text": "{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}",
+    "exponential macro": "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}",
+    "recursive loop": "{% for x in range(3) recursive %}{{ loop(range(100000)) if loop.depth < 3 }}{% endfor %}",
+    "doubling with ~": "{% set s = 'x' %}" + "{% set s = s ~ s %}" * 40 + "{{ s | length }}",
+    "doubling in a namespace": "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}"
+                               "{% endfor %}{{ ns.s | length }}",
+    "squaring": "{% set ns = namespace(x=3) %}{% for i in range(40) %}{% set ns.x = ns.x * ns.x %}{% endfor %}{{ 1 }}",
+    "'x' * n": "{{ ('x' * 10000000000) | length }}",
+    "a power": "{{ (9 ** 999999999) % 10 }}",
+    "center filter": "{{ 'x' | center(10000000000) | length }}",
+    "str.center": "{{ 'x'.center(10000000000) | length }}",
+    "str.expandtabs": "{{ ('\\t' * 10000).expandtabs(1000000) | length }}",
+    "indent filter": "{{ ('a\\n' * 100000) | indent(100000) | length }}",
+    "str.format width": "{{ '{:>10000000000}'.format(1) | length }}",
+    "str.format nested width": "{{ '{:>{}}'.format(1, 10000000000) | length }}",
+    "format_map width": "{{ '{:>{w}}'.format_map({'w': 10000000000}) | length }}",
+    "% width": "{{ ('%10000000000d' % 1) | length }}",
+    "% star width": "{{ ('%*d' % (10000000000, 1)) | length }}",
+    "format filter": "{{ '%*d' | format(10000000000, 1) | length }}",
+    "replace ''": "{% set s = 'x' * 100000 %}{{ s | replace('', s) | length }}",
+    "str.replace ''": "{% set s = 'x' * 100000 %}{{ s.replace('', s) | length }}",
+    "join": "{% set s = 'x' * 100000 %}{{ ([s] * 100000) | join | length }}",
+    "str.join": "{% set s = 'x' * 100000 %}{{ ''.join([s] * 100000) | length }}",
+    "batch filter": "{{ [1] | batch(10000000000, 0) | list | length }}",
+    "tojson indent": "{{ messages | tojson(indent=100000000) }}",
+}
+
+
+@pytest.mark.parametrize("template", HOSTILE_TEMPLATES.values(), ids=HOSTILE_TEMPLATES.keys())
+def test_a_chat_template_has_a_budget(tokenizer, template):
+    start = time.perf_counter()
+    with pytest.raises(TemplateTooCostly, match=r"^the chat template of .*chat_template.jinja (took more than [\d,]+ "
+                                                r"operations|made a|asks tojson)") as e:
+        with_template(tokenizer, template).apply_chat_template(MESSAGES)
+    assert "\n" not in str(e.value) and time.perf_counter() - start < 5
+
+
+def test_the_budget_grows_with_the_conversation(tokenizer):
+    """200,000 operations plus 4 per character: a loop over every character of the content is allowed up to there."""
+    tokenizer = with_template(tokenizer, "{% for m in messages %}{% for c in m.content %}{{ c }}{% endfor %}{% endfor %}")
+    long = [{"role": "user", "content": "ab" * 100_000}]  # 200,000 iterations and their output: about 400,000 operations
+    assert tokenizer.apply_chat_template(long) == "ab" * 100_000
+    with pytest.raises(TemplateTooCostly, match="took more than"):
+        with_template(tokenizer, "{% for c in messages[0].content %}{% for i in range(5) %}{% endfor %}{% endfor %}"
+                      ).apply_chat_template(long)
+
+
+def test_lipsum_is_not_offered(tokenizer):
+    with pytest.raises(TemplateRenderError, match="'lipsum' is undefined"):
+        with_template(tokenizer, "{{ lipsum(100000) }}").apply_chat_template(MESSAGES)
+
+
+def test_templates_within_the_budget_render_as_before(tokenizer):
+    template = ("{{ '%d %s' | format(20240101, 'x') }} {{ '{} {:>5}'.format(1700000000, 2) }} {{ ('ab' * 3) | center(10) }}"
+                "{{ messages | tojson(indent=2) | length > 0 }} {{ 2 ** 100 }} {{ [1, 2, 3] | join('-') }}")
+    assert with_template(tokenizer, template).apply_chat_template(MESSAGES) == \
+        f"20240101 x 1700000000     2   ababab  True {2 ** 100} 1-2-3"
+
+
+def test_a_costly_template_stops_training_with_the_line(tmp_path, tokenizer):
+    from ortlora.runtime.data import load_jsonl
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}\n')
+    tokenizer = with_template(tokenizer, HOSTILE_TEMPLATES["nested loops"])
+    with pytest.raises(OrtloraError, match=rf"^{data}:1: the chat template of .* took more than"):
+        load_jsonl(data, tokenizer, 64, on_bad="skip")
+
+
+# --- tokenizer files read by their fixed names stay inside the artifacts
+
+
+def artifact_copy(tiny_model: Path, out: Path) -> Path:
+    """The tokenizer files of an artifact directory (its manifest's presence is what makes it one)."""
+    out.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model / name, out / name)
+    (out / MANIFEST_NAME).write_text("{}")
+    return out
+
+
+@pytest.mark.parametrize("name", ["chat_template.jinja", "tokenizer.json", "tokenizer_config.json"])
+def test_a_tokenizer_file_linked_outside_the_artifacts_is_refused(tiny_model, tmp_path, name):
+    artifacts = artifact_copy(tiny_model, tmp_path / "artifacts")
+    secret = tmp_path / "secret"
+    secret.write_bytes((tiny_model / name).read_bytes() if name != "chat_template.jinja" else b"{{ 'secret' }}")
+    (artifacts / name).unlink(missing_ok=True)
+    (artifacts / name).symlink_to(secret)
+    with pytest.raises(OrtloraError, match=rf"^{artifacts / name} is a symbolic link that leads outside the artifact "
+                                           rf"directory {artifacts},"):
+        Tokenizer(artifacts)
+
+
+def test_links_inside_the_artifacts_and_in_a_model_directory_are_followed(tiny_model, tmp_path):
+    artifacts = artifact_copy(tiny_model, tmp_path / "artifacts")
+    (artifacts / "templates").mkdir()
+    (artifacts / "templates" / "chat.jinja").write_text("{{ 'inside' }}")
+    (artifacts / "chat_template.jinja").symlink_to("templates/chat.jinja")
+    assert Tokenizer(artifacts).apply_chat_template(MESSAGES) == "inside"
+    # The Hugging Face cache links each file of a model snapshot to a blob outside it: a model directory is not
+    # an artifact directory, so its links are followed.
+    model = tmp_path / "snapshot"
+    model.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model / name).symlink_to(tiny_model / name)
+    assert Tokenizer(model).vocab_size == Tokenizer(tiny_model).vocab_size
+
