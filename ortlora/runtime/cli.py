@@ -53,11 +53,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[cfg.TrainConfig, Path | None]:
-    """defaults < the resumed run's settings < --config file < command line."""
+    """defaults < the resumed run's settings < --config file < command line. ``resume`` in the file resumes as
+    --resume does (the command line's wins)."""
     given = cfg.given(args)
+    if args.config:
+        cfg.check_paths({"--config": args.config})
+    layers = [(str(args.config), cfg.toml_values(args.config))] if args.config else []
+    layers.append((cfg.COMMAND_LINE, given))
+    for source, values in layers:
+        cfg.check_length(values, source)
+    at = next((i for i in reversed(range(len(layers))) if layers[i][1].get("resume")), None)
+    resume = None if at is None else layers[at][1]["resume"]
     base, resume_from = cfg.TrainConfig(), None
-    if given.get("resume"):
-        resume_from = find_checkpoint(Path(given["resume"]))
+    if resume:
+        cfg.check_paths({"--resume": resume})
+        resume_from = find_checkpoint(Path(resume))
         state = resume_from / TRAINER_STATE
         saved = read_json(state, RESUME_ELSEWHERE).get("config", {}) if state.is_file() else {}
         if not isinstance(saved, dict):
@@ -65,13 +75,16 @@ def resolve_config(args: argparse.Namespace) -> tuple[cfg.TrainConfig, Path | No
         # --overwrite is the user's word for this command, never inherited from the run resumed.
         base = cfg.from_mapping({k: v for k, v in saved.items() if k not in ("resume", "init_adapter", "overwrite")},
                                 str(state))
-        if "out" not in given:
-            base.out = str(resume_from.parent)
-        if "epochs" in given and "max_steps" not in given:
-            base.max_steps = None  # --epochs on a resume sets the length, whatever the run had
-    if args.config:
-        base = cfg.load_toml(args.config, base)
-    config = cfg.from_mapping(given, cfg.COMMAND_LINE, base)
+        base.out = str(resume_from.parent)  # unless the file or the command line names another --out
+    config = base
+    for source, values in layers:
+        config = cfg.from_mapping(values, source, config)
+        if "epochs" in values and "max_steps" not in values:
+            config.max_steps = None  # epochs set here set the length, over a max_steps of the layers below
+    if resume_from and any(values.get("overwrite") for _, values in layers[at:]) and \
+            Path(config.out).resolve() == resume_from.parent.resolve():
+        raise OrtloraError(f"--overwrite would start {config.out} over, and --resume {resume} continues the run in it: "
+                           "pass one of them (or --out elsewhere to start a new run from that checkpoint)")
     cfg.check_together(config)
     return config, resume_from
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import math
 import os
 import tomllib
@@ -29,6 +30,17 @@ COMMAND_LINE = "command line"  # the source name of settings typed as options
 POSITIVE = (lambda v: v > 0, "positive")
 NON_NEGATIVE = (lambda v: v >= 0, "0 or more")
 FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+# numpy's and torch's generators take seeds of 64 bits, numpy's legacy one and most tools 32: every command
+# takes 32, so that a seed means the same everywhere.
+SEED_MAX = 2**32 - 1
+SEED = (lambda v: 0 <= v <= SEED_MAX, f"from 0 to {SEED_MAX}")
+# A step's micro-batches are all read before it is computed (Trainer.train): 1,000,000 of them ran out of
+# memory after a minute. A larger step is a larger --batch-size, or more --workers.
+MAX_GRAD_ACCUM = 1024
+GRAD_ACCUM = (lambda v: 1 <= v <= MAX_GRAD_ACCUM,
+              f"from 1 to {MAX_GRAD_ACCUM} (a step's micro-batches are held in memory together; for a larger step "
+              "raise --batch-size)")
+THREADS_PER_CPU = 4  # more threads than this per core only slows ONNX Runtime and torch (4096 took 35 s to start)
 
 
 def _f(default, help: str, choices=None, valid=None, path=False):
@@ -55,7 +67,7 @@ class TrainConfig:
     epochs: int = _f(1, "passes over the training data (ignored when --max-steps is set)", valid=POSITIVE)
     max_steps: int | None = _f(None, "optimizer steps to train; overrides --epochs", valid=POSITIVE)
     batch_size: int = _f(8, "examples per micro-batch", valid=POSITIVE)
-    grad_accum: int = _f(1, "micro-batches per optimizer step (gradient accumulation)", valid=POSITIVE)
+    grad_accum: int = _f(1, "micro-batches per optimizer step (gradient accumulation)", valid=GRAD_ACCUM)
     workers: int = _f(1, "data-parallel workers on Ray (pip install \"ortlora[ray]\"): each step's micro-batches, "
                       "--grad-accum on each worker, are spread over them; the same step as --grad-accum x workers "
                       "in one process", valid=POSITIVE)
@@ -65,11 +77,12 @@ class TrainConfig:
                           valid=POSITIVE)
     pack: bool = _f(False, "pack short examples into sequences of up to --max-seq-len tokens")
     shuffle: bool = _f(True, "shuffle the training data each epoch")
-    seed: int = _f(0, "seed for data order and the evaluation split", valid=NON_NEGATIVE)
+    seed: int = _f(0, "seed for data order and the evaluation split", valid=SEED)
     lr: float = _f(2e-4, "peak learning rate", valid=POSITIVE)
     schedule: str = _f("cosine", "learning-rate schedule", choices=("constant", "linear", "cosine", "warmup-cosine"))
     warmup_steps: int = _f(0, "linear warmup steps (warmup-cosine defaults to 10%% of the steps)", valid=NON_NEGATIVE)
-    min_lr: float = _f(0.0, "final learning rate of the linear and cosine schedules", valid=NON_NEGATIVE)
+    min_lr: float = _f(0.0, "final learning rate of the linear and cosine schedules (not constant)",
+                       valid=NON_NEGATIVE)
     weight_decay: float = _f(0.01, "AdamW decoupled weight decay", valid=NON_NEGATIVE)
     beta1: float = _f(0.9, "AdamW beta1", valid=FRACTION)
     beta2: float = _f(0.999, "AdamW beta2", valid=FRACTION)
@@ -144,12 +157,71 @@ def _check(key: str, value: Any, source: str) -> Any:
 
 
 def check_together(c: TrainConfig) -> None:
-    """Rules that tie settings to each other (each alone passed ``_check``)."""
+    """Rules that tie settings to each other (each alone passed ``_check``): a setting that another one would
+    make the run ignore is refused, never dropped."""
     if c.min_lr > c.lr:
         raise OrtloraError(f"--min-lr ({c.min_lr}) must not exceed --lr ({c.lr})")
+    if c.min_lr and c.schedule == "constant":
+        raise OrtloraError(f"--min-lr {c.min_lr} is where a decaying schedule ends, and --schedule constant never "
+                           "decays: pass --schedule linear or cosine, or --min-lr 0")
     if c.early_stop_patience and not c.eval_every:
         raise OrtloraError(f"--early-stop-patience {c.early_stop_patience} counts evaluations during training: "
                            "pass --eval-every N too")
+    if c.resume and c.init_adapter:
+        raise OrtloraError(f"--resume {c.resume} continues a run from its checkpoint's weights and optimizer state, "
+                           f"so --init-adapter {c.init_adapter} would be ignored: pass one of them")
+    if c.eval_data and c.eval_split:
+        raise OrtloraError(f"--eval-split {c.eval_split} holds out training data for evaluation when there is no "
+                           f"--eval-data, and --eval-data {c.eval_data} is given: pass one of them")
+    has_eval = c.eval_data or c.eval_split or c.data.startswith(BUILTIN)
+    for name in ("eval_every", "eval_batches"):
+        if getattr(c, name) and not has_eval:
+            raise OrtloraError(f"--{name.replace('_', '-')} {getattr(c, name)} needs evaluation data, and {c.data} "
+                               "has none: pass --eval-data FILE or --eval-split FRACTION")
+    if c.allow_fallback:
+        if c.ep == "cpu":
+            raise OrtloraError("--allow-fallback lets the CPU provider take over from another --ep, and --ep is cpu: "
+                               "leave it out (--no-allow-fallback)")
+        if c.backend == "ort-training" or c.backend == "auto" and c.ep == "cuda":
+            raise OrtloraError(f"--allow-fallback works with the portable training graph, and --backend {c.backend} "
+                               f"with --ep {c.ep} uses ORT's training API, which has no fallback: pass --backend "
+                               "ort-session, or --no-allow-fallback")
+    check_threads(c.threads)
+    check_paths({"--" + name.replace("_", "-"): getattr(c, name) for name in PATH_FIELDS})
+    if not c.ray_address:
+        check_workers(c.workers, os.cpu_count() or 1, "this machine")
+
+
+def check_threads(threads: int | None, flag: str = "--threads") -> None:
+    """At most THREADS_PER_CPU threads per core of this machine (None: the library's own choice)."""
+    if threads is None:
+        return
+    if threads <= 0:
+        raise OrtloraError(f"{flag} must be positive, got {threads}")
+    cpus = os.cpu_count() or 1
+    if threads > THREADS_PER_CPU * cpus:
+        raise OrtloraError(f"{flag} {threads} is more than {THREADS_PER_CPU} threads for each of this machine's {cpus} "
+                           f"CPUs; pass at most {THREADS_PER_CPU * cpus}, or leave {flag} out for one per core")
+
+
+def check_seed(seed: int | None, flag: str = "--seed") -> None:
+    if seed is not None and not SEED[0](seed):
+        raise OrtloraError(f"{flag} must be {SEED[1]}, got {seed}")
+
+
+def check_workers(workers: int, cpus: float, cluster: str) -> None:
+    """Each Ray worker takes one CPU: more workers than the cluster has CPUs would wait for CPUs forever."""
+    if workers > cpus:
+        raise OrtloraError(f"--workers {workers} needs {workers} CPUs (one per worker), and {cluster} has {cpus:g}; "
+                           f"pass --workers {max(1, int(cpus))} or fewer, or --ray-address of a cluster with more")
+
+
+def check_length(values: dict, source: str) -> None:
+    """epochs and max_steps both set the run's length; one source that sets both would see epochs ignored."""
+    if {"epochs", "max_steps"} <= values.keys():
+        where = "--epochs and --max-steps" if source == COMMAND_LINE else f"{source}: epochs and max_steps"
+        raise OrtloraError(f"{where} both set the length of the run (epochs {values['epochs']}, max_steps "
+                           f"{values['max_steps']}): pass one of them")
 
 
 def from_mapping(values: dict, source: str, base: TrainConfig | None = None) -> TrainConfig:
@@ -161,6 +233,11 @@ def from_mapping(values: dict, source: str, base: TrainConfig | None = None) -> 
 
 def load_toml(path: Path, base: TrainConfig | None = None) -> TrainConfig:
     """Settings from a TOML file; its relative paths are relative to the file, not to the working directory."""
+    return from_mapping(toml_values(path), str(path), base)
+
+
+def toml_values(path: Path) -> dict[str, Any]:
+    """The settings of a TOML file by field name, each checked; relative paths made relative to the file."""
     if not path.is_file():
         raise OrtloraError(f"config file {path} does not exist")
     try:
@@ -169,11 +246,30 @@ def load_toml(path: Path, base: TrainConfig | None = None) -> TrainConfig:
         raise OrtloraError(f"{path} is not UTF-8 text (byte {e.start}); TOML files are UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise OrtloraError(f"{path} is not valid TOML: {e}") from None
+    named = {key.replace("-", "_"): value for key, value in values.items()}
+    if len(named) < len(values):
+        twice = sorted(k for k in values if k.replace("-", "_") != k and k.replace("-", "_") in values)
+        raise OrtloraError(f"{path}: {twice[0]!r} and {twice[0].replace('-', '_')!r} are the same setting; keep one")
     for key in PATH_FIELDS:
-        value = values.get(key)
+        value = named.get(key)
         if isinstance(value, str) and not value.startswith(BUILTIN) and not Path(value).is_absolute():
-            values[key] = os.path.relpath(path.parent / value)
-    return from_mapping(values, str(path), base)
+            named[key] = os.path.relpath(path.parent / value)
+    return {key: _check(key, value, str(path)) for key, value in named.items()}
+
+
+def check_paths(paths: dict[str, Any]) -> None:
+    """Each path given (flag -> path) can at least be looked up: a symbolic link that loops, a name too long or a
+    folder that may not be entered is refused in one line here; whether it exists is for its reader to say."""
+    for flag, path in paths.items():
+        if path is None or str(path).startswith(BUILTIN):
+            continue
+        try:
+            os.stat(path)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            loop = " (a symbolic link that leads back to itself)" if e.errno == errno.ELOOP else ""
+            raise OrtloraError(f"{flag} {path}: {e.strerror or e}{loop}; pass a path that can be read") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
