@@ -94,11 +94,16 @@ def write_record(path: Path, record: dict) -> None:
 
 def seal(directory: Path) -> None:
     """Record every file under ``directory`` (a build, an export, a checkpoint, written whole) as ortlora's."""
-    files = {}
+    files, folders = {}, []
     for path in sorted(directory.rglob("*")):
-        if path.is_file() and not path.is_symlink() and path.name != FILES_RECORD:
-            files[path.relative_to(directory).as_posix()] = describe(path)
-    write_record(directory / FILES_RECORD, {"ortlora": "files", "files": files})
+        relative = path.relative_to(directory).as_posix()
+        if path.is_symlink() or relative == FILES_RECORD:
+            continue
+        if path.is_dir():
+            folders.append(relative)
+        elif path.is_file():
+            files[relative] = describe(path)
+    write_record(directory / FILES_RECORD, {"ortlora": "files", "files": files, "folders": folders})
 
 
 def matches(path: Path, accepted: list[dict], tail_ok: Callable[[bytes], bool] | None = None) -> bool:
@@ -135,6 +140,7 @@ def unproven(directory: Path) -> list[str]:
     if not isinstance(files, dict):
         return sorted(p.name for p in directory.iterdir())
     folders = {parent.as_posix() for name in files for parent in Path(name).parents} - {"."}
+    folders |= {f for f in record.get("folders", []) if isinstance(f, str)}
     strangers = []
     for root, dirs, names in os.walk(directory):
         base = Path(root)

@@ -40,6 +40,7 @@ from safetensors.numpy import load_file
 
 from ortlora.errors import OrtloraError
 from ortlora.output_dirs import check_location
+from ortlora.ownership import FILES_RECORD, unproven
 
 BIN = Path(sys.executable).parent  # the environment's console scripts sit beside its interpreter
 SHARE = {"train": 0.6, "build": 0.2, "export": 0.2}
@@ -120,10 +121,13 @@ def export_diff(out: Path, ref: Path) -> tuple[float, bool]:
     names, ref_names = sorted(os.listdir(out)), sorted(os.listdir(ref))
     if names != ref_names:
         raise TrialFailed(f"incomplete export: {out} holds {names}, the reference {ref_names}")
+    if strangers := unproven(out):  # ortlora-files.json must prove every file, or a later --force refuses it
+        raise TrialFailed(f"{out}: ortlora-files.json does not prove {strangers}", "incomplete")
     different = [n for n in names if (out / n).read_bytes() != (ref / n).read_bytes()]
-    if [n for n in different if not n.endswith(".safetensors")]:
+    if [n for n in different if not n.endswith(".safetensors") and n != FILES_RECORD]:  # the record: their hashes
         raise TrialFailed(f"{out}: {different} differ from the reference export's")
-    return max((max_diff(out / n, ref / n) for n in different), default=0.0), not different
+    return (max((max_diff(out / n, ref / n) for n in different if n != FILES_RECORD), default=0.0),
+            not different)
 
 
 def build_diff(out: Path, ref: Path) -> tuple[float, bool]:

@@ -159,7 +159,7 @@ def test_a_kill_during_a_removal_keeps_the_newest_and_the_best(artifacts, tmp_pa
 
     remove, removals = trainer_module.remove_checkpoint, []
 
-    def remove_then_die(checkpoint: Path) -> None:
+    def remove_then_die(checkpoint: Path) -> bool:
         run = checkpoint.parent
         # Before any removal the newest checkpoint, which names the best, is complete, and neither is removed.
         newest, best = find_checkpoint(run), find_checkpoint(run / "best")
@@ -167,7 +167,7 @@ def test_a_kill_during_a_removal_keeps_the_newest_and_the_best(artifacts, tmp_pa
         removals.append(checkpoint.name)
         if len(removals) == 6:
             raise Killed  # as SIGKILL would stop it: nothing after this runs
-        remove(checkpoint)
+        return remove(checkpoint)
 
     monkeypatch.setattr(trainer_module, "remove_checkpoint", remove_then_die)
     with pytest.raises(Killed):
