@@ -139,3 +139,149 @@ def test_links_inside_the_artifacts_and_in_a_model_directory_are_followed(tiny_m
         (model / name).symlink_to(tiny_model / name)
     assert Tokenizer(model).vocab_size == Tokenizer(tiny_model).vocab_size
 
+
+
+# --- long data lines: only what truncation keeps is tokenised, and a line past 64 MiB is not read whole
+
+
+def reference_example(row, tokenizer: Tokenizer, max_seq_len: int) -> tuple[list[int], list[int], bool]:
+    """encode_example as it was: the whole text tokenised, every assistant turn found, then truncated."""
+    from ortlora.runtime import data
+
+    text, spans, add_eos = data._spans(row, tokenizer)
+    spans = spans(None)
+    ids, offsets = tokenizer.encode_with_offsets(text)
+    trained = [any(s <= start < e for s, e in spans) for start, _ in offsets]
+    if add_eos:
+        ids, trained = ids + [tokenizer.eos_id], trained + [True]
+    keep = max_seq_len + 1
+    labels = [i if t else data.IGNORE_INDEX for i, t in zip(ids[1:keep], trained[1:keep])]
+    if all(label == data.IGNORE_INDEX for label in labels):
+        return "nothing to learn"
+    return ids[: keep - 1], labels, len(ids) > keep
+
+
+def outcome(row, tokenizer: Tokenizer, max_seq_len: int):
+    from ortlora.runtime.data import BadExample, encode_example
+
+    try:
+        example, truncated = encode_example(row, tokenizer, max_seq_len)
+    except BadExample as e:
+        assert str(e).startswith("nothing to learn")
+        return "nothing to learn"
+    return example.input_ids.tolist(), example.labels.tolist(), truncated
+
+
+def tokenizers(tiny_model):
+    from ortlora.build.tiny import QWEN25_TOKENIZER_DIR
+
+    return [Tokenizer(tiny_model)] + ([Tokenizer(QWEN25_TOKENIZER_DIR)] if QWEN25_TOKENIZER_DIR.is_dir() else [])
+
+
+LONG_TEXTS = {  # 20,000 characters each: words, and single words the whole prefix long
+    "english": "The red fox runs by the river at night. " * 500, "spaces": " " * 20_000, "newlines": "\n" * 20_000,
+    "one letter": "a" * 20_000, "digits": "1234567890" * 2_000, "chinese": "中文字符" * 5_000, "emoji": "😀" * 20_000,
+    "equals signs": "=" * 20_000, "mixed": ("x = [1,  2]\n\t# 😀 déjà vu\n" * 800)[:20_000],
+}
+
+
+@pytest.mark.parametrize("name", LONG_TEXTS)
+def test_a_long_text_is_truncated_as_if_tokenised_whole(tiny_model, name, monkeypatch):
+    text = LONG_TEXTS[name]
+    rows = [{"text": text}, {"prompt": text[:100], "completion": text[100:]}, {"prompt": text[:-50], "completion": text[-50:]},
+            {"messages": [{"role": "user", "content": text[:300]}, {"role": "assistant", "content": text[300:]}]}]
+    for tokenizer in tokenizers(tiny_model):
+        for max_seq_len in (8, 16, 40):
+            for row in rows:
+                assert outcome(row, tokenizer, max_seq_len) == reference_example(row, tokenizer, max_seq_len)
+
+
+@pytest.mark.parametrize("name", LONG_TEXTS)
+def test_a_long_text_is_not_tokenised_whole(tiny_model, name, monkeypatch):
+    """What is tokenised depends on --max-seq-len, not on the length of the line: a prefix of 64 characters per
+    kept token, grown 4 times over while too few tokens fit in its first half (runs of spaces: 128 a token)."""
+    from ortlora.runtime.data import PREFIX_CHARS_PER_TOKEN, PREFIX_GROWTH
+
+    text = LONG_TEXTS[name] * 100  # 2,000,000 characters
+    for tokenizer in tokenizers(tiny_model):
+        for row in ({"text": text}, {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": text}]}):
+            lengths = []
+            encode = tokenizer.encode_with_offsets
+            monkeypatch.setattr(tokenizer, "encode_with_offsets", lambda t: lengths.append(len(t)) or encode(t))
+            assert outcome(row, tokenizer, 40)[2]
+            monkeypatch.undo()
+            assert max(lengths) <= PREFIX_CHARS_PER_TOKEN * 41 * PREFIX_GROWTH ** 2  # 41,984
+
+
+def test_text_under_the_bound_is_tokenised_whole(tokenizer, monkeypatch):
+    from ortlora.runtime.data import PREFIX_CHARS_PER_TOKEN, encode_example
+
+    text = "ab " * (2 * PREFIX_CHARS_PER_TOKEN * 9 // 3)  # twice the first prefix at max_seq_len 8
+    lengths = []
+    encode = tokenizer.encode_with_offsets
+    monkeypatch.setattr(tokenizer, "encode_with_offsets", lambda t: lengths.append(len(t)) or encode(t))
+    assert encode_example({"text": text}, tokenizer, 8)[1]
+    assert lengths == [len(text)]
+
+
+def test_a_truncated_conversation_renders_only_the_turns_it_keeps(tokenizer, monkeypatch):
+    from ortlora.runtime.data import encode_example
+
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}] * 1000
+    renders = []
+    render = tokenizer.apply_chat_template
+    monkeypatch.setattr(tokenizer, "apply_chat_template", lambda *a, **k: renders.append(1) or render(*a, **k))
+    example, truncated = encode_example({"messages": messages}, tokenizer, 32)
+    assert truncated and len(example.input_ids) == 32
+    assert len(renders) < 20  # the whole conversation once, then the few turns within 33 tokens (not 2 x 1000)
+    monkeypatch.undo()
+    assert reference_example({"messages": messages[:20]}, tokenizer, 32) == \
+        (example.input_ids.tolist(), example.labels.tolist(), True)
+
+
+def test_a_line_longer_than_the_cap_is_one_bad_line(tmp_path, tokenizer, monkeypatch):
+    from ortlora.runtime import data
+
+    monkeypatch.setattr(data, "MAX_LINE_BYTES", 1000)
+    path = tmp_path / "data.jsonl"
+    good = '{"text": "The cat sits by the lake."}\n'
+    path.write_text(good + '{"text": "' + "x" * 5000 + '"}\n' + good + '{"text": "' + "y" * 990)
+    with pytest.raises(OrtloraError, match=rf"^{path}:2: the line is 4.89 KiB long, more than the 1000 B a line may "
+                                           r"hold; split the example"):
+        data.load_jsonl(path, tokenizer, 64)
+    examples, report = data.load_jsonl(path, tokenizer, 64, on_bad="skip")
+    assert report.examples == 2 and [s.split(": ")[0] for s in report.skipped] == [f"{path}:2", f"{path}:4"]
+    assert "not valid JSON" in report.skipped[1]  # 1,000 bytes, the cap, at the end without a newline: read
+
+
+def test_a_long_line_is_read_a_block_at_a_time(tmp_path, monkeypatch):
+    from ortlora.runtime import data
+
+    monkeypatch.setattr(data, "MAX_LINE_BYTES", 1 << 20)
+    path = tmp_path / "data.jsonl"
+    with path.open("wb") as f:
+        f.write(b'{"text": "' + b"x" * (48 << 20) + b'"}\n{"text": "ok"}\n')
+    reads = []
+    real_open = Path.open
+
+    class Counting:  # the file, its readline calls recorded
+        def __init__(self, f):
+            self.f = f
+
+        def readline(self, size=-1):
+            reads.append(size)
+            return self.f.readline(size)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def counting_open(self, *args, **kwargs):
+        return Counting(real_open(self, *args, **kwargs))
+
+    monkeypatch.setattr(Path, "open", counting_open)
+    lines = list(data.jsonl_lines(path))
+    assert [n for n, _ in lines] == [1, 2] and lines[0][1].length == (48 << 20) + 12 and lines[1][1] == b'{"text": "ok"}\n'
+    assert all(0 < n <= (1 << 20) + 1 for n in reads)

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from ortlora.errors import OrtloraError
-from ortlora.files import json_type, parse_json
+from ortlora.files import byte_size, json_type, parse_json
 from ortlora.runtime.tokenizer import TemplateRenderError, TemplateTooCostly, Tokenizer
 
 IGNORE_INDEX = -100
@@ -184,8 +185,10 @@ def _tools_rendered(tokenizer: Tokenizer, tools: list[dict] | None, messages: li
                          "tools, such as Qwen2.5's")
 
 
-def _spans(row, tokenizer: Tokenizer) -> tuple[str, list[tuple[int, int]], bool]:
-    """Text of the example, the character spans that are trained, and whether to append EOS."""
+def _spans(row, tokenizer: Tokenizer) -> tuple[str, Callable[[int | None], list[tuple[int, int]]], bool]:
+    """Text of the example, the character spans that are trained (a function of where the kept tokens end, None
+    for the whole text: a truncated conversation's turns past that are never rendered on their own), and whether
+    to append EOS."""
     if not isinstance(row, dict):
         raise BadExample(f"expected JSON Lines, one object per line, not {json_type(row)}")
     if "tools" in row and "messages" not in row:
@@ -195,31 +198,66 @@ def _spans(row, tokenizer: Tokenizer) -> tuple[str, list[tuple[int, int]], bool]
         tools = check_tools(row.get("tools"))
         _tools_rendered(tokenizer, tools, messages)
         full = _render(tokenizer, messages, tools=tools)
-        spans = [_turn_span(messages, i, full, tokenizer, tools) for i, m in enumerate(messages) if m["role"] == "assistant"]
-        return full, spans, False
+
+        def turns(end: int | None) -> list[tuple[int, int]]:
+            spans = []
+            for i, m in enumerate(messages):
+                if m["role"] == "assistant":
+                    spans.append(_turn_span(messages, i, full, tokenizer, tools))
+                    if end is not None and spans[-1][0] >= end:  # a template writes its turns in order
+                        break
+            return spans
+
+        return full, turns, False
     if "prompt" in row or "completion" in row:
         prompt, completion = row.get("prompt"), row.get("completion")
         if not isinstance(prompt, str) or not isinstance(completion, str):
             raise BadExample("'prompt' and 'completion' must both be strings")
-        return prompt + completion, [(len(prompt), len(prompt) + len(completion))], True
+        return prompt + completion, lambda end: [(len(prompt), len(prompt) + len(completion))], True
     if "text" in row:
         if not isinstance(row["text"], str):
             raise BadExample("'text' must be a string")
-        return row["text"], [(0, len(row["text"]))], True
+        return row["text"], lambda end: [(0, len(row["text"]))], True
     raise BadExample(f"no 'text', 'prompt'/'completion' or 'messages' field (found: {', '.join(row) or 'nothing'})")
+
+
+# Truncation keeps the first max_seq_len + 1 tokens, so a long text is tokenised a prefix at a time: first
+# 64 characters per kept token (a Qwen2.5 token spans 4 characters of English on average, 1 of digits, emoji or
+# Chinese, at most 128: a run of spaces), four times more while the kept tokens do not all end in the first half
+# of the prefix, and the whole text once a prefix would hold half of it. The tokenizer splits text into words
+# (its pre-tokenizer) and tokenises each on its own, so the tokens of the first half are the whole text's (tested
+# on runs of one character, where a word is the whole prefix, too): at max_seq_len 2048 a 21 MB line is
+# tokenised 131,136 characters at a time instead of whole. Text of up to twice the first prefix (262,272
+# characters at max_seq_len 2048) is tokenised whole, as it always was.
+PREFIX_CHARS_PER_TOKEN = 64
+PREFIX_GROWTH = 4
+
+
+def _encode_prefix(tokenizer: Tokenizer, text: str, keep: int) -> tuple[list[int], list[tuple[int, int]], bool]:
+    """The first ``keep`` tokens of ``text`` or all of them if it has no more, their character offsets, and
+    whether it has more (then EOS and the rest of the text are cut anyway)."""
+    limit = PREFIX_CHARS_PER_TOKEN * keep
+    while limit < len(text) // 2:
+        ids, offsets = tokenizer.encode_with_offsets(text[:limit])
+        if len(ids) > keep and offsets[keep - 1][1] <= limit // 2:
+            return ids[:keep], offsets[:keep], True
+        limit *= PREFIX_GROWTH
+    ids, offsets = tokenizer.encode_with_offsets(text)
+    return ids, offsets, False
 
 
 def encode_example(row: dict, tokenizer: Tokenizer, max_seq_len: int) -> tuple[Example, bool]:
     """Tokenise one row; returns the example and whether it was truncated."""
-    text, spans, add_eos = _spans(row, tokenizer)
-    ids, offsets = tokenizer.encode_with_offsets(text)
+    text, trained_spans, add_eos = _spans(row, tokenizer)
+    ids, offsets, cut = _encode_prefix(tokenizer, text, max_seq_len + 1)
+    spans = trained_spans(offsets[-1][1] if cut else None)
     trained = [any(s <= start < e for s, e in spans) for start, _ in offsets]
-    if add_eos:
+    if add_eos and not cut:
         ids.append(tokenizer.eos_id)
         trained.append(True)
     ids_arr = np.asarray(ids, dtype=np.int64)
     trained_arr = np.asarray(trained, dtype=bool)
-    truncated = len(ids_arr) > max_seq_len + 1
+    truncated = cut or len(ids_arr) > max_seq_len + 1
     ids_arr, trained_arr = ids_arr[: max_seq_len + 1], trained_arr[: max_seq_len + 1]
     labels = np.where(trained_arr[1:], ids_arr[1:], IGNORE_INDEX)
     if len(ids_arr) < 2 or not (labels != IGNORE_INDEX).any():
@@ -227,8 +265,27 @@ def encode_example(row: dict, tokenizer: Tokenizer, max_seq_len: int) -> tuple[E
     return Example(ids_arr[:-1], labels), truncated
 
 
+# The longest line a JSON Lines file may hold: a line is read whole before it is parsed, and 64 MiB is over
+# 10 million tokens of text, thousands of times what a --max-seq-len keeps. A longer line is one bad line, read
+# past a megabyte at a time.
+MAX_LINE_BYTES = 64 << 20
+
+
+class LongLine(bytes):
+    """What ``jsonl_lines`` yields for a line longer than MAX_LINE_BYTES: empty, with the line's length;
+    ``parse_line`` refuses it."""
+
+    def __new__(cls, length: int):
+        line = super().__new__(cls)
+        line.length = length
+        return line
+
+
 def parse_line(raw: bytes):
-    """One line of a JSON Lines file as its JSON value; BadExample when it is not UTF-8 or not JSON."""
+    """One line of a JSON Lines file as its JSON value; BadExample when it is too long, not UTF-8 or not JSON."""
+    if isinstance(raw, LongLine):
+        raise BadExample(f"the line is {byte_size(raw.length)} long, more than the {byte_size(MAX_LINE_BYTES)} a line "
+                         "may hold; split the example, or keep only the start that --max-seq-len keeps anyway")
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -242,10 +299,19 @@ def parse_line(raw: bytes):
 def jsonl_lines(path: Path, what: str = "data file"):
     """(line number, bytes) of every non-blank line of a JSON Lines file (``what`` names it in the error when it
     cannot be read); each line is decoded on its own (parse_line), so that one bad line is one bad example. A
-    UTF-8 byte order mark at the start is not part of the first line."""
+    UTF-8 byte order mark at the start is not part of the first line. A line longer than MAX_LINE_BYTES is not
+    read into memory: it comes as a LongLine, which parse_line refuses."""
     try:
         with path.open("rb") as f:
-            for lineno, raw in enumerate(f, start=1):
+            lineno = 0
+            while raw := f.readline(MAX_LINE_BYTES + 1):
+                lineno += 1
+                if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                    length = len(raw)
+                    while (raw := f.readline(1 << 20)) and not raw.endswith(b"\n"):
+                        length += len(raw)
+                    yield lineno, LongLine(length + len(raw.rstrip(b"\n")))
+                    continue
                 raw = raw.removeprefix(b"\xef\xbb\xbf") if lineno == 1 else raw
                 if raw.strip():
                     yield lineno, raw
