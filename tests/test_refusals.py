@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
+from ortlora.build import cli as build_cli
 from ortlora.errors import OrtloraError
 from ortlora.runtime import cli as train_cli
 from ortlora.runtime import config as cfg
@@ -115,3 +117,71 @@ def test_the_cluster_check_counts_cpus():
     with pytest.raises(OrtloraError, match=r"--workers 5 needs 5 CPUs \(one per worker\), and the Ray cluster at "
                                            r"auto has 4; pass --workers 4 or fewer"):
         cfg.check_workers(5, 4.0, "the Ray cluster at auto")
+
+
+# -- ortlora-build ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, says", [
+    (["--rank", "100000000"], "--rank 100000000 is more than the model's hidden size 64"),
+    (["--rank-pattern", "v_proj=100000000"], "--rank-pattern v_proj=100000000 is more than the model's hidden size 64"),
+    (["--layers", "0-2000000000"], "--layers 0-2000000000: layer 2000000000 is out of range; the model has 2 layers"),
+    (["--seed", "-1"], "--seed must be from 0 to 4294967295, got -1"),
+    (["--seed", str(2**64)], f"--seed must be from 0 to 4294967295, got {2**64}"),
+    (["--threads", str(10**9)], "--threads 1000000000 is more than 4 threads for each of this machine's"),
+    (["--alpha", "1e300"], "--alpha 1e+300 is beyond float32's range"),
+    (["--block-size", "0"], "--block-size 0 is for an int8 / int4 base, and --base-precision is fp32"),
+    (["--block-size", "32", "--base-precision", "fp32"], "--block-size 32 is for an int8 / int4 base"),
+])
+def test_build_options_that_cannot_apply_are_refused_before_torch_works(tmp_path, capsys, extra, says):
+    out = tmp_path / "artifacts"
+    assert says in one_line(capsys, build_cli.main(["--tiny", "--out", str(out), *extra]))
+    assert not out.exists()
+
+
+def test_build_ranks_and_ranges_are_checked_against_the_models_own_config(tiny_model, tmp_path, capsys):
+    out = tmp_path / "artifacts"
+    err = one_line(capsys, build_cli.main(["--model", str(tiny_model), "--out", str(out), "--layers", "0,1-2"]))
+    assert "--layers 0,1-2: layer 2 is out of range; the model has 2 layers (0 to 1)" in err
+    err = one_line(capsys, build_cli.main(["--model", str(tiny_model), "--out", str(out), "--rank", "65"]))
+    assert "--rank 65 is more than the model's hidden size 64" in err
+
+
+@pytest.mark.parametrize("option", ["--model", "--out"])
+def test_build_paths_that_loop_are_one_line(tiny_model, tmp_path, capsys, option):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    argv = {"--model": str(tiny_model), "--out": str(tmp_path / "artifacts")} | {option: str(loop)}
+    err = one_line(capsys, build_cli.main([a for k, v in argv.items() for a in (k, v)]))
+    assert f"{option} {loop}: Too many levels of symbolic links" in err
+
+
+ROPE = {
+    "an unknown type": ({"type": "bogus", "factor": 2.0}, "rope_scaling has rope type 'bogus', which transformers "
+                        "does not compute; the types are default, linear, dynamic, yarn, longrope, llama3"),
+    "a type that is not text": ({"rope_type": ["linear"]}, "rope_scaling has rope type ['linear']"),
+    "not an object": ("linear", "rope_scaling must be an object (or null), not a string"),
+    "no factor": ({"rope_type": "linear"}, "rope_scaling (rope type 'linear') is not one transformers can compute: "
+                  "factor is missing"),
+    "a factor as text": ({"rope_type": "yarn", "factor": "x"}, "factor is a string, not a positive number"),
+    "a factor below 1": ({"rope_type": "dynamic", "factor": 0.5}, "factor is 0.5, below 1"),
+    "llama3 without its factors": ({"rope_type": "llama3", "factor": 8.0},
+                                   "low_freq_factor is missing; high_freq_factor is missing"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROPE))
+def test_rotary_scaling_transformers_cannot_compute_is_refused(tiny_model, tmp_path, capsys, case):
+    model = Path(shutil.copytree(tiny_model, tmp_path / "model"))
+    rope, says = ROPE[case]
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"rope_scaling": rope}))
+    err = one_line(capsys, build_cli.main(["--model", str(model), "--out", str(tmp_path / "out")]))
+    assert f"{model / 'config.json'}: " in err and says in err
+
+
+def test_rope_theta_must_be_a_positive_number(tiny_model, tmp_path, capsys):
+    model = Path(shutil.copytree(tiny_model, tmp_path / "model"))
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"rope_theta": "1e6"}))
+    err = one_line(capsys, build_cli.main(["--model", str(model), "--out", str(tmp_path / "out")]))
+    assert "rope_theta must be a positive number, not a string" in err

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import re
 import tempfile
 import time
 from pathlib import Path
 
 from ortlora.errors import OrtloraError, add_debug_argument, cli_entry
 from ortlora.output_dirs import remove_stale_temp, temp_prefix
+from ortlora.runtime.config import check_paths, check_seed, check_threads
 
 TINY_TEMP = "ortlora-tiny"  # the tiny model is made in a temporary directory of this name
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--base-precision", choices=("fp32", "int8", "int4"), default="fp32",
                         help="how the frozen matrices are stored and read: fp32, or blockwise int8 / int4 quantized "
                         "(dequantized at each use; LoRA stays fp32) (default: fp32)")
-    parser.add_argument("--block-size", type=int, default=32,
+    parser.add_argument("--block-size", type=int, default=None,  # None: not given (BLOCK_SIZE where it applies)
                         help="inputs that share a scale in an int8 / int4 base (default: 32)")
     parser.add_argument("--recompute", choices=("none", "layers"), default="none",
                         help="layers: each decoder layer's forward pass is recomputed in the backward pass instead of "
@@ -67,19 +71,55 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_numbers(args: argparse.Namespace) -> None:
-    """Refuse option values no build can use (NaN and infinity included), in one line."""
+    """Refuse option values no build can use (NaN and infinity included) or that it would ignore, in one line."""
     if args.rank <= 0:
         raise OrtloraError(f"--rank must be a positive integer, got {args.rank}")
     if not math.isfinite(args.alpha) or args.alpha <= 0:
         raise OrtloraError(f"--alpha must be a positive number, got {args.alpha}")
+    if args.alpha > FLOAT32_MAX:  # scaling = alpha / r is a float32 in the graphs: infinity would train NaN
+        raise OrtloraError(f"--alpha {args.alpha} is beyond float32's range (scaling = alpha / rank is a float32 in "
+                           f"the graphs); pass at most {FLOAT32_MAX:.4g}")
     if not 0.0 <= args.dropout < 1.0:  # False for NaN too
         raise OrtloraError(f"--dropout must be in [0, 1), got {args.dropout}")
     if not 0.0 <= args.label_smoothing < 1.0:
         raise OrtloraError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
-    if args.seed < 0:
-        raise OrtloraError(f"--seed must be 0 or more, got {args.seed}")
-    if args.threads is not None and args.threads <= 0:
-        raise OrtloraError(f"--threads must be positive, got {args.threads}")
+    check_seed(args.seed)
+    check_threads(args.threads)
+    if args.block_size is not None and args.base_precision == "fp32":
+        raise OrtloraError(f"--block-size {args.block_size} is for an int8 / int4 base, and --base-precision is fp32 "
+                           "(the default): leave --block-size out, or pass --base-precision int8 or int4")
+    check_paths({"--model": args.model, "--out": args.out})
+
+
+def model_config(args: argparse.Namespace) -> dict:
+    """config.json of the model to build (the tiny model's own), or {} where it cannot be read: the build checks
+    the model directory itself and names every problem."""
+    if args.tiny:
+        from ortlora.build.tiny import TINY_CONFIG
+
+        return TINY_CONFIG
+    try:
+        config = json.loads((args.model / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def check_against_model(args: argparse.Namespace, config: dict, rank_pattern: dict) -> None:
+    """Refuse, before torch allocates them, ranks beyond any use and layer ranges beyond the model's layers."""
+    hidden, count = config.get("hidden_size"), config.get("num_hidden_layers")
+    if type(hidden) is int and hidden > 0:
+        # Every projection LoRA adapts is hidden_size wide on one side, so B @ A has rank at most hidden_size.
+        for flag, rank in [("--rank", args.rank)] + [(f"--rank-pattern {k}=", v) for k, v in rank_pattern.items()]:
+            if rank > hidden:
+                raise OrtloraError(f"{flag}{'' if flag.endswith('=') else ' '}{rank} is more than the model's "
+                                   f"hidden size {hidden}, the highest rank a LoRA update of its projections can "
+                                   f"have; pass at most {hidden}")
+    if args.layers is not None and type(count) is int and count > 0:
+        for first, end in re.findall(r"(\d+)\s*-\s*(\d+)", args.layers):
+            if int(end) >= count:  # refused before the range is counted out, one index at a time
+                raise OrtloraError(f"--layers {args.layers}: layer {int(end)} is out of range; the model has {count} "
+                                   f"layers (0 to {count - 1})")
 
 
 @cli_entry
@@ -87,14 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from ortlora.build.builder import BuildOptions, build, check_out_dir
     from ortlora.build.lora import parse_targets
+    from ortlora.build.quantize import BLOCK_SIZE
 
     targets = tuple(parse_targets(args.targets))
     check_numbers(args)
     from ortlora.lora_config import parse_pattern
 
+    patterns = {}
     for option, value, integer in (("--rank-pattern", args.rank_pattern, True), ("--alpha-pattern", args.alpha_pattern, False)):
         if value is not None:
-            parse_pattern(value, option, integer)  # the build checks them again, with the model at hand
+            patterns[option] = parse_pattern(value, option, integer)  # the build checks them again, with the model
+    check_against_model(args, model_config(args), patterns.get("--rank-pattern", {}))
     check_out_dir(args.out, args.force, args.model)  # fail before any slow work
     import torch
 
@@ -122,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             # The tiny base model lives with its artifacts: PEFT and merges need a base directory.
             bundle_base=args.tiny,
             base_precision=args.base_precision,
-            block_size=args.block_size,
+            block_size=BLOCK_SIZE if args.block_size is None else args.block_size,
             recompute=args.recompute,
             init=args.init,
             rslora=args.rslora,

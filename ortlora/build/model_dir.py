@@ -21,6 +21,12 @@ REQUIRED_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_
                   "num_key_value_heads", "max_position_embeddings")
 TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # config.json's spelling
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+# Rotary position scaling (config.json's rope_scaling, rope_parameters in transformers 5): the types transformers
+# computes (modeling_rope_utils.ROPE_INIT_FUNCTIONS, and "default"), with the keys it cannot fill in itself.
+ROPE_TYPES = {"default": (), "linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",),
+              "longrope": ("short_factor", "long_factor"), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
+ROPE_NUMBERS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings", "rope_theta",
+                "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
 
 
 def check_model_dir(path: Path) -> dict:
@@ -63,6 +69,42 @@ def _check_sizes(config: dict, config_path: Path) -> None:
     head_dim = config.get("head_dim")
     if head_dim is not None and (type(head_dim) is not int or head_dim <= 0):
         raise OrtloraError(f"{config_path}: head_dim must be a positive integer, not {json_type(head_dim)}")
+    _check_rope(config, config_path)
+
+
+def _positive_number(value) -> bool:
+    return type(value) in (int, float) and 0 < value < float("inf")
+
+
+def _shown(value) -> str:
+    return repr(value) if type(value) in (int, float) else json_type(value)
+
+
+def _check_rope(config: dict, config_path: Path) -> None:
+    """rope_theta and the rotary scaling must be what transformers computes: an unknown type or a missing or
+    non-numeric factor fails inside transformers (a KeyError), or is taken with a warning and computes garbage."""
+    if "rope_theta" in config and not _positive_number(config["rope_theta"]):
+        raise OrtloraError(f"{config_path}: rope_theta must be a positive number, not {_shown(config['rope_theta'])}")
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = config.get(key)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise OrtloraError(f"{config_path}: {key} must be an object (or null), not {json_type(rope)}")
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if not isinstance(kind, str) or kind not in ROPE_TYPES:
+            raise OrtloraError(f"{config_path}: {key} has rope type {kind!r}, which transformers does not compute; "
+                               f"the types are {', '.join(ROPE_TYPES)}")
+        problems = [f"{name} is missing" for name in ROPE_TYPES[kind] if name not in rope]
+        problems += [f"{name} is {_shown(rope[name])}, not a positive number" for name in ROPE_NUMBERS
+                     if name in rope and rope[name] is not None and not _positive_number(rope[name])]
+        if "factor" in rope and _positive_number(rope["factor"]) and rope["factor"] < 1:
+            problems.append(f"factor is {rope['factor']}, below 1")
+        problems += [f"{name} is not a list of positive numbers" for name in ("short_factor", "long_factor")
+                     if name in rope and not (isinstance(rope[name], list) and all(map(_positive_number, rope[name])))]
+        if problems:
+            raise OrtloraError(f"{config_path}: {key} (rope type {kind!r}) is not one transformers can compute: "
+                               f"{'; '.join(problems)}")
 
 
 def expected_weights(config: dict) -> dict[str, tuple[int, ...]]:
