@@ -14,6 +14,7 @@ from ortlora.build import cli as build_cli
 from ortlora.errors import OrtloraError
 from ortlora.runtime import cli as train_cli
 from ortlora.runtime import config as cfg
+from ortlora.runtime import generate_cli
 
 FAST = ["--no-progress", "--no-plot", "--batch-size", "4"]
 CPUS = os.cpu_count() or 1
@@ -185,3 +186,36 @@ def test_rope_theta_must_be_a_positive_number(tiny_model, tmp_path, capsys):
     (model / "config.json").write_text(json.dumps(config | {"rope_theta": "1e6"}))
     err = one_line(capsys, build_cli.main(["--model", str(model), "--out", str(tmp_path / "out")]))
     assert "rope_theta must be a positive number, not a string" in err
+
+
+# -- ortlora-generate ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, says", [
+    (["--stop", ""], '--stop "" would stop before the first token: pass a non-empty string'),
+    (["--stop", "x", "--stop="], '--stop "" would stop before the first token'),
+    (["--seed", "-1"], "--seed must be from 0 to 4294967295, got -1"),
+    (["--temperature", "0.7", "--seed", str(2**64)], f"--seed must be from 0 to 4294967295, got {2**64}"),
+    (["--threads", str(10**9)], "--threads 1000000000 is more than 4 threads for each of this machine's"),
+    (["--top-k", "5"], "--top-k 5 sets how tokens are sampled, and --temperature 0 (the default) takes the likeliest"),
+    (["--top-p", "0.9"], "--top-p 0.9 sets how tokens are sampled"),
+    (["--temperature", "0", "--seed", "1"], "--seed 1 sets how tokens are sampled"),
+    (["--batch-size", "4"], "--batch-size 4 is how many prompts of --prompts-file are generated at once"),
+])
+def test_generate_options_that_cannot_apply_are_refused(artifacts, capsys, extra, says):
+    err = one_line(capsys, generate_cli.main(["--artifacts", str(artifacts), "--prompt", "hi", *extra]))
+    assert says in err
+
+
+def test_generate_sampling_options_are_taken_when_sampling(artifacts, capsys):
+    argv = ["--artifacts", str(artifacts), "--prompt", "hi", "--max-new-tokens", "3", "--temperature", "0.8"]
+    assert generate_cli.main([*argv, "--top-k", "5", "--top-p", "0.9", "--seed", "1"]) == 0
+
+
+@pytest.mark.parametrize("option", ["--artifacts", "--adapter", "--prompts-file"])
+def test_generate_paths_that_loop_are_one_line(artifacts, tmp_path, capsys, option):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    prompt = ["--prompts-file", str(loop)] if option == "--prompts-file" else ["--prompt", "hi"]
+    argv = {"--artifacts": str(artifacts)} | ({option: str(loop)} if option != "--prompts-file" else {})
+    err = one_line(capsys, generate_cli.main([a for k, v in argv.items() for a in (k, v)] + prompt))
+    assert f"{option} {loop}: Too many levels of symbolic links" in err

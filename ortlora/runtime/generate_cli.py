@@ -9,11 +9,13 @@ from pathlib import Path
 
 from ortlora.errors import OrtloraError, add_debug_argument, cli_entry
 from ortlora.files import parse_json
+from ortlora.runtime.config import check_paths, check_seed, check_threads
 from ortlora.runtime.data import BadExample, check_messages, check_tools, jsonl_lines, parse_line
 from ortlora.runtime.generate import Generator, Sampling
 from ortlora.runtime.providers import PROVIDERS
 
 PROMPT_KEYS = {"prompt", "messages", "tools"}
+BATCH_SIZE = 8  # --prompts-file's prompts generated at once
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,15 +37,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"most tokens to generate (default: {defaults.max_new_tokens}; fewer where the model's "
                              "context ends)")
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 (default): greedy")
-    parser.add_argument("--top-k", type=int, default=defaults.top_k, help="0 (default): off")
-    parser.add_argument("--top-p", type=float, default=defaults.top_p, help="1 (default): off")
+    # None: not given (Sampling's default then), so that a sampling option given with greedy decoding is refused.
+    parser.add_argument("--top-k", type=int, default=None, help=f"{defaults.top_k} (default): off")
+    parser.add_argument("--top-p", type=float, default=None, help=f"{defaults.top_p:g} (default): off")
     parser.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty, help="1 (default): off")
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampler")
     parser.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
     parser.add_argument("--ep", default="cpu", choices=tuple(PROVIDERS), help="execution provider (default: cpu)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence for every token")
-    parser.add_argument("--batch-size", type=int, default=8, help="--prompts-file: prompts generated at once (default: 8)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"--prompts-file: prompts generated at once (default: {BATCH_SIZE})")
     add_debug_argument(parser)
     return parser.parse_args(argv)
 
@@ -53,19 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.tools is not None and args.messages is None:
         raise OrtloraError("--tools goes with --messages, the conversation that may call them")
-    if args.batch_size <= 0:
-        raise OrtloraError(f"--batch-size must be positive, got {args.batch_size}")
+    sampling = check_options(args)
     if args.prompts_file is not None:
         requests = read_prompts(args.prompts_file)
     else:
         messages = None if args.messages is None else checked(check_messages, parse(args.messages, "--messages"), "--messages")
         tools = None if args.tools is None else checked(check_tools, parse(args.tools, "--tools"), "--tools")
         requests = [(args.prompt, messages, tools)]
-    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty,
-                        args.seed, args.stop)
-    sampling.check()
-    if args.threads is not None and args.threads <= 0:
-        raise OrtloraError(f"--threads must be positive, got {args.threads}")
     generator = Generator(args.artifacts, args.adapter, ep=args.ep, threads=args.threads)
     if any(tools for _, _, tools in requests) and not generator.tokenizer.renders("tools"):
         raise OrtloraError(f"--tools: the chat template ({generator.tokenizer.template_source}) never reads 'tools', "
@@ -83,6 +81,36 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[{result.prompt_tokens} prompt tokens at {result.prompt_tokens_per_s:,.0f} tok/s, {len(result.tokens)} "
           f"generated at {result.tokens_per_s:,.1f} tok/s, stopped by {result.stop_reason}]", file=sys.stderr)
     return 0
+
+
+def check_options(args: argparse.Namespace) -> Sampling:
+    """The sampling settings; values no generation can use and options it would ignore are refused, in one line
+    and before the model loads."""
+    if args.batch_size is not None:
+        if args.prompts_file is None:
+            raise OrtloraError(f"--batch-size {args.batch_size} is how many prompts of --prompts-file are generated at "
+                               "once, and one prompt is given: leave --batch-size out, or pass --prompts-file")
+        if args.batch_size <= 0:
+            raise OrtloraError(f"--batch-size must be positive, got {args.batch_size}")
+    args.batch_size = BATCH_SIZE if args.batch_size is None else args.batch_size
+    if "" in args.stop:
+        raise OrtloraError('--stop "" would stop before the first token: pass a non-empty string to stop at')
+    defaults = Sampling()
+    sampling = Sampling(args.max_new_tokens, args.temperature, defaults.top_k if args.top_k is None else args.top_k,
+                        defaults.top_p if args.top_p is None else args.top_p, args.repetition_penalty, args.seed,
+                        args.stop)
+    sampling.check()
+    check_seed(args.seed)
+    check_threads(args.threads)
+    if args.temperature == 0:  # greedy: the likeliest token, whatever the sampler's settings
+        sampler = [(flag, value) for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p),
+                                                     ("--seed", args.seed)) if value is not None]
+        if sampler:
+            flag, value = sampler[0]
+            raise OrtloraError(f"{flag} {value} sets how tokens are sampled, and --temperature 0 (the default) takes "
+                               f"the likeliest token instead: pass a --temperature above 0 to sample, or leave {flag} out")
+    check_paths({"--artifacts": args.artifacts, "--adapter": args.adapter, "--prompts-file": args.prompts_file})
+    return sampling
 
 
 def parse(text: str, flag: str):
