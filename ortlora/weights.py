@@ -22,6 +22,11 @@ from ortlora.errors import REBUILD, OrtloraError
 NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
                 "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 FLOAT_DTYPES = ("F32", "F16", "BF16")
+LORA_DTYPES = ("F16", "BF16", "F32", "F64")  # what a LoRA weight (or an AdamW moment) may be stored as
+INTEGER_DTYPES = ("I64", "I32", "I16", "I8", "U8")
+# The most header bytes read: safetensors' own limit (MAX_HEADER_SIZE), so a file claiming a header of 100 GB is
+# refused before anything is allocated for it.
+MAX_HEADER_BYTES = 100_000_000
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -95,9 +100,11 @@ def stored_tensors(files: list[Path]) -> dict[str, StoredTensor]:
     """Every tensor of the safetensors ``files`` (a checkpoint's shards) by name, from their headers alone."""
     result = {}
     for path in files:
-        check_safetensors(path)  # safetensors itself vouches for the header
+        check_safetensors(path)  # safetensors itself vouches for the header (bounded, data present as declared)
         with path.open("rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
+            if size > MAX_HEADER_BYTES:  # (safetensors refuses it too; never allocate what a file claims)
+                raise OrtloraError(f"{path} is not a readable safetensors file (a header of {size:,} bytes)")
             header = json.loads(f.read(size))
         header.pop("__metadata__", None)
         for name, info in header.items():
@@ -166,6 +173,44 @@ def tensor_problems(tensors: dict[str, np.ndarray], expected: dict[str, tuple]) 
                        if name in tensors and tensors[name].shape == tuple(shape) and not np.isfinite(tensors[name]).all()]
 
 
+def header_problems(stored: dict[str, StoredTensor], expected: dict[str, tuple], integers: tuple[str, ...] = ()
+                    ) -> list[str]:
+    """``shape_problems`` of a file's tensors as its header declares them, and every expected tensor of a dtype
+    that cannot hold it: floating point (LORA_DTYPES), or for the names in ``integers`` an integer dtype. Nothing
+    is read, so a file declaring gigabytes under a name not expected costs its header alone."""
+    problems = shape_problems({name: t.shape for name, t in stored.items()}, expected)
+    for name in expected:
+        if name in stored and name in integers and stored[name].dtype not in INTEGER_DTYPES:
+            problems.append(f"{name} is {stored[name].dtype}, expected an integer")
+        elif name in stored and name not in integers and stored[name].dtype not in LORA_DTYPES:
+            problems.append(f"{name} is {stored[name].dtype}, expected floating point ({', '.join(LORA_DTYPES)})")
+    return problems
+
+
+def read_expected(path: Path, expected: dict[str, tuple], rename: Callable[[str], str] | None = None
+                  ) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The ``expected`` tensors (name -> shape) of a safetensors file as float32, and every problem with them.
+
+    The header is checked first (``header_problems``: names, shapes, floating-point dtypes), and the tensors are
+    read only when it matches, so nothing unexpected is ever read; then every value must be finite (as float32: a
+    float64 beyond its range is infinite). ``rename`` maps a stored name to an expected one (PEFT's adapter name
+    in keys); two stored names that map to one are a problem, not one silently winning."""
+    stored: dict[str, StoredTensor] = {}
+    problems = []
+    for name, tensor in stored_tensors([path]).items():
+        key = rename(name) if rename else name
+        if key in stored:
+            problems.append(f"{key} is stored twice (once as {name})")
+        stored[key] = tensor
+    problems += header_problems(stored, expected)
+    if problems:
+        return {}, problems
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, not warned about
+        tensors = {name: to_float32(stored[name].dtype, stored[name].read()) for name in expected}
+    return tensors, [f"{name} holds NaN or infinite values" for name, array in tensors.items()
+                     if not np.isfinite(array).all()]
+
+
 def read_tensors(path: Path) -> dict[str, np.ndarray]:
     """Every tensor of a safetensors file, float ones (bfloat16 included) as float32."""
     return {name: to_float32(dtype, array) if dtype in FLOAT_DTYPES else array
@@ -178,6 +223,19 @@ def to_float32(dtype: str, array: np.ndarray) -> np.ndarray:
 
 def from_float32(dtype: str, values: np.ndarray) -> np.ndarray:
     return f32_to_bf16(values) if dtype == "BF16" else values.astype(NUMPY_DTYPES[dtype])
+
+
+def nonfinite(arrays: dict[str, np.ndarray], block: int = 1 << 22) -> list[str]:
+    """The names of the floating-point ``arrays`` that hold NaN or infinity, read ``block`` values at a time so
+    that a mapped file is checked with a few megabytes of memory (one pass at memory speed; docs in
+    runtime/frozen.py)."""
+    bad = []
+    for name, array in arrays.items():
+        if np.issubdtype(array.dtype, np.floating):
+            flat = array.reshape(-1)
+            if not all(np.isfinite(flat[i: i + block]).all() for i in range(0, flat.size, block)):
+                bad.append(name)
+    return bad
 
 
 def map_layout(path: Path, layout: dict[str, dict]) -> dict[str, np.ndarray]:

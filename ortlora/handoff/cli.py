@@ -20,6 +20,7 @@ from ortlora.runtime.checkpoint import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     adapter_config,
+    check_peft_config,
     find_checkpoint,
     load_adapter,
 )
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.copy2(adapter_dir / ADAPTER_WEIGHTS, staging / ADAPTER_WEIGHTS)
             given = adapter_dir / ADAPTER_CONFIG  # an adapter saved without its config gets ours
             config = read_json(given) if given.is_file() and not from_mlx else adapter_config(manifest, "")
+            if given.is_file() and not from_mlx:  # the user's config is copied: PEFT must read it as this adapter
+                check_peft_config(config, manifest, given)
             if base is not None:
                 config["base_model_name_or_path"] = str(base.resolve())
             (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")

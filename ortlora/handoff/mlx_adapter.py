@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from ortlora.errors import OrtloraError, listing
 from ortlora.files import read_json
 from ortlora.lora_config import module_scaling
 from ortlora.manifest import Manifest
-from ortlora.weights import read_tensors, tensor_problems, write_safetensors
+from ortlora.weights import read_expected, write_safetensors
 
 MLX_WEIGHTS = "adapters.safetensors"
 MLX_CONFIG = "adapter_config.json"
@@ -126,22 +127,52 @@ def load_mlx(directory: Path, manifest: Manifest) -> dict[str, np.ndarray]:
     if kind != ours:
         problems.append(f"fine_tune_type is {kind!r}, the artifacts train {ours!r}")
     scale = params.get("scale")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        problems.append(f"lora_parameters.scale is {scale!r}, not a number (mlx-lm's multiplier, PEFT's alpha / r)")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        problems.append(f"lora_parameters.scale is {scale!r}, not a finite number (mlx-lm's multiplier, PEFT's "
+                        "alpha / r)")
+    problems += _config_layout_problems(config, params, manifest)
     expected, sources = {}, {}
     for p in manifest.parameters:
         name = f"{p.module_path}.{LEAF[p.kind]}"
         expected[name] = p.shape[::-1] if p.kind != "magnitude" else p.shape
         sources[p.onnx_name] = name
-    tensors = read_tensors(directory / MLX_WEIGHTS)
-    problems += tensor_problems(tensors, expected)
+    # Names, shapes and dtypes (floating point only) from the header before any tensor is read; values finite.
+    tensors, found = read_expected(directory / MLX_WEIGHTS, expected)
+    problems += found
     if problems:
         raise OrtloraError(f"mlx-lm adapter {directory} does not match the artifacts: {listing(problems)}")
     weights = {}
     for p in manifest.parameters:
-        array = tensors[sources[p.onnx_name]].astype(np.float32)
+        array = tensors[sources[p.onnx_name]]
         array = array.T if p.kind != "magnitude" else array
         if p.kind == "B" and (factor := float(scale) / module_scaling(manifest.lora, p.module_path)) != 1.0:
-            array = (array.astype(np.float64) * factor).astype(np.float32)
+            with np.errstate(over="ignore"):
+                array = (array.astype(np.float64) * factor).astype(np.float32)
+            if not np.isfinite(array).all():
+                raise OrtloraError(f"mlx-lm adapter {directory}: lora_parameters.scale {scale!r} takes "
+                                   f"{sources[p.onnx_name]} beyond float32's range")
         weights[p.onnx_name] = np.ascontiguousarray(array)
     return weights
+
+
+def _config_layout_problems(config: dict, params: dict, manifest: Manifest) -> list[str]:
+    """Where the adapter's own adapter_config.json disagrees with the tensors it must hold (the artifacts'): its
+    rank, num_layers (the last N layers, -1 for all) and keys. A key left out (mlx-lm's defaults) is not checked:
+    the tensors, checked by name and shape, say what the adapter is."""
+    problems = []
+    ranks = sorted({p.shape[0] for p in manifest.parameters if p.kind == "A"})
+    rank = params.get("rank", ranks[0] if ranks else None)
+    if type(rank) is not int or rank not in ranks:
+        problems.append(f"lora_parameters.rank is {rank!r}, its tensors have rank {', '.join(map(str, ranks))}")
+    layers = sorted({p.layer for p in manifest.parameters})
+    every = "layers" not in manifest.lora or layers == list(range(len(layers)))  # no layer before the first
+    count = config.get("num_layers", len(layers))
+    if type(count) is not int or not (count == len(layers) or count == -1 and every):
+        problems.append(f"num_layers is {count!r}, its tensors adapt {len(layers)} layers"
+                        + (" (all of them: -1 says so too)" if every else ""))
+    keys = params.get("keys")
+    ours = sorted({p.module_path.split(".", 3)[3] for p in manifest.parameters})  # "self_attn.q_proj"
+    if keys is not None and not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)
+                                 and sorted(set(keys)) == ours):
+        problems.append(f"lora_parameters.keys is {keys!r}, its tensors adapt {', '.join(ours)}")
+    return problems

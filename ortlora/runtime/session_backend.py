@@ -22,7 +22,7 @@ from ortlora.manifest import Manifest
 from ortlora.runtime.backend import Batch, onnx_file
 from ortlora.runtime.frozen import map_frozen_weights, share_with
 from ortlora.runtime.providers import create_session
-from ortlora.weights import read_tensors, tensor_problems
+from ortlora.weights import read_expected
 
 
 class OrtSessionBackend:
@@ -108,8 +108,7 @@ class OrtSessionBackend:
 
 def _initial_weights(path: Path, manifest: Manifest) -> dict[str, np.ndarray]:
     """The LoRA weights the build started from, by ONNX name, checked against the manifest."""
-    tensors = read_tensors(path)
-    problems = tensor_problems(tensors, {p.onnx_name: p.shape for p in manifest.parameters})
+    tensors, problems = read_expected(path, {p.onnx_name: p.shape for p in manifest.parameters})  # header first
     if problems:
         raise OrtloraError(f"{path} does not match the manifest: {listing(problems)}; {REBUILD}")
     return {p.onnx_name: np.ascontiguousarray(tensors[p.onnx_name], dtype=np.float32) for p in manifest.parameters}
