@@ -1,11 +1,29 @@
 """The artifact manifest (``ortlora.json``): the only contract between build and runtime.
 
 Torch-free. The build step writes it last, so a directory without it is not a finished build.
+
+``Manifest.load`` checks what it can from the manifest alone, so that a hand-edited or damaged one is refused
+before anything trains on it: every field's type (SCHEMA); each frozen weight's place in frozen_weights.bin
+against its dtype and shape; the LoRA settings (rank, alpha and the patterns positive, scaling equal to what
+alpha and rank make, dropout and label smoothing in [0, 1)); and the LoRA parameters against them and against
+each other: at least one; names unique and the ones that layer, module and kind make; every module of
+``lora.targets`` in every adapted layer (``lora.layers``, else layers 0 to N-1) with its lora_A (rank, in) and
+lora_B (out, rank), and DoRA's magnitude (out) with --dora; in and out those of the module's base weight in the
+frozen layout (the model's dimensions the manifest records), or where there is none the same for one module in
+every layer; counts.trainable their sum.
+
+Not checked here: whether the graphs and ORT's checkpoint agree with the manifest (the backends compare the
+LoRA weights they are given with it: initial_lora.safetensors, ORT's checkpoint, and ONNX Runtime refuses
+inputs of other shapes), the values in frozen_weights.bin (runtime/frozen.py refuses NaN and infinity in its
+float tensors; wrong but finite values, or a damaged int8 / int4 weight, are not detectable without a hash of
+the file, which the build does not record), config.json beyond max_position_embeddings, and the tokenizer
+files (the tokenizer checks those).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -13,6 +31,7 @@ import numpy as np
 
 from ortlora.errors import REBUILD, OrtloraError, listing
 from ortlora.files import inside, json_type, read_json
+from ortlora.lora_config import module_rank, scaling
 
 MANIFEST_NAME = "ortlora.json"
 FORMAT_VERSION = 1
@@ -44,6 +63,10 @@ SCHEMA = {
 }
 KINDS = {int: "an integer", NUMBER: "a number", str: "a string", dict: "an object", bool: "true or false"}
 FROZEN_DTYPES = ("float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool", "uint4")
+# Qwen2's adaptable projections and where each lives in a decoder layer; a LoRA parameter's name by its kind.
+PARENTS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+LEAVES = {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
 
 
 @dataclass(frozen=True)
@@ -95,7 +118,7 @@ class Manifest:
         if data.get("format") != FORMAT_VERSION:
             raise OrtloraError(f"{path} has format {data.get('format')!r}, this ortlora reads {FORMAT_VERSION}; {REBUILD}")
         problems = [f"unknown field {key!r}" for key in data if key not in {f.name for f in fields(cls)}]
-        problems = problems or _problems(data, SCHEMA, "") or _value_problems(data)
+        problems = problems or _problems(data, SCHEMA, "") or _value_problems(data) or _lora_problems(data)
         if problems:
             raise OrtloraError(f"{path} is damaged: {listing(problems)}; {REBUILD}")
         data["parameters"] = [LoraParameter(**{f.name: p[f.name] for f in fields(LoraParameter)} | {"shape": tuple(p["shape"])})
@@ -173,4 +196,86 @@ def _value_problems(data: dict) -> list[str]:
             problems.append(f"frozen.{name} has a negative dimension or a misaligned offset")
         elif entry["length"] != needed:
             problems.append(f"frozen.{name} is {entry['length']} bytes long, its dtype and shape need {needed}")
+    return problems
+
+
+def _lora_problems(data: dict) -> list[str]:
+    """The LoRA settings and parameters against each other and the frozen base weights (see the module's
+    docstring): a manifest whose adapter the graphs, PEFT or a merge would read as another is refused."""
+    lora, params = data["lora"], data["parameters"]
+    if not params:
+        return ["parameters is empty: the artifacts would train an adapter of no weights"]
+    problems = []
+    for key in ("alpha", "scaling"):
+        if not (math.isfinite(lora[key]) and lora[key] > 0):
+            problems.append(f"lora.{key} must be a positive number, not {lora[key]!r}")
+    for where, value in (("lora.dropout", lora["dropout"]), ("label_smoothing", data["label_smoothing"])):
+        if not 0 <= value < 1:
+            problems.append(f"{where} must be at least 0 and below 1, not {value!r}")
+    for key, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+        problems += [f"lora.{key}.{k} must be a positive {'integer' if kind is int else 'number'}, not {v!r}"
+                     for k, v in (lora.get(key) or {}).items()
+                     if isinstance(v, bool) or not isinstance(v, kind) or not (math.isfinite(v) and v > 0)]
+    unknown = [t for t in lora["targets"] if t not in PARENTS]
+    if unknown or len(set(lora["targets"])) != len(lora["targets"]) or not lora["targets"]:
+        problems.append(f"lora.targets is {lora['targets']}, expected some of {', '.join(PARENTS)}, each once")
+    if problems:
+        return problems
+    made = scaling(lora["alpha"], lora["rank"], bool(lora.get("rslora")))
+    if not math.isclose(lora["scaling"], made, rel_tol=1e-9):
+        problems.append(f"lora.scaling is {lora['scaling']}, lora.alpha and lora.rank make {made}")
+
+    modules: dict[str, dict[str, tuple]] = {}  # "model.layers.0.self_attn.q_proj" -> kind -> shape
+    for i, p in enumerate(params):
+        if p["kind"] not in LEAVES or p["module"] not in lora["targets"] or p["layer"] < 0:
+            problems.append(f"parameters[{i}] (kind {p['kind']!r}, module {p['module']!r}, layer {p['layer']}) is not "
+                            f"an A, B or magnitude of one of lora.targets ({', '.join(lora['targets'])})")
+            continue
+        path = f"model.layers.{p['layer']}.{PARENTS[p['module']]}.{p['module']}"
+        name = f"{path}.{LEAVES[p['kind']]}"
+        if (p["onnx_name"], p["peft_name"]) != (name, PEFT_PREFIX + name):
+            problems.append(f"parameters[{i}] is named {p['onnx_name']!r} / {p['peft_name']!r}, its layer, module and "
+                            f"kind make {name!r} / {PEFT_PREFIX + name!r}")
+        elif p["kind"] in modules.get(path, {}):
+            problems.append(f"parameters[{i}] repeats {name}")
+        else:
+            modules.setdefault(path, {})[p["kind"]] = tuple(p["shape"])
+    if any(problem.startswith("parameters[") for problem in problems):  # what follows would only repeat them
+        return problems
+
+    layers = sorted({int(path.split(".")[2]) for path in modules})
+    wanted = lora["layers"] if "layers" in lora else list(range(len(layers)))  # every layer: 0 to N-1
+    if layers != sorted(set(wanted)):
+        problems.append(f"the parameters adapt layers {layers}, lora.layers says "
+                        + (f"{lora['layers']}" if "layers" in lora else "every layer (0 to N-1)"))
+    missing = [f"model.layers.{i}.{PARENTS[t]}.{t}" for i in layers for t in lora["targets"]
+               if f"model.layers.{i}.{PARENTS[t]}.{t}" not in modules]
+    if missing:
+        problems.append(f"lora.targets has no parameters for {listing(missing, 3)}")
+
+    kinds = {"A", "B"} | ({"magnitude"} if lora.get("dora") else set())
+    frozen, dims = data.get("frozen") or {}, {}
+    for path, shapes in modules.items():
+        rank, module = module_rank(lora, path), path.split(".")[-1]
+        a, b, m = shapes.get("A"), shapes.get("B"), shapes.get("magnitude")
+        if set(shapes) != kinds:
+            problems.append(f"{path} has {', '.join(sorted(shapes))}, a{' DoRA' if lora.get('dora') else ''} "
+                            f"module has {', '.join(sorted(kinds))}")
+        elif len(a) != 2 or len(b) != 2 or a[0] != rank or b[1] != rank or min(a + b) <= 0 or m not in (None, b[:1]):
+            problems.append(f"{path} has lora_A {list(a)}, lora_B {list(b)}" + (f", magnitude {list(m)}" if m else "")
+                            + f"; its rank {rank} needs [{rank}, in], [out, {rank}]" + (", [out]" if m else ""))
+        elif frozen:  # the base weight: [in, out] stored transposed, else [out, in] (float or quantized)
+            base = frozen.get(f"{path}.weight.T", {}).get("shape")
+            base = base[::-1] if base else (frozen.get(f"{path}.weight") or frozen.get(f"{path}.weight.q") or {}).get("shape")
+            if base is None:
+                problems.append(f"{path} has no base weight in frozen")
+            elif [b[0], a[1]] != list(base):
+                problems.append(f"{path} has lora_A {list(a)} and lora_B {list(b)}, its base weight is {list(base)} "
+                                "(out, in)")
+        elif dims.setdefault(module, (b[0], a[1])) != (b[0], a[1]):
+            problems.append(f"{path} is {b[0]} x {a[1]} (out x in), {module} of another layer {dims[module][0]} x "
+                            f"{dims[module][1]}")
+    total = sum(math.prod(p["shape"]) for p in params)
+    if data["counts"]["trainable"] != total:
+        problems.append(f"counts.trainable is {data['counts']['trainable']}, the parameters hold {total}")
     return problems

@@ -227,8 +227,7 @@ def from_float32(dtype: str, values: np.ndarray) -> np.ndarray:
 
 def nonfinite(arrays: dict[str, np.ndarray], block: int = 1 << 22) -> list[str]:
     """The names of the floating-point ``arrays`` that hold NaN or infinity, read ``block`` values at a time so
-    that a mapped file is checked with a few megabytes of memory (one pass at memory speed; docs in
-    runtime/frozen.py)."""
+    that a mapped file is checked with a few megabytes of memory (one pass at memory speed: runtime/frozen.py)."""
     bad = []
     for name, array in arrays.items():
         if np.issubdtype(array.dtype, np.floating):

@@ -15,11 +15,12 @@ from typing import Protocol
 
 import numpy as np
 
-from ortlora.errors import REBUILD, OrtloraError
+from ortlora.errors import REBUILD, OrtloraError, listing
 from ortlora.manifest import Manifest
 from ortlora.onnx_files import check_external_data
 from ortlora.runtime.frozen import map_frozen_weights, share_with
 from ortlora.runtime.providers import check_provider
+from ortlora.weights import shape_problems
 
 Batch = dict[str, np.ndarray]  # input_ids, attention_mask, labels: int64 [batch, seq]
 
@@ -117,6 +118,12 @@ class OrtTrainingBackend:
         checkpoint = artifacts / manifest.files["checkpoint"]
         with loading(checkpoint):
             self._state = C.load_checkpoint(str(checkpoint))
+        # The checkpoint's trainable weights are the adapter ORT trains and we save: they must be the manifest's.
+        params = [self._state.get_parameter(name) for name in self._state.parameter_names()]
+        problems = shape_problems({p.name: tuple(p.data.shape()) for p in params if p.requires_grad},
+                                  {p.onnx_name: p.shape for p in manifest.parameters})
+        if problems:
+            raise OrtloraError(f"{checkpoint} does not match the manifest: {listing(problems)}; {REBUILD}")
         training, evaluation = (onnx_file(artifacts, manifest.files[r]) for r in ("training_model", "eval_model"))
         with loading(training, evaluation):
             self._module = C.Module(str(training), self._state, str(evaluation), self._device, options)

@@ -7,6 +7,11 @@ maps or copies the file on its own, so a run that evaluates holds the weights tw
 options as initializers, one read-only mapping serves them all (3.6 GB after the evaluation), and
 ONNX Runtime reads nothing from the file itself. Pre-packing stays off, or ONNX Runtime would keep a
 repacked copy of every weight for its matrix products.
+
+Before any session sees them, the float weights are checked for NaN and infinity (a damaged copy of the
+right size): one pass of np.isfinite, 4M values at a time, at about 7 GiB/s from the page cache (measured:
+0.15 ms for the tiny model; 512 MiB in 0.07 s, so about 0.3 s for Qwen2.5-0.5B's 2 GB of float32). From a
+cold disk it reads the pages the sessions would read anyway. ortlora-generate runs the same check.
 """
 
 from __future__ import annotations
@@ -15,19 +20,28 @@ from pathlib import Path
 
 import numpy as np
 
+from ortlora.errors import REBUILD, OrtloraError, listing
 from ortlora.manifest import Manifest
-from ortlora.weights import map_layout
+from ortlora.weights import map_layout, nonfinite
 
 
 def map_frozen_weights(artifacts: Path, manifest: Manifest) -> dict[str, np.ndarray]:
-    """Every frozen weight by name, as a read-only array over the mapped file (empty for older builds).
+    """Every frozen weight by name, as a read-only array over the mapped file (empty for older builds), once
+    every float tensor (weights, norms, biases, a quantized base's scales) is checked to hold no NaN or infinity:
+    a damaged copy of the right size is refused in one line instead of training or generating on it.
 
     uint4 tensors (an int4 base) are left out: numpy has no 4-bit type, and ONNX Runtime 1.19 makes no
-    OrtValue of one from numpy, so each session maps those from the file itself."""
+    OrtValue of one from numpy, so each session maps those from the file itself. Integer weights (int8 /
+    int4 bases) can hold no NaN: damage to them, or finite garbage in a float one, is not detected."""
     if not manifest.frozen:
         return {}
     shared = {name: place for name, place in manifest.frozen.items() if place["dtype"] != "uint4"}
-    return map_layout(Path(artifacts) / manifest.files["frozen_weights"], shared)
+    path = Path(artifacts) / manifest.files["frozen_weights"]
+    weights = map_layout(path, shared)
+    bad = nonfinite(weights)
+    if bad:
+        raise OrtloraError(f"{path} holds NaN or infinite values in {listing(bad, 3)} (a damaged copy?); {REBUILD}")
+    return weights
 
 
 def share_with(options, weights: dict[str, np.ndarray]) -> list:

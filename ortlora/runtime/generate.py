@@ -23,6 +23,7 @@ from ortlora.errors import OrtloraError
 from ortlora.files import read_json
 from ortlora.manifest import REBUILD, Manifest
 from ortlora.runtime.backend import onnx_file
+from ortlora.runtime.frozen import map_frozen_weights
 from ortlora.runtime.providers import create_session
 from ortlora.runtime.tokenizer import Tokenizer
 
@@ -107,6 +108,7 @@ class Generator:
         if threads:
             options.intra_op_num_threads = threads
         decoder = onnx_file(artifacts, self.manifest.files["decoder_model"])
+        map_frozen_weights(artifacts, self.manifest)  # the decoder reads frozen_weights.bin: refuse NaN in it first
         self.session = create_session(decoder, options, ep)
         self.past = [i for i in self.session.get_inputs() if i.name.startswith("past.")]
         self.eos_ids = {self.tokenizer.eos_id} | self._generation_eos(artifacts)
