@@ -31,6 +31,17 @@ def debugging(argv: list[str] | None) -> bool:
     return "--debug" in (sys.argv[1:] if argv is None else argv) or os.environ.get("ORTLORA_DEBUG") == "1"
 
 
+_interrupted_said = False
+
+
+def say_interrupted() -> None:
+    """Print "interrupted" for Ctrl-C, and remember it: a second Ctrl-C that ends the process at once
+    (ortlora._entry) does not print it again."""
+    global _interrupted_said
+    _interrupted_said = True
+    print("interrupted", file=sys.stderr, flush=True)
+
+
 def cli_entry(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
     """Wrap a CLI main so that every error ends the process with a one-line message: 2 for an OrtloraError,
     130 for Ctrl-C, 1 for anything unexpected (a bug or a case nobody checked), whose traceback --debug shows."""
@@ -43,7 +54,7 @@ def cli_entry(main: Callable[[list[str] | None], int | None]) -> Callable[[list[
             print(f"error: {one_line(e)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
+            say_interrupted()
             return 130
         except Exception as e:
             if debugging(argv):

@@ -285,3 +285,94 @@ def test_a_long_line_is_read_a_block_at_a_time(tmp_path, monkeypatch):
     lines = list(data.jsonl_lines(path))
     assert [n for n, _ in lines] == [1, 2] and lines[0][1].length == (48 << 20) + 12 and lines[1][1] == b'{"text": "ok"}\n'
     assert all(0 < n <= (1 << 20) + 1 for n in reads)
+
+
+# --- Ctrl-C: one line, "interrupted", exit 130, whenever it comes
+
+
+def start_command(entry: str, *args: str, cwd: Path, pythonpath: Path | None = None):
+    """A console command as pip's wrapper script runs it: ``from ortlora._entry import train; sys.exit(train())``
+    (``entry`` may also be ``_run('module')`` for a stand-in command)."""
+    import os
+    import subprocess
+    import sys
+
+    name = entry.split("(")[0]
+    call = entry if "(" in entry else f"{entry}()"  # _run('module'): a stand-in command's main
+    env = {**os.environ, "PYTHONPATH": str(pythonpath)} if pythonpath else None
+    return subprocess.Popen([sys.executable, "-c", f"import sys; from ortlora._entry import {name}; sys.exit({call})", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
+
+
+def interrupt(process, *delays: float) -> tuple[int, str, str]:
+    import signal
+
+    for delay in delays:
+        time.sleep(delay)
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    return process.returncode, out, err
+
+
+COMMANDS = {  # each fails fast with exit 2 (export --help: 0) once it has imported what it needs
+    "build": ["--model", "no-such-model", "--out", "out"],
+    "train": ["--artifacts", "no-such-artifacts", "--out", "run"],
+    "export": ["--help"],
+    "generate": ["--artifacts", "no-such-artifacts", "--prompt", "Hi"],
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_ctrl_c_at_any_moment_of_a_command_is_one_line(tmp_path, command):
+    """Ctrl-C 0.3 s and 1 s after the start (while modules are imported, or main runs), and twice in a row.
+    Earlier it can come while the interpreter itself starts (its site module, ~30 ms here, before any code of
+    the package runs), where Python prints its own traceback; test_ctrl_c_while_a_module_imports covers the
+    imports whatever the machine's speed."""
+    for delays in ((0.3,), (1.0,), (0.3, 0.01)):
+        code, out, err = interrupt(start_command(command, *COMMANDS[command], cwd=tmp_path), *delays)
+        assert "Traceback" not in err and "Exception ignored" not in err, (delays, err)
+        assert (code, err) == (130, "interrupted\n") or code in (0, 2) and err.count("\n") <= 1, (delays, code, err)
+
+
+@pytest.fixture()
+def stand_ins(tmp_path) -> Path:
+    """Commands whose timing a test controls: a slow import, a main that works until interrupted and then cleans
+    up slowly, and a main that leaves a thread the interpreter waits for at shutdown."""
+    (tmp_path / "slow_import.py").write_text("import time\nprint('importing', flush=True)\ntime.sleep(30)\n"
+                                             "def main():\n    return 0\n")
+    (tmp_path / "slow_cleanup.py").write_text(
+        "import time\nfrom ortlora.errors import cli_entry\n@cli_entry\ndef main(argv=None):\n"
+        "    print('working', flush=True)\n    try:\n        time.sleep(30)\n    finally:\n        time.sleep(30)\n")
+    (tmp_path / "busy_thread.py").write_text(
+        "import threading, time\ndef main():\n    threading.Thread(target=time.sleep, args=(30,)).start()\n"
+        "    print('done', flush=True)\n    return 0\n")
+    return tmp_path
+
+
+def interrupt_after_line(process, delays=(0.2,)) -> tuple[int, str, str]:
+    """Ctrl-C once the stand-in has printed its line (so the test knows where it is)."""
+    line = process.stdout.readline()
+    code, out, err = interrupt(process, *delays)
+    return code, line + out, err
+
+
+def test_ctrl_c_while_a_module_imports(stand_ins):
+    process = start_command("_run('slow_import')", cwd=stand_ins, pythonpath=stand_ins)
+    assert interrupt_after_line(process) == (130, "importing\n", "interrupted\n")
+
+
+def test_a_second_ctrl_c_does_not_wait_for_the_cleanup(stand_ins):
+    """The first Ctrl-C interrupts main (its cleanup runs, as a finally block does); the second ends the process."""
+    start = time.perf_counter()
+    process = start_command("_run('slow_cleanup')", cwd=stand_ins, pythonpath=stand_ins)
+    assert interrupt_after_line(process, (0.2, 0.3)) == (130, "working\n", "interrupted\n")
+    assert time.perf_counter() - start < 20
+
+
+def test_ctrl_c_while_the_interpreter_waits_for_threads(stand_ins):
+    """main has returned and the interpreter joins a thread (threading._shutdown): Ctrl-C, even twice, ends it."""
+    start = time.perf_counter()
+    process = start_command("_run('busy_thread')", cwd=stand_ins, pythonpath=stand_ins)
+    assert interrupt_after_line(process, (0.3, 0.01)) == (130, "done\n", "interrupted\n")
+    assert time.perf_counter() - start < 20
