@@ -12,6 +12,7 @@ import pytest
 
 from ortlora.build import cli as build_cli
 from ortlora.errors import OrtloraError
+from ortlora.handoff import cli as export_cli
 from ortlora.runtime import cli as train_cli
 from ortlora.runtime import config as cfg
 from ortlora.runtime import generate_cli
@@ -219,3 +220,61 @@ def test_generate_paths_that_loop_are_one_line(artifacts, tmp_path, capsys, opti
     argv = {"--artifacts": str(artifacts)} | ({option: str(loop)} if option != "--prompts-file" else {})
     err = one_line(capsys, generate_cli.main([a for k, v in argv.items() for a in (k, v)] + prompt))
     assert f"{option} {loop}: Too many levels of symbolic links" in err
+
+
+# -- ortlora-export --------------------------------------------------------------------------------------------
+
+def export(artifacts: Path, adapter: Path, out: Path, *extra: str) -> int:
+    return export_cli.main(["--artifacts", str(artifacts), "--adapter", str(adapter), "--out", str(out), *extra])
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--to", "peft", "--gguf-type", "f16"], "--gguf-type f16 goes with --to gguf or gguf-merged; --to peft does not "
+                                             "use it: leave --gguf-type out"),
+    (["--to", "merged", "--gguf-type", "f32"], "--gguf-type f32 goes with --to gguf or gguf-merged; --to merged"),
+    (["--to", "peft", "--with-base"], "--with-base goes with --to gguf; --to peft does not use it"),
+    (["--to", "merged", "--with-base"], "--with-base goes with --to gguf; --to merged does not use it"),
+    (["--to", "gguf-merged", "--with-base"], "--with-base goes with --to gguf; --to gguf-merged does not use it"),
+    (["--to", "peft", "--ort-format"], "--ort-format goes with --to onnx; --to peft does not use it"),
+    (["--to", "merged", "--ort-format"], "--ort-format goes with --to onnx; --to merged does not use it"),
+    (["--to", "peft", "--max-shard-size", "1GB"], "--max-shard-size 1GB goes with --to merged; --to peft does not"),
+    (["--to", "onnx", "--max-shard-size", "1GB"], "--max-shard-size 1GB goes with --to merged; --to onnx does not"),
+    (["--to", "onnx-adapter", "--base", "BASE"], "--base BASE goes with --to peft or merged or onnx or gguf or "
+                                                 "gguf-merged or mlx; --to onnx-adapter does not use it"),
+    (["--to", "genai", "--base", "BASE"], "--to genai does not use it: leave --base out"),
+    (["--to", "gguf", "--base", "BASE"], "--base BASE is read by --to gguf only with --with-base"),
+    (["--to", "merged", "--max-shard-size", "0"], "--max-shard-size 0 is 0 bytes; a shard holds at least 1024 bytes"),
+    (["--to", "merged", "--max-shard-size", "0.5KB"], "--max-shard-size 0.5KB is 512 bytes; a shard holds at least"),
+    (["--to", "mlx", "--with-base"], "--with-base and --gguf-type go with --to gguf"),
+])
+def test_export_options_the_target_would_ignore_are_refused(artifacts, trained_adapter, tmp_path, capsys, extra, says):
+    base = str(artifacts / "base_model")
+    out = tmp_path / "out"
+    err = one_line(capsys, export(artifacts, trained_adapter, out, *[base if a == "BASE" else a for a in extra]))
+    assert says.replace("BASE", base) in err
+    assert not out.exists()
+
+
+def test_export_options_the_target_uses_are_taken(artifacts, trained_adapter, tmp_path):
+    assert export(artifacts, trained_adapter, tmp_path / "m", "--to", "merged", "--max-shard-size", "1KB") == 0
+    assert export(artifacts, trained_adapter, tmp_path / "p", "--to", "peft", "--base", str(artifacts / "base_model")) == 0
+
+
+@pytest.mark.parametrize("option", ["--artifacts", "--adapter", "--base", "--out"])
+def test_export_paths_that_loop_are_one_line(artifacts, trained_adapter, tmp_path, capsys, option):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    argv = {"--artifacts": str(artifacts), "--adapter": str(trained_adapter), "--out": str(tmp_path / "out"),
+            "--to": "merged"} | {option: str(loop)}
+    err = one_line(capsys, export_cli.main([a for k, v in argv.items() for a in (k, v)]))
+    assert f"{option} {loop}: Too many levels of symbolic links" in err
+
+
+@pytest.mark.parametrize("value, shown", [(None, "missing"), ("2", "'2'"), (0, "0"), (True, "True")])
+def test_mlx_export_needs_the_models_layer_count(artifacts, trained_adapter, tmp_path, capsys, value, shown):
+    copy = Path(shutil.copytree(artifacts, tmp_path / "artifacts"))
+    config = json.loads((copy / "config.json").read_text())
+    config.pop("num_hidden_layers") if value is None else config.update(num_hidden_layers=value)
+    (copy / "config.json").write_text(json.dumps(config))
+    err = one_line(capsys, export(copy, trained_adapter, tmp_path / "out", "--to", "mlx"))
+    assert f"{copy / 'config.json'}: num_hidden_layers is {shown}, not a positive integer; rebuild the artifacts" in err

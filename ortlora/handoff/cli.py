@@ -24,8 +24,16 @@ from ortlora.runtime.checkpoint import (
     find_checkpoint,
     load_adapter,
 )
+from ortlora.runtime.config import check_paths
 
 TARGETS = ("peft", "merged", "onnx", "onnx-adapter", "genai", "gguf", "gguf-merged", "mlx")
+MAX_SHARD_SIZE = "2GB"
+MIN_SHARD_BYTES = 2**10
+# The targets that use each option; given with another --to it would be ignored, so it is refused (--to mlx
+# refuses --with-base and --gguf-type itself, in mlx_adapter.check_exportable).
+USED_BY = {"--gguf-type": ("gguf", "gguf-merged"), "--with-base": ("gguf",), "--ort-format": ("onnx",),
+           "--max-shard-size": ("merged",), "--base": ("peft", "merged", "onnx", "gguf", "gguf-merged", "mlx")}
+REFUSED_BY_TARGET = {("--gguf-type", "mlx"), ("--with-base", "mlx")}
 
 
 def parse_size(text: str) -> int:
@@ -49,7 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "mlx: the adapter for mlx-lm")
     parser.add_argument("--out", type=Path, required=True, help="output directory (replaced only with --force)")
     parser.add_argument("--base", type=Path, default=None, help="the base model directory (default: the one the artifacts were built from)")
-    parser.add_argument("--max-shard-size", default="2GB", help="merged: largest safetensors file (default: 2GB)")
+    parser.add_argument("--max-shard-size", default=None,  # None: not given (MAX_SHARD_SIZE), see check_options
+                        help=f"merged: largest safetensors file (default: {MAX_SHARD_SIZE})")
     parser.add_argument("--ort-format", action="store_true", help="onnx: also write model.ort, the format of ONNX Runtime's mobile builds")
     parser.add_argument("--gguf-type", default=None,
                         help="gguf: f32 (default) or f16; gguf-merged: f16 (default), bf16, q8_0 or f32")
@@ -61,9 +70,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse, before anything is read, an option that --to would ignore and a shard size no export can use."""
+    given = {"--gguf-type": args.gguf_type, "--with-base": args.with_base or None, "--ort-format": args.ort_format or None,
+             "--max-shard-size": args.max_shard_size, "--base": args.base}
+    for flag, value in given.items():
+        if value is not None and args.to not in USED_BY[flag] and (flag, args.to) not in REFUSED_BY_TARGET:
+            shown = flag if value is True else f"{flag} {value}"
+            users = " or ".join(USED_BY[flag])
+            raise OrtloraError(f"{shown} goes with --to {users}; --to {args.to} does not use it: leave {flag} out")
+    if args.base is not None and args.to == "gguf" and not args.with_base:
+        raise OrtloraError(f"--base {args.base} is read by --to gguf only with --with-base (base.gguf is written from "
+                           "it): pass --with-base, or leave --base out")
+    args.max_shard_size = MAX_SHARD_SIZE if args.max_shard_size is None else args.max_shard_size
+    if parse_size(args.max_shard_size) < MIN_SHARD_BYTES:
+        raise OrtloraError(f"--max-shard-size {args.max_shard_size} is {parse_size(args.max_shard_size)} bytes; a "
+                           f"shard holds at least {MIN_SHARD_BYTES} bytes (1KB): pass a size like {MAX_SHARD_SIZE}")
+    check_paths({"--artifacts": args.artifacts, "--adapter": args.adapter, "--base": args.base, "--out": args.out})
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_options(args)
     check_output_dir(args.out, flag="--force", replace=args.force, what="ortlora-export",
                      reads=[p for p in (args.artifacts, args.adapter, args.base) if p is not None])
     manifest = Manifest.load(args.artifacts)

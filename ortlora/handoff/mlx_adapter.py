@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ortlora.errors import OrtloraError, listing
+from ortlora.errors import REBUILD, OrtloraError, listing
 from ortlora.files import read_json
 from ortlora.lora_config import module_scaling
 from ortlora.manifest import Manifest
@@ -72,7 +72,12 @@ def check_exportable(args: argparse.Namespace, manifest: Manifest) -> None:
     """Refuse before anything is written: an adapter mlx-lm's config cannot describe."""
     if args.with_base or args.gguf_type:
         raise OrtloraError("--with-base and --gguf-type go with --to gguf; mlx-lm loads the base model as it is")
-    _layout(manifest, layer_count(args.artifacts, manifest))
+    path = Path(args.artifacts) / manifest.files["config"]  # num_layers counts back from the model's last layer
+    count = read_json(path, REBUILD).get("num_hidden_layers")
+    if type(count) is not int or count <= 0:
+        raise OrtloraError(f"{path}: num_hidden_layers is {'missing' if count is None else repr(count)}, not a "
+                           f"positive integer; {REBUILD}")
+    _layout(manifest, count)
 
 
 def export(args: argparse.Namespace, manifest: Manifest, weights: dict[str, np.ndarray], out: Path,
