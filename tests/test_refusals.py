@@ -278,3 +278,18 @@ def test_mlx_export_needs_the_models_layer_count(artifacts, trained_adapter, tmp
     (copy / "config.json").write_text(json.dumps(config))
     err = one_line(capsys, export(copy, trained_adapter, tmp_path / "out", "--to", "mlx"))
     assert f"{copy / 'config.json'}: num_hidden_layers is {shown}, not a positive integer; rebuild the artifacts" in err
+
+
+def test_ray_workers_are_checked_against_the_clusters_cpus_and_gpus():
+    from ortlora.runtime.distributed import check_resources
+
+    check_resources(cfg.TrainConfig(workers=4), {"CPU": 4.0}, None)
+    check_resources(cfg.TrainConfig(workers=2, ep="cuda"), {"CPU": 8.0, "GPU": 2.0}, "auto")
+    with pytest.raises(OrtloraError, match=r"^--workers 1000 needs 1000 CPUs \(one per worker\), and the Ray cluster "
+                                           r"at ray://head:10001 has 16; pass --workers 16 or fewer"):
+        check_resources(cfg.TrainConfig(workers=1000), {"CPU": 16.0}, "ray://head:10001")
+    with pytest.raises(OrtloraError, match=r"needs 3 GPUs \(one per worker\), and this machine's Ray cluster has 2; "
+                                           r"pass --workers 2 or fewer"):
+        check_resources(cfg.TrainConfig(workers=3, ep="cuda"), {"CPU": 8.0, "GPU": 2.0}, None)
+    with pytest.raises(OrtloraError, match=r"has 0; train with --ep cpu"):
+        check_resources(cfg.TrainConfig(workers=1, ep="cuda"), {"CPU": 8.0}, None)

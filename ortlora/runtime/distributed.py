@@ -29,7 +29,7 @@ import numpy as np
 
 from ortlora.errors import OrtloraError
 from ortlora.manifest import Manifest
-from ortlora.runtime.config import TrainConfig
+from ortlora.runtime.config import TrainConfig, check_workers
 from ortlora.runtime.trainer import accumulate
 
 MAX_REPLACEMENTS = 3  # worker losses tolerated within one step
@@ -56,6 +56,18 @@ def check_reachable(address: str) -> None:
     except OSError as e:
         raise OrtloraError(f"--ray-address {address}: nothing answers at {host}:{port} ({e.strerror or e}); start the "
                            "cluster's head there (ray start --head), or leave --ray-address out to use this machine") from None
+
+
+def check_resources(config: TrainConfig, resources: dict, address: str | None) -> None:
+    """Each worker takes one CPU (and one GPU with --ep cuda): workers beyond what the cluster has would wait
+    for them forever, so they are refused before any worker starts."""
+    cluster = f"the Ray cluster at {address}" if address else "this machine's Ray cluster"
+    check_workers(config.workers, resources.get("CPU", 0), cluster)
+    gpus = resources.get("GPU", 0)
+    if config.ep == "cuda" and config.workers > gpus:
+        fix = f"pass --workers {int(gpus)} or fewer" if gpus >= 1 else "train with --ep cpu"
+        raise OrtloraError(f"--workers {config.workers} with --ep cuda needs {config.workers} GPUs (one per worker), "
+                           f"and {cluster} has {gpus:g}; {fix}")
 
 
 class Worker:
@@ -97,15 +109,17 @@ class RayBackend:
         self.config, self.artifacts, self.on_message = config, str(Path(artifacts).resolve()), on_message
         if config.ray_address:
             check_reachable(config.ray_address)
+        elif not ray.is_initialized():  # a cluster of this machine would have its CPUs: refused before it starts
+            check_workers(config.workers, os.cpu_count() or 1, "this machine")
         if not ray.is_initialized():
             try:
                 if config.ray_address:
                     ray.init(address=config.ray_address, log_to_driver=False)
-                else:  # a local cluster of this machine: one CPU slot per worker, however many cores there are
-                    ray.init(num_cpus=max(os.cpu_count() or 1, config.workers), include_dashboard=False,
-                             log_to_driver=False)
+                else:  # a local cluster of this machine: one CPU slot per core
+                    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
             except (ConnectionError, RuntimeError, ValueError) as e:  # e.g. auto with no cluster running here
                 raise OrtloraError(f"Ray could not start or join a cluster ({_reason(e)})") from None
+        check_resources(config, ray.cluster_resources(), config.ray_address)
         self._options = {"num_cpus": 1, "num_gpus": 1 if config.ep == "cuda" else 0, "max_restarts": 0}
         self.workers = [self._start() for _ in range(config.workers)]
         try:
