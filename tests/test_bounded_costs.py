@@ -57,6 +57,15 @@ HOSTILE_TEMPLATES = {
     "str.join": "{% set s = 'x' * 100000 %}{{ ''.join([s] * 100000) | length }}",
     "batch filter": "{{ [1] | batch(10000000000, 0) | list | length }}",
     "tojson indent": "{{ messages | tojson(indent=100000000) }}",
+    "filters over a range in a loop": "{% for i in range(100) %}{{ range(100000) | select('odd') | list | length }}"
+                                      "{% endfor %}",
+    "a list made in a loop": "{% for i in range(100) %}{{ (range(100000) | list)[-1] }}{% endfor %}",
+    "comparisons of long strings": "{% set s = 'x' * 100000 %}{% for i in range(10000) %}{% if 'y' in s %}{% endif %}"
+                                   "{% endfor %}",
+    "tests of long strings": "{% set s = 'x' * 100000 %}{% for i in range(10000) %}{% if 'y' is in s %}{% endif %}"
+                             "{% endfor %}",
+    "str methods on long strings": "{% set s = 'x' * 100000 %}{% for i in range(10000) %}{{ s.count('y') }}{% endfor %}",
+    "slices of long strings": "{% set s = 'x' * 100000 %}{% for i in range(10000) %}{{ s[1:] | length }}{% endfor %}",
 }
 
 

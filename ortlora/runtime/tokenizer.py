@@ -7,6 +7,7 @@ as files, and the template is rendered with jinja2 the way transformers renders 
 from __future__ import annotations
 
 import functools
+import json
 import re
 import string
 from pathlib import Path
@@ -29,13 +30,12 @@ class TemplateTooCostly(OrtloraError):
 
 
 # What one rendering of the chat template may cost, relative to the size of what it renders (the characters of
-# every string in the messages and tools, plus one per message, key and list item). Qwen2.5's template, tools and
-# tool calls included, takes about 0.25 operations per unit of size (13.5 per message; a message is at least ~20)
-# and writes 1.3 to 2.6 characters per unit (its system prompt of tools included), so 4 operations and 8
-# characters per unit leave it a margin of 4 to 16 times, and the bases cover any fixed preamble. An operation
-# costs ~2 microseconds (a macro call, on this project's 2-core machine), so the base allows ~0.4 s, and the
-# longest data line (64 MiB) at most ~8 minutes of a template that loops over every character.
-TEMPLATE_BASE_OPERATIONS = 200_000  # each call, filter, attribute or item lookup, operator and loop iteration
+# the messages and tools as JSON). Qwen2.5's template, tools and tool calls included, takes about 0.2 operations
+# per character (14 per message; a message is at least ~30 characters) and writes 1 to 1.9 characters per
+# character (its system prompt of tools included), so 4 operations and 8 characters leave it a margin of 4 to 20
+# times, and the bases cover any fixed preamble. An operation costs ~2 microseconds (a macro call, on this
+# project's 2-core machine), so the base allows ~0.4 s, and a conversation of N characters ~8 N microseconds more.
+TEMPLATE_BASE_OPERATIONS = 200_000  # each call, filter, test, lookup, operator and loop item; scans by size
 TEMPLATE_OPERATIONS_PER_CHAR = 4
 TEMPLATE_BASE_CHARS = 1 << 20  # 1 MiB of output (and of any one string or list made on the way)
 TEMPLATE_CHARS_PER_CHAR = 8
@@ -44,14 +44,11 @@ TEMPLATE_MAX_JSON_INDENT = 16
 
 
 def _size(value) -> int:
-    """The size of what a template renders: characters of its strings, plus one per item."""
-    if isinstance(value, str):
-        return len(value) + 1
-    if isinstance(value, dict):
-        return 1 + sum(_size(k) + _size(v) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return 1 + sum(_size(v) for v in value)
-    return 1
+    """The size of what a template renders: the characters of its JSON."""
+    return len(json.dumps(value, ensure_ascii=False, default=str))
+
+
+_SIZED = (str, list, tuple, dict, set)
 
 
 class _Budget:
@@ -64,8 +61,8 @@ class _Budget:
         self.operations = 0
         self.chars = 0
 
-    def charge(self) -> None:
-        self.operations += 1
+    def charge(self, operations: int = 1) -> None:
+        self.operations += operations
         if self.operations > self.max_operations:
             raise TemplateTooCostly(
                 f"the chat template of {self.source} took more than {self.max_operations:,} operations rendering one "
@@ -83,6 +80,8 @@ class _Budget:
             raise self.too_large(what, size)
 
     def output(self, chars: int) -> None:
+        if chars >= 64:
+            self.charge(chars >> 6)
         self.chars += chars
         self.check_size("text", self.chars)
 
@@ -224,7 +223,6 @@ def _environment():
     {"zcity": "Zürich", "a<b": 1} into {"a\\u003cb": 1, "zcity": "Z\\u00fcrich"}), ``raise_exception``,
     ``strftime_now``, ``dict`` and a ``namespace`` that refuses underscored names. Not its ``{% generation %}``
     tag, which only marks assistant text for transformers' own masks."""
-    import json
     from datetime import datetime
 
     import jinja2.ext
@@ -270,7 +268,9 @@ def _environment():
     env.globals.pop("lipsum", None)  # lipsum(100000) writes 60 MB of Latin: no chat template needs it
     env.filters = {name: env.bounded(f, name) for name, f in env.filters.items()}
     env.filters[_LOOP_FILTER] = env.loop_items
-    env.filters[_CHECKED_FILTER] = lambda value: env.checked(value, "a string joined with '~'")
+    env.filters[_CHECKED_FILTER] = lambda value: env.scanned(env.checked(value, "a string joined with '~'"))
+    env.filters[_SCANNED_FILTER] = env.scanned
+    env.tests = {name: env.bounded_test(f) for name, f in env.tests.items()}
     return env
 
 
@@ -299,11 +299,10 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
 
     # --- what each step costs
 
-    def _charge(self) -> _Budget | None:
+    def _charge(self, operations: int = 1) -> None:
         budget = self.budget
         if budget is not None:
-            budget.charge()
-        return budget
+            budget.charge(operations)
 
     def checked(self, value, what: str = "a value"):
         budget = self.budget
@@ -340,7 +339,14 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
 
     def getitem(self, obj, argument):
         self._charge()
-        return super().getitem(obj, argument)
+        return self.scanned(super().getitem(obj, argument))  # a slice copies
+
+    def scanned(self, value):
+        """``value`` after charging for a step that copies or compares it at C speed: 64 characters or items an
+        operation (a string compared, sliced, searched, joined)."""
+        if isinstance(value, _SIZED) and len(value) >= 64 and self.budget is not None:
+            self.budget.charge(len(value) >> 6)
+        return value
 
     def call_binop(self, context, operator, left, right):
         self._charge()
@@ -353,7 +359,8 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
                 raise self._too_big_number()
         elif operator == "%" and isinstance(left, str):
             self._check_printf(left, right)
-        return self.checked(super().call_binop(context, operator, left, right), f"the result of '{operator}'")
+        result = super().call_binop(context, operator, left, right)
+        return self.scanned(self.checked(result, f"the result of '{operator}'"))
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805  (jinja's own signature)
         __self._charge()
@@ -364,7 +371,9 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         receiver = getattr(__obj, "__self__", None)
         if isinstance(receiver, str):
             __self._check_str_method(receiver, getattr(__obj, "__name__", ""), args, kwargs)
-        return __self.checked(super().call(__context, __obj, *args, **kwargs), "the result of a call")
+        for value in (receiver, *args, *kwargs.values()):  # a method reads its object and arguments at C speed
+            __self.scanned(value)
+        return __self.scanned(__self.checked(super().call(__context, __obj, *args, **kwargs), "the result of a call"))
 
     def wrap_str_format(self, value):
         wrapped = super().wrap_str_format(value)
@@ -437,13 +446,28 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
             size = len(separator) * len(items) if isinstance(separator, str) else 0
             self._refuse_size("a join", size + sum(len(i) for i in items if isinstance(i, str)))
 
+    def bounded_test(self, f):
+        """The test ``f`` (``x is in y``, ``x is divisibleby 3``) at one operation a call, plus what it scans."""
+
+        @functools.wraps(f)
+        def test(*args, **kwargs):
+            self._charge()
+            for value in args:
+                self.scanned(value)
+            return f(*args, **kwargs)
+
+        return test
+
     def bounded(self, f, name: str):
         """The filter ``f`` at one operation a call, with its sizes checked."""
 
         @functools.wraps(f)
         def filter(*args, **kwargs):
-            self._charge()
             values = args[1:] if getattr(f, "jinja_pass_arg", None) is not None else args  # after the context
+            # A filter walks its value in Python, item by item or character by character (map, select, list,
+            # sum, wordwrap, ...): one operation each, so that range(100000) | select(...) inside a loop pays.
+            self._charge(1 + (len(values[0]) if values and isinstance(values[0], (str, list, tuple, dict, set, range))
+                              else 0))
             if name in _WIDTH_FILTERS:
                 self._check_ints(f"the {name} filter", values[1:], kwargs)
             elif name == "indent" and values:
@@ -464,7 +488,8 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
 
         return filter
 
-    # --- loops and ~ pay as they go: each for loop's items pass through _loop, each ~ is checked
+    # --- loops, ~ and comparisons pay as they go: each for loop's items pass through loop_items, each ~ is
+    # checked and scanned, each operand of a comparison scanned
 
     def _parse(self, source, name, filename):
         from jinja2 import nodes
@@ -472,6 +497,10 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         tree = super()._parse(source, name, filename)
         for loop in tree.find_all(nodes.For):
             loop.iter = nodes.Filter(loop.iter, _LOOP_FILTER, [], [], None, None, lineno=loop.lineno)
+        for compare in tree.find_all(nodes.Compare):  # a == b, a in b: the operands are scanned
+            compare.expr = nodes.Filter(compare.expr, _SCANNED_FILTER, [], [], None, None, lineno=compare.lineno)
+            for operand in compare.ops:
+                operand.expr = nodes.Filter(operand.expr, _SCANNED_FILTER, [], [], None, None, lineno=compare.lineno)
         for node in [tree, *tree.find_all(nodes.Node)]:
             for field in node.fields:
                 value = getattr(node, field, None)
@@ -485,3 +514,4 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
 
 _LOOP_FILTER = "ortlora_loop_budget"  # for x in (xs | ortlora_loop_budget): each item costs one operation
 _CHECKED_FILTER = "ortlora_checked_size"  # (a ~ b) | ortlora_checked_size: the joined string is checked
+_SCANNED_FILTER = "ortlora_scanned"  # (a | ortlora_scanned) == (b | ortlora_scanned): what a comparison reads
