@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Callable
 
 REBUILD = "rebuild the artifacts"  # what to do about a damaged or incomplete artifact directory
+# A write that finds the disk full: the OSError's errno, or the words of a library that reports it as text
+# (ONNX Runtime's C++ exceptions, safetensors' Rust errors).
+NO_SPACE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded"}
+NO_SPACE_WORDS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT}
+PACKAGE = Path(__file__).resolve().parent
 
 
 class OrtloraError(Exception):
@@ -43,8 +50,9 @@ def say_interrupted() -> None:
 
 
 def cli_entry(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
-    """Wrap a CLI main so that every error ends the process with a one-line message: 2 for an OrtloraError,
-    130 for Ctrl-C, 1 for anything unexpected (a bug or a case nobody checked), whose traceback --debug shows."""
+    """Wrap a CLI main so that every error ends the process with a one-line message: 2 for an OrtloraError and
+    for a full disk, 130 for Ctrl-C, 1 for anything unexpected (a bug or a case nobody checked), whose traceback
+    --debug shows."""
 
     @functools.wraps(main)
     def wrapper(argv: list[str] | None = None) -> int:
@@ -57,6 +65,9 @@ def cli_entry(main: Callable[[list[str] | None], int | None]) -> Callable[[list[
             say_interrupted()
             return 130
         except Exception as e:
+            if (message := no_space(e)) and not debugging(argv):
+                print(f"error: {one_line(message)}", file=sys.stderr)
+                return 2
             if debugging(argv):
                 traceback.print_exc()
             else:
@@ -65,6 +76,38 @@ def cli_entry(main: Callable[[list[str] | None], int | None]) -> Callable[[list[
             return 1
 
     return wrapper
+
+
+def no_space(error: BaseException) -> str | None:
+    """The one line for an error that is a full disk or quota (in ``error`` or the errors that caused it), naming the
+    file being written where it is known; None for any other error."""
+    seen, cause = set(), error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        code = cause.errno if isinstance(cause, OSError) else None
+        code = code if code in NO_SPACE else next((c for w, c in NO_SPACE_WORDS.items() if w in str(cause)), None)
+        if code is not None:
+            target = getattr(cause, "filename", None) or _written_path(error.__traceback__)
+            where = f" while writing {target}" if target else ""
+            return (f"{NO_SPACE[code]}{where}: free some space there (or write elsewhere, e.g. another --out) and run "
+                    "again; what was being written is not used (ortlora-train --resume continues from the last "
+                    "checkpoint)")
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _written_path(tb) -> str | None:
+    """The first path among the arguments of the innermost ortlora function on the traceback: the file or folder it
+    was writing (write_json(path, ...), write_safetensors(path, ...), a checkpoint's save(directory))."""
+    for frame, _ in reversed(list(traceback.walk_tb(tb))):
+        if not Path(frame.f_code.co_filename).resolve().is_relative_to(PACKAGE):
+            continue
+        code = frame.f_code
+        for name in code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]:
+            if isinstance(frame.f_locals.get(name), os.PathLike):
+                return os.fspath(frame.f_locals[name])
+        return None
+    return None
 
 
 def add_debug_argument(parser) -> None:

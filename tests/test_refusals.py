@@ -3,6 +3,7 @@ one ``error:`` line (exit 2) that names the option, its value and what to pass i
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ortlora.build import cli as build_cli
-from ortlora.errors import OrtloraError
+from ortlora.errors import OrtloraError, cli_entry
 from ortlora.handoff import cli as export_cli
 from ortlora.runtime import cli as train_cli
 from ortlora.runtime import config as cfg
@@ -293,3 +294,58 @@ def test_ray_workers_are_checked_against_the_clusters_cpus_and_gpus():
         check_resources(cfg.TrainConfig(workers=3, ep="cuda"), {"CPU": 8.0, "GPU": 2.0}, None)
     with pytest.raises(OrtloraError, match=r"has 0; train with --ep cpu"):
         check_resources(cfg.TrainConfig(workers=1, ep="cuda"), {"CPU": 8.0}, None)
+
+
+# -- a full disk -----------------------------------------------------------------------------------------------
+
+def _full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a write() reports it: no file name
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line(artifacts, tmp_path, capsys, monkeypatch):
+    import safetensors.numpy
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", _full)
+    run = tmp_path / "run"
+    err = one_line(capsys, train("--artifacts", str(artifacts), "--out", str(run), "--max-steps", "1"))
+    assert err.startswith(f"error: no space left on the device while writing {run}: free some space there")
+    assert "ortlora-train --resume continues from the last checkpoint" in err
+    assert not list(run.glob("*checkpoint-1*"))  # the half-written checkpoint is gone
+
+
+def test_a_full_disk_during_an_export_names_the_file(artifacts, trained_adapter, tmp_path, capsys, monkeypatch):
+    def full(source, destination, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(destination))
+
+    monkeypatch.setattr(export_cli.shutil, "copy2", full)
+    out = tmp_path / "out"
+    err = one_line(capsys, export(artifacts, trained_adapter, out, "--to", "peft"))
+    assert err.startswith("error: no space left on the device while writing ") and "adapter_model.safetensors" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("error, says", [
+    (OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), "/q/file"), "the disk quota is exceeded while writing /q/file"),
+    (RuntimeError("[ONNXRuntimeError] : 1 : FAIL : write failed: No space left on device"), "no space left on the device"),
+    (ValueError("Error while serializing: IoError(Os { code: 122, message: \"Disk quota exceeded\" })"),
+     "the disk quota is exceeded"),
+])
+def test_every_form_of_a_full_disk_is_one_line(capsys, error, says):
+    @cli_entry
+    def main(argv):
+        try:
+            raise error
+        except Exception as e:
+            raise RuntimeError("saving failed") from e  # found through the cause too
+
+    err = one_line(capsys, main([]))
+    assert err.startswith(f"error: {says}")
+
+
+def test_other_os_errors_stay_unexpected(capsys):
+    @cli_entry
+    def main(argv):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    assert main([]) == 1
+    assert "error: unexpected OSError" in capsys.readouterr().err
