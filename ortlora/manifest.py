@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -207,15 +208,19 @@ def _lora_problems(data: dict) -> list[str]:
         return ["parameters is empty: the artifacts would train an adapter of no weights"]
     problems = []
     for key in ("alpha", "scaling"):
-        if not (math.isfinite(lora[key]) and lora[key] > 0):
+        if not _positive(lora[key]):
             problems.append(f"lora.{key} must be a positive number, not {lora[key]!r}")
     for where, value in (("lora.dropout", lora["dropout"]), ("label_smoothing", data["label_smoothing"])):
         if not 0 <= value < 1:
             problems.append(f"{where} must be at least 0 and below 1, not {value!r}")
     for key, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
         problems += [f"lora.{key}.{k} must be a positive {'integer' if kind is int else 'number'}, not {v!r}"
-                     for k, v in (lora.get(key) or {}).items()
-                     if isinstance(v, bool) or not isinstance(v, kind) or not (math.isfinite(v) and v > 0)]
+                     for k, v in (lora.get(key) or {}).items() if not isinstance(v, kind) or not _positive(v)]
+        for k in lora.get(key) or {}:
+            try:
+                re.compile(k)
+            except re.error as e:
+                problems.append(f"lora.{key} key {k!r} is not a regular expression ({e})")
     unknown = [t for t in lora["targets"] if t not in PARENTS]
     if unknown or len(set(lora["targets"])) != len(lora["targets"]) or not lora["targets"]:
         problems.append(f"lora.targets is {lora['targets']}, expected some of {', '.join(PARENTS)}, each once")
@@ -244,17 +249,20 @@ def _lora_problems(data: dict) -> list[str]:
         return problems
 
     layers = sorted({int(path.split(".")[2]) for path in modules})
-    wanted = lora["layers"] if "layers" in lora else list(range(len(layers)))  # every layer: 0 to N-1
-    if layers != sorted(set(wanted)):
+    frozen = data.get("frozen") or {}
+    model = sorted({int(n.split(".")[2]) for n in frozen if n.startswith("model.layers.")})  # the base's layers
+    wanted = lora["layers"] if "layers" in lora else model or list(range(len(layers)))  # none: every layer
+    if layers != sorted(set(wanted)) or not set(layers) <= set(model or layers):
         problems.append(f"the parameters adapt layers {layers}, lora.layers says "
-                        + (f"{lora['layers']}" if "layers" in lora else "every layer (0 to N-1)"))
+                        + (f"{lora['layers']}" if "layers" in lora else f"every layer ({model or '0 to N-1'})")
+                        + (f" of the base's {model}" if model and "layers" in lora else ""))
     missing = [f"model.layers.{i}.{PARENTS[t]}.{t}" for i in layers for t in lora["targets"]
                if f"model.layers.{i}.{PARENTS[t]}.{t}" not in modules]
     if missing:
         problems.append(f"lora.targets has no parameters for {listing(missing, 3)}")
 
     kinds = {"A", "B"} | ({"magnitude"} if lora.get("dora") else set())
-    frozen, dims = data.get("frozen") or {}, {}
+    dims: dict[str, tuple[int, int]] = {}
     for path, shapes in modules.items():
         rank, module = module_rank(lora, path), path.split(".")[-1]
         a, b, m = shapes.get("A"), shapes.get("B"), shapes.get("magnitude")
@@ -278,4 +286,20 @@ def _lora_problems(data: dict) -> list[str]:
     total = sum(math.prod(p["shape"]) for p in params)
     if data["counts"]["trainable"] != total:
         problems.append(f"counts.trainable is {data['counts']['trainable']}, the parameters hold {total}")
+    # The portable backend feeds every parameter by name and binds each gradient output to the parameter in the
+    # same place: loss, then one NAME_grad per parameter, in the parameters' order.
+    names = [p["onnx_name"] for p in params]
+    portable = data["io"].get("portable_training")
+    if portable and portable["outputs"] != ["loss"] + [f"{name}_grad" for name in names]:
+        problems.append("io.portable_training.outputs are not loss and the gradient of each parameter, in order")
+    elif portable and not set(names) <= set(portable["inputs"]):
+        problems.append(f"io.portable_training.inputs lack {listing(sorted(set(names) - set(portable['inputs'])), 2)}")
     return problems
+
+
+def _positive(value) -> bool:
+    """A finite positive number (an integer too large for a float is not one)."""
+    try:
+        return not isinstance(value, bool) and math.isfinite(value) and value > 0
+    except (OverflowError, TypeError):
+        return False

@@ -115,6 +115,16 @@ MANIFESTS = {
     "rank pattern edited": (lambda d: d["lora"].update(rank_pattern={"v_proj": 4}),
                             "v_proj has lora_A [8, 64], lora_B [32, 8]; its rank 4 needs [4, in], [out, 4]"),
     "count edited": (lambda d: d["counts"].update(trainable=5), "counts.trainable is 5, the parameters hold 3584"),
+    "alpha beyond any float": (lambda d: d["lora"].update(alpha=10**400), "lora.alpha must be a positive number"),
+    "a rank pattern that is no regular expression": (lambda d: d["lora"].update(rank_pattern={"(": 4}),
+                                                     "lora.rank_pattern key '(' is not a regular expression"),
+    # Two LoRA weights of the same shape swapped: the portable backend would bind each gradient to the other.
+    "parameters swapped": (lambda d: d.update(parameters=[d["parameters"][4], *d["parameters"][1:4],
+                                                          d["parameters"][0], *d["parameters"][5:]]),
+                           "io.portable_training.outputs are not loss and the gradient of each parameter, in order"),
+    "the last layer dropped": (lambda d: [d.update(parameters=[p for p in d["parameters"] if p["layer"] == 0]),
+                                          d["counts"].update(trainable=1792)],
+                               "the parameters adapt layers [0], lora.layers says every layer ([0, 1])"),
 }
 
 
@@ -259,6 +269,7 @@ MLX_CONFIGS = {
     "keys of lm_head": (_lora_parameters(keys=["self_attn.q_proj", "self_attn.v_proj", "lm_head"]),
                         "lora_parameters.keys is ['self_attn.q_proj', 'self_attn.v_proj', 'lm_head']"),
     "keys a string": (_lora_parameters(keys="self_attn.q_proj"), "lora_parameters.keys is 'self_attn.q_proj'"),
+    "scale beyond any float": (_lora_parameters(scale=-10**400), "lora_parameters.scale is -1000"),
 }
 
 
@@ -315,6 +326,9 @@ PEFT_CONFIGS = {
     "task_type": (lambda c: c.update(task_type="SEQ_CLS"), "task_type is 'SEQ_CLS'"),
     "r a float": (lambda c: c.update(r=8.0), "r is 8.0, the artifacts have 8"),
     "use_dora a string": (lambda c: c.update(use_dora="false"), "use_dora is 'false', not true or false"),
+    "lora_alpha beyond any float": (lambda c: c.update(lora_alpha=10**400), "lora_alpha is 1000"),
+    "layers_to_transform a float": (lambda c: c.update(layers_to_transform=1.5),
+                                    "layers_to_transform is 1.5, the artifacts adapt every layer (null)"),
 }
 
 
@@ -340,9 +354,10 @@ def test_a_copied_peft_config_must_say_what_peft_would_otherwise_default(artifac
 
 
 def test_a_peft_config_that_names_the_same_modules_otherwise_is_copied(artifacts, adapter, tmp_path):
-    """PEFT's other spellings of the same modules stay accepted: a regular expression, full names' last parts."""
+    """PEFT's other spellings of the same modules stay accepted: a regular expression, full names' last parts, and
+    every layer listed by index."""
     for targets in (r"model\.layers\.\d+\.self_attn\.(q_proj|v_proj)", ["self_attn.v_proj", "q_proj"]):
-        edit_json(adapter / "adapter_config.json", lambda c: c.update(target_modules=targets))
+        edit_json(adapter / "adapter_config.json", lambda c: c.update(target_modules=targets, layers_to_transform=[1, 0]))
         assert export(artifacts, adapter, "peft", tmp_path / "out") == 0
         assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["target_modules"] == targets
         shutil.rmtree(tmp_path / "out")

@@ -132,7 +132,7 @@ def load_mlx(directory: Path, manifest: Manifest) -> dict[str, np.ndarray]:
     if kind != ours:
         problems.append(f"fine_tune_type is {kind!r}, the artifacts train {ours!r}")
     scale = params.get("scale")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if not _finite_number(scale):
         problems.append(f"lora_parameters.scale is {scale!r}, not a finite number (mlx-lm's multiplier, PEFT's "
                         "alpha / r)")
     problems += _config_layout_problems(config, params, manifest)
@@ -158,6 +158,14 @@ def load_mlx(directory: Path, manifest: Manifest) -> dict[str, np.ndarray]:
                                    f"{sources[p.onnx_name]} beyond float32's range")
         weights[p.onnx_name] = np.ascontiguousarray(array)
     return weights
+
+
+def _finite_number(value) -> bool:
+    """A number that is finite as a float (true is no number; an integer beyond any float is not finite)."""
+    try:
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _config_layout_problems(config: dict, params: dict, manifest: Manifest) -> list[str]:

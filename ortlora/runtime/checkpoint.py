@@ -178,7 +178,7 @@ def _config_problems(config: dict, manifest: Manifest) -> list[str]:
     if type(value) is not int or value != ours["r"]:
         problems.append(f"r is {value!r}, the artifacts have {ours['r']}")
     value = config.get("lora_alpha", ours["lora_alpha"])
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != float(ours["lora_alpha"]):
+    if not _same_number(value, ours["lora_alpha"]):
         problems.append(f"lora_alpha is {value!r}, the artifacts have {ours['lora_alpha']}")
     for key, flag in (("use_rslora", "--rslora"), ("use_dora", "--dora")):  # absent in a config: PEFT's default, off
         if config.get(key) not in (None, True, False):
@@ -189,8 +189,7 @@ def _config_problems(config: dict, manifest: Manifest) -> list[str]:
     for key in ("rank_pattern", "alpha_pattern"):  # the same keys and values (an int alpha equals its float)
         value = config.get(key) or {}
         if not (isinstance(value, dict) and value.keys() == ours[key].keys()
-                and all(not isinstance(v, bool) and isinstance(v, (int, float)) and float(v) == float(ours[key][k])
-                        for k, v in value.items())):
+                and all(_same_number(v, ours[key][k]) for k, v in value.items())):
             problems.append(f"{key} is {value!r}, the artifacts have {ours[key]}")
     if config.get("init_lora_weights") not in LOADABLE_INITS:
         problems.append(f"init_lora_weights is {config['init_lora_weights']!r}, which PEFT applies to the base "
@@ -204,6 +203,14 @@ def _config_problems(config: dict, manifest: Manifest) -> list[str]:
     return problems
 
 
+def _same_number(value, ours: float) -> bool:
+    """Whether a config's ``value`` is the number ``ours`` (an int alpha equals its float; true is no number)."""
+    try:
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and float(value) == float(ours)
+    except OverflowError:  # an integer beyond any float
+        return False
+
+
 def _module_problems(config: dict, manifest: Manifest) -> list[str]:
     """Whether target_modules, exclude_modules and layers_to_transform select exactly the artifacts' adapted
     modules, matched as PEFT matches them (a list: a module's name or its last parts; a string: a regular
@@ -213,8 +220,9 @@ def _module_problems(config: dict, manifest: Manifest) -> list[str]:
     layers = sorted({p.layer for p in manifest.parameters})
     given = config.get("layers_to_transform")
     given = [given] if type(given) is int else given
-    if "layers" in manifest.lora and (given is None or sorted(set(given)) != layers) \
-            or "layers" not in manifest.lora and given is not None:
+    valid = given is None or isinstance(given, list) and all(type(i) is int for i in given)
+    if not valid or (None if given is None else sorted(set(given))) not in ([layers] if "layers" in manifest.lora
+                                                                             else [None, layers]):  # every layer
         problems.append(f"layers_to_transform is {config.get('layers_to_transform')!r}, the artifacts adapt "
                         + (f"layers {layers}" if "layers" in manifest.lora else "every layer (null)"))
     if given is not None and config.get("layers_pattern") not in (None, LAYERS_PATTERN, [LAYERS_PATTERN]):
