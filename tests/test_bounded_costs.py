@@ -57,6 +57,12 @@ HOSTILE_TEMPLATES = {
     "str.join": "{% set s = 'x' * 100000 %}{{ ''.join([s] * 100000) | length }}",
     "batch filter": "{{ [1] | batch(10000000000, 0) | list | length }}",
     "tojson indent": "{{ messages | tojson(indent=100000000) }}",
+    "text captured by set": "{% set s = 'x' * 1000 %}" + "{% set s %}{{ s }}{{ s }}{% endset %}" * 40 + "{{ s | length }}",
+    "text captured by a filter block": "{% filter length %}{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}"
+                                       "{% endfilter %}",
+    "text captured by a macro": "{% macro m() %}{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}{% endmacro %}"
+                                "{{ m() | length }}",
+    "literal text in a loop": "{% set s %}{% for i in range(100000) %}" + "x" * 1000 + "{% endfor %}{% endset %}{{ s | length }}",
     "filters over a range in a loop": "{% for i in range(100) %}{{ range(100000) | select('odd') | list | length }}"
                                       "{% endfor %}",
     "a list made in a loop": "{% for i in range(100) %}{{ (range(100000) | list)[-1] }}{% endfor %}",

@@ -79,11 +79,12 @@ class _Budget:
         if size > self.max_chars:
             raise self.too_large(what, size)
 
-    def output(self, chars: int) -> None:
+    def write(self, chars: int) -> None:
+        """Text written, where it goes: the rendering, or a {% set %} block, macro or {% filter %} that captures it."""
         if chars >= 64:
             self.charge(chars >> 6)
         self.chars += chars
-        self.check_size("text", self.chars)
+        self.check_size("text written", self.chars)
 
 
 def _token_text(config: dict, key: str, path: Path) -> str | None:
@@ -196,8 +197,7 @@ class Tokenizer:
         budget = _Budget(self.template_source, _size((messages, tools)))
         template.environment.budget = budget
         try:
-            chunks = []
-            for chunk in template.generate(
+            return template.render(
                 messages=messages,
                 tools=tools,
                 documents=None,
@@ -205,16 +205,14 @@ class Tokenizer:
                 eos_token=self.eos_token,
                 pad_token=self.pad_token,
                 bos_token="",
-            ):
-                budget.output(len(chunk))
-                chunks.append(chunk)
-            return "".join(chunks)
+            )
         except TemplateTooCostly:
             raise
         except Exception as e:  # the template is a program from the model's files: whatever it raises, it failed here
             raise TemplateRenderError(f"the chat template failed on these messages ({type(e).__name__}: {one_line(e)})") from None
         finally:
             template.environment.budget = None
+
 
 def _environment():
     """jinja's immutable sandbox with what transformers' chat-template environment adds
@@ -270,6 +268,8 @@ def _environment():
     env.filters[_LOOP_FILTER] = env.loop_items
     env.filters[_CHECKED_FILTER] = lambda value: env.scanned(env.checked(value, "a string joined with '~'"))
     env.filters[_SCANNED_FILTER] = env.scanned
+    env.filters[_WRITTEN_FILTER] = jinja2.pass_context(lambda context, value: env.written(value))  # with the
+    # context, jinja cannot evaluate it once when compiling (for constant text), unbudgeted
     env.tests = {name: env.bounded_test(f) for name, f in env.tests.items()}
     return env
 
@@ -324,6 +324,12 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
             self.budget.check_size(what, size)
         elif size > TEMPLATE_BASE_CHARS:
             raise TemplateTooCostly(f"the chat template makes a value of {size:,} characters or items ({what})")
+
+    def written(self, value):
+        """``value``, written by {{ ... }} or as the template's own text: it counts against the budget's characters."""
+        if self.budget is not None:
+            self.budget.write(len(value) if type(value) is str else len(str(value)))
+        return value
 
     def loop_items(self, iterable):
         """Each item of a for loop costs one operation."""
@@ -495,6 +501,8 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         from jinja2 import nodes
 
         tree = super()._parse(source, name, filename)
+        for output in tree.find_all(nodes.Output):  # everything written, even where a block captures it
+            output.nodes = [nodes.Filter(n, _WRITTEN_FILTER, [], [], None, None, lineno=n.lineno) for n in output.nodes]
         for loop in tree.find_all(nodes.For):
             loop.iter = nodes.Filter(loop.iter, _LOOP_FILTER, [], [], None, None, lineno=loop.lineno)
         for compare in tree.find_all(nodes.Compare):  # a == b, a in b: the operands are scanned
@@ -514,4 +522,5 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
 
 _LOOP_FILTER = "ortlora_loop_budget"  # for x in (xs | ortlora_loop_budget): each item costs one operation
 _CHECKED_FILTER = "ortlora_checked_size"  # (a ~ b) | ortlora_checked_size: the joined string is checked
+_WRITTEN_FILTER = "ortlora_written"  # {{ x | ortlora_written }}: what is written counts
 _SCANNED_FILTER = "ortlora_scanned"  # (a | ortlora_scanned) == (b | ortlora_scanned): what a comparison reads
