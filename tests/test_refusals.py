@@ -55,6 +55,7 @@ def test_resume_in_a_toml_file_resumes_as_the_option_does(artifacts, tmp_path, c
      "--init-adapter RUN/checkpoint-1 would be ignored: pass one of them"),
     (["--resume", "RUN", "--overwrite", "--max-steps", "2"], "--overwrite would start RUN over, and --resume RUN"),
     (["--epochs", "2", "--max-steps", "3"], "--epochs and --max-steps both set the length of the run"),
+    (["--max-steps", "3", "--warmup-steps", "4"], "--warmup-steps 4 is longer than the run (--max-steps 3)"),
     (["--max-steps", "1", "--min-lr", "1e-5", "--schedule", "constant"], "--schedule constant never decays"),
     (["--max-steps", "1", "--eval-split", "0.1", "--eval-data", "DATA"], "--eval-split 0.1 holds out training data"),
     (["--max-steps", "1", "--data", "DATA", "--eval-every", "1"], "--eval-every 1 needs evaluation data"),
@@ -132,6 +133,7 @@ def test_the_cluster_check_counts_cpus():
     (["--seed", str(2**64)], f"--seed must be from 0 to 4294967295, got {2**64}"),
     (["--threads", str(10**9)], "--threads 1000000000 is more than 4 threads for each of this machine's"),
     (["--alpha", "1e300"], "--alpha 1e+300 is beyond float32's range"),
+    (["--alpha-pattern", "q_proj=1e300"], "--alpha-pattern q_proj=1e+300 is beyond float32's range"),
     (["--block-size", "0"], "--block-size 0 is for an int8 / int4 base, and --base-precision is fp32"),
     (["--block-size", "32", "--base-precision", "fp32"], "--block-size 32 is for an int8 / int4 base"),
 ])

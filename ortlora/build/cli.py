@@ -137,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     for option, value, integer in (("--rank-pattern", args.rank_pattern, True), ("--alpha-pattern", args.alpha_pattern, False)):
         if value is not None:
             patterns[option] = parse_pattern(value, option, integer)  # the build checks them again, with the model
+    for key, alpha in patterns.get("--alpha-pattern", {}).items():
+        if alpha > FLOAT32_MAX:
+            raise OrtloraError(f"--alpha-pattern {key}={float(alpha):g} is beyond float32's range (scaling = alpha / rank is a "
+                               f"float32 in the graphs); pass at most {FLOAT32_MAX:.4g}")
     check_against_model(args, model_config(args), patterns.get("--rank-pattern", {}))
     check_out_dir(args.out, args.force, args.model)  # fail before any slow work
     import torch

@@ -164,6 +164,9 @@ def check_together(c: TrainConfig) -> None:
     if c.min_lr and c.schedule == "constant":
         raise OrtloraError(f"--min-lr {c.min_lr} is where a decaying schedule ends, and --schedule constant never "
                            "decays: pass --schedule linear or cosine, or --min-lr 0")
+    if c.max_steps and c.warmup_steps > c.max_steps:
+        raise OrtloraError(f"--warmup-steps {c.warmup_steps} is longer than the run (--max-steps {c.max_steps}), so the "
+                           f"learning rate would never reach --lr: pass at most {c.max_steps}")
     if c.early_stop_patience and not c.eval_every:
         raise OrtloraError(f"--early-stop-patience {c.early_stop_patience} counts evaluations during training: "
                            "pass --eval-every N too")
