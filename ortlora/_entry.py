@@ -9,13 +9,13 @@ the interpreter joins threads would print "Exception ignored in threading._shutd
   (ortlora-train first saves a checkpoint at the next step boundary, its own handler); another Ctrl-C after
   that exits at once, as does one after main has returned, while the interpreter shuts down.
 
-Nothing is imported above ``signal`` before the handler is in place, so that window is the interpreter's own
-start-up (~20 ms).
+Only ``atexit`` and ``signal`` (both built in) are imported before the handler is in place, so the one window
+left is the interpreter's own start-up, before any code of the package runs (~30 ms here, most of it the site
+module's hook for an editable install), where Python prints its own KeyboardInterrupt traceback.
 """
 
-import signal
-
 import atexit
+import signal
 
 _EXIT = 130  # 128 + SIGINT, what a shell reports for a command ended by Ctrl-C
 
