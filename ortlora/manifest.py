@@ -7,17 +7,20 @@ before anything trains on it: every field's type (SCHEMA); each frozen weight's 
 against its dtype and shape; the LoRA settings (rank, alpha and the patterns positive, scaling equal to what
 alpha and rank make, dropout and label smoothing in [0, 1)); and the LoRA parameters against them and against
 each other: at least one; names unique and the ones that layer, module and kind make; every module of
-``lora.targets`` in every adapted layer (``lora.layers``, else layers 0 to N-1) with its lora_A (rank, in) and
-lora_B (out, rank), and DoRA's magnitude (out) with --dora; in and out those of the module's base weight in the
-frozen layout (the model's dimensions the manifest records), or where there is none the same for one module in
-every layer; counts.trainable their sum.
+``lora.targets`` in every adapted layer (``lora.layers``, else every layer of the base in the frozen layout) with
+its lora_A (rank, in) and lora_B (out, rank), and DoRA's magnitude (out) with --dora; in and out those of the
+module's base weight in the frozen layout (the model's dimensions the manifest records), or where there is none
+the same for one module in every layer; counts.trainable their sum; the portable training graph's inputs and
+gradient outputs (io) naming them in their order.
 
-Not checked here: whether the graphs and ORT's checkpoint agree with the manifest (the backends compare the
-LoRA weights they are given with it: initial_lora.safetensors, ORT's checkpoint, and ONNX Runtime refuses
-inputs of other shapes), the values in frozen_weights.bin (runtime/frozen.py refuses NaN and infinity in its
-float tensors; wrong but finite values, or a damaged int8 / int4 weight, are not detectable without a hash of
-the file, which the build does not record), config.json beyond max_position_embeddings, and the tokenizer
-files (the tokenizer checks those).
+Checked where the files are opened, not here: the LoRA weights of ORT's checkpoint and initial_lora.safetensors
+and the LoRA inputs of the portable and decoder graphs against the manifest (runtime/backend.py,
+session_backend.py, generate.py), NaN and infinity in frozen_weights.bin's float tensors (runtime/frozen.py).
+Not checked at all: wrong but finite values in frozen_weights.bin, or a damaged int8 / int4 weight (not
+detectable without a hash of the file, which the build does not record; hashing 2 GB would cost about as much
+again as the NaN pass); the graphs beyond their LoRA inputs and outputs (ONNX Runtime validates them as it loads
+them); the training_model / eval_model of ORT's training API beyond what ORT's checkpoint holds; config.json
+beyond max_position_embeddings; the tokenizer files (the tokenizer checks those).
 """
 
 from __future__ import annotations

@@ -155,6 +155,21 @@ def test_a_consistently_edited_rank_is_refused_by_the_weights_it_meets(copy, tmp
     assert "model.layers.0.self_attn.q_proj.lora_A.weight has shape (8, 64), expected (4, 64)" in err
 
 
+@pytest.mark.parametrize("command", ["ort-session", "generate"])
+def test_graphs_whose_lora_weights_differ_from_the_manifest_are_one_line(copy, tmp_path, capsys, command):
+    """The manifest and initial_lora.safetensors edited together to rank 4: the graphs still take rank 8, and
+    feeding them would fail at the first step (was: error: unexpected RuntimeError ... invalid dimensions)."""
+    edit_json(copy / "ortlora.json", _same_rank(4))
+    initial = load_file(copy / "initial_lora.safetensors")
+    save_file({n: np.ascontiguousarray(a[:4] if "lora_A" in n else a[:, :4]) for n, a in initial.items()},
+              copy / "initial_lora.safetensors")
+    code = generate(copy) if command == "generate" else train(copy, tmp_path, "--backend", command)
+    err = one_line(capsys, code)
+    graph = "decoder_model.onnx" if command == "generate" else "portable_training.onnx"
+    assert f"{copy / graph} does not match the manifest: model.layers.0.self_attn.q_proj.lora_A.weight is [8, 64], " \
+           "the manifest says [4, 64]" in err and "rebuild the artifacts" in err
+
+
 def _nan_in_one_weight(artifacts: Path) -> str:
     manifest = Manifest.load(artifacts)
     name = next(n for n, p in manifest.frozen.items() if "layers.1.mlp" in n and p["dtype"] == "float32")

@@ -38,6 +38,18 @@ def onnx_file(artifacts: Path, name: str) -> Path:
     return path
 
 
+def check_lora_inputs(session, manifest: Manifest, path: Path, required: bool = True) -> None:
+    """The LoRA weights a session takes must be the manifest's, of its shapes (``required``: every one of them an
+    input): fed by name, a weight the graph does not take, or of another shape, would fail at the first run."""
+    inputs = {i.name: tuple(i.shape) for i in (*session.get_inputs(), *session.get_overridable_initializers())}
+    problems = [f"{p.onnx_name} is no input" for p in manifest.parameters if required and p.onnx_name not in inputs]
+    problems += [f"{p.onnx_name} is {list(inputs[p.onnx_name])}, the manifest says {list(p.shape)}"
+                 for p in manifest.parameters if p.onnx_name in inputs and inputs[p.onnx_name] != p.shape
+                 and all(type(d) is int for d in inputs[p.onnx_name])]  # (a named dimension takes any size)
+    if problems:
+        raise OrtloraError(f"{path} does not match the manifest: {listing(problems)}; {REBUILD}")
+
+
 def _ort_errors() -> tuple[type[Exception], ...]:
     """What ONNX Runtime raises: its own classes (Fail, InvalidProtobuf, NoSuchFile, EPFail, ...) derive
     from Exception alone, and the training bindings raise RuntimeError."""

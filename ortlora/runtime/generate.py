@@ -22,7 +22,7 @@ import numpy as np
 from ortlora.errors import OrtloraError
 from ortlora.files import read_json
 from ortlora.manifest import REBUILD, Manifest
-from ortlora.runtime.backend import onnx_file
+from ortlora.runtime.backend import check_lora_inputs, onnx_file
 from ortlora.runtime.frozen import map_frozen_weights
 from ortlora.runtime.providers import create_session
 from ortlora.runtime.tokenizer import Tokenizer
@@ -110,6 +110,7 @@ class Generator:
         decoder = onnx_file(artifacts, self.manifest.files["decoder_model"])
         map_frozen_weights(artifacts, self.manifest)  # the decoder reads frozen_weights.bin: refuse NaN in it first
         self.session = create_session(decoder, options, ep)
+        check_lora_inputs(self.session, self.manifest, decoder, required=bool(self.lora))  # the adapter is fed by name
         self.past = [i for i in self.session.get_inputs() if i.name.startswith("past.")]
         self.eos_ids = {self.tokenizer.eos_id} | self._generation_eos(artifacts)
         self.context = self.manifest.context_length(artifacts)

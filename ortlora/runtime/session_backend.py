@@ -19,7 +19,7 @@ import numpy as np
 
 from ortlora.errors import REBUILD, OrtloraError, listing
 from ortlora.manifest import Manifest
-from ortlora.runtime.backend import Batch, onnx_file
+from ortlora.runtime.backend import Batch, check_lora_inputs, onnx_file
 from ortlora.runtime.frozen import map_frozen_weights, share_with
 from ortlora.runtime.providers import create_session
 from ortlora.weights import read_expected
@@ -34,7 +34,7 @@ class OrtSessionBackend:
         if "portable_training_model" not in files:
             raise OrtloraError(f"{artifacts} has no portable training graph (it was built by an older ortlora); "
                                f"rebuild it with ortlora-build")
-        self._ort, self._artifacts, self._files = ort, artifacts, files
+        self._ort, self._artifacts, self._files, self._manifest = ort, artifacts, files, manifest
         self._ep, self._allow_fallback, self._threads = ep, allow_fallback, threads
         self.names = [p.onnx_name for p in manifest.parameters]
         self._weights = _initial_weights(artifacts / files["initial_lora"], manifest)
@@ -71,7 +71,10 @@ class OrtSessionBackend:
         if profile:  # the first step's profile tells which provider ran each node
             options.enable_profiling = True
             options.profile_file_prefix = os.path.join(tempfile.gettempdir(), f"ortlora-profile-{os.getpid()}")
-        return create_session(onnx_file(self._artifacts, file_name), options, self._ep, self._allow_fallback)
+        path = onnx_file(self._artifacts, file_name)
+        session = create_session(path, options, self._ep, self._allow_fallback)
+        check_lora_inputs(session, self._manifest, path)  # every LoRA weight is fed to it, by name and shape
+        return session
 
     def train_step(self, batch: Batch) -> float:
         feeds = {name: np.ascontiguousarray(batch[name], dtype=np.int64) for name in self._inputs}
