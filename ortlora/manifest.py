@@ -200,6 +200,12 @@ def _value_problems(data: dict) -> list[str]:
             problems.append(f"frozen.{name} has a negative dimension or a misaligned offset")
         elif entry["length"] != needed:
             problems.append(f"frozen.{name} is {entry['length']} bytes long, its dtype and shape need {needed}")
+    if problems:
+        return problems
+    # No two weights share bytes: an offset edited onto another weight would read its values in silence.
+    places = sorted((entry["offset"], entry["offset"] + entry["length"], name) for name, entry in frozen.items())
+    problems += [f"frozen.{name} overlaps frozen.{before} in the file" for (_, end, before), (start, _, name)
+                 in zip(places, places[1:]) if start < end]
     return problems
 
 

@@ -122,6 +122,10 @@ MANIFESTS = {
     "parameters swapped": (lambda d: d.update(parameters=[d["parameters"][4], *d["parameters"][1:4],
                                                           d["parameters"][0], *d["parameters"][5:]]),
                            "io.portable_training.outputs are not loss and the gradient of each parameter, in order"),
+    "a frozen weight moved onto another": (
+        lambda d: d["frozen"]["model.layers.1.self_attn.q_proj.weight.T"].update(
+            offset=d["frozen"]["model.layers.0.self_attn.q_proj.weight.T"]["offset"]),
+        "frozen.model.layers.1.self_attn.q_proj.weight.T overlaps frozen.model.layers.0.self_attn.q_proj.weight.T"),
     "the last layer dropped": (lambda d: [d.update(parameters=[p for p in d["parameters"] if p["layer"] == 0]),
                                           d["counts"].update(trainable=1792)],
                                "the parameters adapt layers [0], lora.layers says every layer ([0, 1])"),
