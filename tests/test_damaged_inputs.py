@@ -346,6 +346,7 @@ PEFT_CONFIGS = {
     "r a float": (lambda c: c.update(r=8.0), "r is 8.0, the artifacts have 8"),
     "use_dora a string": (lambda c: c.update(use_dora="false"), "use_dora is 'false', not true or false"),
     "lora_alpha beyond any float": (lambda c: c.update(lora_alpha=10**400), "lora_alpha is 1000"),
+    "lora_dropout NaN": (lambda c: c.update(lora_dropout=float("nan")), "lora_dropout is nan, not a probability"),
     "layers_to_transform a float": (lambda c: c.update(layers_to_transform=1.5),
                                     "layers_to_transform is 1.5, the artifacts adapt every layer (null)"),
 }
@@ -361,11 +362,12 @@ def test_a_peft_config_that_peft_would_read_as_another_adapter_is_refused(artifa
     assert message in one_line(capsys, train(artifacts, tmp_path, "--init-adapter", str(adapter)))
 
 
-@pytest.mark.parametrize("key", ["peft_type", "r", "lora_alpha", "target_modules"])
+@pytest.mark.parametrize("key", ["peft_type", "r", "lora_alpha", "target_modules", "target_modules null"])
 def test_a_copied_peft_config_must_say_what_peft_would_otherwise_default(artifacts, adapter, tmp_path, capsys, key):
     """--init-adapter takes a key left out as the artifacts' own; PEFT would take its default (r 8, lora_alpha 8,
-    no target at all), so the copy --to peft makes must hold them."""
-    edit_json(adapter / "adapter_config.json", lambda c: c.pop(key))
+    its own targets for Qwen2), so the copy --to peft makes must hold them."""
+    key, null = key.split()[0], key.endswith("null")
+    edit_json(adapter / "adapter_config.json", lambda c: c.update({key: None}) if null else c.pop(key))
     load_adapter(adapter, Manifest.load(artifacts))
     err = one_line(capsys, export(artifacts, adapter, "peft", tmp_path / "out"))
     assert f"{adapter / 'adapter_config.json'} does not describe the artifacts' adapter" in err

@@ -147,7 +147,8 @@ def check_peft_config(config: dict, manifest: Manifest, path: Path) -> None:
     """Refuse to copy a user's adapter_config.json (``ortlora-export --to peft``) that PEFT would read as another
     adapter than the artifacts': every check of ``_config_problems``, and the keys PEFT would otherwise fill
     with its own defaults (r 8, lora_alpha 8) must be there."""
-    problems = [f"{key} is missing" for key in ("peft_type", "r", "lora_alpha", "target_modules") if key not in config]
+    problems = [f"{key} is missing" for key in ("peft_type", "r", "lora_alpha", "target_modules")
+                if config.get(key) is None]  # (PEFT reads a null target_modules as its own default for Qwen2)
     problems += _config_problems(config, manifest) + _module_problems(config, manifest)
     if problems:
         raise OrtloraError(f"{path} does not describe the artifacts' adapter, so PEFT would load it as another: "
@@ -191,6 +192,9 @@ def _config_problems(config: dict, manifest: Manifest) -> list[str]:
         if not (isinstance(value, dict) and value.keys() == ours[key].keys()
                 and all(_same_number(v, ours[key][k]) for k, v in value.items())):
             problems.append(f"{key} is {value!r}, the artifacts have {ours[key]}")
+    dropout = config.get("lora_dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
+        problems.append(f"lora_dropout is {dropout!r}, not a probability (PEFT refuses to load it)")
     if config.get("init_lora_weights") not in LOADABLE_INITS:
         problems.append(f"init_lora_weights is {config['init_lora_weights']!r}, which PEFT applies to the base "
                         "weights when it loads the adapter; the artifacts' adapter needs true")
