@@ -136,6 +136,8 @@ def test_the_cluster_check_counts_cpus():
     (["--alpha-pattern", "q_proj=1e300"], "--alpha-pattern q_proj=1e+300 is beyond float32's range"),
     (["--block-size", "0"], "--block-size 0 is for an int8 / int4 base, and --base-precision is fp32"),
     (["--block-size", "32", "--base-precision", "fp32"], "--block-size 32 is for an int8 / int4 base"),
+    (["--rank-pattern", " "], "--rank-pattern ' ' names no module: pass NAME=VALUE pairs, or leave it out"),
+    (["--alpha-pattern", "{}"], "--alpha-pattern '{}' names no module"),
 ])
 def test_build_options_that_cannot_apply_are_refused_before_torch_works(tmp_path, capsys, extra, says):
     out = tmp_path / "artifacts"
@@ -249,6 +251,7 @@ def export(artifacts: Path, adapter: Path, out: Path, *extra: str) -> int:
     (["--to", "merged", "--max-shard-size", "0"], "--max-shard-size 0 is 0 bytes; a shard holds at least 1024 bytes"),
     (["--to", "merged", "--max-shard-size", "0.5KB"], "--max-shard-size 0.5KB is 512 bytes; a shard holds at least"),
     (["--to", "mlx", "--with-base"], "--with-base and --gguf-type go with --to gguf"),
+    (["--to", "gguf", "--gguf-type", ""], "--gguf-type is empty: give it a value, or leave it out for the default"),
 ])
 def test_export_options_the_target_would_ignore_are_refused(artifacts, trained_adapter, tmp_path, capsys, extra, says):
     base = str(artifacts / "base_model")

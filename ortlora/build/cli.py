@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     for option, value, integer in (("--rank-pattern", args.rank_pattern, True), ("--alpha-pattern", args.alpha_pattern, False)):
         if value is not None:
             patterns[option] = parse_pattern(value, option, integer)  # the build checks them again, with the model
+            if not patterns[option]:
+                raise OrtloraError(f"{option} {value!r} names no module: pass NAME=VALUE pairs, or leave it out")
     for key, alpha in patterns.get("--alpha-pattern", {}).items():
         if alpha > FLOAT32_MAX:
             raise OrtloraError(f"--alpha-pattern {key}={float(alpha):g} is beyond float32's range (scaling = alpha / rank is a "

@@ -75,6 +75,8 @@ def check_options(args: argparse.Namespace) -> None:
     given = {"--gguf-type": args.gguf_type, "--with-base": args.with_base or None, "--ort-format": args.ort_format or None,
              "--max-shard-size": args.max_shard_size, "--base": args.base}
     for flag, value in given.items():
+        if isinstance(value, str) and not value.strip():
+            raise OrtloraError(f"{flag} is empty: give it a value, or leave it out for the default")
         if value is not None and args.to not in USED_BY[flag] and (flag, args.to) not in REFUSED_BY_TARGET:
             shown = flag if value is True else f"{flag} {value}"
             users = " or ".join(USED_BY[flag])
