@@ -354,3 +354,13 @@ def test_other_os_errors_stay_unexpected(capsys):
 
     assert main([]) == 1
     assert "error: unexpected OSError" in capsys.readouterr().err
+
+
+def test_a_path_that_cannot_be_looked_up_is_one_line(artifacts, tmp_path, capsys):
+    name = tmp_path / ("x" * 5000)
+    err = one_line(capsys, train("--artifacts", str(artifacts), "--out", str(tmp_path / "run"), "--data", str(name)))
+    assert f"--data {name}: File name too long; pass another path" in err
+    file = tmp_path / "file"
+    file.write_text("")
+    err = one_line(capsys, train("--artifacts", str(artifacts), "--out", str(file / "run")))
+    assert f"--out {file / 'run'}: Not a directory; pass another path" in err

@@ -272,7 +272,7 @@ def check_paths(paths: dict[str, Any]) -> None:
             continue
         except OSError as e:
             loop = " (a symbolic link that leads back to itself)" if e.errno == errno.ELOOP else ""
-            raise OrtloraError(f"{flag} {path}: {e.strerror or e}{loop}; pass a path that can be read") from None
+            raise OrtloraError(f"{flag} {path}: {e.strerror or e}{loop}; pass another path") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
