@@ -364,3 +364,15 @@ def test_a_path_that_cannot_be_looked_up_is_one_line(artifacts, tmp_path, capsys
     file.write_text("")
     err = one_line(capsys, train("--artifacts", str(artifacts), "--out", str(file / "run")))
     assert f"--out {file / 'run'}: Not a directory; pass another path" in err
+
+
+def test_resume_on_the_command_line_wins_over_the_files_init_adapter(artifacts, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train("--artifacts", str(artifacts), "--out", str(run), "--max-steps", "1") == 0
+    config = tmp_path / "c.toml"
+    config.write_text(f'artifacts = "{artifacts}"\ninit_adapter = "{run / "checkpoint-1"}"\n')
+    c, resume_from = train_cli.resolve_config(train_cli.parse_args(["--config", str(config), "--resume", str(run)]))
+    assert (c.init_adapter, resume_from) == (None, run / "checkpoint-1")
+    config.write_text(f'resume = "{run}"\n')  # the other way round: both are the user's word for this run
+    err = one_line(capsys, train("--config", str(config), "--init-adapter", str(run / "checkpoint-1")))
+    assert "would be ignored: pass one of them" in err

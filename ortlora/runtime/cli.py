@@ -81,6 +81,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[cfg.TrainConfig, Path | No
         config = cfg.from_mapping(values, source, config)
         if "epochs" in values and "max_steps" not in values:
             config.max_steps = None  # epochs set here set the length, over a max_steps of the layers below
+    if resume_from and not any(values.get("init_adapter") for _, values in layers[at:]):
+        config.init_adapter = None  # the file's init_adapter gives way to --resume on the command line
     if resume_from and any(values.get("overwrite") for _, values in layers[at:]) and \
             Path(config.out).resolve() == resume_from.parent.resolve():
         raise OrtloraError(f"--overwrite would start {config.out} over, and --resume {resume} continues the run in it: "
