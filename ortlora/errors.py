@@ -16,6 +16,9 @@ REBUILD = "rebuild the artifacts"  # what to do about a damaged or incomplete ar
 NO_SPACE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded"}
 NO_SPACE_WORDS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT}
 PACKAGE = Path(__file__).resolve().parent
+# Memory that ran out: a MemoryError (numpy, and C++'s std::bad_alloc through pybind11), or the words of ONNX
+# Runtime's and torch's allocators.
+OUT_OF_MEMORY_WORDS = ("bad_alloc", "Failed to allocate memory", "can't allocate memory", "out of memory")
 
 
 class OrtloraError(Exception):
@@ -51,7 +54,7 @@ def say_interrupted() -> None:
 
 def cli_entry(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
     """Wrap a CLI main so that every error ends the process with a one-line message: 2 for an OrtloraError and
-    for a full disk, 130 for Ctrl-C, 1 for anything unexpected (a bug or a case nobody checked), whose traceback
+    for a full disk or memory, 130 for Ctrl-C, 1 for anything unexpected (a bug or a case nobody checked), whose traceback
     --debug shows."""
 
     @functools.wraps(main)
@@ -65,7 +68,7 @@ def cli_entry(main: Callable[[list[str] | None], int | None]) -> Callable[[list[
             say_interrupted()
             return 130
         except Exception as e:
-            if (message := no_space(e)) and not debugging(argv):
+            if (message := no_space(e) or out_of_memory(e)) and not debugging(argv):
                 print(f"error: {one_line(message)}", file=sys.stderr)
                 return 2
             if debugging(argv):
@@ -93,6 +96,15 @@ def no_space(error: BaseException) -> str | None:
                     "again; what was being written is not used (ortlora-train --resume continues from the last "
                     "checkpoint)")
         cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def out_of_memory(error: BaseException) -> str | None:
+    """The one line for an error that is memory running out; None for any other error."""
+    if isinstance(error, MemoryError) or any(w in str(error) for w in OUT_OF_MEMORY_WORDS):
+        detail = f" ({one_line(error)[:200]})" if str(error) else ""
+        return (f"out of memory{detail}: pass smaller settings (a smaller --batch-size or --max-seq-len, fewer --workers "
+                "or --threads) or use a machine with more memory (--debug shows where it ran out)")
     return None
 
 

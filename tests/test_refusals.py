@@ -376,3 +376,17 @@ def test_resume_on_the_command_line_wins_over_the_files_init_adapter(artifacts, 
     config.write_text(f'resume = "{run}"\n')  # the other way round: both are the user's word for this run
     err = one_line(capsys, train("--config", str(config), "--init-adapter", str(run / "checkpoint-1")))
     assert "would be ignored: pass one of them" in err
+
+
+@pytest.mark.parametrize("error", [
+    MemoryError("std::bad_alloc"),
+    RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested buffer of size 9"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to allocate"),
+])
+def test_memory_running_out_is_one_line(capsys, error):
+    @cli_entry
+    def main(argv):
+        raise error
+
+    err = one_line(capsys, main([]))
+    assert err.startswith("error: out of memory (") and "pass smaller settings (a smaller --batch-size" in err
