@@ -18,6 +18,7 @@ import os
 import shutil
 import struct
 import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -314,6 +315,23 @@ def test_an_mlx_adapter_as_mlx_lm_may_write_it_is_read(artifacts, mlx):
                                                       c["lora_parameters"].pop("rank")])
     after = load_adapter(mlx, manifest)
     assert all(np.array_equal(before[n], after[n]) for n in before)
+
+
+def test_an_mlx_adapter_of_layers_not_the_last_n_is_refused(artifacts, mlx):
+    """mlx-lm adapts the last num_layers layers: tensors of layer 0 alone (of 2) under num_layers 1 would be put on
+    nothing in mlx-lm, and -1 would mean both layers. (Artifacts adapting layer 0 alone, as the manifest says.)"""
+    manifest = Manifest.load(artifacts)
+    first = replace(manifest, parameters=[p for p in manifest.parameters if p.layer == 0],
+                    lora={**manifest.lora, "layers": [0]})
+    tensors = load_file(mlx / "adapters.safetensors")
+    save_file({n: a for n, a in tensors.items() if n.startswith("model.layers.0.")}, mlx / "adapters.safetensors")
+    edit_json(mlx / "adapter_config.json", lambda c: c.update(num_layers=1))
+    with pytest.raises(OrtloraError, match=r"num_layers 1 means the last 1 of the base's 2 layers, its tensors adapt "
+                                           r"layers \[0\]"):
+        load_adapter(mlx, first)
+    edit_json(mlx / "adapter_config.json", lambda c: c.update(num_layers=-1))
+    with pytest.raises(OrtloraError, match="num_layers is -1, its tensors adapt 1 layers"):
+        load_adapter(mlx, first)
 
 
 def test_integer_mlx_tensors_are_refused(artifacts, mlx, tmp_path, capsys):

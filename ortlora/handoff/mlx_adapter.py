@@ -178,11 +178,16 @@ def _config_layout_problems(config: dict, params: dict, manifest: Manifest) -> l
     if type(rank) is not int or rank not in ranks:
         problems.append(f"lora_parameters.rank is {rank!r}, its tensors have rank {', '.join(map(str, ranks))}")
     layers = sorted({p.layer for p in manifest.parameters})
-    every = "layers" not in manifest.lora or layers == list(range(len(layers)))  # no layer before the first
+    # The base's decoder layers, from the frozen layout (an older build without one: every layer, unless listed).
+    model = sorted({int(n.split(".")[2]) for n in manifest.frozen if n.startswith("model.layers.")})
+    every = layers == model if model else "layers" not in manifest.lora
     count = config.get("num_layers", len(layers))
     if type(count) is not int or not (count == len(layers) or count == -1 and every):
         problems.append(f"num_layers is {count!r}, its tensors adapt {len(layers)} layers"
                         + (" (all of them: -1 says so too)" if every else ""))
+    elif "num_layers" in config and model and layers != model[len(model) - len(layers):]:
+        problems.append(f"num_layers {count} means the last {len(layers)} of the base's {len(model)} layers, its "
+                        f"tensors adapt layers {layers}")
     keys = params.get("keys")
     ours = sorted({p.module_path.split(".", 3)[3] for p in manifest.parameters})  # "self_attn.q_proj"
     if keys is not None and not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)
