@@ -175,7 +175,8 @@ def check_together(c: TrainConfig) -> None:
                            f"so --init-adapter {c.init_adapter} would be ignored: pass one of them")
     if c.eval_data and c.eval_split:
         raise OrtloraError(f"--eval-split {c.eval_split} holds out training data for evaluation when there is no "
-                           f"--eval-data, and --eval-data {c.eval_data} is given: pass one of them")
+                           f"--eval-data, and --eval-data {c.eval_data} is given: pass one of them (--eval-split 0 "
+                           "turns it off)")
     has_eval = c.eval_data or c.eval_split or c.data.startswith(BUILTIN)
     for name in ("eval_every", "eval_batches"):
         if getattr(c, name) and not has_eval:
