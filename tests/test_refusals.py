@@ -128,7 +128,8 @@ def test_the_cluster_check_counts_cpus():
 @pytest.mark.parametrize("extra, says", [
     (["--rank", "100000000"], "--rank 100000000 is more than the model's hidden size 64"),
     (["--rank-pattern", "v_proj=100000000"], "--rank-pattern v_proj=100000000 is more than the model's hidden size 64"),
-    (["--layers", "0-2000000000"], "--layers 0-2000000000: layer 2000000000 is out of range; the model has 2 layers"),
+    (["--layers", "0-2000000000"], "--layers 0-2000000000: layer 2 is out of range; the model has 2 layers (0 to 1)"),
+    (["--layers", "1,5-2000000000"], "--layers 1,5-2000000000: layer 5 is out of range; the model has 2 layers"),
     (["--seed", "-1"], "--seed must be from 0 to 4294967295, got -1"),
     (["--seed", str(2**64)], f"--seed must be from 0 to 4294967295, got {2**64}"),
     (["--threads", str(10**9)], "--threads 1000000000 is more than 4 threads for each of this machine's"),

@@ -118,8 +118,8 @@ def check_against_model(args: argparse.Namespace, config: dict, rank_pattern: di
     if args.layers is not None and type(count) is int and count > 0:
         for first, end in re.findall(r"(\d+)\s*-\s*(\d+)", args.layers):
             if int(end) >= count:  # refused before the range is counted out, one index at a time
-                raise OrtloraError(f"--layers {args.layers}: layer {int(end)} is out of range; the model has {count} "
-                                   f"layers (0 to {count - 1})")
+                raise OrtloraError(f"--layers {args.layers}: layer {max(int(first), count)} is out of range; the model "
+                                   f"has {count} layers (0 to {count - 1})")
 
 
 @cli_entry
