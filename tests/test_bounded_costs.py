@@ -63,6 +63,15 @@ HOSTILE_TEMPLATES = {
     "text captured by a macro": "{% macro m() %}{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}{% endmacro %}"
                                 "{{ m() | length }}",
     "literal text in a loop": "{% set s %}{% for i in range(100000) %}" + "x" * 1000 + "{% endfor %}{% endset %}{{ s | length }}",
+    "many fields of one format": "{% set s = 'x' * 100000 %}{{ ('%s' * 10000) % ((s,) * 10000) }}",
+    "many fields of str.format": "{% set s = 'x' * 100000 %}{{ ('{0}' * 10000).format(s) }}",
+    "many operands of ~": "{% set s = 'x' * 100000 %}{{ s" + " ~ s" * 200 + " }}",
+    "a list written": "{% set s = 'x' * 100000 %}{{ [s] * 10000 }}",
+    "a dict written": "{% set s = 'x' * 100000 %}{{ dict.fromkeys(range(10000), s) }}",
+    "a list made a string": "{% set s = 'x' * 100000 %}{{ ([s] * 10000) | string | length }}",
+    "a namespace written": "{% set s = 'x' * 100000 %}{% set ns = namespace(a=[s] * 10000) %}{{ ns }}",
+    "many strings made by map": "{{ range(100000) | map('center', 100000) | list | length }}",
+    "a sum of lists": "{{ ([range(10000) | list] * 10000) | sum(start=[]) | length }}",
     "filters over a range in a loop": "{% for i in range(100) %}{{ range(100000) | select('odd') | list | length }}"
                                       "{% endfor %}",
     "a list made in a loop": "{% for i in range(100) %}{{ (range(100000) | list)[-1] }}{% endfor %}",
@@ -77,11 +86,21 @@ HOSTILE_TEMPLATES = {
 
 @pytest.mark.parametrize("template", HOSTILE_TEMPLATES.values(), ids=HOSTILE_TEMPLATES.keys())
 def test_a_chat_template_has_a_budget(tokenizer, template):
+    """Refused in a second or so, having made at most a few MB: before the step that would make the value."""
+    import tracemalloc
+
+    pattern = r"^the chat template of .*chat_template.jinja (took more than [\d,]+ operations|made a|asks tojson)"
     start = time.perf_counter()
-    with pytest.raises(TemplateTooCostly, match=r"^the chat template of .*chat_template.jinja (took more than [\d,]+ "
-                                                r"operations|made a|asks tojson)") as e:
+    with pytest.raises(TemplateTooCostly, match=pattern) as e:
         with_template(tokenizer, template).apply_chat_template(MESSAGES)
     assert "\n" not in str(e.value) and time.perf_counter() - start < 5
+    tracemalloc.start()
+    try:
+        with pytest.raises(TemplateTooCostly, match=pattern):
+            tokenizer.apply_chat_template(MESSAGES)
+        assert tracemalloc.get_traced_memory()[1] < 16 << 20
+    finally:
+        tracemalloc.stop()
 
 
 def test_the_budget_grows_with_the_conversation(tokenizer):

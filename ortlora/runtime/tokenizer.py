@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import Namespace
 
 from ortlora.errors import REBUILD, OrtloraError, one_line
 from ortlora.files import json_type, read_json, read_text
@@ -225,7 +226,6 @@ def _environment():
 
     import jinja2.ext
     from jinja2.exceptions import SecurityError, TemplateError
-    from jinja2.utils import Namespace
 
     def raise_exception(message):
         raise TemplateError(message)
@@ -266,7 +266,7 @@ def _environment():
     env.globals.pop("lipsum", None)  # lipsum(100000) writes 60 MB of Latin: no chat template needs it
     env.filters = {name: env.bounded(f, name) for name, f in env.filters.items()}
     env.filters[_LOOP_FILTER] = env.loop_items
-    env.filters[_CHECKED_FILTER] = lambda value: env.scanned(env.checked(value, "a string joined with '~'"))
+    env.filters[_CONCAT_FILTER] = env.tilde
     env.filters[_SCANNED_FILTER] = env.scanned
     env.filters[_WRITTEN_FILTER] = jinja2.pass_context(lambda context, value: env.written(value))  # with the
     # context, jinja cannot evaluate it once when compiling (for constant text), unbudgeted
@@ -275,6 +275,10 @@ def _environment():
 
 
 _PRINTF_SIZES = re.compile(r"%(?:\([^)]*\))?[-+ #0]*(\d+|\*)?(?:\.(\d+|\*))?")  # %-10.3f: width, precision
+# Filters that make a string of their value (str() of a list first, where it is one).
+_STRINGIFYING_FILTERS = {"string", "pprint", "tojson", "trim", "escape", "e", "forceescape", "safe", "upper", "lower",
+                         "capitalize", "title", "center", "indent", "wordwrap", "truncate", "replace", "urlize",
+                         "striptags", "wordcount", "format", "urlencode", "xmlattr"}
 _WIDTH_FILTERS = {"center", "wordwrap", "truncate", "batch", "slice"}  # their int arguments are sizes
 _STR_METHODS_OF_SIZE = {"center", "ljust", "rjust", "zfill"}
 
@@ -326,10 +330,16 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
             raise TemplateTooCostly(f"the chat template makes a value of {size:,} characters or items ({what})")
 
     def written(self, value):
-        """``value``, written by {{ ... }} or as the template's own text: it counts against the budget's characters."""
+        """``value``, written by {{ ... }} or as the template's own text: it counts against the budget's characters
+        (a list or dict by what it would write, before it is written)."""
         if self.budget is not None:
-            self.budget.write(len(value) if type(value) is str else len(str(value)))
+            self.budget.write(len(value) if type(value) is str else self.text_size(value))
         return value
+
+    def tilde(self, values):
+        """a ~ b ~ c, as jinja joins it, its size checked before it is made."""
+        self._refuse_size("a string joined with '~'", sum(self.text_size(v) for v in values))
+        return self.scanned("".join(map(str, values)))
 
     def loop_items(self, iterable):
         """Each item of a for loop costs one operation."""
@@ -348,11 +358,35 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         return self.scanned(super().getitem(obj, argument))  # a slice copies
 
     def scanned(self, value):
-        """``value`` after charging for a step that copies or compares it at C speed: 64 characters or items an
-        operation (a string compared, sliced, searched, joined)."""
-        if isinstance(value, _SIZED) and len(value) >= 64 and self.budget is not None:
-            self.budget.charge(len(value) >> 6)
+        """``value`` after charging for a step that makes, copies or compares it at C speed: 16 characters or
+        items an operation (a string made, compared, sliced, searched). So no more text than 16 characters per
+        operation of the budget is ever made: a map(...) | list of 100 KB strings pays for each."""
+        if isinstance(value, _SIZED) and len(value) >= 16 and self.budget is not None:
+            self.budget.charge(len(value) >> 4)
         return value
+
+    def text_size(self, value) -> int:
+        """About how many characters str(value) would have, found without making it: a string's length (plus its
+        quotes and comma in a list), 32 for a number or other object, a container's items; the walk stops once
+        past what the budget allows, and costs an operation per 16 items."""
+        limit = self.budget.max_chars if self.budget is not None else TEMPLATE_BASE_CHARS
+        if type(value) is str:
+            return len(value)
+        total, stack, seen = 0, [value], 0
+        while stack and total <= limit:
+            item = stack.pop()
+            seen += 1
+            if isinstance(item, str):
+                total += len(item) + 4
+            elif isinstance(item, (list, tuple, set, frozenset, dict)):
+                total += 2
+                stack.extend(item.items() if isinstance(item, dict) else item)
+            elif isinstance(item, Namespace):  # written as its attributes
+                stack.append(dict(object.__getattribute__(item, "_Namespace__attrs")))
+            else:
+                total += 32
+        self._charge(seen >> 4)
+        return total
 
     def call_binop(self, context, operator, left, right):
         self._charge()
@@ -401,22 +435,33 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
                 self._refuse_size(what, value)
 
     def _check_printf(self, template: str, values) -> None:
-        """'%*d' % (n, 1), '%10000000d' % 1: widths and precisions, written or given, are sizes."""
-        sizes = [n for match in _PRINTF_SIZES.finditer(template) for n in match.groups()]
+        """'%*d' % (n, 1), '%10000000d' % 1: widths and precisions, written or given, are sizes; and each
+        conversion may write the largest of the values ('%s%s%s' % (s, s, s))."""
+        matches = list(_PRINTF_SIZES.finditer(template))
+        sizes = [n for match in matches for n in match.groups()]
         self._refuse_size("a '%' format", _largest(sizes))
+        values = values if isinstance(values, tuple) else (values,)
         if "*" in sizes:
-            self._check_ints("a '%' format", values if isinstance(values, tuple) else (values,), {})
+            self._check_ints("a '%' format", values, {})
+        self._check_fields("a '%' format", template, len(matches), [*values, *(v for d in values if isinstance(d, dict)
+                                                                                 for v in d.values())])
+
+    def _check_fields(self, what: str, template: str, fields: int, values) -> None:
+        if fields and values:
+            self._refuse_size(what, len(template) + fields * max(self.text_size(v) for v in values))
 
     def _check_format(self, template: str, args, kwargs) -> None:
         """'{:>10000000}'.format(1), '{:>{}}'.format(1, n)."""
         try:
-            specs = [spec for _, _, spec, _ in string.Formatter().parse(template) if spec]
+            parsed = [(name, spec) for _, name, spec, _ in string.Formatter().parse(template) if name is not None]
         except ValueError:  # not a valid format string: str.format will say so
-            specs = []
+            parsed = []
+        specs = [spec for _, spec in parsed if spec]
         self._refuse_size("a str.format", _largest(re.findall(r"\d+", " ".join(specs))))
+        mapping = args[0] if len(args) == 1 and isinstance(args[0], dict) else {}  # format_map's
         if any("{" in spec for spec in specs):  # a width or precision given as an argument
-            mapping = args[0] if len(args) == 1 and isinstance(args[0], dict) else {}  # format_map's
             self._check_ints("a str.format", [*args, *mapping.values()], kwargs)
+        self._check_fields("a str.format", template, len(parsed), [*args, *mapping.values(), *kwargs.values()])
 
     def _check_str_method(self, text: str, name: str, args, kwargs) -> None:
         if name in _STR_METHODS_OF_SIZE:
@@ -450,7 +495,14 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
     def _check_join(self, separator, items) -> None:
         if isinstance(items, (list, tuple)):
             size = len(separator) * len(items) if isinstance(separator, str) else 0
-            self._refuse_size("a join", size + sum(len(i) for i in items if isinstance(i, str)))
+            self._refuse_size("a join", size + self.text_size(items))
+
+    def _check_sum(self, items, start) -> None:
+        """sum(lists, start=[]) copies the growing list at each item: its length, and its cost, are checked."""
+        lengths = [len(i) for i in (start, *items) if isinstance(i, (list, tuple))]
+        if lengths:
+            self._refuse_size("a sum of lists", sum(lengths))
+            self._charge((len(lengths) * sum(lengths)) >> 4)
 
     def bounded_test(self, f):
         """The test ``f`` (``x is in y``, ``x is divisibleby 3``) at one operation a call, plus what it scans."""
@@ -474,6 +526,8 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
             # sum, wordwrap, ...): one operation each, so that range(100000) | select(...) inside a loop pays.
             self._charge(1 + (len(values[0]) if values and isinstance(values[0], (str, list, tuple, dict, set, range))
                               else 0))
+            if name in _STRINGIFYING_FILTERS and values and not isinstance(values[0], str):
+                self._refuse_size(f"the {name} filter", self.text_size(values[0]))  # str(a list) first
             if name in _WIDTH_FILTERS:
                 self._check_ints(f"the {name} filter", values[1:], kwargs)
             elif name == "indent" and values:
@@ -490,12 +544,18 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
                 args = (args[0], *values) if len(args) > len(values) else values
             elif name == "format" and values and isinstance(values[0], str):
                 self._check_printf(values[0], tuple(values[1:]) + tuple(kwargs.values()))
-            return self.checked(f(*args, **kwargs), f"the result of the {name} filter")
+            elif name == "sum" and values and not isinstance(values[0], (str, dict)):
+                items = list(values[0])
+                self._check_sum(items, values[3] if len(values) > 3 else kwargs.get("start", 0))
+                values = (items, *values[1:])
+                args = (args[0], *values) if len(args) > len(values) else values
+            return self.scanned(self.checked(f(*args, **kwargs), f"the result of the {name} filter"))
 
         return filter
 
-    # --- loops, ~ and comparisons pay as they go: each for loop's items pass through loop_items, each ~ is
-    # checked and scanned, each operand of a comparison scanned
+    # --- what is written, loops, ~ and comparisons pay as they go: each piece of text written passes through
+    # written, each for loop's items through loop_items, each ~ through tilde, each operand of a comparison
+    # through scanned
 
     def _parse(self, source, name, filename):
         from jinja2 import nodes
@@ -509,18 +569,21 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
             compare.expr = nodes.Filter(compare.expr, _SCANNED_FILTER, [], [], None, None, lineno=compare.lineno)
             for operand in compare.ops:
                 operand.expr = nodes.Filter(operand.expr, _SCANNED_FILTER, [], [], None, None, lineno=compare.lineno)
+        def joined(concat):  # a ~ b ~ c -> [a, b, c] | ortlora_concat
+            return nodes.Filter(nodes.List(concat.nodes, lineno=concat.lineno), _CONCAT_FILTER, [], [], None, None,
+                                lineno=concat.lineno)
+
         for node in [tree, *tree.find_all(nodes.Node)]:
             for field in node.fields:
                 value = getattr(node, field, None)
                 if isinstance(value, nodes.Concat):
-                    setattr(node, field, nodes.Filter(value, _CHECKED_FILTER, [], [], None, None, lineno=value.lineno))
+                    setattr(node, field, joined(value))
                 elif isinstance(value, list):
-                    setattr(node, field, [nodes.Filter(v, _CHECKED_FILTER, [], [], None, None, lineno=v.lineno)
-                                          if isinstance(v, nodes.Concat) else v for v in value])
+                    setattr(node, field, [joined(v) if isinstance(v, nodes.Concat) else v for v in value])
         return tree
 
 
 _LOOP_FILTER = "ortlora_loop_budget"  # for x in (xs | ortlora_loop_budget): each item costs one operation
-_CHECKED_FILTER = "ortlora_checked_size"  # (a ~ b) | ortlora_checked_size: the joined string is checked
+_CONCAT_FILTER = "ortlora_concat"  # [a, b] | ortlora_concat: a ~ b with its size checked first
 _WRITTEN_FILTER = "ortlora_written"  # {{ x | ortlora_written }}: what is written counts
 _SCANNED_FILTER = "ortlora_scanned"  # (a | ortlora_scanned) == (b | ortlora_scanned): what a comparison reads
