@@ -31,11 +31,13 @@ class TemplateTooCostly(OrtloraError):
 
 
 # What one rendering of the chat template may cost, relative to the size of what it renders (the characters of
-# the messages and tools as JSON). Qwen2.5's template, tools and tool calls included, takes about 0.2 operations
-# per character (14 per message; a message is at least ~30 characters) and writes 1 to 1.9 characters per
-# character (its system prompt of tools included), so 4 operations and 8 characters leave it a margin of 4 to 20
-# times, and the bases cover any fixed preamble. An operation costs ~2 microseconds (a macro call, on this
-# project's 2-core machine), so the base allows ~0.4 s, and a conversation of N characters ~8 N microseconds more.
+# the messages and tools as JSON). Qwen2.5's template, tools and tool calls included, takes about 0.25 operations
+# per character (14 per message, a message being at least ~30 characters, plus an operation per 16 characters
+# of the strings it makes) and writes 1 to 1.9 characters per character (its system prompt of tools included), so
+# 4 operations and 8 characters leave it a margin of 4 to 16 times, and the bases cover any fixed preamble. An
+# operation costs at most ~5 microseconds (a macro call, on this project's 2-core machine), so the base allows
+# about a second, and a conversation of N characters ~20 N microseconds more; no rendering makes more than 16
+# characters of strings per operation.
 TEMPLATE_BASE_OPERATIONS = 200_000  # each call, filter, test, lookup, operator and loop item; scans by size
 TEMPLATE_OPERATIONS_PER_CHAR = 4
 TEMPLATE_BASE_CHARS = 1 << 20  # 1 MiB of output (and of any one string or list made on the way)
