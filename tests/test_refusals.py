@@ -391,3 +391,16 @@ def test_memory_running_out_is_one_line(capsys, error):
 
     err = one_line(capsys, main([]))
     assert err.startswith("error: out of memory (") and "pass smaller settings (a smaller --batch-size" in err
+
+
+def test_resume_on_the_command_line_wins_over_the_files_overwrite(artifacts, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train("--artifacts", str(artifacts), "--out", str(run), "--max-steps", "1") == 0
+    config = tmp_path / "c.toml"
+    config.write_text(f'out = "{run}"\noverwrite = true\n')
+    c, _ = train_cli.resolve_config(train_cli.parse_args(["--config", str(config), "--resume", str(run)]))
+    assert not c.overwrite
+    assert train("--config", str(config), "--resume", str(run), "--max-steps", "2") == 0
+    assert (run / "checkpoint-1").is_dir() and (run / "checkpoint-2").is_dir()  # continued, not started over
+    config.write_text(f'resume = "{run}"\noverwrite = true\n')
+    assert "--overwrite would start" in one_line(capsys, train("--config", str(config), "--max-steps", "3"))

@@ -87,6 +87,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[cfg.TrainConfig, Path | No
             Path(config.out).resolve() == resume_from.parent.resolve():
         raise OrtloraError(f"--overwrite would start {config.out} over, and --resume {resume} continues the run in it: "
                            "pass one of them (or --out elsewhere to start a new run from that checkpoint)")
+    if resume_from and Path(config.out).resolve() == resume_from.parent.resolve():
+        config.overwrite = False  # a file's overwrite gives way to --resume on the command line: the run goes on
     cfg.check_together(config)
     return config, resume_from
 
