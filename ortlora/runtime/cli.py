@@ -55,8 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def resolve_config(args: argparse.Namespace) -> tuple[cfg.TrainConfig, Path | None]:
     """defaults < the resumed run's settings < --config file < command line. ``resume`` in the file resumes as
     --resume does (the command line's wins). A resume from the command line makes the file's init_adapter and
-    overwrite give way; one source that sets a resume and either of them, or both epochs and max_steps, is
-    refused: the run would ignore one of them."""
+    overwrite give way; one source that sets a resume and either of them (overwrite: of the run resumed), or both
+    epochs and max_steps, is refused: the run would ignore one of them."""
     given = cfg.given(args)
     if args.config:
         cfg.check_paths({"--config": args.config})
