@@ -291,11 +291,13 @@ def _largest(numbers) -> int:
 
 class _BoundedSandbox(ImmutableSandboxedEnvironment):
     """jinja's immutable sandbox in which one rendering has a budget (a ``_Budget``, set as ``budget`` while a
-    template renders): every call, filter, attribute and item lookup, operator and loop iteration costs one
-    operation, and no string, list or text written may grow past the budget's characters. Sizes are checked
-    before the operations that multiply them ('x' * n, s.center(n), s|replace('', s), '%*d' % (n, 1),
-    parts|join, 9 ** 9 ** 9) and after the ones that add (~, +, any call), so no single step allocates much
-    more than the budget; jinja's own ``range`` still stops at 100,000 items, and nested loops pay per item."""
+    template renders): every call, filter, test, attribute and item lookup, operator and loop item costs one
+    operation, a filter one more per item or character of its value, and every value made, compared or sliced
+    one per 16 characters or items; no string or list, nor all the text written, may grow past the budget's
+    characters. Sizes are checked before a value is made wherever they can be known first ('x' * n,
+    s.center(n), s | replace('', s), '%*d' % (n, 1), '%s%s' % (s, s), parts | join, a ~ b, str() of a list,
+    9 ** 9 ** 9) and after the steps that at most double one (+, a call), so no single step makes much more
+    than the budget allows; jinja's own ``range`` still stops at 100,000 items, and nested loops pay per item."""
 
     intercepted_binops = frozenset(["+", "*", "%", "**"])  # the ones that can make a value much larger
 
@@ -357,7 +359,8 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
 
     def getitem(self, obj, argument):
         self._charge()
-        return self.scanned(super().getitem(obj, argument))  # a slice copies
+        item = super().getitem(obj, argument)
+        return self.scanned(item) if isinstance(argument, slice) else item  # a slice copies
 
     def scanned(self, value):
         """``value`` after charging for a step that makes, copies or compares it at C speed: 16 characters or
