@@ -3,6 +3,7 @@ end, data lines too long to tokenise whole, tokenizer files that are links out o
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -111,6 +112,35 @@ def test_the_budget_grows_with_the_conversation(tokenizer):
     with pytest.raises(TemplateTooCostly, match="took more than"):
         with_template(tokenizer, "{% for c in messages[0].content %}{% for i in range(5) %}{% endfor %}{% endfor %}"
                       ).apply_chat_template(long)
+
+
+SAME_TEMPLATES = [  # jinja's features, each rendered by the budgeted sandbox as by jinja's own
+    "{% for m in messages %}{{ loop.index }}/{{ loop.length }} {{ m.role | upper }}: {{ m['content'] ~ '!' }}\n{% endfor %}",
+    "{% set ns = namespace(n=0) %}{% for m in messages if m.role != 'system' %}{% set ns.n = ns.n + m.content | length %}"
+    "{% endfor %}{{ ns.n }} {{ messages | map(attribute='role') | join(', ') }} {{ messages | selectattr('role', "
+    "'equalto', 'user') | list | length }}",
+    "{% macro turn(m, i=0) %}[{{ i }}:{{ m.role }}]{{ caller() if caller else '' }}{% endmacro %}{% for m in messages %}"
+    "{% call turn(m, loop.index0) %}{{ m.content[:4] }}{% endcall %}{% endfor %}",
+    "{% set text %}{% for m in messages | reverse %}{{ m.content }}{% if not loop.last %} | {% endif %}{% endfor %}"
+    "{% endset %}{{ text | wordwrap(20) }}{% filter upper %}{{ text[:10] }}{% endfilter %}",
+    "{% for x in [[1, [2, 3]], [4]] recursive %}{% if x is iterable %}({{ loop(x) }}){% else %}{{ x }}{% endif %}"
+    "{% endfor %} {{ '%s-%05.1f' % ('a', 3.14159) }} {{ '{}|{:>4}'.format('b', 7) }} {{ 2 ** 10 }} {{ 7 // 2 }}",
+    "{% autoescape true %}{{ ('<b>' | safe) ~ '&' ~ messages[0].content }}{{ '&' }}{% endautoescape %}{{ '<i>' ~ 1 }}",
+    "{{ messages | tojson }} {{ messages[1:] | length }} {{ 'x' in messages[0].content }} {{ range(5) | sum }}",
+]
+
+
+@pytest.mark.parametrize("template", SAME_TEMPLATES)
+def test_templates_render_as_jinja_renders_them(tokenizer, template):
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    jinja = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    jinja.filters["tojson"] = lambda value: json.dumps(value, ensure_ascii=False)  # transformers' tojson, as ortlora's
+    expected = jinja.from_string(template).render(messages=MESSAGES, tools=None, documents=None,
+                                                  add_generation_prompt=False, eos_token=tokenizer.eos_token,
+                                                  pad_token=tokenizer.pad_token, bos_token="")
+    assert with_template(tokenizer, template).apply_chat_template(MESSAGES) == expected
 
 
 def test_lipsum_is_not_offered(tokenizer):

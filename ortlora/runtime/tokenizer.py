@@ -268,7 +268,7 @@ def _environment():
     env.globals.pop("lipsum", None)  # lipsum(100000) writes 60 MB of Latin: no chat template needs it
     env.filters = {name: env.bounded(f, name) for name, f in env.filters.items()}
     env.filters[_LOOP_FILTER] = env.loop_items
-    env.filters[_CONCAT_FILTER] = env.tilde
+    env.filters[_CONCAT_FILTER] = jinja2.pass_eval_context(lambda context, values: env.tilde(values, context.autoescape))
     env.filters[_SCANNED_FILTER] = env.scanned
     env.filters[_WRITTEN_FILTER] = jinja2.pass_context(lambda context, value: env.written(value))  # with the
     # context, jinja cannot evaluate it once when compiling (for constant text), unbudgeted
@@ -340,10 +340,13 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
             self.budget.write(len(value) if type(value) is str else self.text_size(value))
         return value
 
-    def tilde(self, values):
-        """a ~ b ~ c, as jinja joins it, its size checked before it is made."""
+    def tilde(self, values, autoescape: bool = False):
+        """a ~ b ~ c, as jinja joins it (escaping what is not markup inside {% autoescape true %}), its size
+        checked before it is made."""
+        from jinja2.runtime import markup_join, str_join
+
         self._refuse_size("a string joined with '~'", sum(self.text_size(v) for v in values))
-        return self.scanned("".join(map(str, values)))
+        return self.scanned((markup_join if autoescape else str_join)(values))
 
     def loop_items(self, iterable):
         """Each item of a for loop costs one operation."""
