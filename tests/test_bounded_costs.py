@@ -143,6 +143,14 @@ def test_templates_render_as_jinja_renders_them(tokenizer, template):
     assert with_template(tokenizer, template).apply_chat_template(MESSAGES) == expected
 
 
+def test_a_loop_over_the_messages_may_ask_their_number(tokenizer):
+    """messages | length and | last cost one operation, not one per message: 2,000 messages, no quadratic bill."""
+    messages = [{"role": "user", "content": f"Hi {i}"} for i in range(2000)]
+    tokenizer = with_template(tokenizer, "{% for m in messages %}{{ messages | length - loop.index0 }}"
+                                         "{{ '.' if m == messages | last }} {% endfor %}")
+    assert tokenizer.apply_chat_template(messages).split() == [str(n) for n in range(2000, 1, -1)] + ["1."]
+
+
 def test_lipsum_is_not_offered(tokenizer):
     with pytest.raises(TemplateRenderError, match="'lipsum' is undefined"):
         with_template(tokenizer, "{{ lipsum(100000) }}").apply_chat_template(MESSAGES)

@@ -277,6 +277,10 @@ def _environment():
 
 
 _PRINTF_SIZES = re.compile(r"%(?:\([^)]*\))?[-+ #0]*(\d+|\*)?(?:\.(\d+|\*))?")  # %-10.3f: width, precision
+# Filters that do not walk their value: messages | length or messages | last inside a loop over the messages
+# costs one operation, not one per message.
+_CONSTANT_TIME_FILTERS = {"length", "count", "first", "last", "default", "d", "attr", "int", "float", "abs", "round",
+                          "random", "items"}
 # Filters that make a string of their value (str() of a list first, where it is one).
 _STRINGIFYING_FILTERS = {"string", "pprint", "tojson", "trim", "escape", "e", "forceescape", "safe", "upper", "lower",
                          "capitalize", "title", "center", "indent", "wordwrap", "truncate", "replace", "urlize",
@@ -362,8 +366,7 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
 
     def getitem(self, obj, argument):
         self._charge()
-        item = super().getitem(obj, argument)
-        return self.scanned(item) if isinstance(argument, slice) else item  # a slice copies
+        return super().getitem(obj, argument)
 
     def scanned(self, value):
         """``value`` after charging for a step that makes, copies or compares it at C speed: 16 characters or
@@ -532,8 +535,8 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
             values = args[1:] if getattr(f, "jinja_pass_arg", None) is not None else args  # after the context
             # A filter walks its value in Python, item by item or character by character (map, select, list,
             # sum, wordwrap, ...): one operation each, so that range(100000) | select(...) inside a loop pays.
-            self._charge(1 + (len(values[0]) if values and isinstance(values[0], (str, list, tuple, dict, set, range))
-                              else 0))
+            walks = name not in _CONSTANT_TIME_FILTERS and values and isinstance(values[0], (*_SIZED, range))
+            self._charge(1 + (len(values[0]) if walks else 0))
             if name in _STRINGIFYING_FILTERS and values and not isinstance(values[0], str):
                 self._refuse_size(f"the {name} filter", self.text_size(values[0]))  # str(a list) first
             if name in _WIDTH_FILTERS:
@@ -577,17 +580,21 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
             compare.expr = nodes.Filter(compare.expr, _SCANNED_FILTER, [], [], None, None, lineno=compare.lineno)
             for operand in compare.ops:
                 operand.expr = nodes.Filter(operand.expr, _SCANNED_FILTER, [], [], None, None, lineno=compare.lineno)
-        def joined(concat):  # a ~ b ~ c -> [a, b, c] | ortlora_concat
-            return nodes.Filter(nodes.List(concat.nodes, lineno=concat.lineno), _CONCAT_FILTER, [], [], None, None,
-                                lineno=concat.lineno)
+        def budgeted(node):
+            if isinstance(node, nodes.Concat):  # a ~ b ~ c -> [a, b, c] | ortlora_concat
+                return nodes.Filter(nodes.List(node.nodes, lineno=node.lineno), _CONCAT_FILTER, [], [], None, None,
+                                    lineno=node.lineno)
+            if isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Slice):  # s[1:], which jinja copies
+                return nodes.Filter(node, _SCANNED_FILTER, [], [], None, None, lineno=node.lineno)  # unhooked
+            return node
 
         for node in [tree, *tree.find_all(nodes.Node)]:
             for field in node.fields:
                 value = getattr(node, field, None)
-                if isinstance(value, nodes.Concat):
-                    setattr(node, field, joined(value))
+                if isinstance(value, nodes.Node):
+                    setattr(node, field, budgeted(value))
                 elif isinstance(value, list):
-                    setattr(node, field, [joined(v) if isinstance(v, nodes.Concat) else v for v in value])
+                    setattr(node, field, [budgeted(v) for v in value])
         return tree
 
 
