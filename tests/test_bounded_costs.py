@@ -95,6 +95,8 @@ def test_a_chat_template_has_a_budget(tokenizer, template):
     with pytest.raises(TemplateTooCostly, match=pattern) as e:
         with_template(tokenizer, template).apply_chat_template(MESSAGES)
     assert "\n" not in str(e.value) and time.perf_counter() - start < 5
+    if template == HOSTILE_TEMPLATES["exponential macro"]:
+        return  # it makes nothing large, and tracing its 200,000 macro calls takes ten seconds
     tracemalloc.start()
     try:
         with pytest.raises(TemplateTooCostly, match=pattern):
