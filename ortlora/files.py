@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path, PurePath
 
-from ortlora.errors import OrtloraError, one_line
+from ortlora.errors import REBUILD, OrtloraError, one_line
+
+MANIFEST_NAME = "ortlora.json"  # an artifact directory's manifest (manifest.py)
 
 JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
               bool: "true or false", type(None): "null"}
@@ -75,3 +77,17 @@ def byte_size(count: int) -> str:
         if count >= scale:
             return f"{count / scale:.2f} {unit}"
     return f"{count} B"
+
+
+def artifact_file(directory: Path, name: str) -> Path:
+    """``directory / name``, a file read by its fixed name (tokenizer.json, chat_template.jinja, ...). In an
+    artifact directory (one with a manifest) it must not be a symbolic link that leads outside the directory,
+    listed in the manifest or not: artifacts come from elsewhere, and such a link would make ortlora read, and
+    render into training text, any file of the machine. A Hugging Face model directory is not confined: the
+    Hub's cache links every file of a snapshot to a blob outside it."""
+    path = Path(directory) / name
+    if (Path(directory) / MANIFEST_NAME).is_file() and (path.exists() or path.is_symlink()):
+        if not path.resolve().is_relative_to(Path(directory).resolve()):
+            raise OrtloraError(f"{path} is a symbolic link that leads outside the artifact directory {directory}, "
+                               f"which ortlora does not follow; {REBUILD}")
+    return path

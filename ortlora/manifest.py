@@ -34,10 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from ortlora.errors import REBUILD, OrtloraError, listing
-from ortlora.files import inside, json_type, read_json
+from ortlora.files import MANIFEST_NAME, artifact_file, inside, json_type, read_json
 from ortlora.lora_config import module_rank, scaling
 
-MANIFEST_NAME = "ortlora.json"
 FORMAT_VERSION = 1
 PEFT_PREFIX = "base_model.model."
 
@@ -112,7 +111,7 @@ class Manifest:
     @classmethod
     def load(cls, directory: Path) -> "Manifest":
         directory = Path(directory)
-        path = directory / MANIFEST_NAME
+        path = artifact_file(directory, MANIFEST_NAME)
         if not path.is_file():
             raise OrtloraError(
                 f"{directory} is not an ortlora artifact directory (no {MANIFEST_NAME}); "

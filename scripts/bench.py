@@ -220,8 +220,9 @@ def run_build(args) -> dict:
     """Build --artifacts from --build with ortlora-build; its wall time and peak resident memory."""
     source = ["--tiny"] if args.build == "tiny" else ["--model", args.build]
     command = [sys.executable, str(ROOT / "scripts" / "build_artifacts.py"), *source, "--out", args.artifacts,
-               "--targets", args.targets, "--rank", str(args.rank), "--force", "--base-precision", args.base_precision,
-               "--block-size", str(args.block_size)]
+               "--targets", args.targets, "--rank", str(args.rank), "--force", "--base-precision", args.base_precision]
+    if args.base_precision != "fp32":  # the blocks of a quantized base; an fp32 build refuses the option
+        command += ["--block-size", str(args.block_size)]
     if args.threads:
         command += ["--threads", str(args.threads)]
     start = time.perf_counter()

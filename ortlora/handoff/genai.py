@@ -29,7 +29,7 @@ import shutil
 from pathlib import Path
 
 from ortlora.errors import REBUILD, OrtloraError
-from ortlora.files import read_json
+from ortlora.files import artifact_file, read_json
 from ortlora.handoff.onnx_adapter import ADAPTER_FILE, write_adapter
 from ortlora.manifest import Manifest
 from ortlora.onnx_files import check_external_data, read_external_data_locations
@@ -70,7 +70,7 @@ def genai_config(artifacts: Path, manifest: Manifest) -> dict:
             or io["outputs"] != expected_out:
         raise OrtloraError(f"the artifacts' decoder does not have the inputs and outputs this ortlora expects; {REBUILD}")
 
-    generation_path = artifacts / "generation_config.json"
+    generation_path = artifact_file(artifacts, "generation_config.json")
     generation = read_json(generation_path, REBUILD) if generation_path.is_file() else {}
     # The same end-of-sequence set as ortlora-generate: the tokenizer's eos token and generation_config's.
     eos = sorted({Tokenizer(artifacts).eos_id, *_ids(generation.get("eos_token_id"))})

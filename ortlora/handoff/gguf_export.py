@@ -18,13 +18,13 @@ the same product. DoRA has no form in llama.cpp's LoRA GGUF: it is refused (--to
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 
 from ortlora.errors import OrtloraError
+from ortlora.files import artifact_file, read_json
 from ortlora.handoff.merge import base_model_dir, lora_pairs, write_merged
 from ortlora.lora_config import module_scaling
 from ortlora.manifest import Manifest
@@ -137,7 +137,7 @@ def write_model(model_dir: Path, tokenizer_dir: Path, path: Path, dtype: str, na
     """Write the Hugging Face Qwen2 model in ``model_dir`` as a GGUF model file, with the tokenizer of
     ``tokenizer_dir`` (tokenizer.json, tokenizer_config.json, chat_template.jinja). Returns a summary."""
     gguf = _gguf()
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    config = read_json(artifact_file(model_dir, "config.json"))
     if config.get("architectures") != [ARCHITECTURE]:
         raise OrtloraError(f"{model_dir}: --to gguf-merged writes {ARCHITECTURE} models, not {config.get('architectures')}")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
@@ -159,7 +159,8 @@ def write_model(model_dir: Path, tokenizer_dir: Path, path: Path, dtype: str, na
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
     writer.add_size_label(gguf.size_label(sum(int(np.prod(shape)) for _, _, shape, _ in plan), 0, 0, 0))
-    _add_sampling(writer, model_dir / "generation_config.json", tokenizer_dir / "generation_config.json")
+    _add_sampling(writer, artifact_file(model_dir, "generation_config.json"),
+                  artifact_file(tokenizer_dir, "generation_config.json"))
     writer.add_block_count(layers)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
@@ -213,10 +214,10 @@ def _qtype(gguf, gguf_name: str, shape, dtype: str):
 
 def _add_tokenizer(gguf, writer, model_dir: Path, vocab_size: int) -> int:
     """The BPE tokenizer as convert_hf_to_gguf.py's _set_vocab_gpt2 writes it, read from tokenizer.json."""
-    path = model_dir / "tokenizer.json"
+    path = artifact_file(model_dir, "tokenizer.json")
     if not path.is_file():
         raise OrtloraError(f"{model_dir} has no tokenizer.json, which the GGUF model's vocabulary is read from")
-    tokenizer = json.loads(path.read_text(encoding="utf-8"))
+    tokenizer = read_json(path)
     model = tokenizer.get("model") or {}
     if model.get("type") != "BPE":
         raise OrtloraError(f"{path}: a {model.get('type')} tokenizer; --to gguf-merged writes byte-level BPE ones")
@@ -253,7 +254,7 @@ def _add_tokenizer(gguf, writer, model_dir: Path, vocab_size: int) -> int:
 def _add_sampling(writer, *candidates: Path) -> None:
     """The default sampling of generation_config.json, as convert_hf_to_gguf.py's metadata carries it."""
     path = next((c for c in candidates if c.is_file()), None)
-    config = json.loads(path.read_text(encoding="utf-8")) if path else {}
+    config = read_json(path) if path else {}
     for key, add in (("top_k", writer.add_sampling_top_k), ("top_p", writer.add_sampling_top_p),
                      ("temperature", writer.add_sampling_temp), ("repetition_penalty", writer.add_sampling_penalty_repeat)):
         if isinstance(config.get(key), (int, float)) and not isinstance(config.get(key), bool):

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from ortlora.errors import OrtloraError
-from ortlora.files import read_json
+from ortlora.files import artifact_file, read_json
 from ortlora.manifest import REBUILD, Manifest
 from ortlora.runtime.backend import check_lora_inputs, onnx_file
 from ortlora.runtime.frozen import map_frozen_weights
@@ -117,7 +117,7 @@ class Generator:
 
     @staticmethod
     def _generation_eos(artifacts: Path) -> set[int]:
-        path = artifacts / "generation_config.json"
+        path = artifact_file(artifacts, "generation_config.json")
         if not path.is_file():
             return set()
         eos = read_json(path, REBUILD).get("eos_token_id")

@@ -16,9 +16,8 @@ import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 
-from ortlora.errors import REBUILD, OrtloraError, one_line
-from ortlora.files import json_type, read_json, read_text
-from ortlora.manifest import MANIFEST_NAME
+from ortlora.errors import OrtloraError, one_line
+from ortlora.files import artifact_file, json_type, read_json, read_text
 
 
 class TemplateRenderError(OrtloraError):
@@ -109,20 +108,6 @@ def _config_template(config: dict, path: Path) -> str | None:
     if template is not None and not isinstance(template, str):
         raise OrtloraError(f"{path}: chat_template must be a string, not {json_type(template)}")
     return template
-
-
-def artifact_file(directory: Path, name: str) -> Path:
-    """``directory / name``, a file read by its fixed name (tokenizer.json, chat_template.jinja, ...). In an
-    artifact directory (one with a manifest) it must not be a symbolic link that leads outside the directory,
-    listed in the manifest or not: artifacts come from elsewhere, and such a link would make ortlora read, and
-    render into training text, any file of the machine. A Hugging Face model directory is not confined: the
-    Hub's cache links every file of a snapshot to a blob outside it."""
-    path = Path(directory) / name
-    if (Path(directory) / MANIFEST_NAME).is_file() and (path.exists() or path.is_symlink()):
-        if not path.resolve().is_relative_to(Path(directory).resolve()):
-            raise OrtloraError(f"{path} is a symbolic link that leads outside the artifact directory {directory}, "
-                               f"which ortlora does not follow; {REBUILD}")
-    return path
 
 
 class Tokenizer:
