@@ -45,11 +45,10 @@ def parse_layers(spec: str, count: int) -> list[int]:
         first, end = int(match.group(1)), int(match.group(2) or match.group(1))
         if end < first:
             raise OrtloraError(f"--layers {spec}: the range {first}-{end} runs backwards")
+        if end >= count:  # checked before the range is made: 0-2000000000 would take minutes and gigabytes
+            raise OrtloraError(f"--layers {spec}: layer {max(first, count)} is out of range; the model has {count} "
+                               f"layers (0 to {count - 1})")
         layers.update(range(first, end + 1))
-    outside = sorted(i for i in layers if i >= count)
-    if outside:
-        raise OrtloraError(f"--layers {spec}: layer {outside[0]} is out of range; the model has {count} layers "
-                           f"(0 to {count - 1})")
     return sorted(layers)
 
 

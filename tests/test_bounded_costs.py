@@ -450,3 +450,29 @@ def test_ctrl_c_while_the_interpreter_waits_for_threads(stand_ins):
     process = start_command("_run('busy_thread')", cwd=stand_ins, pythonpath=stand_ins)
     assert interrupt_after_line(process, (0.3, 0.01)) == (130, "done\n", "interrupted\n")
     assert time.perf_counter() - start < 20
+
+
+def test_a_prompt_longer_than_the_context_is_refused_without_tokenising_it_whole(artifacts, monkeypatch):
+    """ortlora-generate's prompt is tokenised a prefix at a time too: one of 4 MB costs what the context holds."""
+    from ortlora.runtime.generate import Generator
+
+    generator = Generator(artifacts)
+    lengths = []
+    encode = generator.tokenizer.encode_with_offsets
+    monkeypatch.setattr(generator.tokenizer, "encode_with_offsets", lambda t: lengths.append(len(t)) or encode(t))
+    with pytest.raises(OrtloraError, match=r"^the prompt is more than [\d,]+ tokens, all the model takes"):
+        generator.prompt("Once upon a time " * 250_000)
+    assert max(lengths) < 4_250_000 // 8
+    assert generator.prompt("Once upon a time") == encode("Once upon a time")[0]
+
+
+def test_a_huge_layer_range_is_refused_before_it_is_made():
+    from ortlora.lora_config import parse_layers
+
+    start = time.perf_counter()
+    with pytest.raises(OrtloraError, match=r"layer 24 is out of range; the model has 24 layers"):
+        parse_layers("0-2000000000", 24)
+    with pytest.raises(OrtloraError, match=r"layer 30 is out of range"):
+        parse_layers("30-4000000000", 24)
+    assert time.perf_counter() - start < 1
+    assert parse_layers("0,1,5-7", 24) == [0, 1, 5, 6, 7]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -106,8 +105,9 @@ def model_config(args: argparse.Namespace) -> dict:
 
 
 def check_against_model(args: argparse.Namespace, config: dict, rank_pattern: dict) -> None:
-    """Refuse, before torch allocates them, ranks beyond any use and layer ranges beyond the model's layers."""
-    hidden, count = config.get("hidden_size"), config.get("num_hidden_layers")
+    """Refuse, before torch allocates them, ranks beyond any use (--layers beyond the model's layers are refused by
+    lora_config.parse_layers before a range is made)."""
+    hidden = config.get("hidden_size")
     if type(hidden) is int and hidden > 0:
         # Every projection LoRA adapts is hidden_size wide on one side, so B @ A has rank at most hidden_size.
         for flag, rank in [("--rank", args.rank)] + [(f"--rank-pattern {k}=", v) for k, v in rank_pattern.items()]:
@@ -115,11 +115,6 @@ def check_against_model(args: argparse.Namespace, config: dict, rank_pattern: di
                 raise OrtloraError(f"{flag}{'' if flag.endswith('=') else ' '}{rank} is more than the model's "
                                    f"hidden size {hidden}, the highest rank a LoRA update of its projections can "
                                    f"have; pass at most {hidden}")
-    if args.layers is not None and type(count) is int and count > 0:
-        for first, end in re.findall(r"(\d+)\s*-\s*(\d+)", args.layers):
-            if int(end) >= count:  # refused before the range is counted out, one index at a time
-                raise OrtloraError(f"--layers {args.layers}: layer {max(int(first), count)} is out of range; the model "
-                                   f"has {count} layers (0 to {count - 1})")
 
 
 @cli_entry

@@ -233,7 +233,7 @@ PREFIX_CHARS_PER_TOKEN = 64
 PREFIX_GROWTH = 4
 
 
-def _encode_prefix(tokenizer: Tokenizer, text: str, keep: int) -> tuple[list[int], list[tuple[int, int]], bool]:
+def encode_prefix(tokenizer: Tokenizer, text: str, keep: int) -> tuple[list[int], list[tuple[int, int]], bool]:
     """The first ``keep`` tokens of ``text`` or all of them if it has no more, their character offsets, and
     whether it has more (then EOS and the rest of the text are cut anyway)."""
     limit = PREFIX_CHARS_PER_TOKEN * keep
@@ -249,7 +249,7 @@ def _encode_prefix(tokenizer: Tokenizer, text: str, keep: int) -> tuple[list[int
 def encode_example(row: dict, tokenizer: Tokenizer, max_seq_len: int) -> tuple[Example, bool]:
     """Tokenise one row; returns the example and whether it was truncated."""
     text, trained_spans, add_eos = _spans(row, tokenizer)
-    ids, offsets, cut = _encode_prefix(tokenizer, text, max_seq_len + 1)
+    ids, offsets, cut = encode_prefix(tokenizer, text, max_seq_len + 1)
     spans = trained_spans(offsets[-1][1] if cut else None)
     trained = [any(s <= start < e for s, e in spans) for start, _ in offsets]
     if add_eos and not cut:

@@ -23,6 +23,7 @@ from ortlora.errors import OrtloraError
 from ortlora.files import artifact_file, read_json
 from ortlora.manifest import REBUILD, Manifest
 from ortlora.runtime.backend import check_lora_inputs, onnx_file
+from ortlora.runtime.data import encode_prefix
 from ortlora.runtime.frozen import map_frozen_weights
 from ortlora.runtime.providers import create_session
 from ortlora.runtime.tokenizer import Tokenizer
@@ -134,7 +135,12 @@ class Generator:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
         if not text:
             raise OrtloraError("the prompt is empty")
-        return self.tokenizer.encode(text)
+        # Tokenised a prefix at a time (data.encode_prefix): a prompt of megabytes costs what the context holds.
+        ids, _, more = encode_prefix(self.tokenizer, text, self.context)
+        if more:
+            raise OrtloraError(f"the prompt is more than {self.context:,} tokens, all the model takes "
+                               "(max_position_embeddings); shorten it to leave room for new tokens")
+        return ids
 
     def _empty_cache(self, batch: int) -> dict[str, np.ndarray]:
         return {i.name: np.zeros((batch, i.shape[1], 0, i.shape[3]), np.float32) for i in self.past}
