@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from ortlora.errors import OrtloraError
-from ortlora.ownership import named, seal, unproven
+from ortlora.ownership import FILES_RECORD, named, seal, unproven
 
 # Written into every export's output: what was exported, from what.
 EXPORT_MARKER = "ortlora-export.json"
@@ -57,12 +57,12 @@ def check_location(out: Path, reads: Iterable[Path] = ()) -> None:
             raise OrtloraError(f"{shown} would replace {source}, which this command reads; choose another --out")
 
 
-def check_output_dir(out: Path, *, flag: str, replace: bool, reads: Iterable[Path] = (), what: str = "ortlora",
-                     hint: str = "", proof: Callable[[Path], list[str]] = unproven) -> None:
+def check_output_dir(out: Path, *, flag: str, replace: bool, what: str, reads: Iterable[Path] = (), hint: str = "",
+                     proof: Callable[[Path], list[str]] | None = None) -> None:
     """Refuse, in one line, an output directory that ortlora may not write or replace.
 
     ``replace``: the user passed ``flag`` (--force, --overwrite). ``reads``: what the command reads.
-    ``proof``: the entries of the directory that ortlora cannot prove it wrote (ownership.py).
+    ``proof``: the entries of the directory that ``what`` cannot prove it wrote (default: ownership.unproven).
     """
     check_location(out, reads)
     if not out.is_dir() or not any(out.iterdir()):
@@ -73,10 +73,10 @@ def check_output_dir(out: Path, *, flag: str, replace: bool, reads: Iterable[Pat
                            "another --out")
 
 
-def check_owned(out: Path, what: str, proof: Callable[[Path], list[str]] = unproven) -> None:
-    """Refuse a directory holding anything that ortlora cannot prove it wrote; the message names no flag,
-    since none may replace it."""
-    strangers = proof(out)
+def check_owned(out: Path, what: str, proof: Callable[[Path], list[str]] | None = None) -> None:
+    """Refuse a directory holding anything that the command ``what`` cannot prove it wrote; the message names
+    no flag, since none may replace it."""
+    strangers = proof(out) if proof else unproven(out, what)
     if strangers:
         raise OrtloraError(f"{out} holds {named(strangers)}, which {what} did not write (or which changed "
                            "since); ortlora never removes them: choose an empty or new directory, or move them out")
@@ -149,16 +149,17 @@ def staging_dir(out: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def replace_dir(new: Path, final: Path, what: str = "ortlora") -> None:
-    """Record the finished directory ``new`` as ortlora's and move it to ``final``, replacing what is there
-    (only when all of it is proven ortlora's: checked again now, since the check before the work), by
-    renames only.
+def replace_dir(new: Path, final: Path, what: str) -> None:
+    """Record the finished directory ``new`` as written by the command ``what`` (unless it is recorded already)
+    and move it to ``final``, replacing what is there (only when all of it is proven that command's: checked
+    again now, since the check before the work), by renames only.
 
     The old directory is moved aside under a name that marks it stale (``.NAME.old-<pid>-...``) and
     removed after the new one is in place: a kill at any moment leaves a complete ``final`` (old or
     new), except between the two renames, where the old one survives beside it.
     """
-    seal(new)
+    if not (new / FILES_RECORD).is_file():
+        seal(new, what)
     if not final.exists():
         new.rename(final)
         return

@@ -3,8 +3,9 @@
 The rule every command holds: a file or directory is removed or replaced only when
 
 - its name is one that ortlora writes there,
-- a record that ortlora wrote lists it (``ortlora-files.json`` in a directory written whole: artifacts,
-  an export, a checkpoint; ``ortlora-run.json`` for a run directory's own files), and
+- a record that the same command wrote lists it (``ortlora-files.json`` in a directory written whole:
+  artifacts by ortlora-build, an export by ortlora-export, a checkpoint by ortlora-train; ``ortlora-run.json``
+  for a run directory's own files), and
 - its content checks out: the size and SHA-256 the record holds (for a file that grows, a log, those of
   its first bytes, and the rest in the log's own format).
 
@@ -92,8 +93,9 @@ def write_record(path: Path, record: dict) -> None:
     write_atomic(path, (json.dumps(signed(record), indent=2) + "\n").encode())
 
 
-def seal(directory: Path) -> None:
-    """Record every file under ``directory`` (a build, an export, a checkpoint, written whole) as ortlora's."""
+def seal(directory: Path, by: str) -> None:
+    """Record every file under ``directory`` (a build, an export, a checkpoint, written whole) as written ``by``
+    that command."""
     files, folders = {}, []
     for path in sorted(directory.rglob("*")):
         relative = path.relative_to(directory).as_posix()
@@ -103,7 +105,7 @@ def seal(directory: Path) -> None:
             folders.append(relative)
         elif path.is_file():
             files[relative] = describe(path)
-    write_record(directory / FILES_RECORD, {"ortlora": "files", "files": files, "folders": folders})
+    write_record(directory / FILES_RECORD, {"written_by": by, "files": files, "folders": folders})
 
 
 def matches(path: Path, accepted: list[dict], tail_ok: Callable[[bytes], bool] | None = None) -> bool:
@@ -132,11 +134,11 @@ def matches(path: Path, accepted: list[dict], tail_ok: Callable[[bytes], bool] |
     return False
 
 
-def unproven(directory: Path) -> list[str]:
-    """Entries of ``directory`` (written whole) that its ``ortlora-files.json`` does not prove ortlora's:
-    all of them when the record is missing or not ortlora's."""
+def unproven(directory: Path, by: str) -> list[str]:
+    """Entries of ``directory`` (written whole) that its ``ortlora-files.json`` does not prove written ``by`` that
+    command: all of them when the record is missing, not ortlora's, or another command's."""
     record = read_record(directory / FILES_RECORD)
-    files = record.get("files") if record else None
+    files = record.get("files") if record and record.get("written_by") == by else None
     if not isinstance(files, dict):
         return sorted(p.name for p in directory.iterdir())
     folders = {parent.as_posix() for name in files for parent in Path(name).parents} - {"."}

@@ -121,7 +121,7 @@ def export_diff(out: Path, ref: Path) -> tuple[float, bool]:
     names, ref_names = sorted(os.listdir(out)), sorted(os.listdir(ref))
     if names != ref_names:
         raise TrialFailed(f"incomplete export: {out} holds {names}, the reference {ref_names}")
-    if strangers := unproven(out):  # ortlora-files.json must prove every file, or a later --force refuses it
+    if strangers := unproven(out, "ortlora-export"):  # ortlora-files.json must prove every file, or a later --force refuses it
         raise TrialFailed(f"{out}: ortlora-files.json does not prove {strangers}", "incomplete")
     different = [n for n in names if (out / n).read_bytes() != (ref / n).read_bytes()]
     if [n for n in different if not n.endswith(".safetensors") and n != FILES_RECORD]:  # the record: their hashes

@@ -133,11 +133,11 @@ def test_a_kill_between_the_renames_of_a_replacement_loses_nothing(tmp_path):
     final = tmp_path / "out"
     final.mkdir()
     (final / "old.txt").write_text("old")
-    seal(final)  # ortlora's own output: replace_dir replaces nothing else
+    seal(final, "ortlora-export")  # the command's own output: replace_dir replaces nothing else
     new = tmp_path / "new"
     new.mkdir()
     (new / "new.txt").write_text("new")
-    replace_dir(new, final)
+    replace_dir(new, final, "ortlora-export")
     assert sorted(p.name for p in final.iterdir()) == ["new.txt", FILES_RECORD] and not list(tmp_path.glob(".out.old-*"))
     # Killed after moving the old output aside, before moving the new one in: the next start puts it back.
     aside = tmp_path / f".out.old-{dead_pid()}-xyz"

@@ -217,16 +217,16 @@ def test_records_are_checked_not_trusted(tmp_path):
     d = tmp_path / "d"
     planted(d, "a.bin", b"12345")
     planted(d, "sub/b.bin", b"678")
-    seal(d)
-    assert unproven(d) == []
+    seal(d, "ortlora-export")
+    assert unproven(d, "ortlora-export") == [] and unproven(d, "ortlora-build") == ["a.bin", FILES_RECORD, "sub"]
     record = json.loads((d / FILES_RECORD).read_text())
     assert read_record(d / FILES_RECORD) == record
     (d / FILES_RECORD).write_text(json.dumps({**record, "files": {**record["files"], "c": record["files"]["a.bin"]}}))
-    assert read_record(d / FILES_RECORD) is None and unproven(d) == ["a.bin", FILES_RECORD, "sub"]
+    assert read_record(d / FILES_RECORD) is None and unproven(d, "ortlora-export") == ["a.bin", FILES_RECORD, "sub"]
     (d / FILES_RECORD).write_text(json.dumps(signed(record)))
     planted(d, "a.bin", b"12346")  # same size, other content
     planted(d, "sub/c.bin")
-    assert unproven(d) == ["a.bin", "sub/c.bin"]
+    assert unproven(d, "ortlora-export") == ["a.bin", "sub/c.bin"]
 
 
 # -- a run that finishes, finishes: a kill after its last checkpoint is completed by --resume, once ------------
@@ -260,3 +260,23 @@ def test_a_kill_just_after_the_final_checkpoint_is_finished_by_resume_exactly_on
     assert train_cli.main(resume) == 0  # the end is done: it is not done again
     assert "nothing to do" in capsys.readouterr().out
     assert snapshot(out) == finished
+
+
+def test_one_commands_output_is_not_anothers_to_replace(tmp_path, capsys, artifacts, trained_adapter):
+    """A record names the command that wrote it: an export never replaces a build or a checkpoint, a build never an
+    export, though all of them are ortlora's."""
+    built, exported = tmp_path / "built", tmp_path / "exported"
+    shutil.copytree(artifacts, built)
+    assert export(artifacts, trained_adapter, exported) == 0
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(trained_adapter, checkpoint)
+    for out in (built, checkpoint):
+        before = snapshot(out)
+        assert export(artifacts, trained_adapter, out, "--force") == 2
+        assert "which ortlora-export did not write" in refused(capsys, 2, "--force")
+        assert snapshot(out) == before
+    for out in (exported, checkpoint):
+        before = snapshot(out)
+        assert build(out, "--force") == 2
+        assert "which ortlora-build did not write" in refused(capsys, 2, "--force")
+        assert snapshot(out) == before

@@ -31,7 +31,15 @@ from ortlora.manifest import Manifest
 from ortlora.output_dirs import fresh_dir, replace_dir
 from ortlora.ownership import seal
 from ortlora.runtime.optim import state_problems
-from ortlora.runtime.run_dir import BEST, TRAINER_STATE, best_checkpoint, latest_checkpoint, next_seq, record_latest
+from ortlora.runtime.run_dir import (
+    BEST,
+    TRAINER,
+    TRAINER_STATE,
+    best_checkpoint,
+    latest_checkpoint,
+    next_seq,
+    record_latest,
+)
 from ortlora.weights import header_problems, read_expected, read_tensors, stored_tensors
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -85,12 +93,12 @@ def save_checkpoint(
         save_file({k: np.ascontiguousarray(v) for k, v in optimizer_state.items()}, str(tmp / OPTIMIZER_STATE))
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(manifest, base_model), indent=2) + "\n")
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
-        seal(tmp)  # ortlora-files.json: what --keep-last and --overwrite may remove (ownership.py)
+        seal(tmp, TRAINER)  # ortlora-files.json: what --keep-last and --overwrite may remove (ownership.py)
         for file in tmp.iterdir():
             with file.open("rb") as f:
                 os.fsync(f.fileno())
         _fsync_dir(tmp)
-        replace_dir(tmp, final)  # an abandoned branch's checkpoint of the same step is replaced
+        replace_dir(tmp, final, TRAINER)  # an abandoned branch's checkpoint of the same step is replaced
         _fsync_dir(run_dir)
         record_latest(run_dir, final, seq)
     finally:

@@ -46,6 +46,7 @@ RUN_STATE = "ortlora-run.json"
 TRAINER_STATE = "trainer_state.json"  # a checkpoint's (checkpoint.py)
 LOCK_FILE = ".ortlora-run.lock"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+TRAINER = "ortlora-train"  # the writer of a run directory and its checkpoints, in their records
 LOG = "log.jsonl"
 # What ortlora-train writes into a run directory besides checkpoints, TensorBoard's files and its lock.
 RUN_FILES = ("config.json", LOG, "summary.json", "loss.png", RUN_STATE)
@@ -187,7 +188,7 @@ def unproven_in_run(run_dir: Path) -> list[str]:
             if not _is_lock_file(entry):
                 strangers.append(name)
         elif CHECKPOINT_RE.match(name) and entry.is_dir() and not entry.is_symlink():
-            strangers += [f"{name}/{inner}" for inner in unproven(entry)]
+            strangers += [f"{name}/{inner}" for inner in unproven(entry, TRAINER)]
         elif name == TENSORBOARD_DIR and entry.is_dir() and not entry.is_symlink():
             strangers += [f"{name}/{p.name}" for p in sorted(entry.iterdir()) if not _event_file_known(p, files)]
         elif not matches(entry, files.get(name, []), _log_tail if name == LOG else None):
@@ -266,7 +267,7 @@ def remove_checkpoint(checkpoint: Path) -> bool:
     leaves part of a checkpoint under a checkpoint's name."""
     if not checkpoint.is_dir():
         return True
-    if checkpoint.is_symlink() or unproven(checkpoint):
+    if checkpoint.is_symlink() or unproven(checkpoint, TRAINER):
         return False
     doomed = checkpoint.parent / f".{checkpoint.name}.tmp-removed-{os.getpid()}"
     os.replace(checkpoint, doomed)
@@ -284,7 +285,7 @@ def check_run_dir(out: Path, *, resuming_from: Path | None, overwrite: bool, rea
     if (out / LOCK_FILE).is_file() and _is_lock_file(out / LOCK_FILE):
         _lock(out).close()  # a run training there now: say so, whatever else the directory holds
     unfinished = out.is_dir() and read_record(out / RUN_STATE) is not None and latest_checkpoint(out) is None
-    check_output_dir(out, flag="--overwrite", replace=overwrite or same_run or unfinished, what="ortlora-train",
+    check_output_dir(out, flag="--overwrite", replace=overwrite or same_run or unfinished, what=TRAINER,
                      reads=[] if same_run else reads, hint=f"continue that run with --resume {out}, or ",
                      proof=unproven_in_run)
     return same_run, (overwrite or unfinished) and not same_run
