@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,12 @@ def _build(tmp_path_factory, tiny_model: Path, name: str, **options) -> Path:
 def artifacts(tmp_path_factory, tiny_model) -> Path:
     """The default build: r=8, alpha=16 on q_proj,v_proj."""
     return _build(tmp_path_factory, tiny_model, "default")
+
+
+@pytest.fixture
+def copy(artifacts, tmp_path) -> Path:
+    """A copy of the tiny artifacts that a test may damage."""
+    return Path(shutil.copytree(artifacts, tmp_path / "artifacts"))
 
 
 @pytest.fixture(scope="session")

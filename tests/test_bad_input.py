@@ -32,25 +32,11 @@ from ortlora.runtime.data import IGNORE_INDEX, encode_example, load_jsonl
 from ortlora.runtime.generate import Generator, Sampling
 from ortlora.runtime.optim import AdamW, AdamWConfig, state_problems
 from ortlora.runtime.tokenizer import Tokenizer
+from tests.cli_helpers import one_line
 
 QWEN25_TOKENIZER = Path(__file__).parents[1].parent / "shared" / "qwen2.5-tokenizer"
 FAST = ["--no-progress", "--no-plot", "--batch-size", "4", "--max-steps", "1"]
 needs_training_api = pytest.mark.skipif(not has_training_api(), reason="needs onnxruntime-training")
-
-
-def one_line(capsys, code: int, expected: int = 2) -> str:
-    """The single stderr line of a command that failed with ``expected``."""
-    err = capsys.readouterr().err
-    assert code == expected, err
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    assert "Traceback" not in err
-    return err
-
-
-@pytest.fixture
-def copy(artifacts, tmp_path) -> Path:
-    """A copy of the tiny artifacts that a test may damage."""
-    return Path(shutil.copytree(artifacts, tmp_path / "artifacts"))
 
 
 def train(artifacts: Path, tmp_path: Path, *extra: str) -> int:

@@ -33,24 +33,10 @@ from ortlora.runtime import generate_cli
 from ortlora.runtime.backend import has_training_api
 from ortlora.runtime.checkpoint import load_adapter, load_resume_state
 from ortlora.weights import f32_to_bf16, read_expected, write_safetensors
+from tests.cli_helpers import one_line
 
 FAST = ["--no-progress", "--no-plot", "--batch-size", "4", "--max-steps", "1"]
 needs_training_api = pytest.mark.skipif(not has_training_api(), reason="needs onnxruntime-training")
-
-
-def one_line(capsys, code: int, expected: int = 2) -> str:
-    """The single stderr line of a command that failed with ``expected``."""
-    err = capsys.readouterr().err
-    assert code == expected, err
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    assert "Traceback" not in err and "unexpected" not in err.split(":")[1], err
-    return err
-
-
-@pytest.fixture
-def copy(artifacts, tmp_path) -> Path:
-    """A copy of the tiny artifacts that a test may damage."""
-    return Path(shutil.copytree(artifacts, tmp_path / "artifacts"))
 
 
 @pytest.fixture

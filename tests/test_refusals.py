@@ -17,17 +17,10 @@ from ortlora.handoff import cli as export_cli
 from ortlora.runtime import cli as train_cli
 from ortlora.runtime import config as cfg
 from ortlora.runtime import generate_cli
+from tests.cli_helpers import one_line
 
 FAST = ["--no-progress", "--no-plot", "--batch-size", "4"]
 CPUS = os.cpu_count() or 1
-
-
-def one_line(capsys, code: int) -> str:
-    """The single stderr line of a command refused with exit code 2."""
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "unexpected" not in err, err
-    return err
 
 
 def train(*argv: str) -> int:
