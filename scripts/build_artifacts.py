@@ -3,7 +3,7 @@
 
 import sys
 
-from ortlora.build.cli import main
+from ortlora._entry import build  # Ctrl-C at any moment is one line, as with the console command
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(build())
