@@ -280,3 +280,26 @@ def test_one_commands_output_is_not_anothers_to_replace(tmp_path, capsys, artifa
         assert build(out, "--force") == 2
         assert "which ortlora-build did not write" in refused(capsys, 2, "--force")
         assert snapshot(out) == before
+
+
+def test_a_refused_starting_adapter_writes_nothing(tmp_path, capsys, artifacts, trained_adapter):
+    """The weights a run starts from (--init-adapter, or the checkpoint --resume continues) are checked before
+    the run directory is made or changed: a refusal leaves no record, log or lock behind, and a run's log as it was."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    other = tmp_path / "other"
+    shutil.copytree(trained_adapter, other)
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((3, 3), np.float32)},
+              str(other / "adapter_model.safetensors"))
+    out = tmp_path / "run"
+    assert train(artifacts, out, "--max-steps", "1", "--init-adapter", str(other)) == 2
+    assert "does not match the artifacts" in capsys.readouterr().err and not out.exists()
+
+    run = tmp_path / "resumed"
+    assert train(artifacts, run, "--max-steps", "2", "--save-every", "1") == 0
+    shutil.copy(other / "adapter_model.safetensors", run / "checkpoint-1" / "adapter_model.safetensors")
+    capsys.readouterr()
+    assert train_cli.main(["--resume", str(run / "checkpoint-1"), "--out", str(tmp_path / "new"), *FAST,
+                           "--max-steps", "3"]) == 2
+    assert "does not match the artifacts" in capsys.readouterr().err and not (tmp_path / "new").exists()

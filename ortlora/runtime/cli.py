@@ -203,13 +203,16 @@ def main(argv: list[str] | None = None) -> int:
             c.early_stop_patience)):
         return finish_ended_run(run_path, c, resume_from, state, same_run, done, total)
 
+    # The starting weights are read and checked before the run directory is touched: a refusal writes nothing.
+    start = resume_from or (find_checkpoint(Path(c.init_adapter)) if c.init_adapter else None)
+    initial = load_adapter(start, manifest) if start else None
     remove_stale_temp(PROFILE_TEMP)
     backend = make_backend(c, artifacts, manifest)  # before the run directory: a provider's refusal writes nothing
     run = RunDir(run_path)  # locked until the process ends
     try:
         messages += run.begin(start_over=start_over, resume_from=resume_from, step=done)
         return train_in(run_path, c, artifacts, manifest, base_model, backend, tokenizer, train, evaluation, messages,
-                        resume_from)
+                        resume_from, initial)
     finally:
         run.close()
         if hasattr(backend[1], "close"):  # Ray's workers
@@ -217,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train_in(run_dir: Path, c: cfg.TrainConfig, artifacts: Path, manifest: Manifest, base_model: str, backend: tuple,
-             tokenizer: Tokenizer, train: list, evaluation: list, messages: list[str], resume_from: Path | None) -> int:
+             tokenizer: Tokenizer, train: list, evaluation: list, messages: list[str], resume_from: Path | None,
+             initial: dict | None) -> int:
     backend_name, backend = backend
     c.out = str(run_dir)
     log = JsonlLog(run_dir / LOG)  # made (empty, or cut back to the checkpoint resumed) by RunDir.begin
@@ -225,10 +229,10 @@ def train_in(run_dir: Path, c: cfg.TrainConfig, artifacts: Path, manifest: Manif
     if hasattr(backend, "on_message"):  # Ray's workers: a lost one is replaced, which the log says
         backend.on_message = trainer.note
     if c.init_adapter and not resume_from:
-        backend.set_weights(load_adapter(find_checkpoint(Path(c.init_adapter)), manifest))
+        backend.set_weights(initial)
         messages.append(f"initialised LoRA weights from {c.init_adapter}")
     if resume_from:
-        messages += trainer.restore(resume_from)
+        messages += trainer.restore(resume_from, initial)
         messages.append(f"resumed from {resume_from} at step {trainer.position.step}")
     write_owned(run_dir, "config.json", json_bytes(c.with_absolute_paths().to_dict()))
 

@@ -160,10 +160,10 @@ class Trainer:
         self.summary: dict | None = None  # the run's end, kept in its last checkpoint for a resume to finish it
 
     # -- state ---------------------------------------------------------------------------------
-    def restore(self, directory: Path) -> list[str]:
-        """Continue from a checkpoint: weights, AdamW moments, schedule and data position, the best eval,
-        patience and --keep-last's list. Returns lines that tell the user what changed."""
-        weights = ckpt.load_adapter(directory, self.manifest)
+    def restore(self, directory: Path, weights: dict[str, np.ndarray] | None = None) -> list[str]:
+        """Continue from a checkpoint: weights (``weights``, when read already), AdamW moments, schedule and data
+        position, the best eval, patience and --keep-last's list. Returns lines that tell the user what changed."""
+        weights = ckpt.load_adapter(directory, self.manifest) if weights is None else weights
         optimizer_state, state = ckpt.load_resume_state(directory, self.manifest)
         self.backend.set_weights(weights)
         self.optimizer.load_state_dict(optimizer_state)
