@@ -65,6 +65,8 @@ def test_merged_model_equals_peft_merge_and_unload(artifacts, trained, tmp_path)
     base = AutoModelForCausalLM.from_pretrained(artifacts / "base_model", dtype=torch.float32).eval()
     assert rel_err(logits_of(base, batch)[valid], reference[valid]) > 1e-3  # the adapter does change the model
     assert AutoTokenizer.from_pretrained(tmp_path / "merged")("hello")["input_ids"]
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())  # where other converters look too
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == merged.config.rope_parameters["rope_theta"]
 
     # Sharded: the same weights over several files and an index that transformers follows.
     assert export(artifacts, trained, "--to", "merged", "--out", str(tmp_path / "sharded"), "--max-shard-size", "100KB") == 0

@@ -90,7 +90,7 @@ def test_llama_cpp_base_plus_adapter_equals_the_merged_model(variant, artifacts,
     else:
         arts = pattern_artifacts
         adapter = random_adapter(arts, tmp_path / "peft", seed=2)
-    f32 = export(arts, adapter, "gguf", tmp_path / "gguf32", "--with-base")
+    f32 = export(arts, adapter, "gguf", tmp_path / "gguf32", "--with-base", "--gguf-type", "f32")
     f16 = export(arts, adapter, "gguf", tmp_path / "gguf16", "--with-base", "--gguf-type", "f16")
     merged = export(arts, adapter, "merged", tmp_path / "merged")
     expected, tokens = merged_logits(merged), greedy(merged, PROMPT, NEW_TOKENS)
@@ -105,6 +105,17 @@ def test_llama_cpp_base_plus_adapter_equals_the_merged_model(variant, artifacts,
     ranks = {t.name: int(t.shape[0]) for t in reader.tensors if t.name.endswith(".lora_b")}  # ne = [r, out]
     if variant == "patterns":  # llama.cpp reads each module's rank from its lora_b
         assert ranks["blk.0.attn_v.weight.lora_b"] == 4 and ranks["blk.0.attn_q.weight.lora_b"] == 8
+
+
+def test_with_base_writes_an_f16_base_unless_f32_is_asked_for(artifacts, trained_adapter, tmp_path):
+    """--with-base's help: base.gguf is f16, or f32 with --gguf-type f32 (the adapter alone defaults to f32)."""
+    def matrix_types(out: Path, name: str) -> set[str]:
+        return {t.tensor_type.name for t in gguf.GGUFReader(out / name).tensors if len(t.shape) == 2}
+
+    default = export(artifacts, trained_adapter, "gguf", tmp_path / "default", "--with-base")
+    f32 = export(artifacts, trained_adapter, "gguf", tmp_path / "f32", "--with-base", "--gguf-type", "f32")
+    assert matrix_types(default, "base.gguf") == {"F16"} and matrix_types(default, "adapter.gguf") == {"F32"}
+    assert matrix_types(f32, "base.gguf") == {"F32"} and matrix_types(f32, "adapter.gguf") == {"F32"}
 
 
 @needs("llama")

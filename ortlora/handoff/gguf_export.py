@@ -71,6 +71,8 @@ def refusal(manifest: Manifest) -> str | None:
 def check_exportable(args: argparse.Namespace, manifest: Manifest) -> None:
     """Refuse before anything is written: the gguf package missing, a --gguf-type the target has not, DoRA."""
     _gguf()
+    # base.gguf is f16 unless --gguf-type f32 is asked for by name (the adapter's own default is f32)
+    args.base_gguf_type = "f32" if args.gguf_type == "f32" else "f16"
     args.gguf_type = check_type(args.to, args.gguf_type)
     if args.with_base and args.to != "gguf":
         raise OrtloraError("--with-base goes with --to gguf (--to gguf-merged writes the whole model)")
@@ -85,8 +87,7 @@ def export(args: argparse.Namespace, manifest: Manifest, weights: dict[str, np.n
         summary = write_adapter(manifest, weights, out / ADAPTER_FILE, args.gguf_type)
         if args.with_base:
             base = base_model_dir(args.artifacts, manifest, args.base)
-            dtype = "f32" if args.gguf_type == "f32" else "f16"
-            summary += "; base " + write_model(base, args.artifacts, out / BASE_FILE, dtype, base.name)
+            summary += "; base " + write_model(base, args.artifacts, out / BASE_FILE, args.base_gguf_type, base.name)
         return summary
     base = base_model_dir(args.artifacts, manifest, args.base)
     merged = out / ".merged"  # the merged Hugging Face model first: one merge (DoRA and patterns included)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ortlora.errors import OrtloraError
+from ortlora.files import read_json
 from ortlora.lora_config import module_scaling
 from ortlora.manifest import Manifest
 from ortlora.weights import (
@@ -100,6 +101,19 @@ def write_merged(base: Path, manifest: Manifest, weights: dict[str, np.ndarray],
     for name in MODEL_FILES:
         if (base / name).is_file():
             shutil.copy2(base / name, out / name)
+    _rope_theta_at_top(out / "config.json")
     for name in manifest.files["tokenizer"]:
         shutil.copy2(tokenizer_dir / name, out / name)
     return names
+
+
+def _rope_theta_at_top(path: Path) -> None:
+    """transformers 5 writes rope_theta inside rope_parameters only; mlx-lm's and llama.cpp's converters (and
+    transformers 4) read it at the top level: the merged model's config.json carries it in both places."""
+    if not path.is_file():
+        return
+    config = read_json(path)
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in config:
+        config["rope_theta"] = rope["rope_theta"]
+        path.write_text(json.dumps(config, indent=2) + "\n")
