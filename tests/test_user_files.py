@@ -303,3 +303,17 @@ def test_a_refused_starting_adapter_writes_nothing(tmp_path, capsys, artifacts, 
     assert train_cli.main(["--resume", str(run / "checkpoint-1"), "--out", str(tmp_path / "new"), *FAST,
                            "--max-steps", "3"]) == 2
     assert "does not match the artifacts" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+def test_a_file_replaced_while_the_run_goes_on_is_not_overwritten(tmp_path, capsys, artifacts, monkeypatch):
+    out = tmp_path / "run"
+    finish = train_cli.finish
+
+    def user_writes_then_finish(run_dir, c, summary):  # the user's summary.json lands before the run's end
+        planted(run_dir, "summary.json", b"the user's own notes")
+        finish(run_dir, c, summary)
+
+    monkeypatch.setattr(train_cli, "finish", user_writes_then_finish)
+    assert train(artifacts, out, "--max-steps", "1") == 2
+    assert "summary.json is not the one ortlora-train wrote" in capsys.readouterr().err
+    assert (out / "summary.json").read_bytes() == b"the user's own notes"

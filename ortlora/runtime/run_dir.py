@@ -138,6 +138,11 @@ def write_owned(run_dir: Path, name: str, data: bytes, grows: bool = False) -> N
     """Write one of the run's own files atomically, with the record proving it at every moment: listed with
     the old and the new content while the file is replaced, then with the new one alone."""
     record, new = _load(run_dir), {**describe_bytes(data), **({"grows": True} if grows else {})}
+    path = run_dir / name
+    if (path.exists() or path.is_symlink()) and not matches(path, record["files"].get(name, []),
+                                                            _log_tail if name == LOG else None):
+        raise OrtloraError(f"{path} is not the one ortlora-train wrote (it changed, or came in while the run went "
+                           "on); it was left as it is: move it out of the run directory")
     record["files"][name] = [*record["files"].get(name, []), new]
     _save(run_dir, record)
     write_atomic(run_dir / name, data)
