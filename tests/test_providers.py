@@ -38,7 +38,7 @@ def test_a_provider_that_cannot_run_the_graph_stops_the_run_in_one_line(artifact
 def test_the_cpu_takes_over_only_when_allowed_and_the_header_says_so(artifacts, tmp_path, capsys, phantom_openvino):
     assert run(artifacts, tmp_path / "run", "--allow-fallback") == 0
     out = capsys.readouterr().out
-    assert "backend ort-session on cpu," in out
+    assert "backend ort-session on cpu in fp32," in out
     assert "openvino cannot run the training graph; the CPU provider runs it (--allow-fallback)" in out
 
 

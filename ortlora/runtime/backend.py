@@ -19,6 +19,7 @@ from ortlora.errors import REBUILD, OrtloraError, listing
 from ortlora.manifest import Manifest
 from ortlora.onnx_files import check_external_data
 from ortlora.runtime.frozen import map_frozen_weights, share_with
+from ortlora.runtime.precision import Precision, apply_precision
 from ortlora.runtime.providers import check_provider
 from ortlora.weights import shape_problems
 
@@ -103,7 +104,8 @@ class OrtTrainingBackend:
     Uses the compiled bindings directly: ``onnxruntime.training.api`` imports torch, this does not.
     """
 
-    def __init__(self, artifacts: Path, manifest: Manifest, ep: str = "cpu", threads: int | None = None):
+    def __init__(self, artifacts: Path, manifest: Manifest, ep: str = "cpu", threads: int | None = None,
+                 precision: Precision = Precision()):
         from onnxruntime.capi import _pybind_state as C
         from onnxruntime.capi.onnxruntime_inference_collection import OrtValue
 
@@ -123,6 +125,8 @@ class OrtTrainingBackend:
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
+        self.precision = precision
+        apply_precision(options, precision)
         # The training and eval sessions share one mapping of the frozen weights (runtime/frozen.py).
         self._frozen = share_with(options, map_frozen_weights(artifacts, manifest))
         device_type = C.OrtDevice.cuda() if ep == "cuda" else C.OrtDevice.cpu()

@@ -20,6 +20,7 @@ from ortlora.output_dirs import remove_stale_temp
 from ortlora.runtime import config as cfg
 from ortlora.runtime.checkpoint import TRAINER_STATE, find_checkpoint, load_adapter, load_resume_state
 from ortlora.runtime.data import load_jsonl, pack
+from ortlora.runtime.precision import resolve as resolve_precision
 from ortlora.runtime.providers import PROVIDERS, short_name
 from ortlora.runtime.report import JsonlLog, ProgressBar, TensorBoardLog, format_step, plot_losses, tensorboard_writer
 from ortlora.runtime.run_dir import (
@@ -110,19 +111,22 @@ def make_backend(c: cfg.TrainConfig, artifacts: Path, manifest: Manifest):
     provider, the portable training graph otherwise. Returns its name and the backend."""
     from ortlora.runtime.backend import OrtTrainingBackend, has_training_api
 
+    precision = resolve_precision(c.precision, c.ep)
     if c.workers > 1 or c.ray_address:
         from ortlora.runtime.distributed import RayBackend
 
         backend = RayBackend(c, artifacts)
+        backend.precision = precision  # each worker resolves the same on its machine
         return f"{backend.worker_backend} on {c.workers} Ray worker{'s' if c.workers > 1 else ''}", backend
     name = c.backend
     if name == "auto":
         name = "ort-training" if c.ep in ("cpu", "cuda") and has_training_api() else "ort-session"
     if name == "ort-training":
-        return name, OrtTrainingBackend(artifacts, manifest, ep=c.ep, threads=c.threads)
+        return name, OrtTrainingBackend(artifacts, manifest, ep=c.ep, threads=c.threads, precision=precision)
     from ortlora.runtime.session_backend import OrtSessionBackend
 
-    return name, OrtSessionBackend(artifacts, manifest, ep=c.ep, threads=c.threads, allow_fallback=c.allow_fallback)
+    return name, OrtSessionBackend(artifacts, manifest, ep=c.ep, threads=c.threads, allow_fallback=c.allow_fallback,
+                                   precision=precision)
 
 
 def load_data(c: cfg.TrainConfig, tokenizer: Tokenizer) -> tuple[list, list, list[str]]:
@@ -249,11 +253,15 @@ def train_in(run_dir: Path, c: cfg.TrainConfig, artifacts: Path, manifest: Manif
         every = max(1, trainer.total_steps // 20)
         trainer.callbacks.append(lambda r: print(format_step(r), flush=True)
                                  if r["kind"] == "train" and (r["step"] % every == 0 or r["step"] == r["total_steps"]) else None)
+    precision = trainer.precision = backend.precision
+    if c.precision != "fp32":
+        messages.append(precision.describe())
     running = " + ".join(short_name(p) for p in getattr(backend, "providers", [PROVIDERS[c.ep]]))
     if PROVIDERS[c.ep] not in getattr(backend, "providers", [PROVIDERS[c.ep]]):
         messages.append(f"{c.ep} cannot run the training graph; the CPU provider runs it (--allow-fallback)")
     print(f"  {manifest.counts['trainable']:,} LoRA parameters, {trainer.total_steps} steps "
-          f"({trainer.steps_per_epoch} per epoch), backend {backend_name} on {running}, run {run_dir}")
+          f"({trainer.steps_per_epoch} per epoch), backend {backend_name} on {running} in {precision.runs}, "
+          f"run {run_dir}")
     for line in messages:
         print("  " + line)
     try:

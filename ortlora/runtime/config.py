@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
 from ortlora.errors import OrtloraError
+from ortlora.runtime.precision import PRECISIONS
 from ortlora.runtime.providers import PROVIDERS
 
 BACKENDS = ("auto", "ort-training", "ort-session")
@@ -63,6 +64,10 @@ class TrainConfig:
     ep: str = _f("cpu", "execution provider (the CPU provider runs what an accelerator does not take)", choices=EPS)
     allow_fallback: bool = _f(False, "when --ep's provider cannot run the training graph, train on the CPU provider "
                               "instead of stopping")
+    precision: str = _f("fp32", "bf16: the frozen model's matrix products in bf16 with fp32 accumulation where --ep "
+                        "and the CPU have them (OpenVINO on a CPU with AVX512_BF16 or AMX; the CPU provider on Arm64 "
+                        "with BF16); elsewhere the run says why and trains in fp32. LoRA weights, AdamW and the loss "
+                        "stay fp32", choices=PRECISIONS)
     threads: int | None = _f(None, "intra-op threads (default: ONNX Runtime's choice, all cores)", valid=POSITIVE)
     epochs: int = _f(1, "passes over the training data (ignored when --max-steps is set)", valid=POSITIVE)
     max_steps: int | None = _f(None, "optimizer steps to train; overrides --epochs", valid=POSITIVE)

@@ -61,12 +61,13 @@ def check_provider(ep: str) -> str:
     return PROVIDERS[ep]
 
 
-def session_providers(ep: str, threads: int = 0) -> tuple[list[str], list[dict]]:
-    """Providers and their options for an InferenceSession on --ep: the accelerator, then the CPU."""
+def session_providers(ep: str, threads: int = 0, extra: dict | None = None) -> tuple[list[str], list[dict]]:
+    """Providers and their options for an InferenceSession on --ep: the accelerator, then the CPU. ``extra``:
+    options of the accelerator's on top of ours (precision.py's)."""
     provider = check_provider(ep)
     if provider == CPU:
         return [CPU], [{}]
-    options = dict(PROVIDER_OPTIONS.get(ep, {}))
+    options = {**PROVIDER_OPTIONS.get(ep, {}), **(extra or {})}
     if threads > 0 and ep in THREADS_OPTION:
         options[THREADS_OPTION[ep]] = str(threads)
     return [provider, CPU], [options, {}]
@@ -100,11 +101,12 @@ def refused_node(message: str) -> tuple[str, str]:
     return " ".join(match.groups()), reason[:200]
 
 
-def create_session(path: Path, options, ep: str, allow_fallback: bool = False):
+def create_session(path: Path, options, ep: str, allow_fallback: bool = False, provider_options: dict | None = None):
     """An InferenceSession of ``path`` on --ep, the CPU provider behind it for what it does not take.
 
     A provider that refuses the graph is one line naming it and the node it refused, unless
     ``allow_fallback``: then the session runs on the CPU provider, and ``get_providers()`` says so.
+    ``provider_options``: the accelerator's options on top of ours.
     """
     import onnxruntime
 
@@ -114,7 +116,7 @@ def create_session(path: Path, options, ep: str, allow_fallback: bool = False):
     # users: what fails comes back as an exception, said here in one line.
     onnxruntime.set_default_logger_severity(4)
     options.log_severity_level = 4
-    providers, provider_options = session_providers(ep, options.intra_op_num_threads)
+    providers, provider_options = session_providers(ep, options.intra_op_num_threads, provider_options)
     session_class = _strict_session_class()
     if providers == [CPU]:
         with loading(path):

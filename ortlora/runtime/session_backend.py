@@ -21,13 +21,14 @@ from ortlora.errors import REBUILD, OrtloraError, listing
 from ortlora.manifest import Manifest
 from ortlora.runtime.backend import Batch, check_lora_inputs, onnx_file
 from ortlora.runtime.frozen import map_frozen_weights, share_with
+from ortlora.runtime.precision import Precision, apply_precision
 from ortlora.runtime.providers import create_session
 from ortlora.weights import read_expected
 
 
 class OrtSessionBackend:
     def __init__(self, artifacts: Path, manifest: Manifest, ep: str = "cpu", threads: int | None = None,
-                 allow_fallback: bool = False):
+                 allow_fallback: bool = False, precision: Precision = Precision()):
         import onnxruntime as ort
 
         files = manifest.files
@@ -35,7 +36,7 @@ class OrtSessionBackend:
             raise OrtloraError(f"{artifacts} has no portable training graph (it was built by an older ortlora); "
                                f"rebuild it with ortlora-build")
         self._ort, self._artifacts, self._files, self._manifest = ort, artifacts, files, manifest
-        self._ep, self._allow_fallback, self._threads = ep, allow_fallback, threads
+        self._ep, self._allow_fallback, self._threads, self.precision = ep, allow_fallback, threads, precision
         self.names = [p.onnx_name for p in manifest.parameters]
         self._weights = _initial_weights(artifacts / files["initial_lora"], manifest)
         self._grads = {n: np.zeros_like(w) for n, w in self._weights.items()}
@@ -68,11 +69,12 @@ class OrtSessionBackend:
         options.enable_mem_pattern = False
         if self._threads:
             options.intra_op_num_threads = self._threads
+        apply_precision(options, self.precision)
         if profile:  # the first step's profile tells which provider ran each node
             options.enable_profiling = True
             options.profile_file_prefix = os.path.join(tempfile.gettempdir(), f"ortlora-profile-{os.getpid()}")
         path = onnx_file(self._artifacts, file_name)
-        session = create_session(path, options, self._ep, self._allow_fallback)
+        session = create_session(path, options, self._ep, self._allow_fallback, self.precision.provider_options)
         check_lora_inputs(session, self._manifest, path)  # every LoRA weight is fed to it, by name and shape
         return session
 

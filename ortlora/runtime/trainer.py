@@ -25,6 +25,7 @@ from ortlora.runtime.backend import TrainingBackend
 from ortlora.runtime.config import TrainConfig
 from ortlora.runtime.data import Example, batches_in_epoch, collate, trained_tokens
 from ortlora.runtime.optim import AdamW, AdamWConfig
+from ortlora.runtime.precision import Precision
 from ortlora.runtime.report import peak_rss_mb
 from ortlora.runtime.run_dir import remove_checkpoint
 from ortlora.runtime.schedules import Schedule
@@ -158,6 +159,7 @@ class Trainer:
         self.run = RunState()
         self.stop_reason: str | None = None  # why training ended before its last step (early stopping)
         self.summary: dict | None = None  # the run's end, kept in its last checkpoint for a resume to finish it
+        self.precision = Precision()  # what the backend computes in (precision.py), recorded in each checkpoint
 
     # -- state ---------------------------------------------------------------------------------
     def restore(self, directory: Path, weights: dict[str, np.ndarray] | None = None) -> list[str]:
@@ -196,7 +198,7 @@ class Trainer:
         state = {"position": vars(s.position), "config": self.config.with_absolute_paths().to_dict(),
                  "skipped_steps": self.skipped_steps, **vars(self.run),
                  **({"summary": self.summary} if self.summary is not None else {})}
-        metadata = {"epoch": s.position.epoch, "loss": s.loss, "lr": lr}
+        metadata = {"epoch": s.position.epoch, "loss": s.loss, "lr": lr, "precision": self.precision.runs}
         path = ckpt.save_checkpoint(self.run_dir, s.position.step, self.manifest, self.base_model,
                                     s.weights, s.optimizer, state, metadata)
         self._saved[s.position.step] = path
@@ -355,6 +357,8 @@ class Trainer:
             "stopped_early": self.stop_reason is not None,
             "stop_reason": self.stop_reason,
             "run_trained_tokens": self.run.trained_tokens,
+            "precision": self.precision.runs,
+            "precision_route": self.precision.how,
         }
         saved = self.save()  # holds the summary: a resume after a kill from here on finishes the run's end
         return {**self.summary, "checkpoint": str(saved),
