@@ -11,7 +11,10 @@ optionally under another interpreter with --plain-python, e.g. the newest plain 
 torch (PyTorch + PEFT in eager mode, the same base weights, LoRA settings and thread count). A step
 is what the trainer does: forward, backward and an AdamW update of the LoRA weights. torch-gc is torch with
 gradient checkpointing (``gradient_checkpointing_enable()``: each layer recomputed in the backward pass),
-what PyTorch users turn on for large batches; it runs when asked (--systems). Printed: median
+what PyTorch users turn on for large batches; torch-bf16 is torch under bf16 autocast, the one switch PyTorch
+users turn on for bf16 hardware; ov-fp32 and ov-bf16 are ort-session on OpenVINO's provider (onnxruntime-openvino,
+in its own environment: --ov-python, default .venv-ov) in fp32 and with ``--precision bf16``'s route. Those
+run when asked (--systems). Printed: median
 step time after warm-up, trained tokens/s, peak resident memory, load time, and the ratio to torch;
 with --build, first the time and peak memory of building the artifacts (ortlora-build, once per model).
 --shape NAME does all of it for a published shape: it writes a random model laid out as the published
@@ -36,7 +39,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SYSTEMS = ("ort-training", "ort-session", "torch", "torch-gc")  # torch-gc: with gradient checkpointing
+# torch-gc: with gradient checkpointing; torch-bf16: under torch.autocast("cpu", torch.bfloat16); ov-fp32 / ov-bf16:
+# the portable graph on OpenVINO's provider (--ov-python), in fp32 or with --precision bf16's route
+SYSTEMS = ("ort-training", "ort-session", "torch", "torch-gc", "torch-bf16", "ov-fp32", "ov-bf16")
 
 
 def make_batches(vocab: int, batch: int, seq: int, data: str, count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
@@ -127,10 +132,17 @@ def run_ort(system: str, args) -> dict:
     artifacts = Path(args.artifacts)
     start = time.perf_counter()
     manifest = Manifest.load(artifacts)
+    precision = None
     if system == "ort-training":
         from ortlora.runtime.backend import OrtTrainingBackend
 
         backend = OrtTrainingBackend(artifacts, manifest, threads=args.threads)
+    elif system.startswith("ov-"):
+        from ortlora.runtime.precision import resolve
+        from ortlora.runtime.session_backend import OrtSessionBackend
+
+        precision = resolve(system[3:], "openvino")  # bf16 only where this CPU has it: the result says which ran
+        backend = OrtSessionBackend(artifacts, manifest, ep="openvino", threads=args.threads, precision=precision)
     else:
         from ortlora.runtime.session_backend import OrtSessionBackend
 
@@ -148,8 +160,9 @@ def run_ort(system: str, args) -> dict:
         times.append(time.perf_counter() - t0)
     import onnxruntime
 
+    version = f"onnxruntime {onnxruntime.__version__}" + (f", {precision.runs}" if precision else "")
     return {"load_s": load, "step_s": times[args.warmup:], "loss": loss, "peak_rss_mb": peak_rss_mb(),
-            "version": f"onnxruntime {onnxruntime.__version__}", "nodes": getattr(backend, "placement", None)}
+            "version": version, "nodes": getattr(backend, "placement", None)}
 
 
 def run_torch(args) -> dict:
@@ -177,14 +190,15 @@ def run_torch(args) -> dict:
     for batch in make_batches(vocab_size(Path(args.artifacts)), args.batch, args.seq, args.data, args.warmup + args.steps):
         ids, mask, labels = (torch.from_numpy(batch[k]) for k in ("input_ids", "attention_mask", "labels"))
         t0 = time.perf_counter()
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.worker == "torch-bf16"):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
     return {"load_s": load, "step_s": times[args.warmup:], "loss": float(loss), "peak_rss_mb": peak_rss_mb(),
-            "version": f"torch {torch.__version__}"}
+            "version": f"torch {torch.__version__}" + (", bf16 autocast" if args.worker == "torch-bf16" else "")}
 
 
 # -- the driver ------------------------------------------------------------------------------------
@@ -236,6 +250,8 @@ def run_build(args) -> dict:
 
 def measure(system: str, args) -> dict:
     python = args.plain_python if system == "ort-session" and args.plain_python else sys.executable
+    if system.startswith("ov-"):
+        python = args.ov_python
     command = [python, __file__, "--worker", system, "--artifacts", args.artifacts, "--batch", str(args.batch),
                "--seq", str(args.seq), "--data", args.data, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     if args.threads:
@@ -265,6 +281,8 @@ def main(argv=None) -> int:
                              "(shared machines are noisy: a neighbour's load only ever slows a round down)")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads for every system (default: all cores)")
     parser.add_argument("--plain-python", default=None, help="interpreter that runs ort-session (e.g. .venv-ort/bin/python)")
+    parser.add_argument("--ov-python", default=str(ROOT / ".venv-ov" / "bin" / "python"),
+                        help="interpreter with onnxruntime-openvino that runs ov-fp32 and ov-bf16 (default: .venv-ov's)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--build", metavar="MODEL", default=None,
                         help="first build --artifacts from this model directory ('tiny': the built-in model), timed")
