@@ -24,14 +24,20 @@ from tests.test_build import make_batch
 from tests.test_portable import TOL, train
 
 
+def one_case(manifest: Manifest, path) -> tuple[dict, dict]:
+    """Random LoRA weights and a batch with masked labels, also saved to ``path`` (w:NAME, b:NAME) for the
+    environment a test runs code in."""
+    weights, batch = random_weights(manifest, seed=3), make_batch(512, "ignored", seed=6)
+    np.savez(path, **{f"w:{k}": v for k, v in weights.items()}, **{f"b:{k}": v for k, v in batch.items()})
+    return weights, batch
+
+
 @needs("openvino")
 @pytest.mark.parametrize("fixture", ["artifacts", "artifacts_all_linear", "artifacts_untied"])
 def test_openvino_gives_the_cpu_providers_loss_and_gradients(fixture, request, tmp_path):
     directory = request.getfixturevalue(fixture)
     manifest = Manifest.load(directory)
-    weights = random_weights(manifest, seed=3)
-    batch = make_batch(512, "ignored", seed=6)
-    np.savez(tmp_path / "in.npz", **{f"w:{k}": v for k, v in weights.items()}, **{f"b:{k}": v for k, v in batch.items()})
+    weights, batch = one_case(manifest, tmp_path / "in.npz")
     report = run_in("openvino", f"""
         import json, numpy as np, onnxruntime
         from pathlib import Path

@@ -15,8 +15,8 @@ from ortlora.runtime import precision as precision_module
 from ortlora.runtime import session_backend
 from ortlora.runtime.precision import ARM64_FASTMATH, OPENVINO_BF16, resolve
 from tests.environments import needs, run_in
-from tests.reference import loss_and_grads, peft_model, random_weights, rel_err
-from tests.test_build import make_batch
+from tests.reference import loss_and_grads, peft_model, rel_err
+from tests.test_openvino import one_case
 
 FAST = ["--no-progress", "--no-plot", "--batch-size", "4", "--max-steps", "1"]
 
@@ -104,10 +104,7 @@ def test_openvino_bf16_against_pytorchs_autocast(fixture, request, tmp_path):
     error (one tensor of the default model) nor for the label-smoothed loss. OpenVINO rounds what autocast keeps
     in fp32 (norms, softmax, the loss's reductions) to bf16 too. The bounds below guard those figures."""
     directory = request.getfixturevalue(fixture)
-    manifest = Manifest.load(directory)
-    weights = random_weights(manifest, seed=3)
-    batch = make_batch(512, "ignored", seed=6)
-    np.savez(tmp_path / "in.npz", **{f"w:{k}": v for k, v in weights.items()}, **{f"b:{k}": v for k, v in batch.items()})
+    weights, batch = one_case(Manifest.load(directory), tmp_path / "in.npz")
     report = run_in("openvino", f"""
         import json, numpy as np
         from pathlib import Path
