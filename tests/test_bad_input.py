@@ -20,6 +20,7 @@ from safetensors.numpy import load_file, save_file
 
 from ortlora.build import cli as build_cli
 from ortlora.build.model_dir import REQUIRED_SIZES
+from ortlora.build.tiny import QWEN25_TOKENIZER_DIR
 from ortlora.errors import OrtloraError
 from ortlora.handoff import cli as export_cli
 from ortlora.manifest import Manifest
@@ -34,7 +35,6 @@ from ortlora.runtime.optim import AdamW, AdamWConfig, state_problems
 from ortlora.runtime.tokenizer import Tokenizer
 from tests.cli_helpers import one_line
 
-QWEN25_TOKENIZER = Path(__file__).parents[1].parent / "shared" / "qwen2.5-tokenizer"
 FAST = ["--no-progress", "--no-plot", "--batch-size", "4", "--max-steps", "1"]
 needs_training_api = pytest.mark.skipif(not has_training_api(), reason="needs onnxruntime-training")
 
@@ -84,12 +84,11 @@ def test_a_file_that_is_one_json_array_says_json_lines(artifacts, tmp_path, caps
     assert "d.json:1: not valid JSON" in err and "expected JSON Lines, one object per line" in err
 
 
-@pytest.mark.skipif(not QWEN25_TOKENIZER.is_dir(), reason="needs /work/shared/qwen2.5-tokenizer")
 def test_a_conversation_opening_with_the_assistant_trains_that_turn_with_qwen25s_template(tmp_path):
     """Qwen2.5's template reads messages[0], so the prompt before a first assistant turn cannot be rendered."""
     from transformers import AutoTokenizer
 
-    tokenizer = Tokenizer(QWEN25_TOKENIZER)
+    tokenizer = Tokenizer(QWEN25_TOKENIZER_DIR)
     messages = [{"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "Name a colour."},
                 {"role": "assistant", "content": "Blue."}]
     data = tmp_path / "chat.jsonl"
@@ -98,7 +97,7 @@ def test_a_conversation_opening_with_the_assistant_trains_that_turn_with_qwen25s
     trained = tokenizer.decode(example.labels[example.labels != IGNORE_INDEX], skip_special_tokens=False)
     assert trained == "Hello! How can I help?<|im_end|>\nBlue.<|im_end|>\n" and not report.skipped
     full = tokenizer.decode(np.append(example.input_ids, example.labels[-1]), skip_special_tokens=False)
-    reference = AutoTokenizer.from_pretrained(QWEN25_TOKENIZER).apply_chat_template(messages, tokenize=False)
+    reference = AutoTokenizer.from_pretrained(QWEN25_TOKENIZER_DIR).apply_chat_template(messages, tokenize=False)
     assert full == reference  # the whole conversation, default system prompt included, as transformers renders it
     later, _ = encode_example({"messages": messages[1:]}, tokenizer, 256)  # the ordinary path agrees
     assert tokenizer.decode(later.labels[later.labels != IGNORE_INDEX], skip_special_tokens=False) == "Blue.<|im_end|>\n"

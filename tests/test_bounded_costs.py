@@ -249,7 +249,7 @@ def outcome(row, tokenizer: Tokenizer, max_seq_len: int):
 def tokenizers(tiny_model):
     from ortlora.build.tiny import QWEN25_TOKENIZER_DIR
 
-    return [Tokenizer(tiny_model)] + ([Tokenizer(QWEN25_TOKENIZER_DIR)] if QWEN25_TOKENIZER_DIR.is_dir() else [])
+    return [Tokenizer(tiny_model), Tokenizer(QWEN25_TOKENIZER_DIR)]
 
 
 LONG_TEXTS = {  # 20,000 characters each: words, and single words the whole prefix long

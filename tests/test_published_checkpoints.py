@@ -29,8 +29,6 @@ from ortlora.weights import read_safetensors, weight_files
 from tests.reference import loss_and_grads, peft_model, random_weights, rel_err
 from tests.test_build import make_batch
 
-pytestmark = pytest.mark.skipif(not QWEN25_TOKENIZER_DIR.is_dir(), reason=f"needs {QWEN25_TOKENIZER_DIR}")
-
 TOL = 1e-4
 # Qwen2.5-0.5B's layout and vocabulary at a test's width; initializer_range 0.2 (as the tiny model) so the
 # logits, and so the gradients, are far from uniform.

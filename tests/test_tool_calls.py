@@ -2,7 +2,7 @@
 real chat template, trained on the assistant's calls and replies only, and refused in one line when malformed.
 
 The reference is transformers' ``apply_chat_template(messages, tools=tools)`` on the files in
-../shared/qwen2.5-tokenizer (Qwen2.5-0.5B-Instruct's tokenizer and template). Its ``tojson`` keeps key order
+ortlora/data/qwen2.5-tokenizer (Qwen2.5-0.5B-Instruct's tokenizer and template). Its ``tojson`` keeps key order
 and non-ASCII text and escapes no HTML, where jinja's own filter sorts keys and writes \\u003c and \\u00fc.
 """
 
@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ortlora.build.tiny import QWEN25_TOKENIZER_DIR
 from ortlora.errors import OrtloraError
 from ortlora.runtime import generate_cli
 from ortlora.runtime.data import IGNORE_INDEX, BadExample, encode_example, load_jsonl
 from ortlora.runtime.tokenizer import Tokenizer
 
-QWEN25 = Path(__file__).parents[1].parent / "shared" / "qwen2.5-tokenizer"
+QWEN25 = QWEN25_TOKENIZER_DIR
 TOOLS_DATA = Path(__file__).parents[1] / "ortlora" / "data" / "tools_train.jsonl"
-needs_qwen25 = pytest.mark.skipif(not QWEN25.is_dir(), reason="needs /work/shared/qwen2.5-tokenizer")
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather <now> in a city, e.g. Zürich",
@@ -111,7 +111,6 @@ def trained_text(tokenizer: Tokenizer, labels: np.ndarray) -> str:
     return tokenizer.decode(labels[labels != IGNORE_INDEX], skip_special_tokens=False)
 
 
-@needs_qwen25
 @pytest.mark.parametrize("case", list(ROWS))
 def test_rendering_and_token_ids_equal_transformers(qwen, hf, case):
     row = ROWS[case]
@@ -127,7 +126,6 @@ def test_rendering_and_token_ids_equal_transformers(qwen, hf, case):
                                             add_generation_prompt=True)
 
 
-@needs_qwen25
 def test_tojson_keeps_key_order_and_text_as_transformers_does(qwen, hf):
     row = ROWS["dict arguments, no system message"]
     text = qwen.apply_chat_template(row["messages"], tools=row["tools"])
@@ -143,7 +141,6 @@ def test_tojson_keeps_key_order_and_text_as_transformers_does(qwen, hf):
     assert '{"a\\u003cb": 1, "unit": "\\u00b0C", "zcity": "Z\\u00fcrich"}' in jinja_text
 
 
-@needs_qwen25
 def test_json_string_arguments_render_as_the_object_they_spell(qwen, hf):
     """transformers quotes a string whole ("arguments": "{\\"to\\": ...}"); ortlora decodes it first, so a
     dataset that stores arguments as JSON strings (as OpenAI's API returns them) trains the object form."""
@@ -174,7 +171,6 @@ def expected_labels(hf, messages: list[dict], tools) -> list[int]:
     return [t if keep else IGNORE_INDEX for t, keep in zip(full[1:], trained[1:])]
 
 
-@needs_qwen25
 @pytest.mark.parametrize("case", list(ROWS))
 def test_labels_are_the_assistant_turns_and_never_tool_results(qwen, hf, case):
     row = ROWS[case]
@@ -193,7 +189,6 @@ def test_labels_are_the_assistant_turns_and_never_tool_results(qwen, hf, case):
     assert bool(inside) == bool(spans) and (example.labels[np.asarray(inside, dtype=int) - 1] == IGNORE_INDEX).all()
 
 
-@needs_qwen25
 def test_an_assistant_tool_call_turn_is_trained_from_its_first_call(qwen):
     row = ROWS["dict arguments, no system message"]
     example, _ = encode_example(copying.deepcopy(row), qwen, 4096)
@@ -202,7 +197,6 @@ def test_an_assistant_tool_call_turn_is_trained_from_its_first_call(qwen):
         "</tool_call><|im_end|>\n3 °C und leichter Schnee in Zürich.<|im_end|>\n")
 
 
-@needs_qwen25
 def test_a_conversation_opening_with_a_tool_call_trains_that_call(qwen, hf):
     """Qwen2.5's template reads messages[0], so no prompt renders before a first assistant turn; the turn is then
     found by its content, and a turn of tool calls alone has none (the marker in data._turn_span)."""
@@ -260,7 +254,6 @@ BAD_ROWS = {
 }
 
 
-@needs_qwen25
 @pytest.mark.parametrize("case", list(BAD_ROWS))
 def test_a_malformed_function_calling_row_is_one_clear_line(qwen, tmp_path, case):
     row, message = BAD_ROWS[case]
@@ -276,7 +269,6 @@ def test_a_malformed_function_calling_row_is_one_clear_line(qwen, tmp_path, case
     assert len(examples) == 1 and len(report.skipped) == 1
 
 
-@needs_qwen25
 def test_the_shipped_tool_data_renders_as_transformers_does(qwen, hf):
     rows = [json.loads(line) for line in TOOLS_DATA.read_text().splitlines()]
     assert any(isinstance(c["function"]["arguments"], str) for r in rows for m in r["messages"]
@@ -292,8 +284,6 @@ def qwen_artifacts(tmp_path_factory) -> Path:
     """Artifacts of a 2-layer, 64-wide model with Qwen2.5's real tokenizer and chat template. The tiny default
     cannot hold these rows: its 512-token vocabulary spends about 550 tokens on Qwen2.5's tools preamble
     alone, past its 512-token context (Qwen2.5's tokenizer: about 200)."""
-    if not QWEN25.is_dir():
-        pytest.skip("needs /work/shared/qwen2.5-tokenizer")
     from ortlora.build.builder import BuildOptions, build
     from ortlora.build.tiny import create_random_model
 

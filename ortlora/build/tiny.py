@@ -8,7 +8,7 @@ The same recipe makes random models of a published model's shape for benchmarks 
 Qwen2.5 0.5B to 7B, with their dimensions and 151,936- or 152,064-row vocabularies), laid out as the
 published checkpoints are when asked: stored in bf16, sharded (``model-00001-of-0000n.safetensors`` and
 ``model.safetensors.index.json``), with Qwen2.5's real tokenizer, chat template and generation config
-(``tokenizer="real"``, read from the shared copy in ``QWEN25_TOKENIZER_DIR``). A tokenizer smaller than the
+(``tokenizer="real"``, the copy shipped in ``QWEN25_TOKENIZER_DIR``, Apache-2.0). A tokenizer smaller than the
 vocabulary is fine, as it is for Qwen2.5 itself (151,665 tokens in 151,936 rows).
 """
 
@@ -71,8 +71,8 @@ SHAPES = {"tiny": TINY_CONFIG, "qwen2.5-0.5b": QWEN25_05B_CONFIG, "qwen2.5-1.5b"
 DTYPES = ("fp32", "bf16", "fp16")
 TOKENIZERS = ("tiny", "real")
 RANDOM_BLOCK_BYTES = 64 << 20  # float32 drawn at a time for a random model of a published shape
-# Qwen2.5's real tokenizer files (the project's shared copy, beside the checkout; see its README).
-QWEN25_TOKENIZER_DIR = Path(__file__).resolve().parents[3] / "shared" / "qwen2.5-tokenizer"
+# Qwen2.5's real tokenizer files, shipped with ortlora (ortlora/data/qwen2.5-tokenizer: README, LICENSE).
+QWEN25_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "data" / "qwen2.5-tokenizer"
 QWEN25_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
@@ -142,8 +142,6 @@ def create_random_model(out_dir: Path, shape: str, seed: int = 0, *, layers: int
             raise ValueError(f"layers must be 1 to {SHAPES[shape]['num_hidden_layers']} for {shape}, got {layers}")
         base["num_hidden_layers"] = layers
     if tokenizer == "real":
-        if not QWEN25_TOKENIZER_DIR.is_dir():
-            raise FileNotFoundError(f"the real tokenizer needs Qwen2.5's tokenizer files in {QWEN25_TOKENIZER_DIR}")
         real = json.loads((QWEN25_TOKENIZER_DIR / "config.json").read_text())
         # Qwen2.5's published ids: <|endoftext|> 151643 begins and pads, <|im_end|> 151645 ends a turn.
         ids = {key: real[key] for key in ("bos_token_id", "eos_token_id")} | {"pad_token_id": real["bos_token_id"]}
