@@ -30,7 +30,7 @@ def main(argv=None) -> int:
                              "with model.safetensors.index.json, e.g. 5GB or 100MB (default: one model.safetensors)")
     parser.add_argument("--tokenizer", choices=TOKENIZERS, default="tiny",
                         help="tiny: trained on the shipped data; real: Qwen2.5's tokenizer, chat template and "
-                             "generation config from the shared copy (default: tiny)")
+                             "generation config, shipped in ortlora/data/qwen2.5-tokenizer (default: tiny)")
     args = parser.parse_args(argv)
     if args.out.exists() and any(args.out.iterdir()):
         parser.error(f"{args.out} exists and is not empty")
