@@ -360,9 +360,16 @@ def test_a_path_that_cannot_be_looked_up_is_one_line(artifacts, tmp_path, capsys
     assert f"--out {file / 'run'}: Not a directory; pass another path" in err
 
 
-def test_resume_on_the_command_line_wins_over_the_files_init_adapter(artifacts, tmp_path, capsys):
+@pytest.fixture
+def one_step_run(artifacts, tmp_path) -> Path:
+    """A finished run of one step, to resume with a --config file beside it."""
     run = tmp_path / "run"
     assert train("--artifacts", str(artifacts), "--out", str(run), "--max-steps", "1") == 0
+    return run
+
+
+def test_resume_on_the_command_line_wins_over_the_files_init_adapter(artifacts, one_step_run, tmp_path, capsys):
+    run = one_step_run
     config = tmp_path / "c.toml"
     config.write_text(f'artifacts = "{artifacts}"\ninit_adapter = "{run / "checkpoint-1"}"\n')
     c, resume_from = train_cli.resolve_config(train_cli.parse_args(["--config", str(config), "--resume", str(run)]))
@@ -386,9 +393,8 @@ def test_memory_running_out_is_one_line(capsys, error):
     assert err.startswith("error: out of memory (") and "pass smaller settings (a smaller --batch-size" in err
 
 
-def test_resume_on_the_command_line_wins_over_the_files_overwrite(artifacts, tmp_path, capsys):
-    run = tmp_path / "run"
-    assert train("--artifacts", str(artifacts), "--out", str(run), "--max-steps", "1") == 0
+def test_resume_on_the_command_line_wins_over_the_files_overwrite(one_step_run, tmp_path, capsys):
+    run = one_step_run
     config = tmp_path / "c.toml"
     config.write_text(f'out = "{run}"\noverwrite = true\n')
     c, _ = train_cli.resolve_config(train_cli.parse_args(["--config", str(config), "--resume", str(run)]))
