@@ -141,8 +141,7 @@ def unproven(directory: Path, by: str) -> list[str]:
     files = record.get("files") if record and record.get("written_by") == by else None
     if not isinstance(files, dict):
         return sorted(p.name for p in directory.iterdir())
-    folders = {parent.as_posix() for name in files for parent in Path(name).parents} - {"."}
-    folders |= {f for f in record.get("folders", []) if isinstance(f, str)}
+    folders = {f for f in record.get("folders", []) if isinstance(f, str)}  # seal lists every folder it saw
     strangers = []
     for root, dirs, names in os.walk(directory):
         base = Path(root)
