@@ -317,3 +317,26 @@ def test_a_file_replaced_while_the_run_goes_on_is_not_overwritten(tmp_path, caps
     assert train(artifacts, out, "--max-steps", "1") == 2
     assert "summary.json is not the one ortlora-train wrote" in capsys.readouterr().err
     assert (out / "summary.json").read_bytes() == b"the user's own notes"
+
+
+@pytest.mark.parametrize("name", ["log.jsonl", "config.json"])
+def test_a_kill_while_a_run_file_is_replaced_leaves_it_the_runs_own(tmp_path, capsys, artifacts, monkeypatch, name):
+    """The record lists a file's old and new content while it is replaced: killed just after the rename (here, the
+    resume cutting the log back to its checkpoint, or writing its config), the directory is still all the run's."""
+    from ortlora.runtime import run_dir as run_dir_module
+
+    out = tmp_path / "run"
+    assert train(artifacts, out, "--max-steps", "4", "--save-every", "2", "--log-every", "1") == 0
+    write = run_dir_module.write_atomic
+
+    def killed_after(path, data):
+        write(path, data)
+        if path.name == name:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(run_dir_module, "write_atomic", killed_after)
+        assert train_cli.main(["--resume", str(out / "checkpoint-2"), "--out", str(out), *FAST, "--max-steps", "4"]) == 130
+    assert run_dir_module.unproven_in_run(out) == []
+    capsys.readouterr()
+    assert train_cli.main(["--resume", str(out / "checkpoint-2"), "--out", str(out), *FAST, "--max-steps", "4"]) == 0

@@ -85,7 +85,6 @@ def _load(run_dir: Path) -> dict:
 
 
 def _save(run_dir: Path, record: dict) -> None:
-    record["files"].update(_growing(run_dir, record["files"]))
     write_record(run_dir / RUN_STATE, record)
 
 
@@ -131,6 +130,7 @@ def _event_file_known(path: Path, files: dict) -> bool:
 def record_latest(run_dir: Path, checkpoint: Path | None, seq: int) -> None:
     record = _load(run_dir)
     record.update(latest=checkpoint.name if checkpoint else None, seq=seq)
+    record["files"].update(_growing(run_dir, record["files"]))  # the logs' first bytes, as of this checkpoint
     _save(run_dir, record)
 
 
