@@ -36,6 +36,7 @@ import numpy as np
 from ortlora.errors import REBUILD, OrtloraError, listing
 from ortlora.files import MANIFEST_NAME, artifact_file, inside, json_type, read_json
 from ortlora.lora_config import module_rank, scaling
+from ortlora.weights import byte_length
 
 FORMAT_VERSION = 1
 PEFT_PREFIX = "base_model.model."
@@ -65,7 +66,7 @@ SCHEMA = {
     "extra?": dict,
 }
 KINDS = {int: "an integer", NUMBER: "a number", str: "a string", dict: "an object", bool: "true or false"}
-FROZEN_DTYPES = ("float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool", "uint4")
+FROZEN_DTYPES = ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool", "uint4")
 # Qwen2's adaptable projections and where each lives in a decoder layer; a LoRA parameter's name by its kind.
 PARENTS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
@@ -192,9 +193,8 @@ def _value_problems(data: dict) -> list[str]:
         if entry["dtype"] not in FROZEN_DTYPES:
             problems.append(f"frozen.{name}.dtype is {entry['dtype']!r}, not one of {', '.join(FROZEN_DTYPES)}")
             continue
-        size = 1 if entry["dtype"] == "uint4" else np.dtype(entry["dtype"]).itemsize
-        count = int(np.prod(entry["shape"]))
-        needed = (count + 1) // 2 if entry["dtype"] == "uint4" else size * count  # uint4: two to a byte
+        size = byte_length(entry["dtype"], 1)
+        needed = byte_length(entry["dtype"], int(np.prod(entry["shape"])))
         if min(entry["shape"], default=0) < 0 or entry["offset"] < 0 or entry["offset"] % size:
             problems.append(f"frozen.{name} has a negative dimension or a misaligned offset")
         elif entry["length"] != needed:

@@ -22,6 +22,13 @@ from ortlora.errors import REBUILD, OrtloraError
 NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
                 "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 FLOAT_DTYPES = ("F32", "F16", "BF16")
+# numpy has no bfloat16: a bf16 base's weights are mapped as their bits, uint16 marked as bfloat16.
+BF16_BITS = np.dtype(np.uint16, metadata={"bfloat16": True})
+NUMPY_VIEW = {"bfloat16": BF16_BITS}
+
+
+def is_bf16(array: np.ndarray) -> bool:
+    return bool((array.dtype.metadata or {}).get("bfloat16"))
 LORA_DTYPES = ("F16", "BF16", "F32", "F64")  # what a LoRA weight (or an AdamW moment) may be stored as
 INTEGER_DTYPES = ("I64", "I32", "I16", "I8", "U8")
 # The most header bytes read: safetensors' own limit (MAX_HEADER_SIZE), so a file claiming a header of 100 GB is
@@ -42,6 +49,13 @@ def weights_sha256(path: Path) -> str:
             for chunk in iter(lambda: f.read(1 << 24), b""):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def byte_length(dtype: str, count: int) -> int:
+    """Bytes of ``count`` values of ``dtype`` (numpy's names, and bfloat16 and uint4, which numpy lacks)."""
+    if dtype == "uint4":
+        return (count + 1) // 2  # two to a byte
+    return count * (2 if dtype == "bfloat16" else np.dtype(dtype).itemsize)
 
 
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
@@ -228,12 +242,23 @@ def from_float32(dtype: str, values: np.ndarray) -> np.ndarray:
 def nonfinite(arrays: dict[str, np.ndarray], block: int = 1 << 22) -> list[str]:
     """The names of the floating-point ``arrays`` that hold NaN or infinity, read ``block`` values at a time so
     that a mapped file is checked with a few megabytes of memory (one pass at memory speed: runtime/frozen.py)."""
+    def finite_bf16(bits: np.ndarray) -> bool:
+        return bool((np.bitwise_and(bits, 0x7F80) != 0x7F80).all())  # all exponent bits set: infinity or NaN
+
+    def finite_float(values: np.ndarray) -> bool:
+        return bool(np.isfinite(values).all())
+
     bad = []
     for name, array in arrays.items():
-        if np.issubdtype(array.dtype, np.floating):
-            flat = array.reshape(-1)
-            if not all(np.isfinite(flat[i: i + block]).all() for i in range(0, flat.size, block)):
-                bad.append(name)
+        if is_bf16(array):
+            finite = finite_bf16
+        elif np.issubdtype(array.dtype, np.floating):
+            finite = finite_float
+        else:
+            continue
+        flat = array.reshape(-1)
+        if not all(finite(flat[i: i + block]) for i in range(0, flat.size, block)):
+            bad.append(name)
     return bad
 
 
@@ -250,5 +275,6 @@ def map_layout(path: Path, layout: dict[str, dict]) -> dict[str, np.ndarray]:
         return {}
     data = np.memmap(path, dtype=np.uint8, mode="r")
     return {name: data[p["offset"]: p["offset"] + p["length"]] if p["dtype"] == "uint4"  # packed, two to a byte
-            else data[p["offset"]: p["offset"] + p["length"]].view(p["dtype"]).reshape(p["shape"])
+            else data[p["offset"]: p["offset"] + p["length"]].view(NUMPY_VIEW.get(p["dtype"], p["dtype"]))
+            .reshape(p["shape"])
             for name, p in layout.items()}

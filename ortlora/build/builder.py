@@ -15,7 +15,7 @@ from tqdm import tqdm
 from ortlora.build import frozen_weights, portable_graph, training_artifacts
 from ortlora.build.export import stamp_ir_version
 from ortlora.build.model_dir import TOKENIZER_FILES, check_model_dir, expected_weights, source_dtype
-from ortlora.build.quantize import BLOCK_SIZE, PRECISIONS
+from ortlora.build.quantize import BLOCK_SIZE, PRECISIONS, QMAX
 from ortlora.build.recompute import MODES as RECOMPUTE_MODES
 from ortlora.errors import OrtloraError
 from ortlora.files import byte_size
@@ -44,7 +44,7 @@ class BuildOptions:
     seed: int = 0
     force: bool = False
     bundle_base: bool = False  # copy the base model into the artifacts (the tiny default)
-    base_precision: str = "fp32"  # the frozen matrices: fp32, or blockwise int8 / int4 (quantize.py)
+    base_precision: str = "fp32"  # the frozen matrices: fp32, bf16, or blockwise int8 / int4 (quantize.py)
     block_size: int = BLOCK_SIZE  # inputs that share a scale in a quantized base
     recompute: str = "none"  # "layers": decoder layers recomputed in the backward pass (recompute.py)
     # LoRA variants, PEFT's (lora_config.py): A's initialisation, rsLoRA, a subset of the decoder layers
@@ -118,7 +118,7 @@ def build(options: BuildOptions, echo=print) -> Manifest:
     # Every matrix is quantized in blocks along its inputs: the hidden and intermediate sizes, and the
     # attention heads' width (o_proj), which differs from the hidden size where config.json sets head_dim.
     widths = sorted({shape[1] for shape in expected_weights(config).values() if len(shape) == 2})
-    if options.base_precision != "fp32" and (options.block_size <= 0 or any(w % options.block_size for w in widths)):
+    if options.base_precision in QMAX and (options.block_size <= 0 or any(w % options.block_size for w in widths)):
         raise OrtloraError(f"--block-size must divide the input width of every matrix of the model "
                            f"({', '.join(map(str, widths))}), got {options.block_size}")
     variant = lora_variant(options, config)
@@ -225,7 +225,8 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, variant: dic
     places = frozen_weights.layout(storage)
     size = sum(place["length"] for place in places.values())
     check_free_space(staging, size, replacing=options.out_dir.exists())
-    stored_as = "float32" if options.base_precision == "fp32" else f"{options.base_precision} matrices"
+    stored_as = {"fp32": "float32", "bf16": "bfloat16 matrices"}.get(options.base_precision,
+                                                                     f"{options.base_precision} matrices")
     with stages(f"writing {frozen_weights.FROZEN_WEIGHTS} from the checkpoint ({byte_size(size)}, {stored_as})"):
         with tqdm(total=size, unit="B", unit_scale=True, leave=False, disable=None) as bar:
             frozen_weights.write(storage, places, stored_tensors(weight_files(options.model_dir)),
@@ -301,16 +302,16 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, variant: dic
         "source": BUNDLED_BASE if options.bundle_base else str(options.model_dir.resolve()),
         "weights_sha256": base_hash,
         "source_dtype": source_dtype(options.model_dir),
-        # The frozen matrices as stored: fp32 whatever the source, or blockwise int8 / int4.
+        # The frozen matrices as stored: fp32 or bf16 whatever the source, or blockwise int8 / int4.
         "base_precision": options.base_precision,
-        **({"block_size": options.block_size} if options.base_precision != "fp32" else {}),
+        **({"block_size": options.block_size} if options.base_precision in QMAX else {}),
         # How the training graphs keep activations: "layers" recomputes each decoder layer in the backward pass.
         "recompute": options.recompute,
         # The loss graphs read attention_mask as segment ids: examples packed into a row attend to themselves.
         "attention_mask": "segments",
     }
     identity = json.dumps([model_info["weights_sha256"], lora, options.label_smoothing, options.base_precision,
-                           options.block_size if options.base_precision != "fp32" else None], sort_keys=True)
+                           options.block_size if options.base_precision in QMAX else None], sort_keys=True)
     manifest = Manifest(
         model=model_info,
         lora=lora,

@@ -52,9 +52,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="DoRA: a trainable magnitude per output row of each adapted module (PEFT's use_dora; "
                         "fp32 base only)")
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the loss (default: 0)")
-    parser.add_argument("--base-precision", choices=("fp32", "int8", "int4"), default="fp32",
-                        help="how the frozen matrices are stored and read: fp32, or blockwise int8 / int4 quantized "
-                        "(dequantized at each use; LoRA stays fp32) (default: fp32)")
+    parser.add_argument("--base-precision", choices=("fp32", "bf16", "int8", "int4"), default="fp32",
+                        help="how the frozen matrices are stored and read: fp32; bf16 (half the bytes: a bf16 "
+                        "checkpoint's values bit for bit, others rounded as torch rounds; widened to fp32 at each "
+                        "use); or blockwise int8 / int4 quantized (dequantized at each use). LoRA stays fp32 "
+                        "(default: fp32)")
     parser.add_argument("--block-size", type=int, default=None,  # None: not given (BLOCK_SIZE where it applies)
                         help="inputs that share a scale in an int8 / int4 base (default: 32)")
     parser.add_argument("--recompute", choices=("none", "layers"), default="none",
@@ -84,9 +86,9 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise OrtloraError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
     check_seed(args.seed)
     check_threads(args.threads)
-    if args.block_size is not None and args.base_precision == "fp32":
-        raise OrtloraError(f"--block-size {args.block_size} is for an int8 / int4 base, and --base-precision is fp32 "
-                           "(the default): leave --block-size out, or pass --base-precision int8 or int4")
+    if args.block_size is not None and args.base_precision not in ("int8", "int4"):
+        raise OrtloraError(f"--block-size {args.block_size} is for an int8 / int4 base, and --base-precision is "
+                           f"{args.base_precision}: leave --block-size out, or pass --base-precision int8 or int4")
     check_paths({"--model": args.model, "--out": args.out})
 
 

@@ -28,7 +28,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ortlora.build import quantize
-from ortlora.weights import StoredTensor, to_float32
+from ortlora.weights import StoredTensor, byte_length, f32_to_bf16, to_float32
 
 FROZEN_WEIGHTS = "frozen_weights.bin"
 PAGE = 4096
@@ -44,7 +44,7 @@ class Stored:
     source: str  # the checkpoint's tensor name
     shape: tuple[int, ...]  # as the graphs read it (float32; a quantized one after dequantization)
     transposed: bool
-    precision: str = "fp32"  # "int8" / "int4": stored as NAME.q and NAME.scale (quantize.py)
+    precision: str = "fp32"  # "bf16": bfloat16; "int8" / "int4": stored as NAME.q and NAME.scale (quantize.py)
     block: int = 0  # inputs that share a scale, where quantized
 
 
@@ -58,7 +58,9 @@ def plan(graphs: list[onnx.ModelProto], shapes: dict[str, tuple[int, ...]], prec
     checkpoint's [out, in] and are quantized. The vocabulary matrices are int8 even in an int4 base: they
     are read by rows (the embedding by the input's tokens, the LM head by the head gradient's labels), and
     ONNX Runtime gathers no int4, so an int4 one would be dequantized whole for a few rows (7B's untied
-    head: 2.2 GB of float32 for each use).
+    head: 2.2 GB of float32 for each use). In bf16 (``precision`` bf16), matrices are laid out as in
+    float32 and stored as bfloat16, but for the vocabulary matrices, which keep [vocab, hidden] to be read
+    by rows and in chunks of rows (quantize.dequantize_per_use); norms and biases stay float32.
     """
     readers: dict[str, list[onnx.NodeProto]] = {name: [] for name in shapes}
     for model in graphs:
@@ -73,9 +75,12 @@ def plan(graphs: list[onnx.ModelProto], shapes: dict[str, tuple[int, ...]], prec
             by_rows = any(n.op_type == "Gather" for n in nodes) or source.endswith(VOCABULARY_MATRICES)
             storage[source] = Stored(source, tuple(shape), False, "int8" if by_rows else precision, block)
             continue
-        transposed = len(shape) == 2 and bool(nodes) and all(_is_matrix_transpose(n) for n in nodes)
+        matrix_precision = precision if precision == quantize.BF16 and len(shape) == 2 else "fp32"
+        by_rows = matrix_precision == quantize.BF16 and source.endswith(VOCABULARY_MATRICES)
+        transposed = len(shape) == 2 and bool(nodes) and all(_is_matrix_transpose(n) for n in nodes) and not by_rows
         name = source + TRANSPOSED if transposed else source
-        storage[name] = Stored(source, tuple(shape[::-1]) if transposed else tuple(shape), transposed)
+        storage[name] = Stored(source, tuple(shape[::-1]) if transposed else tuple(shape), transposed,
+                               matrix_precision)
     return storage
 
 
@@ -156,7 +161,7 @@ def layout(storage: dict[str, Stored]) -> dict[str, dict]:
     for name, entry in _entries(storage):
         dtype, shape = entry
         count = int(np.prod(shape, dtype=np.int64))
-        length = (count + 1) // 2 if dtype == "uint4" else count * np.dtype(dtype).itemsize
+        length = byte_length(dtype, count)
         align = PAGE if length >= PAGE else 16
         offset = end + (-end % align)
         result[name] = {"dtype": dtype, "shape": list(shape), "offset": offset, "length": length}
@@ -167,8 +172,8 @@ def layout(storage: dict[str, Stored]) -> dict[str, dict]:
 def _entries(storage: dict[str, Stored]):
     """(file entry name, (dtype, shape)) for every tensor of the file, in order."""
     for name, stored in storage.items():
-        if stored.precision == "fp32":
-            yield name, ("float32", stored.shape)
+        if stored.precision in ("fp32", quantize.BF16):
+            yield name, ("float32" if stored.precision == "fp32" else "bfloat16", stored.shape)
         else:
             rows, width = stored.shape
             yield name + quantize.QUANTIZED, (quantize.STORED[stored.precision], stored.shape)
@@ -205,7 +210,8 @@ def write(storage: dict[str, Stored], places: dict[str, dict], tensors: dict[str
     """Stream every stored weight from the checkpoint's ``tensors`` into ``path``, at the offsets of ``places``.
 
     One checkpoint tensor is in memory at a time, as stored (bf16: half its float32 size); it is widened
-    to float32 and, where stored transposed, transposed, or quantized, in blocks of about BLOCK_BYTES of
+    to float32 (or, for a bf16 base, kept as bfloat16 bits, or rounded to them from another dtype as torch
+    rounds) and, where stored transposed, transposed, or quantized, in blocks of about BLOCK_BYTES of
     float32. ``progress(bytes)`` is called after each block with the bytes it wrote.
     """
     with open(path, "wb") as f:
@@ -226,6 +232,10 @@ def write(storage: dict[str, Stored], places: dict[str, dict], tensors: dict[str
             rows = max(1, BLOCK_BYTES // max(row_bytes, 1))
             scales = []
             for start in range(0, values.shape[0], rows):
+                if stored.precision == quantize.BF16:  # a bf16 checkpoint's bits as they are; others rounded
+                    bits = values[start: start + rows]
+                    put(name, bits if source.dtype == "BF16" else f32_to_bf16(to_float32(source.dtype, bits)))
+                    continue
                 block = to_float32(source.dtype, values[start: start + rows])
                 if stored.precision == "fp32":
                     put(name, block)
@@ -244,13 +254,15 @@ def write(storage: dict[str, Stored], places: dict[str, dict], tensors: dict[str
 def attach(model: onnx.ModelProto, references: dict[str, TensorProto], fused_products: bool = False) -> int:
     """Turn the graph inputs that are frozen weights into initializers read from the file; a quantized
     matrix NAME is read through a DequantizeLinear of NAME.q and NAME.scale at each use, or in a graph
-    without gradients (``fused_products``) an int4 one by MatMulNBits (quantize.dequantize_per_use).
-    Returns how many initializers were added."""
+    without gradients (``fused_products``) an int4 one by MatMulNBits, and a bfloat16 one through a Cast to
+    float32 at each use (quantize.dequantize_per_use). Returns how many initializers were added."""
     graph = model.graph
     quantized = {}
     for value in graph.input:
         q = references.get(value.name + quantize.QUANTIZED)
-        if q is not None:
+        if value.name in references and references[value.name].data_type == TensorProto.BFLOAT16:
+            quantized[value.name] = (quantize.BF16, 0)
+        elif q is not None:
             blocks = references[value.name + quantize.SCALE].dims[1]
             quantized[value.name] = (quantize.PRECISION_OF[q.data_type], q.dims[1] // blocks)
     if quantized:

@@ -19,6 +19,12 @@ dequantized weights (tests/test_quantized.py).
 Why axis 1 and [out, in]: blocks must run along the product's inner dimension, and ONNX Runtime
 (1.19.2 and 1.32.0 alike) dequantizes blocked int4 along axis 0 wrongly (errors of the size of a
 quantization step; axis 1 is exact), so matrices are not stored transposed as the float32 base is.
+
+A bf16 base (``--base-precision bf16``) stores each matrix as bfloat16, laid out as the float32 base lays it
+out (transposed where every reader transposes it) but for the vocabulary matrices, which keep [vocab, hidden]
+so that they are read by rows and in chunks as the int8 ones are. Each reader gets a Cast to float32 of its
+own (``_widened``), ordered after the product's other operand as the dequantizations are: bfloat16 widens to
+float32 exactly, so ONNX Runtime computes on the very values PyTorch computes on after ``weight.float()``.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-PRECISIONS = ("fp32", "int8", "int4")
+PRECISIONS = ("fp32", "bf16", "int8", "int4")
+BF16 = "bf16"
 BLOCK_SIZE = 32
 OPSET = 21  # DequantizeLinear with block_size
 QMAX = {"int8": 127, "int4": 7}
@@ -35,18 +42,20 @@ QMAX = {"int8": 127, "int4": 7}
 # MatMulNBits reads, so the generation graphs multiply by the very bytes the training graphs dequantize.
 STORED = {"int8": "int8", "int4": "uint4"}
 ONNX_TYPES = {"int8": TensorProto.INT8, "uint4": TensorProto.UINT4, "uint8": TensorProto.UINT8,
-              "float32": TensorProto.FLOAT}
+              "float32": TensorProto.FLOAT, "bfloat16": TensorProto.BFLOAT16}
 PRECISION_OF = {TensorProto.INT8: "int8", TensorProto.UINT4: "int4"}
 ZERO_POINT = ".zero_point"  # uint4 [out, in / block], all 8
 PACKED = ".packed"  # an int4 matrix's bytes as uint8 [out, in / block, block / 2], for MatMulNBits
 QUANTIZED = ".q"
 SCALE = ".scale"
 INT8_SHAPES = "quantize/int8"  # Constants of the shapes _scaled_int8 reshapes to
+BF16_SHAPE = "quantize/bf16/matrix"  # the Constant [0, -1] _widened reshapes to
 
 
 def is_quantized(shape: tuple[int, ...], precision: str) -> bool:
-    """Whether a frozen weight of ``shape`` is quantized: matrices are, vectors (norms, biases) are not."""
-    return precision != "fp32" and len(shape) == 2
+    """Whether a frozen weight of ``shape`` is quantized (int8 / int4): matrices are, vectors (norms, biases)
+    are not."""
+    return precision in QMAX and len(shape) == 2
 
 
 def quantize(values: np.ndarray, precision: str, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -132,7 +141,8 @@ def dequantize_per_use(model: onnx.ModelProto, matrices: dict[str, tuple[str, in
     writing a float32 copy of the matrix first (0.5B int4 generation, 2 threads: 1.3 -> 3.6 tokens/s; then
     9.2 with the int8 LM head's chunks scaled by Cast and Mul, _scaled_int8; fp32 base 14.0).
     Returns how many readers were rewritten."""
-    raise_opset(model)
+    if any(precision != BF16 for precision, _ in matrices.values()):
+        raise_opset(model)  # bf16 matrices need nothing past the export's opset
     graph = model.graph
     shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
     count, shape_constants, packed, int8_blocks = 0, {}, set(), set()
@@ -154,6 +164,11 @@ def dequantize_per_use(model: onnx.ModelProto, matrices: dict[str, tuple[str, in
                 # Gathered rows are dequantized alone. ONNX Runtime gathers no int4, which is why the vocabulary
                 # matrices, the ones read by rows, are int8 in an int4 base (frozen_weights.plan); an int4 matrix
                 # that is gathered all the same is dequantized whole.
+                if node.op_type == "Gather" and k == 0 and _attr(node, "axis", 0) == 0 and matrices[name][0] == BF16:
+                    nodes += [helper.make_node("Gather", [name, node.input[1]], [f"{out}/rows"], axis=0),
+                              helper.make_node("Cast", [f"{out}/rows"], [node.output[0]], to=TensorProto.FLOAT, name=out)]
+                    node = None
+                    break
                 if node.op_type == "Gather" and k == 0 and _attr(node, "axis", 0) == 0 and matrices[name][0] != "int4":
                     rows_q, rows_scale = f"{name}/rows_{count}.q", f"{name}/rows_{count}.scale"
                     nodes += [helper.make_node("Gather", [name + QUANTIZED, node.input[1]], [rows_q], axis=0),
@@ -172,10 +187,18 @@ def dequantize_per_use(model: onnx.ModelProto, matrices: dict[str, tuple[str, in
                     packed.add(name)
                     node = None
                     break
-                if anchor is not None and matrices[name][0] == "int8" and _chunkable(node, k, shapes[name][0]):
-                    nodes += _product_in_row_chunks(node, name, block, anchor, shapes[name][0], out)
+                if anchor is not None and matrices[name][0] in ("int8", BF16) and _chunkable(node, k, shapes[name][0]):
+                    nodes += _product_in_row_chunks(node, name, matrices[name], anchor, shapes[name][0], out)
                     node = None
                     break
+                if matrices[name][0] == BF16:
+                    if anchor is None:
+                        nodes.append(helper.make_node("Cast", [name], [out], to=TensorProto.FLOAT, name=out))
+                    else:
+                        nodes += _widened(name, out, anchor)
+                        shape_constants[BF16_SHAPE] = [0, -1]
+                    node.input[k] = out
+                    continue
                 if anchor is not None and matrices[name][0] == "int8":  # DequantizeLinear's values, faster
                     nodes += [helper.make_node("Shape", [anchor], [f"{out}/after"], start=0, end=0),
                               helper.make_node("Concat", [f"{INT8_SHAPES}/blocks{block}", f"{out}/after"],
@@ -221,6 +244,9 @@ def dequantize_per_use(model: onnx.ModelProto, matrices: dict[str, tuple[str, in
             continue
         out_features, in_features = shapes[value.name]
         precision, block = matrices[value.name]
+        if precision == BF16:
+            inputs.append(helper.make_tensor_value_info(value.name, TensorProto.BFLOAT16, [out_features, in_features]))
+            continue
         inputs += [helper.make_tensor_value_info(value.name + QUANTIZED, ONNX_TYPES[STORED[precision]],
                                                  [out_features, in_features]),
                    helper.make_tensor_value_info(value.name + SCALE, TensorProto.FLOAT,
@@ -251,10 +277,10 @@ def _chunkable(node: onnx.NodeProto, k: int, rows: int) -> bool:
     return plain and len(node.input) == 2 and (node.op_type == "Gemm" or not a.get("transB", 0))
 
 
-def _product_in_row_chunks(node: onnx.NodeProto, name: str, block: int, anchor: str, rows: int,
+def _product_in_row_chunks(node: onnx.NodeProto, name: str, matrix: tuple[str, int], anchor: str, rows: int,
                            out: str) -> list[onnx.NodeProto]:
-    """``node``'s product with the quantized matrix NAME ([rows, in]) from chunks of CHUNK_ROWS rows, each
-    dequantized just before its product: with transB (A @ NAME^T, the LM head) the chunks' outputs are
+    """``node``'s product with the int8 or bf16 matrix NAME ([rows, in]; ``matrix``: its precision and block)
+    from chunks of CHUNK_ROWS rows, each dequantized (or widened) just before its product: with transB (A @ NAME^T, the LM head) the chunks' outputs are
     concatenated; without (A @ NAME, the head's input gradient) A's matching columns are multiplied and
     summed. The slices start after ``anchor`` (see dequantize_per_use), so they are neither folded into
     copies nor run early."""
@@ -267,16 +293,21 @@ def _product_in_row_chunks(node: onnx.NodeProto, name: str, block: int, anchor: 
         return f"{out}/{label}"
 
     axis0, last = const("axis0", [0]), const("last", [-1])
-    shapes = const("blocks", [0, -1, block]), const("column", [0, -1, 1]), const("matrix", [0, -1])
+    if matrix[0] != BF16:
+        shapes = const("blocks", [0, -1, matrix[1]]), const("column", [0, -1, 1]), const("matrix", [0, -1])
     parts = []
     for c, start in enumerate(range(0, rows, CHUNK_ROWS)):
         end = const(f"end{c}", [min(start + CHUNK_ROWS, rows)])
         begin = f"{out}/begin{c}"
         nodes.append(helper.make_node("Concat", [const(f"start{c}", [start]), f"{out}/after"], [begin], axis=0))
         q, scale, w = f"{out}/q{c}", f"{out}/scale{c}", f"{out}/w{c}"
-        nodes += [helper.make_node("Slice", [name + QUANTIZED, begin, end, axis0], [q]),
-                  helper.make_node("Slice", [name + SCALE, begin, end, axis0], [scale]),
-                  *_scaled_int8(q, scale, w, *shapes)]
+        if matrix[0] == BF16:
+            nodes += [helper.make_node("Slice", [name, begin, end, axis0], [q]),
+                      helper.make_node("Cast", [q], [w], to=TensorProto.FLOAT)]
+        else:
+            nodes += [helper.make_node("Slice", [name + QUANTIZED, begin, end, axis0], [q]),
+                      helper.make_node("Slice", [name + SCALE, begin, end, axis0], [scale]),
+                      *_scaled_int8(q, scale, w, *shapes)]
         part = f"{out}/part{c}"
         if transposed:
             nodes.append(helper.make_node("Gemm", [node.input[0], w], [part], transB=1))
@@ -288,6 +319,16 @@ def _product_in_row_chunks(node: onnx.NodeProto, name: str, block: int, anchor: 
     nodes.append(helper.make_node("Concat" if transposed else "Sum", parts, [node.output[0]], name=node.name or out,
                                   **({"axis": -1} if transposed else {})))
     return nodes
+
+
+def _widened(name: str, out: str, anchor: str) -> list[onnx.NodeProto]:
+    """The bf16 matrix NAME as float32 (exact: bfloat16 is float32's upper half), read through a Reshape to its
+    own shape whose shape input ends in an empty slice of ``anchor``'s Shape, so that ONNX Runtime neither
+    folds the Cast into a float32 copy at load nor runs it before the product's other operand is ready."""
+    return [helper.make_node("Shape", [anchor], [f"{out}/after"], start=0, end=0),
+            helper.make_node("Concat", [BF16_SHAPE, f"{out}/after"], [f"{out}/shape"], axis=0),
+            helper.make_node("Reshape", [name, f"{out}/shape"], [f"{out}/bits"]),
+            helper.make_node("Cast", [f"{out}/bits"], [out], to=TensorProto.FLOAT, name=out)]
 
 
 def _scaled_int8(q: str, scale: str, out: str, blocks: str, column: str, matrix: str) -> list[onnx.NodeProto]:

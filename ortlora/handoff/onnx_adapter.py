@@ -43,9 +43,9 @@ GRAPHS = ("decoder", "inference")  # the graphs an adapter is fed to, by their m
 def check_exportable(manifest: Manifest) -> None:
     """Refuse, in one line, artifacts whose adapters this format cannot carry to their graphs."""
     precision = manifest.model.get("base_precision", "fp32")
-    if precision != "fp32":
+    if precision not in ("fp32", "bf16"):
         raise OrtloraError(f"these artifacts have a quantized base ({precision}); --to onnx-adapter and genai take fp32 "
-                           "bases only for now: use --to peft, merged or onnx")
+                           "and bf16 bases only for now: use --to peft, merged or onnx")
     graphs = [g for g in GRAPHS if g in manifest.io]
     if "decoder" not in graphs:
         raise OrtloraError("these artifacts have no generation graph (built by an older ortlora); rebuild them with ortlora-build")

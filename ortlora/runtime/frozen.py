@@ -16,13 +16,14 @@ cold disk it reads the pages the sessions would read anyway. ortlora-generate ru
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import numpy as np
 
 from ortlora.errors import REBUILD, OrtloraError, listing
 from ortlora.manifest import Manifest
-from ortlora.weights import map_layout, nonfinite
+from ortlora.weights import is_bf16, map_layout, nonfinite
 
 
 def map_frozen_weights(artifacts: Path, manifest: Manifest) -> dict[str, np.ndarray]:
@@ -51,7 +52,54 @@ def share_with(options, weights: dict[str, np.ndarray]) -> list:
     options.add_session_config_entry("session.disable_prepacking", "1")
     values = []
     for name, array in weights.items():
-        value = OrtValue.ortvalue_from_numpy(array)
+        value = _bf16_ortvalue(array) if is_bf16(array) else OrtValue.ortvalue_from_numpy(array)
         options.add_initializer(name, value)
         values.append(value)
     return values
+
+
+# A bf16 base's weights as bfloat16 OrtValues over the mapping. numpy has no bfloat16. The plain package
+# (1.20 on) takes numpy's bits with an ONNX type; ONNX Runtime 1.19 makes OrtValues of numpy's types only, but
+# takes DLPack tensors, which have a bfloat16: the tensor below describes the mapped bits as one (numpy's own
+# DLPack export refuses a read-only mapping). The OrtValue holds the array, and share_with's caller holds the
+# OrtValues while sessions run.
+class _DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class _DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class _DLTensor(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("device", _DLDevice), ("ndim", ctypes.c_int32), ("dtype", _DLDataType),
+                ("shape", ctypes.POINTER(ctypes.c_int64)), ("strides", ctypes.POINTER(ctypes.c_int64)),
+                ("byte_offset", ctypes.c_uint64)]
+
+
+class _DLManagedTensor(ctypes.Structure):
+    pass
+
+
+_DELETER = ctypes.CFUNCTYPE(None, ctypes.POINTER(_DLManagedTensor))
+_DLManagedTensor._fields_ = [("dl_tensor", _DLTensor), ("manager_ctx", ctypes.c_void_p), ("deleter", _DELETER)]
+_KEEP = _DELETER(lambda _: None)  # the memory stays Python's: the OrtValue below keeps it alive
+_CPU, _BFLOAT = 1, 4  # DLPack's kDLCPU and kDLBfloat
+_ONNX_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16 (the runtime does not import onnx)
+_capsule = ctypes.pythonapi.PyCapsule_New
+_capsule.restype, _capsule.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+
+
+def _bf16_ortvalue(bits: np.ndarray):
+    """A bfloat16 OrtValue over ``bits`` (contiguous uint16), no copy."""
+    from onnxruntime import OrtValue
+    from onnxruntime.capi import _pybind_state as C
+
+    if hasattr(OrtValue, "ortvalue_from_numpy_with_onnx_type"):
+        return OrtValue.ortvalue_from_numpy_with_onnx_type(bits, _ONNX_BFLOAT16)
+
+    shape = (ctypes.c_int64 * bits.ndim)(*bits.shape)
+    managed = _DLManagedTensor(_DLTensor(bits.ctypes.data, _DLDevice(_CPU, 0), bits.ndim, _DLDataType(_BFLOAT, 16, 1),
+                                         shape, None, 0), None, _KEEP)
+    capsule = _capsule(ctypes.addressof(managed), b"dltensor", None)
+    return OrtValue(C.OrtValue.from_dlpack(capsule, False), (bits, shape, managed))  # kept as long as the value
