@@ -18,8 +18,9 @@ from ortlora.files import read_json
 from ortlora.manifest import Manifest
 from ortlora.output_dirs import remove_stale_temp
 from ortlora.runtime import config as cfg
+from ortlora.runtime import data_formats
 from ortlora.runtime.checkpoint import TRAINER_STATE, find_checkpoint, load_adapter, load_resume_state
-from ortlora.runtime.data import load_jsonl, pack
+from ortlora.runtime.data import pack
 from ortlora.runtime.precision import resolve as resolve_precision
 from ortlora.runtime.providers import PROVIDERS, short_name
 from ortlora.runtime.report import JsonlLog, ProgressBar, TensorBoardLog, format_step, plot_losses, tensorboard_writer
@@ -129,14 +130,36 @@ def make_backend(c: cfg.TrainConfig, artifacts: Path, manifest: Manifest):
                                    precision=precision)
 
 
+def data_sources(c: cfg.TrainConfig) -> tuple[data_formats.Source, data_formats.Source | None, str | None]:
+    """What --data and --eval-data name: the training rows, the evaluation rows (None: none, or --eval-split's),
+    and a note when the evaluation rows were not named (a directory's valid file, as mlx-lm takes it)."""
+    if c.data.startswith(BUILTIN):
+        train = data_formats.Source("jsonl", str(data_path(c.data, "train")))
+    else:
+        train = data_formats.resolve(c.data, "--data", c.data_split)
+    if c.eval_data:
+        return train, data_formats.resolve(c.eval_data, "--eval-data", c.eval_data_split, stem="valid"), None
+    if c.eval_split:
+        return train, None, None
+    if c.data.startswith(BUILTIN):
+        return train, data_formats.Source("jsonl", str(data_path(c.data, "valid"))), None
+    valid = data_formats.layout_file(Path(c.data), "valid") if Path(c.data).is_dir() else None
+    if valid is None:
+        return train, None, None
+    return train, data_formats.Source(data_formats.SUFFIXES[valid.suffix], str(valid)), \
+        f"evaluating on {valid.name} of {c.data} (mlx-lm's layout; --eval-data or --eval-split to choose other data)"
+
+
 def load_data(c: cfg.TrainConfig, tokenizer: Tokenizer) -> tuple[list, list, list[str]]:
     """Training and evaluation examples, and lines that say what was loaded."""
-    train, report = load_jsonl(data_path(c.data, "train"), tokenizer, c.max_seq_len, c.on_bad_data)
+    columns = data_formats.parse_columns(c.columns)
+    train_source, eval_source, note = data_sources(c)
+    train, report = data_formats.load(train_source, tokenizer, c.max_seq_len, c.on_bad_data, columns)
     messages = [report.summary()] + report.skipped[:5]
     evaluation = []
-    if c.eval_data or c.data.startswith(BUILTIN) and not c.eval_split:
-        eval_file = Path(c.eval_data) if c.eval_data else data_path(c.data, "valid")
-        evaluation, eval_report = load_jsonl(eval_file, tokenizer, c.max_seq_len, c.on_bad_data)
+    if eval_source:
+        evaluation, eval_report = data_formats.load(eval_source, tokenizer, c.max_seq_len, c.on_bad_data, columns)
+        messages += [note] if note else []
         messages.append("eval: " + eval_report.summary())
     elif c.eval_split:
         if len(train) < 2:
@@ -182,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         tensorboard_writer()  # not installed: one line saying what to install, before any work
     artifacts = Path(c.artifacts)
     run_path = Path(c.out) if c.out else Path("runs") / f"{artifacts.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    reads = [artifacts] + [Path(p) for p in (c.data, c.eval_data, c.init_adapter) if p and not p.startswith(BUILTIN)]
+    reads = [artifacts] + [Path(p) for p in (c.data, c.eval_data, c.init_adapter)
+                           if p and not p.startswith(BUILTIN) and not data_formats.is_hub_id(p)]
     same_run, start_over = check_run_dir(run_path, resuming_from=resume_from, overwrite=c.overwrite, reads=reads)
     manifest = Manifest.load(artifacts)
     base_model = str(manifest.base_model_dir(artifacts).resolve())

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
 from ortlora.errors import OrtloraError
+from ortlora.runtime.data_formats import COLUMNS, is_hub_id, layout_file, parse_columns
 from ortlora.runtime.precision import PRECISIONS
 from ortlora.runtime.providers import PROVIDERS
 
@@ -51,9 +52,16 @@ def _f(default, help: str, choices=None, valid=None, path=False):
 @dataclass
 class TrainConfig:
     artifacts: str = _f("artifacts/tiny", "artifact directory made by ortlora-build", path=True)
-    data: str = _f("builtin:chat", "training data (JSON Lines), or builtin:chat|completions|text for the shipped sets",
-                   path=True)
-    eval_data: str | None = _f(None, "evaluation data; builtin data comes with its own validation split", path=True)
+    data: str = _f("builtin:chat", "training data: a .jsonl, .json (a list of rows), .csv or .parquet file, a directory "
+                   "with train and valid files (mlx-lm's layout: valid is the evaluation data), a Hugging Face Hub "
+                   "dataset id (owner/name; pip install 'ortlora[hub-data]'), or builtin:chat|completions|text for "
+                   "the shipped sets", path=True)
+    data_split: str | None = _f(None, "the split of a Hub dataset --data reads (default: train)")
+    eval_data: str | None = _f(None, "evaluation data, in any form --data takes (a directory: its valid file); builtin "
+                               "data comes with its own validation split", path=True)
+    eval_data_split: str | None = _f(None, "the split of a Hub dataset --eval-data reads (default: validation)")
+    columns: str | None = _f(None, "the data's column names for TRL's (" + ", ".join(COLUMNS) + "), NAME=COLUMN "
+                             "pairs: text=body, or prompt=question,completion=answer")
     eval_split: float = _f(0.0, "hold out this fraction of the training data for evaluation when no --eval-data",
                            valid=FRACTION)
     out: str | None = _f(None, "run directory: checkpoints, log, config, summary, loss curve (default: runs/NAME-TIME)",
@@ -122,7 +130,7 @@ class TrainConfig:
 
 
 def _absolute(value: str | None) -> str | None:
-    if value is None or value.startswith(BUILTIN):
+    if value is None or value.startswith(BUILTIN) or is_hub_id(value):
         return value
     return os.path.abspath(value)
 
@@ -182,7 +190,9 @@ def check_together(c: TrainConfig) -> None:
         raise OrtloraError(f"--eval-split {c.eval_split} holds out training data for evaluation when there is no "
                            f"--eval-data, and --eval-data {c.eval_data} is given: pass one of them (--eval-split 0 "
                            "turns it off)")
-    has_eval = c.eval_data or c.eval_split or c.data.startswith(BUILTIN)
+    check_data(c)
+    has_eval = c.eval_data or c.eval_split or c.data.startswith(BUILTIN) or \
+        os.path.isdir(c.data) and layout_file(Path(c.data), "valid")
     for name in ("eval_every", "eval_batches"):
         if getattr(c, name) and not has_eval:
             raise OrtloraError(f"--{name.replace('_', '-')} {getattr(c, name)} needs evaluation data, and {c.data} "
@@ -199,6 +209,16 @@ def check_together(c: TrainConfig) -> None:
     check_paths({"--" + name.replace("_", "-"): getattr(c, name) for name in PATH_FIELDS})
     if not c.ray_address:
         check_workers(c.workers, os.cpu_count() or 1, "this machine")
+
+
+def check_data(c: TrainConfig) -> None:
+    """--columns spells a mapping, and a split is given only for a Hub dataset."""
+    parse_columns(c.columns)
+    for flag, spec, split in (("--data", c.data, c.data_split), ("--eval-data", c.eval_data, c.eval_data_split)):
+        if split is not None and not is_hub_id(spec):
+            raise OrtloraError(f"{flag}-split {split} picks a split of a Hub dataset, and {flag} "
+                               f"{spec if spec else 'is not given'}{'' if not spec else ' is not one (owner/name)'}: "
+                               f"leave {flag}-split out")
 
 
 def check_threads(threads: int | None, flag: str = "--threads") -> None:
@@ -261,7 +281,8 @@ def toml_values(path: Path) -> dict[str, Any]:
         raise OrtloraError(f"{path}: {twice[0]!r} and {twice[0].replace('-', '_')!r} are the same setting; keep one")
     for key in PATH_FIELDS:
         value = named.get(key)
-        if isinstance(value, str) and not value.startswith(BUILTIN) and not Path(value).is_absolute():
+        if isinstance(value, str) and not value.startswith(BUILTIN) and not Path(value).is_absolute() and \
+                not is_hub_id(value, path.parent):
             named[key] = os.path.relpath(path.parent / value)
     return {key: _check(key, value, str(path)) for key, value in named.items()}
 

@@ -1,6 +1,7 @@
-"""Datasets: JSON Lines -> token ids with loss masks -> padded, shifted batches.
+"""Datasets: rows -> token ids with loss masks -> padded, shifted batches.
 
-Each line is one of
+Rows come from JSON Lines here, from the other formats (.json, .csv, .parquet, directories, Hub datasets) in
+data_formats.py, with TRL's column names. Each row is one of
     {"text": "..."}                               every token is trained
     {"prompt": "...", "completion": "..."}        only the completion is trained
     {"messages": [{"role": ..., "content": ...}]}  rendered with the chat template; only
@@ -35,17 +36,18 @@ class Example:
 
 @dataclass
 class LoadReport:
-    path: Path
+    path: str  # the file, or the Hub dataset and split
     examples: int = 0
     truncated: int = 0
     skipped: list[str] = field(default_factory=list)  # "file:line: why"
+    unit: str = "line"  # what the source's numbers count: lines of JSON Lines, rows of other formats
 
     def summary(self) -> str:
         parts = [f"{self.examples} examples from {self.path}"]
         if self.truncated:
             parts.append(f"{self.truncated} truncated to --max-seq-len")
         if self.skipped:
-            parts.append(f"{len(self.skipped)} bad lines skipped")
+            parts.append(f"{len(self.skipped)} bad {self.unit}s skipped")
         return ", ".join(parts)
 
 
@@ -319,29 +321,52 @@ def jsonl_lines(path: Path, what: str = "data file"):
         raise OrtloraError(f"{what} {path} cannot be read ({e.strerror or e})") from None
 
 
-def load_jsonl(path: Path, tokenizer: Tokenizer, max_seq_len: int, on_bad: str = "stop") -> tuple[list[Example], LoadReport]:
-    """Read and tokenise a JSON Lines file. on_bad: "stop" raises at the first bad line, "skip" counts it."""
-    if not path.is_file():
-        raise OrtloraError(f"data file {path} " + ("is not a file" if path.exists() else "does not exist"))
-    report = LoadReport(path)
-    examples: list[Example] = []
+def jsonl_rows(path: Path):
+    """(line number, JSON value or the BadExample that says why the line is none) of a JSON Lines file."""
+    first = True
     for lineno, raw in jsonl_lines(path):
         try:
-            example, truncated = encode_example(parse_line(raw), tokenizer, max_seq_len)
-        except TemplateTooCostly as e:  # the template's fault, not the line's: the run stops, naming the line
-            raise OrtloraError(f"{path}:{lineno}: {e}") from None
+            yield lineno, parse_line(raw)
         except BadExample as e:
-            where = f"{path}:{lineno}: {e}"
+            if first and raw.lstrip().startswith(b"["):  # a whole file that is one pretty-printed JSON list
+                e = BadExample(f"{e}; a file that is one JSON list of rows is read as one when it is named .json")
+            yield lineno, e
+        first = False
+
+
+def encode_rows(rows, where: str, tokenizer: Tokenizer, max_seq_len: int, on_bad: str = "stop",
+                unit: str = "line") -> tuple[list[Example], LoadReport]:
+    """Tokenise (number, row) pairs of one source, ``where`` naming it in ``where:number: what is wrong``; a row may
+    be the BadExample its reader found instead. on_bad: "stop" raises at the first bad row, "skip" counts it."""
+    report = LoadReport(where, unit=unit)
+    examples: list[Example] = []
+    for number, row in rows:
+        try:
+            if isinstance(row, BadExample):
+                raise row
+            example, truncated = encode_example(row, tokenizer, max_seq_len)
+        except TemplateTooCostly as e:  # the template's fault, not the row's: the run stops, naming the row
+            raise OrtloraError(f"{where}:{number}: {e}") from None
+        except BadExample as e:
+            problem = f"{where}:{number}: {e}"
             if on_bad == "stop":
-                raise OrtloraError(f"{where} (pass --on-bad-data skip to skip such lines)") from None
-            report.skipped.append(where)
+                raise OrtloraError(f"{problem} (pass --on-bad-data skip to skip such {unit}s)") from None
+            report.skipped.append(problem)
             continue
         examples.append(example)
         report.truncated += truncated
     if not examples:
-        raise OrtloraError(f"{path} has no usable examples" + (f" ({len(report.skipped)} bad lines)" if report.skipped else ""))
+        raise OrtloraError(f"{where} has no usable examples" +
+                           (f" ({len(report.skipped)} bad {unit}s)" if report.skipped else ""))
     report.examples = len(examples)
     return examples, report
+
+
+def load_jsonl(path: Path, tokenizer: Tokenizer, max_seq_len: int, on_bad: str = "stop") -> tuple[list[Example], LoadReport]:
+    """Read and tokenise a JSON Lines file. on_bad: "stop" raises at the first bad line, "skip" counts it."""
+    if not path.is_file():
+        raise OrtloraError(f"data file {path} " + ("is not a file" if path.exists() else "does not exist"))
+    return encode_rows(jsonl_rows(path), str(path), tokenizer, max_seq_len, on_bad)
 
 
 def pack(examples: list[Example], max_seq_len: int) -> list[Example]:
