@@ -48,6 +48,7 @@ NUMBER = (int, float)
 SCHEMA = {
     "format": int,
     "model": {"architecture": str, "model_type": str, "source": str, "weights_sha256": str, "source_dtype?": str,
+              "hub_id?": str, "revision?": str,  # a Hub model: its id and commit
               "base_precision?": str, "block_size?": int, "recompute?": str, "attention_mask?": str},
     "lora": {"rank": int, "alpha": NUMBER, "scaling": NUMBER, "dropout": NUMBER, "targets": [str], "init": str,
              "seed": int, "rslora?": bool, "layers?": [int], "rank_pattern?": {str: int}, "alpha_pattern?": {str: NUMBER},
@@ -91,7 +92,7 @@ class LoraParameter:
 
 @dataclass
 class Manifest:
-    model: dict  # architecture, source dir, the HF config, base weights hash
+    model: dict  # architecture, source dir, base weights hash; a Hub model's hub_id and revision (its commit)
     lora: dict  # rank, alpha, dropout, scaling, targets, init, seed, rslora, layers, rank/alpha_pattern, dora
     label_smoothing: float
     parameters: list[LoraParameter]

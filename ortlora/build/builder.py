@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ortlora import hub
 from ortlora.build import frozen_weights, portable_graph, training_artifacts
 from ortlora.build.export import stamp_ir_version
 from ortlora.build.model_dir import TOKENIZER_FILES, check_model_dir, expected_weights, source_dtype
@@ -300,6 +301,7 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, variant: dic
         "model_type": config["model_type"],
         # Relative paths are inside the artifact directory.
         "source": BUNDLED_BASE if options.bundle_base else str(options.model_dir.resolve()),
+        **hub.snapshot_record(options.model_dir),  # a Hub model (a snapshot in huggingface_hub's cache): id, commit
         "weights_sha256": base_hash,
         "source_dtype": source_dtype(options.model_dir),
         # The frozen matrices as stored: fp32 or bf16 whatever the source, or blockwise int8 / int4.

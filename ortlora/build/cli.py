@@ -25,8 +25,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "and generate ONNX Runtime training artifacts in which only the LoRA weights are trainable.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", type=Path, help="local Hugging Face model directory (config.json, *.safetensors, tokenizer)")
+    source.add_argument("--model", help="local Hugging Face model directory (config.json, *.safetensors, tokenizer), or "
+                        "a Hugging Face Hub id, owner/name, downloaded into huggingface_hub's cache (a directory "
+                        "of that name wins)")
     source.add_argument("--tiny", action="store_true", help="the built-in tiny Qwen2 model (created, seeded, no download)")
+    parser.add_argument("--revision", default=None,
+                        help="with a Hub id for --model: a branch, tag or commit (default: the repository's default "
+                        "branch); the manifest records the commit")
     parser.add_argument("--out", type=Path, default=Path("artifacts/tiny"), help="artifact directory (default: artifacts/tiny)")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: 8)")
     parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; scaling = alpha / rank (default: 16)")
@@ -140,6 +145,15 @@ def main(argv: list[str] | None = None) -> int:
         if alpha > FLOAT32_MAX:
             raise OrtloraError(f"--alpha-pattern {key}={float(alpha):g} is beyond float32's range (scaling = alpha / rank is a "
                                f"float32 in the graphs); pass at most {FLOAT32_MAX:.4g}")
+    if args.model is not None:
+        from ortlora import hub
+
+        if not Path(args.model).exists() and hub.is_hub_id(args.model):
+            check_out_dir(args.out, args.force)  # before a download
+        args.model = hub.resolve(args.model, args.revision, "--model")  # a directory, perhaps huggingface_hub's
+    elif args.revision is not None:
+        raise OrtloraError(f"--revision {args.revision} goes with --model and a Hugging Face Hub id, not --tiny: "
+                           "leave --revision out")
     check_against_model(args, model_config(args), patterns.get("--rank-pattern", {}))
     check_out_dir(args.out, args.force, args.model)  # fail before any slow work
     import torch

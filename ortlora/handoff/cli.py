@@ -32,7 +32,8 @@ MIN_SHARD_BYTES = 2**10
 # The targets that use each option; given with another --to it would be ignored, so it is refused (--to mlx
 # refuses --with-base and --gguf-type itself, in mlx_adapter.check_exportable).
 USED_BY = {"--gguf-type": ("gguf", "gguf-merged"), "--with-base": ("gguf",), "--ort-format": ("onnx",),
-           "--max-shard-size": ("merged",), "--base": ("peft", "merged", "onnx", "gguf", "gguf-merged", "mlx")}
+           "--max-shard-size": ("merged",), "--base": ("peft", "merged", "onnx", "gguf", "gguf-merged", "mlx"),
+           "--revision": ("peft", "merged", "onnx", "gguf", "gguf-merged", "mlx")}
 REFUSED_BY_TARGET = {("--gguf-type", "mlx"), ("--with-base", "mlx")}
 
 
@@ -56,7 +57,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "llama.cpp; gguf-merged: the merged model for llama.cpp (both need ortlora[gguf]); "
                              "mlx: the adapter for mlx-lm")
     parser.add_argument("--out", type=Path, required=True, help="output directory (replaced only with --force)")
-    parser.add_argument("--base", type=Path, default=None, help="the base model directory (default: the one the artifacts were built from)")
+    parser.add_argument("--base", default=None,
+                        help="the base model directory, or a Hugging Face Hub id (owner/name) read through "
+                        "huggingface_hub's cache (default: the one the artifacts were built from)")
+    parser.add_argument("--revision", default=None,
+                        help="with a Hub id for --base: a branch, tag or commit (default: the commit the artifacts were "
+                        "built from where they were built from that id, else the default branch)")
     parser.add_argument("--max-shard-size", default=None,  # None: not given (MAX_SHARD_SIZE), see check_options
                         help=f"merged: largest safetensors file (default: {MAX_SHARD_SIZE})")
     parser.add_argument("--ort-format", action="store_true", help="onnx: also write model.ort, the format of ONNX Runtime's mobile builds")
@@ -73,7 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def check_options(args: argparse.Namespace) -> None:
     """Refuse, before anything is read, an option that --to would ignore and a shard size no export can use."""
     given = {"--gguf-type": args.gguf_type, "--with-base": args.with_base or None, "--ort-format": args.ort_format or None,
-             "--max-shard-size": args.max_shard_size, "--base": args.base}
+             "--max-shard-size": args.max_shard_size, "--base": args.base, "--revision": args.revision}
     for flag, value in given.items():
         if isinstance(value, str) and not value.strip():
             raise OrtloraError(f"{flag} is empty: give it a value, or leave it out for the default")
@@ -84,6 +90,9 @@ def check_options(args: argparse.Namespace) -> None:
     if args.base is not None and args.to == "gguf" and not args.with_base:
         raise OrtloraError(f"--base {args.base} is read by --to gguf only with --with-base (base.gguf is written from "
                            "it): pass --with-base, or leave --base out")
+    if args.revision is not None and args.base is None:
+        raise OrtloraError(f"--revision {args.revision} goes with --base and a Hugging Face Hub id: pass --base "
+                           "owner/name, or leave --revision out")
     args.max_shard_size = MAX_SHARD_SIZE if args.max_shard_size is None else args.max_shard_size
     if parse_size(args.max_shard_size) < MIN_SHARD_BYTES:
         raise OrtloraError(f"--max-shard-size {args.max_shard_size} is {parse_size(args.max_shard_size)} bytes; a "
@@ -96,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_options(args)
     check_output_dir(args.out, flag="--force", replace=args.force, what="ortlora-export",
-                     reads=[p for p in (args.artifacts, args.adapter, args.base) if p is not None])
+                     reads=[Path(p) for p in (args.artifacts, args.adapter, args.base) if p is not None])
     manifest = Manifest.load(args.artifacts)
     adapter_dir = find_checkpoint(args.adapter)  # a checkpoint, RUN, RUN/best, a PEFT or an mlx-lm adapter
     from_mlx = mlx_adapter.is_mlx_adapter(adapter_dir)
@@ -110,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         onnx_adapter.check_exportable(manifest)
     if args.to in ("gguf", "gguf-merged", "mlx"):  # refused before anything is written
         (gguf_export if args.to.startswith("gguf") else mlx_adapter).check_exportable(args, manifest)
+    hub_id = resolve_base(args, manifest)  # a Hub id becomes its snapshot in huggingface_hub's cache
 
     # Everything is written beside --out and moved into place at the end: a failure writes nothing.
     with staging_dir(args.out) as staging:
@@ -123,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
             config = read_json(given) if given.is_file() and not from_mlx else adapter_config(manifest, "")
             if given.is_file() and not from_mlx:  # the user's config is copied: PEFT must read it as this adapter
                 check_peft_config(config, manifest, given)
-            if base is not None:
+            if hub_id is not None:  # PEFT's from_pretrained loads the base by its Hub id, at this commit
+                config["base_model_name_or_path"], config["revision"] = hub_id, base.name
+            elif base is not None:
                 config["base_model_name_or_path"] = str(base.resolve())
             (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
             summary = f"PEFT adapter ({len(weights)} tensors)"
@@ -151,6 +163,20 @@ def main(argv: list[str] | None = None) -> int:
         replace_dir(staging, args.out, "ortlora-export")
     print(f"wrote {args.out}: {summary} from {adapter_dir}")
     return 0
+
+
+def resolve_base(args: argparse.Namespace, manifest: Manifest) -> str | None:
+    """Make --base a directory (a Hub id: its snapshot, at --revision, else at the commit the artifacts were built
+    from where they were built from that id). Returns the Hub id, or None for a local --base or none."""
+    if args.base is None:
+        return None
+    from ortlora import hub
+
+    given = args.base
+    from_hub = not Path(given).exists() and hub.is_hub_id(given)  # a directory of that name wins
+    recorded = manifest.model.get("revision") if manifest.model.get("hub_id") == given else None
+    args.base = hub.resolve(given, args.revision, "--base", default_revision=recorded)
+    return given if from_hub else None
 
 
 def base_model_or_none(args: argparse.Namespace, manifest: Manifest) -> Path | None:

@@ -38,8 +38,10 @@ def base_model_dir(artifacts: Path, manifest: Manifest, given: Path | None = Non
     """The base model the artifacts were built from (or ``given``), checked by its weights' hash."""
     base = given or manifest.base_model_dir(artifacts)
     if not base.is_dir() or not weight_files(base):
+        hub_id = manifest.model.get("hub_id")  # built from the Hub: the id finds it again (at the recorded commit)
+        hint = f" (--base {hub_id} reads it from the Hugging Face Hub or its cache)" if hub_id and not given else ""
         raise OrtloraError(f"base model {base} is missing (no *.safetensors there); pass --base with the model "
-                           f"the artifacts were built from")
+                           f"the artifacts were built from{hint}")
     if weights_sha256(base) != manifest.model["weights_sha256"]:
         raise OrtloraError(f"base model {base} is not the one the artifacts were built from (its weights differ); "
                            f"pass --base with that model")
