@@ -77,11 +77,12 @@ def test_a_bad_data_line_names_file_and_line_and_can_be_skipped(artifacts, tmp_p
     assert "1 bad lines skipped" in capsys.readouterr().out
 
 
-def test_a_file_that_is_one_json_array_says_json_lines(artifacts, tmp_path, capsys):
-    data = tmp_path / "d.json"
+def test_a_json_lines_file_that_is_one_json_array_says_json_lines(artifacts, tmp_path, capsys):
+    """A .jsonl file holding one JSON list is refused; named .json, the same list is data (test_data_formats.py)."""
+    data = tmp_path / "d.jsonl"
     data.write_text('[\n  {"text": "a"},\n  {"text": "b"}\n]\n')
     err = one_line(capsys, train(artifacts, tmp_path, "--data", str(data)))
-    assert "d.json:1: not valid JSON" in err and "expected JSON Lines, one object per line" in err
+    assert "d.jsonl:1: not valid JSON" in err and "expected JSON Lines, one object per line" in err
 
 
 def test_a_conversation_opening_with_the_assistant_trains_that_turn_with_qwen25s_template(tmp_path):

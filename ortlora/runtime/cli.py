@@ -133,6 +133,7 @@ def make_backend(c: cfg.TrainConfig, artifacts: Path, manifest: Manifest):
 def data_sources(c: cfg.TrainConfig) -> tuple[data_formats.Source, data_formats.Source | None, str | None]:
     """What --data and --eval-data name: the training rows, the evaluation rows (None: none, or --eval-split's),
     and a note when the evaluation rows were not named (a directory's valid file, as mlx-lm takes it)."""
+    cfg.check_paths({"--data": c.data, "--eval-data": c.eval_data})  # a name too long, a loop: one line
     if c.data.startswith(BUILTIN):
         train = data_formats.Source("jsonl", str(data_path(c.data, "train")))
     else:
