@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import tempfile
@@ -15,35 +16,39 @@ from ortlora.runtime.config import check_paths, check_seed, check_threads
 
 TINY_TEMP = "ortlora-tiny"  # the tiny model is made in a temporary directory of this name
 FLOAT32_MAX = 3.4028234663852886e38
+BUILD_PACKAGES = ("torch", "transformers", "onnx")
+INSTALL_BUILD = "pip install 'ortlora[build]'"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="ortlora-build",
-        allow_abbrev=False,
-        description="Inject LoRA into a Qwen2/Qwen2.5 model, export it to ONNX with a causal-LM loss "
-        "and generate ONNX Runtime training artifacts in which only the LoRA weights are trainable.",
-    )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="local Hugging Face model directory (config.json, *.safetensors, tokenizer), or "
-                        "a Hugging Face Hub id, owner/name, downloaded into huggingface_hub's cache (a directory "
-                        "of that name wins)")
-    source.add_argument("--tiny", action="store_true", help="the built-in tiny Qwen2 model (created, seeded, no download)")
+TINY_MODEL = "builtin:tiny"  # --model's name for --tiny (ortlora-train --model builtin:tiny builds it too)
+
+
+def missing_build_packages() -> list[str]:
+    """The build side's packages that this environment lacks (a runtime-only install lacks them all)."""
+    return [name for name in BUILD_PACKAGES if importlib.util.find_spec(name) is None]
+
+
+def add_artifact_arguments(parser, defaults: bool = True) -> None:
+    """The options that shape the artifacts: the model's revision, LoRA and the frozen base. ortlora-train --model
+    takes the same ones (build_cache.py); there ``defaults=False`` leaves each default None, so that an option the
+    user gave can be told from one left out."""
+    def d(value):
+        return value if defaults else None
+
     parser.add_argument("--revision", default=None,
                         help="with a Hub id for --model: a branch, tag or commit (default: the repository's default "
                         "branch); the manifest records the commit")
-    parser.add_argument("--out", type=Path, default=Path("artifacts/tiny"), help="artifact directory (default: artifacts/tiny)")
-    parser.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: 8)")
-    parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; scaling = alpha / rank (default: 16)")
-    parser.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input, training only (default: 0)")
-    parser.add_argument("--targets", default="q_proj,v_proj",
+    parser.add_argument("--rank", type=int, default=d(8), help="LoRA rank r (default: 8)")
+    parser.add_argument("--alpha", type=float, default=d(16.0), help="LoRA alpha; scaling = alpha / rank (default: 16)")
+    parser.add_argument("--dropout", type=float, default=d(0.0), help="dropout on the LoRA input, training only (default: 0)")
+    parser.add_argument("--targets", default=d("q_proj,v_proj"),
                         help="comma-separated projections (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj) "
                         "or all-linear (default: q_proj,v_proj)")
-    parser.add_argument("--init", choices=("gaussian", "kaiming"), default="gaussian",
+    parser.add_argument("--init", choices=("gaussian", "kaiming"), default=d("gaussian"),
                         help="initialisation of LoRA A (B starts at zero): gaussian, N(0, 1/rank) (PEFT's "
                         "init_lora_weights=\"gaussian\"), or kaiming, nn.Linear's kaiming-uniform (PEFT's default, "
                         "init_lora_weights=True) (default: gaussian)")
-    parser.add_argument("--rslora", action="store_true",
+    parser.add_argument("--rslora", action="store_true", default=d(False),
                         help="rank-stabilised LoRA: scaling = alpha / sqrt(rank) (PEFT's use_rslora)")
     parser.add_argument("--layers", default=None,
                         help="adapt only these decoder layers: N or last:N for the last N, or indices and ranges "
@@ -53,27 +58,54 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(PEFT's rank_pattern: a key matches the end of a module name, the first match wins)")
     parser.add_argument("--alpha-pattern", default=None,
                         help="alpha per module name, as --rank-pattern (PEFT's alpha_pattern)")
-    parser.add_argument("--dora", action="store_true",
+    parser.add_argument("--dora", action="store_true", default=d(False),
                         help="DoRA: a trainable magnitude per output row of each adapted module (PEFT's use_dora; "
                         "fp32 base only)")
-    parser.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the loss (default: 0)")
-    parser.add_argument("--base-precision", choices=("fp32", "bf16", "int8", "int4"), default="fp32",
+    parser.add_argument("--label-smoothing", type=float, default=d(0.0), help="label smoothing of the loss (default: 0)")
+    parser.add_argument("--base-precision", choices=("fp32", "bf16", "int8", "int4"), default=d("fp32"),
                         help="how the frozen matrices are stored and read: fp32; bf16 (half the bytes: a bf16 "
                         "checkpoint's values bit for bit, others rounded as torch rounds; widened to fp32 at each "
                         "use); or blockwise int8 / int4 quantized (dequantized at each use). LoRA stays fp32 "
                         "(default: fp32)")
     parser.add_argument("--block-size", type=int, default=None,  # None: not given (BLOCK_SIZE where it applies)
                         help="inputs that share a scale in an int8 / int4 base (default: 32)")
-    parser.add_argument("--recompute", choices=("none", "layers"), default="none",
+    parser.add_argument("--recompute", choices=("none", "layers"), default=d("none"),
                         help="layers: each decoder layer's forward pass is recomputed in the backward pass instead of "
                         "keeping its activations (gradient checkpointing: less memory at large batches, about a "
                         "fifth to a quarter more time) (default: none)")
+
+
+def artifact_defaults() -> dict:
+    """Each artifact option's destination and default, as ortlora-build takes it."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_artifact_arguments(parser)
+    return {action.dest: action.default for action in parser._actions}
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ortlora-build",
+        allow_abbrev=False,
+        description="Inject LoRA into a Qwen2/Qwen2.5 model, export it to ONNX with a causal-LM loss "
+        "and generate ONNX Runtime training artifacts in which only the LoRA weights are trainable.",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="local Hugging Face model directory (config.json, *.safetensors, tokenizer), or "
+                        "a Hugging Face Hub id, owner/name, downloaded into huggingface_hub's cache (a directory "
+                        f"of that name wins), or {TINY_MODEL} (as --tiny)")
+    source.add_argument("--tiny", action="store_true", help="the built-in tiny Qwen2 model (created, seeded, no download)")
+    parser.add_argument("--out", type=Path, default=Path("artifacts/tiny"), help="artifact directory (default: artifacts/tiny)")
+    add_artifact_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed for LoRA A initialisation and the tiny model (default: 0)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the export (default: all cores)")
     parser.add_argument("--force", action="store_true",
                         help="replace an existing artifact directory (only one that ortlora-build wrote)")
     add_debug_argument(parser)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return make_parser().parse_args(argv)
 
 
 def check_numbers(args: argparse.Namespace) -> None:
@@ -127,6 +159,25 @@ def check_against_model(args: argparse.Namespace, config: dict, rank_pattern: di
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    start = time.perf_counter()
+    manifest = run(args)
+    print(f"{built(args.out, manifest, time.perf_counter() - start)}; next: ortlora-train --artifacts {args.out}")
+    return 0
+
+
+def built(out: Path, manifest, seconds: float) -> str:
+    return (f"built {out} in {seconds:.1f} s: {manifest.counts['trainable']:,} trainable of "
+            f"{manifest.counts['total']:,} parameters")
+
+
+def run(args: argparse.Namespace):
+    """Check every option of ``args`` (ortlora-build's, parsed), then build; returns the manifest. ortlora-build,
+    ``ortlora.build()`` and ortlora-train --model all build through here."""
+    if args.model == TINY_MODEL and not Path(args.model).exists():
+        args.model, args.tiny = None, True
+    if missing := missing_build_packages():
+        raise OrtloraError(f"building artifacts needs torch, transformers and onnx, and {', '.join(missing)} "
+                           f"{'is' if len(missing) == 1 else 'are'} not installed: {INSTALL_BUILD}")
     from ortlora.build.builder import BuildOptions, build, check_out_dir
     from ortlora.build.lora import parse_targets
     from ortlora.build.quantize import BLOCK_SIZE
@@ -160,7 +211,6 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    start = time.perf_counter()
     remove_stale_temp(TINY_TEMP)  # the tiny models of builds that were killed
     with tempfile.TemporaryDirectory(prefix=temp_prefix(TINY_TEMP)) as tmp:
         model_dir = args.model
@@ -191,8 +241,4 @@ def main(argv: list[str] | None = None) -> int:
             alpha_pattern=args.alpha_pattern,
             dora=args.dora,
         )
-        manifest = build(options)
-    print(f"built {args.out} in {time.perf_counter() - start:.1f} s: "
-          f"{manifest.counts['trainable']:,} trainable of {manifest.counts['total']:,} parameters; "
-          f"next: ortlora-train --artifacts {args.out}")
-    return 0
+        return build(options)

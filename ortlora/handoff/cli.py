@@ -44,7 +44,7 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, None: 1}[match.group(2)])
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ortlora-export", description=__doc__, allow_abbrev=False)
     parser.add_argument("--artifacts", type=Path, default=Path("artifacts/tiny"), help="the artifact directory the adapter was trained on")
     parser.add_argument("--adapter", type=Path, required=True,
@@ -73,7 +73,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--force", action="store_true",
                         help="replace an existing output directory (only one that ortlora-export wrote)")
     add_debug_argument(parser)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return make_parser().parse_args(argv)
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -102,7 +106,13 @@ def check_options(args: argparse.Namespace) -> None:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    run(parse_args(argv))
+    return 0
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Export as ``args`` (ortlora-export's, parsed) say; returns the output directory. ortlora-export and
+    ``ortlora.export()`` both export through here."""
     check_options(args)
     check_output_dir(args.out, flag="--force", replace=args.force, what="ortlora-export",
                      reads=[Path(p) for p in (args.artifacts, args.adapter, args.base) if p is not None])
@@ -162,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         (staging / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         replace_dir(staging, args.out, "ortlora-export")
     print(f"wrote {args.out}: {summary} from {adapter_dir}")
-    return 0
+    return args.out
 
 
 def resolve_base(args: argparse.Namespace, manifest: Manifest) -> str | None:

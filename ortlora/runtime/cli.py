@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 from importlib import resources
 from pathlib import Path
@@ -42,7 +43,7 @@ RESUME_ELSEWHERE = "resume from another checkpoint"
 PROFILE_TEMP = "ortlora-profile"  # session_backend's first-step profiles, named ortlora-profile-<pid>_...
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ortlora-train",
         description="Train LoRA weights on ONNX Runtime from an ortlora-build artifact directory.",
@@ -51,7 +52,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, help="TOML file of settings (the command line wins over it)")
     cfg.add_arguments(parser)
     add_debug_argument(parser)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return make_parser().parse_args(argv)
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[cfg.TrainConfig, Path | None]:
@@ -188,6 +193,9 @@ def stop_at_step_boundary(trainer: Trainer):
         print(f"\n{trainer.stop_requested}: saving a checkpoint after this step (again to stop at once)",
               file=sys.stderr, flush=True)
 
+    if threading.current_thread() is not threading.main_thread():  # ortlora.train() in a thread: no handlers there
+        yield
+        return
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     for s in previous:
         signal.signal(s, handler)
@@ -200,7 +208,13 @@ def stop_at_step_boundary(trainer: Trainer):
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    return run(parse_args(argv))[0]
+
+
+def run(args: argparse.Namespace) -> tuple[int, Path, Path]:
+    """Train as ``args`` (ortlora-train's, parsed) say. Returns the exit code (0, or 130 where a signal stopped the
+    run at a checkpoint), the run directory and the artifacts. ortlora-train and ``ortlora.train()`` both train
+    through here."""
     c, resume_from = resolve_config(args)
     if c.report_to == "tensorboard":
         tensorboard_writer()  # not installed: one line saying what to install, before any work
@@ -230,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     done = state["position"]["step"] if resume_from else 0
     if resume_from and (done >= total or RunState.from_state(state, resume_from / TRAINER_STATE).stopped_early(
             c.early_stop_patience)):
-        return finish_ended_run(run_path, c, resume_from, state, same_run, done, total)
+        code = finish_ended_run(run_path, c, resume_from, state, same_run, done, total)
+        return code, run_path if same_run else resume_from.parent, artifacts
 
     # The starting weights are read and checked before the run directory is touched: a refusal writes nothing.
     start = resume_from or (find_checkpoint(Path(c.init_adapter)) if c.init_adapter else None)
@@ -240,8 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     run = RunDir(run_path)  # locked until the process ends
     try:
         messages += run.begin(start_over=start_over, resume_from=resume_from, step=done)
-        return train_in(run_path, c, artifacts, manifest, base_model, backend, tokenizer, train, evaluation, messages,
+        code = train_in(run_path, c, artifacts, manifest, base_model, backend, tokenizer, train, evaluation, messages,
                         resume_from, initial)
+        return code, run_path, artifacts
     finally:
         run.close()
         if hasattr(backend[1], "close"):  # Ray's workers
