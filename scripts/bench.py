@@ -235,7 +235,7 @@ def run_build(args) -> dict:
     source = ["--tiny"] if args.build == "tiny" else ["--model", args.build]
     command = [sys.executable, str(ROOT / "scripts" / "build_artifacts.py"), *source, "--out", args.artifacts,
                "--targets", args.targets, "--rank", str(args.rank), "--force", "--base-precision", args.base_precision]
-    if args.base_precision != "fp32":  # the blocks of a quantized base; an fp32 build refuses the option
+    if args.base_precision in ("int8", "int4"):  # the blocks of a quantized base; other builds refuse the option
         command += ["--block-size", str(args.block_size)]
     if args.threads:
         command += ["--threads", str(args.threads)]
@@ -288,7 +288,7 @@ def main(argv=None) -> int:
                         help="first build --artifacts from this model directory ('tiny': the built-in model), timed")
     parser.add_argument("--shape", default=None, help="a published shape (qwen2.5-0.5b ... qwen2.5-7b): make a random "
                         "bf16, sharded model of it in models/SHAPE if missing, then --build it into artifacts/SHAPE")
-    parser.add_argument("--base-precision", choices=("fp32", "int8", "int4"), default="fp32",
+    parser.add_argument("--base-precision", choices=("fp32", "bf16", "int8", "int4"), default="fp32",
                         help="the frozen base of the --build / --shape (default: fp32); torch stays fp32")
     parser.add_argument("--block-size", type=int, default=32, help="block size of a quantized base (default: 32)")
     parser.add_argument("--targets", default="q_proj,v_proj", help="LoRA targets of the --build (default: q_proj,v_proj)")
