@@ -77,11 +77,12 @@ def _one_line_errors(function):
 
 
 def arguments(parser: argparse.ArgumentParser, options: dict, caller: str) -> argparse.Namespace:
-    """``options`` (keyword -> value) parsed as the command line ``parser`` reads; a mistake is one OrtloraError."""
+    """``options`` (keyword -> value) parsed as the command line ``parser`` reads; a mistake is one OrtloraError
+    that starts with ``caller`` (who passed them: "ortlora.train()")."""
     actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in NOT_OPTIONS}
     unknown = sorted(set(options) - set(actions))
     if unknown:
-        raise OrtloraError(f"{caller}() got unknown keyword{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+        raise OrtloraError(f"{caller} got unknown keyword{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
                            f"it takes {', '.join(sorted(actions))}")
     argv = []
     for name, value in options.items():
@@ -90,7 +91,7 @@ def arguments(parser: argparse.ArgumentParser, options: dict, caller: str) -> ar
             continue  # the option's default
         if action.nargs == 0:  # a flag: store_true, or --x / --no-x
             if not isinstance(value, bool):
-                raise OrtloraError(f"{caller}(): {name} must be True or False, got {value!r}")
+                raise OrtloraError(f"{caller}: {name} must be True or False, got {value!r}")
             if isinstance(action, argparse.BooleanOptionalAction):
                 argv.append(flag if value else action.option_strings[1])
             elif value:
@@ -103,7 +104,7 @@ def arguments(parser: argparse.ArgumentParser, options: dict, caller: str) -> ar
         argv.append(f"{flag}={os.fspath(value) if isinstance(value, os.PathLike) else value}")
 
     def refuse(message: str):
-        raise OrtloraError(f"{caller}(): {message.replace('argument ', '', 1)}")
+        raise OrtloraError(f"{caller}: {message.replace('argument ', '', 1)}")
 
     parser.error = refuse  # argparse's usage-and-exit, for the command line only
     return parser.parse_args(argv)
@@ -121,7 +122,7 @@ def build(**options) -> Path:
 
     from ortlora.build import cli
 
-    args = arguments(cli.make_parser(), options, "ortlora.build")
+    args = arguments(cli.make_parser(), options, "ortlora.build()")
     start = time.perf_counter()
     manifest = cli.run(args)
     print(cli.built(args.out, manifest, time.perf_counter() - start), flush=True)
@@ -138,7 +139,7 @@ def train(**options) -> Run:
     """
     from ortlora.runtime import cli
 
-    code, out, artifacts = cli.run(arguments(cli.make_parser(), options, "ortlora.train"))
+    code, out, artifacts = cli.run(arguments(cli.make_parser(), options, "ortlora.train()"))
     if code:
         raise KeyboardInterrupt(f"training stopped; continue with ortlora.train(resume={str(out)!r})")
     return Run.read(out, artifacts)
@@ -153,4 +154,4 @@ def export(**options) -> Path:
     """
     from ortlora.handoff import cli
 
-    return Path(cli.run(arguments(cli.make_parser(), options, "ortlora.export")))
+    return Path(cli.run(arguments(cli.make_parser(), options, "ortlora.export()")))

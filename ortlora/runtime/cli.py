@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -51,6 +52,10 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", type=Path, help="TOML file of settings (the command line wins over it)")
     cfg.add_arguments(parser)
+    from ortlora.build.cli import add_artifact_arguments  # torch-free: the definitions of ortlora-build's options
+
+    add_artifact_arguments(parser.add_argument_group("build options, with --model (ortlora-build's; in a TOML file "
+                                                     "as top-level keys)"), defaults=False)
     add_debug_argument(parser)
     return parser
 
@@ -65,12 +70,18 @@ def resolve_config(args: argparse.Namespace) -> tuple[cfg.TrainConfig, Path | No
     overwrite give way; one source that sets a resume and either of them (overwrite: of the run resumed), or both
     epochs and max_steps, is refused: the run would ignore one of them."""
     given = cfg.given(args)
+    from ortlora.build.cli import artifact_defaults
+
+    build = {key: getattr(args, key) for key in artifact_defaults() if getattr(args, key, None) is not None}
+    if build:
+        given["build"] = build
     if args.config:
         cfg.check_paths({"--config": args.config})
     layers = [(str(args.config), cfg.toml_values(args.config))] if args.config else []
     layers.append((cfg.COMMAND_LINE, given))
     for source, values in layers:
         cfg.check_length(values, source)
+        cfg.check_source(values, source)
     at = next((i for i in reversed(range(len(layers))) if layers[i][1].get("resume")), None)
     resume = None if at is None else layers[at][1]["resume"]
     base, resume_from = cfg.TrainConfig(), None
@@ -87,6 +98,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[cfg.TrainConfig, Path | No
         base.out = str(resume_from.parent)  # unless the file or the command line names another --out
     config = base
     for source, values in layers:
+        if "artifacts" in values:  # artifacts named here replace a model (and its build options) named below
+            config = dataclasses.replace(config, model=None, build=None)
         config = cfg.from_mapping(values, source, config)
         if "epochs" in values and "max_steps" not in values:
             config.max_steps = None  # epochs set here set the length, over a max_steps of the layers below
@@ -218,11 +231,18 @@ def run(args: argparse.Namespace) -> tuple[int, Path, Path]:
     c, resume_from = resolve_config(args)
     if c.report_to == "tensorboard":
         tensorboard_writer()  # not installed: one line saying what to install, before any work
+    reads = [Path(p) for p in (c.data, c.eval_data, c.init_adapter)
+             if p and not p.startswith(BUILTIN) and not data_formats.is_hub_id(p)]
+    if c.model:  # the one command: artifacts built on first use, then reused from the cache
+        from ortlora.build_cache import artifacts_for
+
+        if c.out:  # an --out this run may not write is refused before a build
+            check_run_dir(Path(c.out), resuming_from=resume_from, overwrite=c.overwrite, reads=reads)
+        c.artifacts = str(artifacts_for(c.model, c.build or {}, c.threads))
     artifacts = Path(c.artifacts)
     run_path = Path(c.out) if c.out else Path("runs") / f"{artifacts.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    reads = [artifacts] + [Path(p) for p in (c.data, c.eval_data, c.init_adapter)
-                           if p and not p.startswith(BUILTIN) and not data_formats.is_hub_id(p)]
-    same_run, start_over = check_run_dir(run_path, resuming_from=resume_from, overwrite=c.overwrite, reads=reads)
+    same_run, start_over = check_run_dir(run_path, resuming_from=resume_from, overwrite=c.overwrite,
+                                         reads=[artifacts, *reads])
     manifest = Manifest.load(artifacts)
     base_model = str(manifest.base_model_dir(artifacts).resolve())
     print(f"ortlora-train: {artifacts} (base model {base_model}; LoRA r={manifest.lora['rank']} on "

@@ -52,6 +52,10 @@ def _f(default, help: str, choices=None, valid=None, path=False):
 @dataclass
 class TrainConfig:
     artifacts: str = _f("artifacts/tiny", "artifact directory made by ortlora-build", path=True)
+    model: str | None = _f(None, "instead of --artifacts: a model (a Hugging Face directory, a Hub id owner/name with "
+                           "--revision, or builtin:tiny) whose artifacts are built on first use with the build options "
+                           "below (ortlora-build's, which needs pip install 'ortlora[build]'), kept in a cache "
+                           "($ORTLORA_CACHE, default ~/.cache/ortlora) and reused from then on", path=True)
     data: str = _f("builtin:chat", "training data: a .jsonl, .json (a list of rows), .csv or .parquet file, a directory "
                    "with train and valid files (mlx-lm's layout: valid is the evaluation data), a Hugging Face Hub "
                    "dataset id (owner/name; pip install 'ortlora[hub-data]'), or builtin:chat|completions|text for "
@@ -120,6 +124,9 @@ class TrainConfig:
     init_adapter: str | None = _f(None, "start from an existing PEFT adapter directory", path=True)
     plot: bool = _f(True, "write a loss-curve PNG into the run directory")
     progress: bool = _f(True, "show a progress bar")
+    # With --model: ortlora-build's options that shape the artifacts (rank, alpha, targets, ...), by name, as given
+    # (on the command line as ortlora-build's own options, in a TOML file as top-level keys).
+    build: dict | None = _f(None, "ortlora-build's options for --model")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -172,6 +179,12 @@ def _check(key: str, value: Any, source: str) -> Any:
 def check_together(c: TrainConfig) -> None:
     """Rules that tie settings to each other (each alone passed ``_check``): a setting that another one would
     make the run ignore is refused, never dropped."""
+    if c.build and not c.model:
+        name, value = next(iter(c.build.items()))
+        flag = "--" + name.replace("_", "-")
+        shown = flag if value is True else f"{flag} {value}"
+        raise OrtloraError(f"{shown} is a build option, and --artifacts {c.artifacts} is built already: pass --model "
+                           f"ID_OR_DIR instead (its artifacts are built with {flag} and cached), or leave {flag} out")
     if c.min_lr > c.lr:
         raise OrtloraError(f"--min-lr ({c.min_lr}) must not exceed --lr ({c.lr})")
     if c.min_lr and c.schedule == "constant":
@@ -245,6 +258,14 @@ def check_workers(workers: int, cpus: float, cluster: str) -> None:
                            f"pass --workers {max(1, int(cpus))} or fewer, or --ray-address of a cluster with more")
 
 
+def check_source(values: dict, source: str) -> None:
+    """--artifacts and --model both name the artifacts; one source gives one of them."""
+    if values.get("model") and "artifacts" in values:
+        where = "--artifacts and --model" if source == COMMAND_LINE else f"{source}: artifacts and model"
+        raise OrtloraError(f"{where} both name the artifacts to train ({values['artifacts']}; {values['model']}, built "
+                           "and cached on first use): pass one of them")
+
+
 def check_length(values: dict, source: str) -> None:
     """epochs and max_steps both set the run's length; one source that sets both would see epochs ignored."""
     if {"epochs", "max_steps"} <= values.keys():
@@ -256,7 +277,11 @@ def check_length(values: dict, source: str) -> None:
 def from_mapping(values: dict, source: str, base: TrainConfig | None = None) -> TrainConfig:
     config = dataclasses.replace(base) if base else TrainConfig()
     for key, value in values.items():
-        setattr(config, key.replace("-", "_"), _check(key.replace("-", "_"), value, source))
+        name = key.replace("-", "_")
+        value = _check(name, value, source)
+        if name == "build" and value is not None:  # the build options of each source add to those below it
+            value = {**(config.build or {}), **value}
+        setattr(config, name, value)
     return config
 
 
@@ -279,6 +304,11 @@ def toml_values(path: Path) -> dict[str, Any]:
     if len(named) < len(values):
         twice = sorted(k for k in values if k.replace("-", "_") != k and k.replace("-", "_") in values)
         raise OrtloraError(f"{path}: {twice[0]!r} and {twice[0].replace('-', '_')!r} are the same setting; keep one")
+    from ortlora.build.cli import artifact_defaults  # torch-free: ortlora-build's options, no more
+
+    build = {key: named.pop(key) for key in artifact_defaults() if key in named}
+    if build:
+        named["build"] = {**named.get("build", {}), **build} if isinstance(named.get("build"), dict) else build
     for key in PATH_FIELDS:
         value = named.get(key)
         if isinstance(value, str) and not value.startswith(BUILTIN) and not Path(value).is_absolute() and \
@@ -307,6 +337,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = _types(f.name)[0][0]
+        if kind is dict:  # build: ortlora-build's own options stand for it (runtime/cli.py)
+            continue
         help_text = f.metadata["help"]
         if f.default is not None and "default" not in help_text:
             help_text += f" (default: {f.default})"
