@@ -58,6 +58,8 @@ SCHEMA = {
     "files": {"training_model": str, "eval_model": str, "checkpoint": str, "initial_lora": str, "config": str,
               "tokenizer": [str], "optimizer_model?": str, "inference_model?": str, "decoder_model?": str,
               "portable_training_model?": str, "portable_eval_model?": str, "frozen_weights?": str,
+              # a bf16 base's portable graphs for OpenVINO's provider (portable_graph.unordered_widening)
+              "portable_training_openvino_model?": str, "portable_eval_openvino_model?": str,
               "external_data?": [str]},
     "io": {"training": {"inputs": [str], "outputs": [str]}, str: {"inputs": [str], "outputs": [str]}},
     "counts": {"trainable": int, "total": int},

@@ -238,3 +238,34 @@ def test_a_nan_in_a_bf16_matrix_is_refused_in_one_line(bf16_base, tmp_path, caps
                            "--no-progress", "--no-plot"]) != 0
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "NaN or infinite" in err and name in err and "\n" not in err
+
+
+@needs("openvino")
+def test_openvino_trains_a_bf16_base_on_its_own_graphs(bf16_base, tmp_path):
+    """OpenVINO's provider fails on the ordered widening the CPU provider needs; it runs the bf16 base's
+    OpenVINO graphs instead, which give PyTorch + PEFT's loss and gradients on the widened base (fp32 hint)."""
+    artifacts, _, reference = bf16_base
+    manifest = Manifest.load(artifacts)
+    assert {"portable_training_openvino_model", "portable_eval_openvino_model"} <= set(manifest.files)
+    weights = random_weights(manifest, seed=6)
+    batch = make_batch(int(json.loads((artifacts / "config.json").read_text())["vocab_size"]), "ignored")
+    np.savez(tmp_path / "in.npz", **{f"w:{k}": v for k, v in weights.items()}, **{f"b:{k}": v for k, v in batch.items()})
+    report = run_in("openvino", f"""
+        import json
+        import numpy as np
+        from pathlib import Path
+        from ortlora.manifest import Manifest
+        from ortlora.runtime.session_backend import OrtSessionBackend
+        data = np.load(r"{tmp_path / 'in.npz'}")
+        backend = OrtSessionBackend(Path(r"{artifacts}"), Manifest.load(r"{artifacts}"), ep="openvino")
+        backend.set_weights({{k[2:]: data[k] for k in data.files if k.startswith("w:")}})
+        batch = {{k[2:]: data[k] for k in data.files if k.startswith("b:")}}
+        loss = backend.train_step(batch)
+        np.savez(r"{tmp_path / 'out.npz'}", loss=loss, eval_loss=backend.eval_loss(batch), **backend.gradients())
+        print(json.dumps({{"placement": backend.placement}}))
+    """)
+    assert report["placement"].get("OpenVINOExecutionProvider"), report
+    out = np.load(tmp_path / "out.npz")
+    ref_loss, ref_grads = loss_and_grads(peft_model(artifacts, weights, base=reference), manifest, batch)
+    assert abs(float(out["loss"]) - ref_loss) / ref_loss < 1e-4 and abs(float(out["eval_loss"]) - ref_loss) / ref_loss < 1e-4
+    assert max(rel_err(out[n], ref_grads[n]) for n in ref_grads) < 1e-4  # OpenVINO's fp32, as tests/test_openvino.py

@@ -275,6 +275,8 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, variant: dic
         "decoder_model": DECODER_MODEL,
         "portable_training_model": portable_graph.PORTABLE_TRAINING,
         "portable_eval_model": portable_graph.PORTABLE_EVAL,
+        **({"portable_training_openvino_model": portable_graph.OPENVINO_TRAINING,
+            "portable_eval_openvino_model": portable_graph.OPENVINO_EVAL} if options.base_precision == "bf16" else {}),
         "frozen_weights": frozen_weights.FROZEN_WEIGHTS,
         "initial_lora": INITIAL_LORA,
         "config": BASE_CONFIG,
@@ -409,6 +411,11 @@ def _check_loads(directory: Path, lora_names: list[str], places: dict[str, dict]
     del module, state
     for name in (INFERENCE_MODEL, DECODER_MODEL, portable_graph.PORTABLE_TRAINING, portable_graph.PORTABLE_EVAL):
         ort.InferenceSession(str(directory / name), options(), providers=["CPUExecutionProvider"])
+    for name in (portable_graph.OPENVINO_TRAINING, portable_graph.OPENVINO_EVAL):  # a bf16 base's, for OpenVINO
+        if (directory / name).is_file():  # loaded unoptimized: the CPU provider would fold a float32 copy of each matrix
+            unoptimized = options()
+            unoptimized.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            ort.InferenceSession(str(directory / name), unoptimized, providers=["CPUExecutionProvider"])
 
 
 def _versions() -> dict:

@@ -187,6 +187,9 @@ def names_without_slash(nodes: list[onnx.NodeProto], keep: set[str]) -> None:
 
 PORTABLE_TRAINING = "portable_training.onnx"
 PORTABLE_EVAL = "portable_eval.onnx"
+# A bf16 base's portable graphs as OpenVINO's provider takes them (unordered_widening).
+OPENVINO_TRAINING = "portable_training_openvino.onnx"
+OPENVINO_EVAL = "portable_eval_openvino.onnx"
 
 
 def eval_graph(loss_model: onnx.ModelProto, weights: dict[str, TensorProto], lora_shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
@@ -219,5 +222,39 @@ def write(loss_model: onnx.ModelProto, training_model: onnx.ModelProto, frozen: 
     whole, as training_artifacts.generate returns it. ``frozen``: references into the frozen weights file
     (frozen_weights.py), which the eval graph reads (the training model already does).
     """
-    onnx.save(eval_graph(loss_model, frozen, lora_shapes), str(out_dir / PORTABLE_EVAL))
-    onnx.save(make_portable(training_model, lora_shapes), str(out_dir / PORTABLE_TRAINING))
+    evaluation, training = eval_graph(loss_model, frozen, lora_shapes), make_portable(training_model, lora_shapes)
+    onnx.save(evaluation, str(out_dir / PORTABLE_EVAL))
+    onnx.save(training, str(out_dir / PORTABLE_TRAINING))
+    if any(t.data_type == TensorProto.BFLOAT16 for t in frozen.values()):
+        onnx.save(unordered_widening(evaluation), str(out_dir / OPENVINO_EVAL))
+        onnx.save(unordered_widening(training), str(out_dir / OPENVINO_TRAINING))
+
+
+def unordered_widening(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a bf16 base's graph in which each Cast (or chunk Slice) reads its matrix directly, not through
+    the empty slice of another tensor's Shape that orders it after its product's other operand
+    (quantize._widened). ONNX Runtime's CPU provider needs that order; OpenVINO's provider compiles the graph
+    whole and fails on it (an empty tensor crossing from a CPU-provider node into an OpenVINO subgraph:
+    "Tensor data equal nullptr"), while Convert into MatMul is the weight decompression its CPU plugin runs on
+    compressed weights."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    bf16 = {t.name for t in graph.initializer if t.data_type == TensorProto.BFLOAT16}
+    empty = {n.output[0] for n in graph.node if n.op_type == "Shape" and attrs(n).get("start") == 0
+             and attrs(n).get("end") == 0}
+    same: dict[str, str] = {}  # output of a Reshape of a matrix to its own shape -> the matrix
+    nodes = []
+    for node in graph.node:
+        if node.op_type == "Reshape" and node.input[0] in bf16:
+            same[node.output[0]] = node.input[0]
+            continue
+        if node.op_type == "Concat" and set(node.input) & empty:
+            kept = [x for x in node.input if x not in empty]
+            node = helper.make_node("Concat", kept, list(node.output), name=node.name, axis=attrs(node)["axis"]) \
+                if len(kept) > 1 else helper.make_node("Identity", kept, list(node.output), name=node.name)
+        for k, name in enumerate(node.input):
+            node.input[k] = same.get(name, name)
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(_live_nodes(nodes, [o.name for o in graph.output]))  # (portable graphs have no subgraphs)
+    return model

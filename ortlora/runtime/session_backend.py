@@ -46,7 +46,10 @@ class OrtSessionBackend:
         self._frozen = map_frozen_weights(artifacts, manifest)  # one mapping for both sessions
         self._frozen_values: list = []
 
-        self._train = self._session(files["portable_training_model"], profile=True)
+        # A bf16 base has graphs of its own for OpenVINO (portable_graph.unordered_widening): same inputs and outputs.
+        self._roles = {role: files.get(f"{role}_openvino_model", files[f"{role}_model"]) if ep == "openvino"
+                       else files[f"{role}_model"] for role in ("portable_training", "portable_eval")}
+        self._train = self._session(self._roles["portable_training"], profile=True)
         self.providers = self._train.get_providers()  # what runs, not what was asked for (--allow-fallback)
         self.placement: dict[str, int] | None = None  # provider -> nodes run, known after the first step
         self._eval = None  # created on first use: many runs evaluate only at the end
@@ -91,7 +94,7 @@ class OrtSessionBackend:
 
     def eval_loss(self, batch: Batch) -> float:
         if self._eval is None:
-            self._eval = self._session(self._files["portable_eval_model"])
+            self._eval = self._session(self._roles["portable_eval"])
         feeds = {name: np.ascontiguousarray(batch[name], dtype=np.int64) for name in self._inputs}
         (loss,) = self._eval.run(["loss"], {**feeds, **self._weights})
         return float(loss)
