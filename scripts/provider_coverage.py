@@ -3,6 +3,7 @@
     python scripts/provider_coverage.py --artifacts artifacts/tiny                # every provider here
     python scripts/provider_coverage.py --artifacts artifacts/tiny --providers openvino --steps 20
     python scripts/provider_coverage.py --artifacts artifacts/tiny --static       # CoreML / NNAPI estimate
+    python scripts/provider_coverage.py --artifacts artifacts/tiny --providers ggml --provider-option partial=1
 
 Run mode (the default), with the installed onnxruntime: for every available execution provider
 (or those named), a process of its own creates a session of ``portable_training.onnx`` with
@@ -12,7 +13,9 @@ reads from ONNX Runtime's profile which provider ran each node, then times ``--s
 The report gives per provider: nodes run by each provider (a compiling provider such as OpenVINO
 shows up as fused subgraphs, the CPU's share as the graph's own nodes, by operator), the loss and
 every LoRA gradient against the CPU provider's (largest absolute and relative difference), the
-load time, the best and median step time, and the process's peak resident memory.
+load time, the best and median step time, and the process's peak resident memory. Installed plugin
+providers (onnxruntime-ep-NAME, onnxruntime-ggml) are run too, each registered and selected on its device
+as ``ortlora-train --ep NAME`` does (ortlora/runtime/providers.py), with ortlora's options for it.
 
 Static mode (``--static``): ONNX Runtime ships the partitioning rules of its CoreML (NeuralNetwork
 and MLProgram) and NNAPI execution providers as tables (onnxruntime.tools.mobile_helpers); this runs
@@ -141,6 +144,7 @@ def run_one(args) -> int:
 
     from ortlora.manifest import Manifest
     from ortlora.runtime.frozen import map_frozen_weights, share_with
+    from ortlora.runtime.providers import options_for, resolve
 
     artifacts = Path(args.artifacts)
     manifest = Manifest.load(artifacts)
@@ -154,13 +158,18 @@ def run_one(args) -> int:
     options.enable_profiling = True
     options.profile_file_prefix = os.path.join(tempfile.gettempdir(), f"provider-coverage-{os.getpid()}")
     provider = args.child
-    provider_options = dict(PROVIDER_OPTIONS.get(provider, {}))
-    if provider == "OpenVINOExecutionProvider" and args.threads:
-        provider_options["num_of_threads"] = str(args.threads)
-    for item in args.provider_option:
-        key, _, value = item.partition("=")
-        provider_options[key] = value
-    providers = [(provider, provider_options)] + ([CPU] if provider != CPU else [])
+    extra = dict(item.partition("=")[::2] for item in args.provider_option)
+    target = None if provider in ort.get_available_providers() else resolve(provider)  # a plugin's --ep name
+    if target is not None:
+        provider_options = options_for(target, args.threads, None, extra)
+        options.add_provider_for_devices(list(target.devices), provider_options)
+        provider = target.provider
+    else:
+        provider_options = dict(PROVIDER_OPTIONS.get(provider, {}))
+        if provider == "OpenVINOExecutionProvider" and args.threads:
+            provider_options["num_of_threads"] = str(args.threads)
+        provider_options.update(extra)
+    providers = None if target else [(provider, provider_options)] + ([CPU] if provider != CPU else [])
 
     started = time.perf_counter()
     session = ort.InferenceSession(str(graph), options, providers=providers)
@@ -182,8 +191,10 @@ def run_one(args) -> int:
     np.savez(args.out, **dict(zip(outputs, first)))
     report = {
         "provider": provider, "provider_options": provider_options, "session_providers": session.get_providers(),
-        # ONNX Runtime's Python API retries with the CPU provider alone when a provider fails to start
-        "fell_back": provider not in session.get_providers(),
+        "plugin": target.route if target else None,
+        # ONNX Runtime's Python API retries with the CPU provider alone when a provider fails to start; a plugin
+        # that takes no node stays in the list and runs nothing
+        "fell_back": provider not in session.get_providers() or provider != CPU and provider not in nodes,
         "nodes": nodes, "load_s": load_s, "first_step_s": first_s,
         "best_step_s": min(times) if times else None, "median_step_s": float(np.median(times)) if times else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -222,13 +233,16 @@ def cpu_model() -> str:
 def run_report(args) -> int:
     import onnxruntime as ort
 
+    from ortlora.runtime.providers import plugins
+
     available = ort.get_available_providers()
-    wanted = available if not args.providers else [p if p.endswith("ExecutionProvider") else _provider_name(p)
-                                                   for p in args.providers.split(",")]
-    missing = [p for p in wanted if p not in available]
+    installed = sorted(plugins())  # plugin packages, by --ep name; each child registers its own
+    wanted = available + installed if not args.providers else [
+        p if p.endswith("ExecutionProvider") or p in installed else _provider_name(p) for p in args.providers.split(",")]
+    missing = [p for p in wanted if p not in available and p not in installed]
     if missing:
-        print(f"not available in onnxruntime {ort.__version__}: {', '.join(missing)} (it has {', '.join(available)})",
-              file=sys.stderr)
+        print(f"not available in onnxruntime {ort.__version__}: {', '.join(missing)} (it has {', '.join(available)}; "
+              f"plugins: {', '.join(installed) or 'none'})", file=sys.stderr)
         return 2
     order = [CPU] + [p for p in wanted if p != CPU]  # the CPU provider is the reference
     reports, results = {}, {}
@@ -265,8 +279,11 @@ def run_report(args) -> int:
         if "error" in r:
             print(f"  failed: {r['error']}")
             continue
+        if r.get("plugin"):
+            print(f"  {r['plugin']}, options {r['provider_options']}")
         if r["fell_back"]:
-            print(f"  {provider} did not start (options {r['provider_options']}); ONNX Runtime ran the CPU provider alone")
+            print(f"  {provider} did not start or took no node (options {r['provider_options']}); ONNX Runtime ran the "
+                  "CPU provider alone")
         for ran_on, ops in r["nodes"].items():
             listing = ", ".join(f"{op} {n}" for op, n in ops.items())
             print(f"  {ran_on}: {sum(ops.values())} nodes ({listing})")

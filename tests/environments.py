@@ -1,5 +1,6 @@
 """Other Python environments the tests run code in: the newest plain onnxruntime (.venv-ort),
-onnxruntime-openvino (.venv-ov), onnxruntime-genai (.venv-genai), llama.cpp (.venv-llama) and mlx-lm (.venv-mlx).
+onnxruntime-openvino (.venv-ov), onnxruntime-genai (.venv-genai), llama.cpp (.venv-llama), mlx-lm (.venv-mlx) and
+the plugin providers onnxruntime-ggml (.venv-ggml) and onnxruntime-ep-openvino (.venv-ep-ov).
 Each is skipped where it is absent, except in CI, which creates them all."""
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ ENVIRONMENTS = {  # name -> (its folder, the variable that names another interpr
     "genai": (".venv-genai", "ORTLORA_GENAI_PYTHON", "onnxruntime-genai"),
     "llama": (".venv-llama", "ORTLORA_LLAMA_PYTHON", "llama-cpp-python (llama.cpp built from source)"),
     "mlx": (".venv-mlx", "ORTLORA_MLX_PYTHON", "mlx-lm on mlx's CPU build"),
+    "ggml": (".venv-ggml", "ORTLORA_GGML_PYTHON", "the plugin provider onnxruntime-ggml on the plain onnxruntime"),
+    "ep-openvino": (".venv-ep-ov", "ORTLORA_EP_OPENVINO_PYTHON",
+                    "the plugin provider onnxruntime-ep-openvino on the plain onnxruntime"),
 }
 
 

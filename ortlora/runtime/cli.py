@@ -24,7 +24,7 @@ from ortlora.runtime import data_formats
 from ortlora.runtime.checkpoint import TRAINER_STATE, find_checkpoint, load_adapter, load_resume_state
 from ortlora.runtime.data import pack
 from ortlora.runtime.precision import resolve as resolve_precision
-from ortlora.runtime.providers import PROVIDERS, short_name
+from ortlora.runtime.providers import parse_ep_options, short_name
 from ortlora.runtime.report import JsonlLog, ProgressBar, TensorBoardLog, format_step, plot_losses, tensorboard_writer
 from ortlora.runtime.run_dir import (
     LOG,
@@ -52,6 +52,9 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", type=Path, help="TOML file of settings (the command line wins over it)")
     cfg.add_arguments(parser)
+    parser.add_argument("--ep-option", action="append", metavar="KEY=VALUE",
+                        help="an option for --ep's provider, over ortlora's own (repeatable): --ep ggml --ep-option "
+                             "partial=1; recorded in config.json and summary.json")
     from ortlora.build.cli import add_artifact_arguments  # torch-free: the definitions of ortlora-build's options
 
     add_artifact_arguments(parser.add_argument_group("build options, with --model (ortlora-build's; in a TOML file "
@@ -70,6 +73,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[cfg.TrainConfig, Path | No
     overwrite give way; one source that sets a resume and either of them (overwrite: of the run resumed), or both
     epochs and max_steps, is refused: the run would ignore one of them."""
     given = cfg.given(args)
+    if getattr(args, "ep_option", None):
+        given["ep_options"] = parse_ep_options(args.ep_option)
     from ortlora.build.cli import artifact_defaults
 
     build = {key: getattr(args, key) for key in artifact_defaults() if getattr(args, key, None) is not None}
@@ -100,6 +105,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[cfg.TrainConfig, Path | No
     for source, values in layers:
         if "artifacts" in values:  # artifacts named here replace a model (and its build options) named below
             config = dataclasses.replace(config, model=None, build=None)
+        if values.get("ep", config.ep) != config.ep and "ep_options" not in values:
+            config = dataclasses.replace(config, ep_options=None)  # another provider: the options below were not its
         config = cfg.from_mapping(values, source, config)
         if "epochs" in values and "max_steps" not in values:
             config.max_steps = None  # epochs set here set the length, over a max_steps of the layers below
@@ -145,7 +152,7 @@ def make_backend(c: cfg.TrainConfig, artifacts: Path, manifest: Manifest):
     from ortlora.runtime.session_backend import OrtSessionBackend
 
     return name, OrtSessionBackend(artifacts, manifest, ep=c.ep, threads=c.threads, allow_fallback=c.allow_fallback,
-                                   precision=precision)
+                                   precision=precision, ep_options=c.ep_options)
 
 
 def data_sources(c: cfg.TrainConfig) -> tuple[data_formats.Source, data_formats.Source | None, str | None]:
@@ -317,9 +324,13 @@ def train_in(run_dir: Path, c: cfg.TrainConfig, artifacts: Path, manifest: Manif
     precision = trainer.precision = backend.precision
     if c.precision != "fp32":
         messages.append(precision.describe())
-    running = " + ".join(short_name(p) for p in getattr(backend, "providers", [PROVIDERS[c.ep]]))
-    if PROVIDERS[c.ep] not in getattr(backend, "providers", [PROVIDERS[c.ep]]):
+    running = " + ".join(short_name(p) for p in getattr(backend, "providers", [c.ep]))
+    if getattr(backend, "route", ""):  # a plugin provider: its package and device
+        running += f" ({backend.route})"
+    if getattr(backend, "fell_back", False):
         messages.append(f"{c.ep} cannot run the training graph; the CPU provider runs it (--allow-fallback)")
+    elif getattr(backend, "ep_options", None):
+        messages.append(f"{c.ep}'s provider options: " + ", ".join(f"{k}={v}" for k, v in backend.ep_options.items()))
     print(f"  {manifest.counts['trainable']:,} LoRA parameters, {trainer.total_steps} steps "
           f"({trainer.steps_per_epoch} per epoch), backend {backend_name} on {running} in {precision.runs}, "
           f"run {run_dir}")
@@ -338,6 +349,11 @@ def train_in(run_dir: Path, c: cfg.TrainConfig, artifacts: Path, manifest: Manif
         for callback in trainer.callbacks:
             if hasattr(callback, "close"):
                 callback.close()
+    if getattr(backend, "providers", None):  # what ran, and the accelerator's options as it got them
+        summary["execution_providers"] = backend.providers
+        summary["ep_options"] = getattr(backend, "ep_options", None) or {}
+        if getattr(backend, "route", ""):
+            summary["ep_route"] = backend.route
     if getattr(backend, "placement", None):
         summary["nodes_per_provider"] = backend.placement
         print("nodes run per execution provider: " + ", ".join(f"{ep} {n}" for ep, n in backend.placement.items()))

@@ -20,10 +20,9 @@ from typing import Any, get_args, get_type_hints
 from ortlora.errors import OrtloraError
 from ortlora.runtime.data_formats import COLUMNS, is_hub_id, layout_file, parse_columns
 from ortlora.runtime.precision import PRECISIONS
-from ortlora.runtime.providers import PROVIDERS
+from ortlora.runtime.providers import OPTION_KEY, parse_ep
 
 BACKENDS = ("auto", "ort-training", "ort-session")
-EPS = tuple(PROVIDERS)
 BUILTIN = "builtin:"
 REPORT_TO = ("none", "tensorboard")
 COMMAND_LINE = "command line"  # the source name of settings typed as options
@@ -73,7 +72,11 @@ class TrainConfig:
     overwrite: bool = _f(False, "start --out over when it holds an earlier run: its checkpoints and files are removed")
     backend: str = _f("auto", "ort-training: ORT's training API (onnxruntime-training, cpu/cuda); ort-session: the "
                       "portable training graph on any onnxruntime and provider; auto: the first that fits", choices=BACKENDS)
-    ep: str = _f("cpu", "execution provider (the CPU provider runs what an accelerator does not take)", choices=EPS)
+    ep: str = _f("cpu", "execution provider: cpu, cuda, coreml, dml, openvino, ... or an installed plugin's (onnxruntime-ep-"
+                 "NAME, onnxruntime-ggml: ggml), NAME:gpu|npu|cpu for one of its devices; the CPU provider runs what "
+                 "it does not take")
+    ep_options: dict | None = _f(None, "options for --ep's provider, over ortlora's own (--ep-option KEY=VALUE, "
+                                 "repeatable; in a TOML file a table ep_options = {KEY = \"VALUE\"})")
     allow_fallback: bool = _f(False, "when --ep's provider cannot run the training graph, train on the CPU provider "
                               "instead of stopping")
     precision: str = _f("fp32", "bf16: the frozen model's matrix products in bf16 with fp32 accumulation where --ep "
@@ -210,6 +213,15 @@ def check_together(c: TrainConfig) -> None:
         if getattr(c, name) and not has_eval:
             raise OrtloraError(f"--{name.replace('_', '-')} {getattr(c, name)} needs evaluation data, and {c.data} "
                                "has none: pass --eval-data FILE or --eval-split FRACTION")
+    parse_ep(c.ep)
+    if c.ep_options:
+        shown = " ".join(f"--ep-option {k}={v}" for k, v in c.ep_options.items())
+        if c.ep == "cpu":
+            raise OrtloraError(f"{shown} passes options to --ep's provider, and --ep is cpu (its settings are ortlora's "
+                               "own, such as --threads): leave it out, or name the provider with --ep")
+        if c.backend == "ort-training" or c.backend == "auto" and c.ep == "cuda":
+            raise OrtloraError(f"{shown} passes options to the portable training graph's provider, and --backend "
+                               f"{c.backend} with --ep {c.ep} uses ORT's training API: pass --backend ort-session")
     if c.allow_fallback:
         if c.ep == "cpu":
             raise OrtloraError("--allow-fallback lets the CPU provider take over from another --ep, and --ep is cpu: "
@@ -222,6 +234,16 @@ def check_together(c: TrainConfig) -> None:
     check_paths({"--" + name.replace("_", "-"): getattr(c, name) for name in PATH_FIELDS})
     if not c.ray_address:
         check_workers(c.workers, os.cpu_count() or 1, "this machine")
+
+
+def check_ep_options(options: dict, where: str) -> dict[str, str] | None:
+    """Provider options as ONNX Runtime takes them (strings by name); numbers are written as strings."""
+    for key, value in options.items():
+        if not isinstance(key, str) or not OPTION_KEY.fullmatch(key):
+            raise OrtloraError(f"{where}: {key!r} is not an option name (letters, digits and _.:-)")
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise OrtloraError(f"{where}: {key} must be a string or a number, got {value!r}")
+    return {key: str(value) for key, value in options.items()} or None
 
 
 def check_data(c: TrainConfig) -> None:
@@ -281,6 +303,8 @@ def from_mapping(values: dict, source: str, base: TrainConfig | None = None) -> 
         value = _check(name, value, source)
         if name == "build" and value is not None:  # the build options of each source add to those below it
             value = {**(config.build or {}), **value}
+        if name == "ep_options" and value is not None:
+            value = check_ep_options(value, "--ep-option" if source == COMMAND_LINE else f"{source}: ep_options")
         setattr(config, name, value)
     return config
 

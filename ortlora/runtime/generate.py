@@ -94,7 +94,8 @@ def next_token(logits: np.ndarray, history: list[int], s: Sampling, rng: np.rand
 
 
 class Generator:
-    def __init__(self, artifacts: Path, adapter: Path | None = None, ep: str = "cpu", threads: int | None = None):
+    def __init__(self, artifacts: Path, adapter: Path | None = None, ep: str = "cpu", threads: int | None = None,
+                 ep_options: dict | None = None):
         import onnxruntime as ort
 
         from ortlora.runtime.checkpoint import find_checkpoint, load_adapter
@@ -110,7 +111,7 @@ class Generator:
             options.intra_op_num_threads = threads
         decoder = onnx_file(artifacts, self.manifest.files["decoder_model"])
         map_frozen_weights(artifacts, self.manifest)  # the decoder reads frozen_weights.bin: refuse NaN in it first
-        self.session = create_session(decoder, options, ep)
+        self.session = create_session(decoder, options, ep, ep_options=ep_options)
         check_lora_inputs(self.session, self.manifest, decoder, required=bool(self.lora))  # the adapter is fed by name
         self.past = [i for i in self.session.get_inputs() if i.name.startswith("past.")]
         self.eos_ids = {self.tokenizer.eos_id} | self._generation_eos(artifacts)

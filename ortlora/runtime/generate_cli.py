@@ -12,7 +12,7 @@ from ortlora.files import parse_json
 from ortlora.runtime.config import check_paths, check_seed, check_threads
 from ortlora.runtime.data import BadExample, check_messages, check_tools, jsonl_lines, parse_line
 from ortlora.runtime.generate import Generator, Sampling
-from ortlora.runtime.providers import PROVIDERS
+from ortlora.runtime.providers import parse_ep, parse_ep_options
 
 PROMPT_KEYS = {"prompt", "messages", "tools"}
 BATCH_SIZE = 8  # --prompts-file's prompts generated at once
@@ -43,7 +43,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty, help="1 (default): off")
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampler")
     parser.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
-    parser.add_argument("--ep", default="cpu", choices=tuple(PROVIDERS), help="execution provider (default: cpu)")
+    parser.add_argument("--ep", default="cpu", help="execution provider: cpu (default), cuda, openvino, ... or an installed "
+                        "plugin's (onnxruntime-ep-NAME, onnxruntime-ggml: ggml), NAME:gpu|npu|cpu for one of its devices")
+    parser.add_argument("--ep-option", action="append", metavar="KEY=VALUE",
+                        help="an option for --ep's provider, over ortlora's own (repeatable)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence for every token")
     parser.add_argument("--batch-size", type=int, default=None,
@@ -64,7 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         messages = None if args.messages is None else checked(check_messages, parse(args.messages, "--messages"), "--messages")
         tools = None if args.tools is None else checked(check_tools, parse(args.tools, "--tools"), "--tools")
         requests = [(args.prompt, messages, tools)]
-    generator = Generator(args.artifacts, args.adapter, ep=args.ep, threads=args.threads)
+    parse_ep(args.ep)
+    ep_options = parse_ep_options(args.ep_option)
+    if ep_options and args.ep == "cpu":
+        raise OrtloraError("--ep-option passes options to --ep's provider, and --ep is cpu: leave it out, or name the "
+                           "provider with --ep")
+    generator = Generator(args.artifacts, args.adapter, ep=args.ep, threads=args.threads, ep_options=ep_options)
     if any(tools for _, _, tools in requests) and not generator.tokenizer.renders("tools"):
         raise OrtloraError(f"--tools: the chat template ({generator.tokenizer.template_source}) never reads 'tools', "
                            "so the model would not see them")

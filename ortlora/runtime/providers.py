@@ -6,12 +6,26 @@ CPU under the accelerator's name. Sessions made here do not retry on their own: 
 run the graph is one line naming it and what it refused, and the CPU takes over only where the user
 allows it (--allow-fallback). The CPU provider always stays in the list behind the accelerator, for the
 nodes the accelerator does not take (ONNX Runtime's own partitioning).
+
+Plugin providers (ONNX Runtime's execution-provider ABI, onnxruntime >= 1.23) come as packages of their own:
+``onnxruntime-ep-NAME`` (webgpu, openvino, nv-tensorrt-rtx, mlx) and ``onnxruntime-ggml``. ``--ep NAME`` finds
+the installed package, registers its library (``onnxruntime.register_execution_provider_library``) and
+selects its device from ``onnxruntime.get_ep_devices()`` (``SessionOptions.add_provider_for_devices``);
+``--ep NAME:gpu`` (or cpu, npu) picks the device where a plugin offers several. A provider compiled into the
+installed onnxruntime (onnxruntime-openvino's OpenVINO) is preferred to a plugin of the same name. A plugin
+that takes none of the graph's nodes is refused as a provider that fails is: ONNX Runtime would run the
+whole graph on the CPU provider under the plugin's name.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import json
+import os
 import re
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from ortlora.errors import OrtloraError
@@ -35,10 +49,19 @@ CPU = PROVIDERS["cpu"]
 # defaults its GPU device to FP16 (its CPU device to FP32), so the precision is pinned either way.
 PROVIDER_OPTIONS = {
     "openvino": {"device_type": "CPU", "precision": "FP32"},
+    # onnxruntime-ggml 0.2.0 keeps matrices as f16 by default: the tiny build's logits came out 2.8e-3 (relative)
+    # from the CPU provider's, 1.9e-6 with weights=f32.
+    "ggml": {"weights": "f32"},
 }
 # The option that carries the session's thread count to a provider that keeps its own threads
 # (OpenVINO ignores intra_op_num_threads: 4-layer 0.5B cut, 1 thread 1,440 ms a step, 2 threads 745 ms).
-THREADS_OPTION = {"openvino": "num_of_threads"}
+THREADS_OPTION = {"openvino": "num_of_threads", "ggml": "threads"}
+PLUGIN_PACKAGE = re.compile(r"onnxruntime[-_.](?:ep[-_.](.+)|(ggml))", re.IGNORECASE)
+DEVICE_KINDS = ("gpu", "npu", "cpu")  # OrtHardwareDeviceType; without --ep NAME:KIND, the first a plugin offers
+EP_SPELLING = re.compile(r"[a-z0-9][a-z0-9._-]*")
+OPTION_KEY = re.compile(r"[A-Za-z0-9_.:-]+")
+# A plugin's own log lines are no more for users than ONNX Runtime's (onnxruntime-ggml logs at info by default).
+PLUGIN_QUIET = {"ggml": ("ORT_GGML_LOG", "error")}
 
 
 def short_name(provider: str) -> str:
@@ -46,31 +69,190 @@ def short_name(provider: str) -> str:
     return {v: k for k, v in PROVIDERS.items()}.get(provider, provider)
 
 
-def check_provider(ep: str) -> str:
-    """Map --ep to an ORT provider name, or raise naming the providers this onnxruntime has."""
+class NoDevice(OrtloraError):
+    """A plugin provider that is installed and registers, but offers no device (of the kind asked) here."""
+
+
+@dataclass(frozen=True)
+class Plugin:
+    """An installed plugin provider package; ``name`` is what --ep calls it."""
+    name: str
+    package: str
+    version: str
+    module: str
+
+
+@dataclass(frozen=True)
+class Target:
+    """What --ep selects: a provider compiled into onnxruntime, or a plugin's provider on its devices."""
+    name: str  # as --ep names it, without the device
+    provider: str  # ONNX Runtime's name for it (get_providers(), profiles)
+    plugin: Plugin | None = None
+    devices: tuple = ()  # the plugin's OrtEpDevice entries it runs on
+
+    @property
+    def route(self) -> str:
+        """How it runs, for the run's header and summary: '' for a compiled-in provider."""
+        if not self.plugin:
+            return ""
+        kinds = sorted({_kind(d) for d in self.devices})
+        return f"plugin {self.plugin.package} {self.plugin.version} on its {'/'.join(k.upper() for k in kinds)} device"
+
+
+def parse_ep(ep: str) -> tuple[str, str | None]:
+    """--ep NAME or NAME:KIND (a plugin's device of that kind: cpu, gpu, npu)."""
+    name, _, kind = ep.partition(":")
+    if not EP_SPELLING.fullmatch(name) or ":" in ep and kind not in DEVICE_KINDS:
+        raise OrtloraError(f"--ep {ep!r} must be a provider's name (cpu, cuda, openvino, ggml, ...) or NAME:KIND for a "
+                           f"plugin's device, KIND one of {', '.join(DEVICE_KINDS)}")
+    return name, kind or None
+
+
+def parse_ep_options(pairs: list[str] | None, flag: str = "--ep-option") -> dict[str, str] | None:
+    """``KEY=VALUE`` strings -> options for --ep's provider (None when none); a malformed or repeated pair is one
+    line. A value may hold '=' (OpenVINO's load_config is JSON)."""
+    if not pairs:
+        return None
+    options: dict[str, str] = {}
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals or not OPTION_KEY.fullmatch(key):
+            raise OrtloraError(f"{flag} {pair!r} must be KEY=VALUE (KEY of letters, digits and _.:-), as in "
+                               f"{flag} partial=1")
+        if key in options:
+            raise OrtloraError(f"{flag} gives {key} twice ({options[key]!r} and {value!r}); keep one")
+        options[key] = value
+    return options
+
+
+@functools.cache
+def plugins() -> dict[str, Plugin]:
+    """Installed plugin provider packages, by --ep name (onnxruntime-ep-webgpu: webgpu; onnxruntime-ggml: ggml)."""
+    from importlib import metadata
+
+    found = {}
+    for dist in metadata.distributions():
+        package = dist.metadata["Name"] or ""
+        match = PLUGIN_PACKAGE.fullmatch(package)
+        if match:
+            name = (match.group(1) or match.group(2)).lower().replace("_", "-").replace(".", "-")
+            module = ((dist.read_text("top_level.txt") or "").split() or [package.replace("-", "_").replace(".", "_")])[0]
+            found[name] = Plugin(name, package, dist.version, module)
+    return found
+
+
+def _kind(device) -> str:
+    return device.device.type.name.lower()
+
+
+_REGISTERED: set[str] = set()
+
+
+def _plugin_target(plugin: Plugin, ep: str, kind: str | None) -> Target:
+    """Register ``plugin``'s library (once per process) and select its devices."""
     import onnxruntime
 
-    available = onnxruntime.get_available_providers()
-    names = ", ".join(short_name(p) for p in available)
-    if ep not in PROVIDERS:
-        raise OrtloraError(f"unknown execution provider {ep!r}; this onnxruntime has: {names}")
-    if PROVIDERS[ep] not in available:
-        hint = (" (install onnxruntime-gpu, or onnxruntime-training for the training API, in place of the CPU package)"
-                if ep == "cuda" else "")
-        raise OrtloraError(f"execution provider {ep} is not available{hint}; this onnxruntime has: {names}")
-    return PROVIDERS[ep]
+    what = f"{plugin.package} {plugin.version}"
+    if not hasattr(onnxruntime, "register_execution_provider_library"):
+        raise OrtloraError(f"execution provider {plugin.name} comes from the plugin package {what}, and plugins need "
+                           f"onnxruntime 1.23 or later (this is {onnxruntime.__version__}, "
+                           f"{'a training build' if hasattr(onnxruntime, 'training') else 'too old'}): install the "
+                           "plain onnxruntime in its place, or train with --ep cpu")
+    try:
+        module = importlib.import_module(plugin.module)
+        library = module.get_library_path() if hasattr(module, "get_library_path") else module.library_path()
+        names = list(module.get_ep_names() if hasattr(module, "get_ep_names") else
+                     [getattr(module, "EP_NAME", None) or module.get_ep_name()])
+    except Exception as e:  # noqa: BLE001 -- a broken install, said in one line
+        raise OrtloraError(f"execution provider {plugin.name}: {what} is installed but could not be loaded "
+                           f"({type(e).__name__}: {str(e)[:200]}); reinstall it, or train with --ep cpu") from None
+    if names[0] not in _REGISTERED:
+        variable, level = PLUGIN_QUIET.get(plugin.name, (None, None))
+        if variable:
+            os.environ.setdefault(variable, level)
+        try:
+            onnxruntime.register_execution_provider_library(names[0], library)
+        except Exception as e:  # noqa: BLE001
+            if "already registered" not in str(e):  # by the plugin's own helper, in this process
+                from ortlora.runtime.backend import ort_message
+
+                raise OrtloraError(f"execution provider {plugin.name}: ONNX Runtime {onnxruntime.__version__} could "
+                                   f"not register {what}'s library: {ort_message(e)}") from None
+        _REGISTERED.add(names[0])
+    listed = onnxruntime.get_ep_devices()
+    offered = [d for d in listed if d.ep_name in names]
+    if kind:
+        chosen = [d for d in offered if _kind(d) == kind]
+    else:
+        kinds = {_kind(d) for d in offered}
+        kind = next((k for k in DEVICE_KINDS if k in kinds), None)
+        chosen = [d for d in offered if _kind(d) == kind]
+    if not chosen:
+        others = ", ".join(sorted({d.ep_name for d in listed if d.ep_name not in names})) or "none"
+        has = ", ".join(sorted({_kind(d) for d in offered}))
+        raise NoDevice(f"execution provider {ep}: {what} is installed and registered, but offers "
+                       + (f"no {kind} device on this machine (only {has})" if offered else
+                          f"no device on this machine (ONNX Runtime's get_ep_devices() lists {others} only)")
+                       + "; train with --ep cpu" + (f", or --ep {plugin.name}:{sorted({_kind(d) for d in offered})[0]}"
+                                                   if offered else ""))
+    provider = chosen[0].ep_name
+    return Target(plugin.name, provider, plugin, tuple(d for d in chosen if d.ep_name == provider))
+
+
+def resolve(ep: str) -> Target:
+    """What --ep selects here, or one line saying why it cannot be had."""
+    import onnxruntime
+
+    name, kind = parse_ep(ep)
+    compiled = [p for p in onnxruntime.get_available_providers() if p not in _REGISTERED]  # registered plugins show
+    if name in PROVIDERS and PROVIDERS[name] in compiled and (kind is None or name == "cpu" and kind == "cpu"):
+        return Target(name, PROVIDERS[name])
+    found = plugins()
+    if name in found:
+        return _plugin_target(found[name], ep, kind)
+    names = ", ".join(short_name(p) for p in compiled) + \
+        "".join(f"; installed plugins: {', '.join(f'{p} ({found[p].package})' for p in sorted(found))}" if found else "")
+    if kind and name in PROVIDERS and PROVIDERS[name] in compiled:
+        raise OrtloraError(f"--ep {ep}: {name} is compiled into this onnxruntime, not a plugin, and picks its device by "
+                           f"its own options: pass --ep {name}")
+    if name not in PROVIDERS:
+        raise OrtloraError(f"unknown execution provider {name!r} (a plugin provider is a package of its own: pip "
+                           f"install onnxruntime-ep-{name}); this onnxruntime has: {names}")
+    hint = (" (install onnxruntime-gpu, or onnxruntime-training for the training API, in place of the CPU package)"
+            if name == "cuda" else f" (nor is a plugin package for it installed: onnxruntime-ep-{name})"
+            if name in ("webgpu", "openvino") else "")
+    raise OrtloraError(f"execution provider {name} is not available{hint}; this onnxruntime has: {names}")
+
+
+def check_provider(ep: str) -> str:
+    """Map --ep to an ORT provider name, or raise naming the providers there are."""
+    return resolve(ep).provider
+
+
+def options_for(target: Target, threads: int = 0, extra: dict | None = None,
+                     user: dict | None = None) -> dict[str, str]:
+    """The accelerator's options: ours for training (fp32), the thread count, ``extra`` (precision.py's), then the
+    user's (--ep-option), each over the one before."""
+    options = dict(PROVIDER_OPTIONS.get(target.name, {}))
+    if target.plugin and target.name == "openvino":
+        # The plugin's device is chosen by device, not device_type. onnxruntime-ep-openvino 1.8.1 computed in bf16
+        # on an Intel Xeon with AMX with precision FP32 (loss 1.8e-3 off the CPU provider's); OpenVINO's own f32
+        # hint gave the CPU provider's loss to the digit.
+        options.pop("device_type")
+        kind = _kind(target.devices[0]).upper()
+        options["load_config"] = json.dumps({kind: {"INFERENCE_PRECISION_HINT": "f32"}})
+    if threads > 0 and target.name in THREADS_OPTION:
+        options[THREADS_OPTION[target.name]] = str(threads)
+    return {**options, **(extra or {}), **(user or {})}
 
 
 def session_providers(ep: str, threads: int = 0, extra: dict | None = None) -> tuple[list[str], list[dict]]:
-    """Providers and their options for an InferenceSession on --ep: the accelerator, then the CPU. ``extra``:
-    options of the accelerator's on top of ours (precision.py's)."""
-    provider = check_provider(ep)
-    if provider == CPU:
+    """Providers and their options for an InferenceSession on a compiled-in --ep: the accelerator, then the CPU.
+    ``extra``: options of the accelerator's on top of ours (precision.py's)."""
+    target = resolve(ep)
+    if target.provider == CPU:
         return [CPU], [{}]
-    options = {**PROVIDER_OPTIONS.get(ep, {}), **(extra or {})}
-    if threads > 0 and ep in THREADS_OPTION:
-        options[THREADS_OPTION[ep]] = str(threads)
-    return [provider, CPU], [options, {}]
+    return [target.provider, CPU], [options_for(target, threads, extra), {}]
 
 
 @functools.cache
@@ -87,6 +269,13 @@ def _strict_session_class():
     return StrictSession
 
 
+def _nodes_taken(session, provider: str) -> tuple[int, int]:
+    """Nodes ``provider`` was given, of all the graph's (session.record_ep_graph_assignment_info)."""
+    assigned = session.get_provider_graph_assignment_info()
+    total = sum(len(sub.get_nodes()) for sub in assigned)
+    return sum(len(sub.get_nodes()) for sub in assigned if sub.ep_name == provider), total
+
+
 NODE_IN_ERROR = re.compile(r"Node\((\w+)\): ([^>'\"]+)>?'?:?")  # OpenVINO's ONNX reader: <Node(OpType): name>
 
 
@@ -101,12 +290,15 @@ def refused_node(message: str) -> tuple[str, str]:
     return " ".join(match.groups()), reason[:200]
 
 
-def create_session(path: Path, options, ep: str, allow_fallback: bool = False, provider_options: dict | None = None):
+def create_session(path: Path, options, ep: str, allow_fallback: bool = False, provider_options: dict | None = None,
+                   ep_options: dict | None = None):
     """An InferenceSession of ``path`` on --ep, the CPU provider behind it for what it does not take.
 
-    A provider that refuses the graph is one line naming it and the node it refused, unless
-    ``allow_fallback``: then the session runs on the CPU provider, and ``get_providers()`` says so.
-    ``provider_options``: the accelerator's options on top of ours.
+    A provider that refuses the graph (or, a plugin, takes none of it, or offers no device) is one line naming it
+    and what it refused, unless ``allow_fallback``: then the session runs on the CPU provider, and
+    ``get_providers()`` says so. ``provider_options``: ours on top of the defaults (precision.py's);
+    ``ep_options``: the user's (--ep-option), on top of all. The session carries ``target`` (what was selected,
+    None after a fallback), ``fell_back`` and ``ep_options`` (what the accelerator was given).
     """
     import onnxruntime
 
@@ -116,22 +308,45 @@ def create_session(path: Path, options, ep: str, allow_fallback: bool = False, p
     # users: what fails comes back as an exception, said here in one line.
     onnxruntime.set_default_logger_severity(4)
     options.log_severity_level = 4
-    providers, provider_options = session_providers(ep, options.intra_op_num_threads, provider_options)
     session_class = _strict_session_class()
-    if providers == [CPU]:
-        with loading(path):
-            return session_class(str(path), options, providers=providers)
     try:
-        session = session_class(str(path), options, providers=providers, provider_options=provider_options)
-        refusal = "" if providers[0] in session.get_providers() else "ONNX Runtime left it out of the session"
-    except Exception as e:  # noqa: BLE001 -- told apart below: the file's fault or the provider's
-        refusal, session = ort_message(e), None
+        target = resolve(ep)
+    except NoDevice:
+        if not allow_fallback:
+            raise
+        target = None
+    if target is not None and target.provider == CPU:
+        with loading(path):
+            return _tagged(session_class(str(path), options, providers=[CPU]), target, {})
+    given = {} if target is None else options_for(target, options.intra_op_num_threads, provider_options, ep_options)
+    refusal, session = "ONNX Runtime offers it no device here", None
+    if target is not None:
+        try:
+            if target.plugin:
+                options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+                options.add_provider_for_devices(list(target.devices), given)
+                session = session_class(str(path), options)
+                taken, total = _nodes_taken(session, target.provider)
+                refusal = "" if taken else (f"it took none of its {total} nodes (ONNX Runtime would run them all on "
+                                            "the CPU provider)")
+            else:
+                session = session_class(str(path), options, providers=[target.provider, CPU],
+                                        provider_options=[given, {}])
+                refusal = "" if target.provider in session.get_providers() else "ONNX Runtime left it out of the session"
+        except Exception as e:  # noqa: BLE001 -- told apart below: the file's fault or the provider's
+            refusal, session = ort_message(e), None
     if not refusal:
-        return session
-    with loading(path):  # the CPU alone fails too: the file is at fault, and says so
+        return _tagged(session, target, given)
+    with loading(path), warnings.catch_warnings():  # the CPU alone fails too: the file is at fault, and says so
+        warnings.simplefilter("ignore", UserWarning)  # "providers given, and the options have a plugin's": ours win
         cpu_session = session_class(str(path), options, providers=[CPU])
     if allow_fallback:
-        return cpu_session
+        return _tagged(cpu_session, None, {}, fell_back=True)
     node, reason = refused_node(refusal)
     raise OrtloraError(f"execution provider {ep} cannot run {path.name}: " + (f"it refused node {node} ({reason})"
                        if node else reason) + "; train with --ep cpu, or pass --allow-fallback to let the CPU run it")
+
+
+def _tagged(session, target: Target | None, given: dict, fell_back: bool = False):
+    session.target, session.fell_back, session.ep_options = target, fell_back, given
+    return session

@@ -22,13 +22,13 @@ from ortlora.manifest import Manifest
 from ortlora.runtime.backend import Batch, check_lora_inputs, onnx_file
 from ortlora.runtime.frozen import map_frozen_weights, share_with
 from ortlora.runtime.precision import Precision, apply_precision
-from ortlora.runtime.providers import create_session
+from ortlora.runtime.providers import create_session, parse_ep
 from ortlora.weights import read_expected
 
 
 class OrtSessionBackend:
     def __init__(self, artifacts: Path, manifest: Manifest, ep: str = "cpu", threads: int | None = None,
-                 allow_fallback: bool = False, precision: Precision = Precision()):
+                 allow_fallback: bool = False, precision: Precision = Precision(), ep_options: dict | None = None):
         import onnxruntime as ort
 
         files = manifest.files
@@ -37,6 +37,7 @@ class OrtSessionBackend:
                                f"rebuild it with ortlora-build")
         self._ort, self._artifacts, self._files, self._manifest = ort, artifacts, files, manifest
         self._ep, self._allow_fallback, self._threads, self.precision = ep, allow_fallback, threads, precision
+        self._ep_options = ep_options  # the user's provider options (--ep-option), over ours
         self.names = [p.onnx_name for p in manifest.parameters]
         self._weights = _initial_weights(artifacts / files["initial_lora"], manifest)
         self._grads = {n: np.zeros_like(w) for n, w in self._weights.items()}
@@ -47,10 +48,14 @@ class OrtSessionBackend:
         self._frozen_values: list = []
 
         # A bf16 base has graphs of its own for OpenVINO (portable_graph.unordered_widening): same inputs and outputs.
-        self._roles = {role: files.get(f"{role}_openvino_model", files[f"{role}_model"]) if ep == "openvino"
+        self._roles = {role: files.get(f"{role}_openvino_model", files[f"{role}_model"]) if parse_ep(ep)[0] == "openvino"
                        else files[f"{role}_model"] for role in ("portable_training", "portable_eval")}
         self._train = self._session(self._roles["portable_training"], profile=True)
         self.providers = self._train.get_providers()  # what runs, not what was asked for (--allow-fallback)
+        # How it runs (a plugin's package and device; '' otherwise), whether the CPU took over, the options it got.
+        target = self._train.target
+        self.route, self.fell_back, self.ep_options = target.route if target else "", self._train.fell_back, \
+            self._train.ep_options
         self.placement: dict[str, int] | None = None  # provider -> nodes run, known after the first step
         self._eval = None  # created on first use: many runs evaluate only at the end
         self._binding = self._train.io_binding()
@@ -77,7 +82,8 @@ class OrtSessionBackend:
             options.enable_profiling = True
             options.profile_file_prefix = os.path.join(tempfile.gettempdir(), f"ortlora-profile-{os.getpid()}")
         path = onnx_file(self._artifacts, file_name)
-        session = create_session(path, options, self._ep, self._allow_fallback, self.precision.provider_options)
+        session = create_session(path, options, self._ep, self._allow_fallback, self.precision.provider_options,
+                                 self._ep_options)
         check_lora_inputs(session, self._manifest, path)  # every LoRA weight is fed to it, by name and shape
         return session
 

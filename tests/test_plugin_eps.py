@@ -1,0 +1,306 @@
+"""Plugin execution providers (ONNX Runtime's EP ABI): packages of their own, registered and selected by device.
+
+Each plugin needs the plain onnxruntime (1.23 or later), so each lives in an environment of its own and runs
+here as a subprocess, as onnxruntime-openvino does in test_openvino.py: .venv-ggml (onnxruntime-ggml 0.2.0 on
+onnxruntime 1.30) and .venv-ep-ov (onnxruntime-ep-openvino 1.8.1 on onnxruntime 1.30). What was seen with them
+(docs/providers.md, "Plugin providers"):
+- ggml registers a CPU device, takes the whole inference graph, and none of the training, evaluation or
+  generation graphs (they use NonZero, LogSoftmax, Tile, OneHot, which it lacks); its partial=1 option claims
+  the rest as one group, which ONNX Runtime 1.30 rejects. So --ep ggml is refused in one line.
+- the OpenVINO plugin offers a CPU device on an Intel Xeon and none on an AMD EPYC: each case is checked where
+  it is the machine's.
+Without the environments, the rules are checked here against a stand-in plugin that offers no device.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from ortlora.errors import OrtloraError
+from ortlora.manifest import Manifest
+from ortlora.runtime import cli as train_cli
+from ortlora.runtime import config as cfg
+from ortlora.runtime import providers
+from ortlora.runtime.checkpoint import load_adapter
+from tests.environments import needs, run_in
+from tests.reference import rel_err
+from tests.test_openvino import one_case
+from tests.test_portable import TOL, train
+
+
+def refusal(capsys, *argv) -> str:
+    """The one line a refused ortlora-train run writes."""
+    assert train_cli.main([*argv, "--no-progress", "--no-plot"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--ep-option", "partial"], "--ep-option 'partial' must be KEY=VALUE"),
+    (["--ep-option", "=1"], "--ep-option '=1' must be KEY=VALUE"),
+    (["--ep-option", "a=1", "--ep-option", "a=2"], "--ep-option gives a twice ('1' and '2'); keep one"),
+    (["--ep", "ggml:tpu"], "NAME:KIND for a plugin's device, KIND one of gpu, npu, cpu"),
+    (["--ep", "cpu", "--ep-option", "partial=1"], "--ep-option partial=1 passes options to --ep's provider, and --ep is cpu"),
+    (["--ep", "ggml", "--backend", "ort-training", "--ep-option", "partial=1"], "uses ORT's training API: pass --backend"),
+    (["--ep", "nosuch", "--backend", "ort-session"], "unknown execution provider 'nosuch' (a plugin provider is a package of its own: pip install onnxruntime-ep-nosuch); this onnxruntime has: cpu"),
+])
+def test_provider_options_and_names_are_checked(argv, says, artifacts, tmp_path, capsys):
+    assert says in refusal(capsys, "--artifacts", str(artifacts), "--out", str(tmp_path / "run"), *argv)
+    assert not (tmp_path / "run").exists()
+
+
+def test_ep_options_in_a_toml_file_are_strings_by_name(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('ep = "ggml"\nep_options = { partial = 1, device = "cpu" }\n')
+    assert cfg.load_toml(path).ep_options == {"partial": "1", "device": "cpu"}
+    path.write_text('ep = "ggml"\nep_options = { partial = true }\n')
+    with pytest.raises(OrtloraError, match="ep_options: partial must be a string or a number, got True"):
+        cfg.load_toml(path)
+
+
+@pytest.fixture
+def deviceless_plugin(monkeypatch):
+    """An installed plugin package for openvino that registers and offers no device (the OpenVINO plugin on an
+    AMD CPU), on an onnxruntime stood in for with the plugin API."""
+    import onnxruntime
+
+    module = types.ModuleType("fake_ep_openvino")
+    module.get_library_path = lambda: "/nonexistent/libfake.so"
+    module.get_ep_names = lambda: ["OpenVINOExecutionProvider"]
+    monkeypatch.setitem(sys.modules, "fake_ep_openvino", module)
+    plugin = providers.Plugin("openvino", "onnxruntime-ep-openvino", "1.8.1", "fake_ep_openvino")
+    monkeypatch.setattr(providers, "plugins", lambda: {"openvino": plugin})
+    registered = []
+    monkeypatch.setattr(onnxruntime, "register_execution_provider_library", lambda n, p: registered.append(n),
+                        raising=False)
+    cpu = types.SimpleNamespace(ep_name="CPUExecutionProvider",
+                                device=types.SimpleNamespace(type=types.SimpleNamespace(name="CPU")))
+    monkeypatch.setattr(onnxruntime, "get_ep_devices", lambda: [cpu], raising=False)
+    monkeypatch.setattr(providers, "_REGISTERED", set())
+    return registered
+
+
+def test_a_plugin_without_a_device_says_so_in_one_line(deviceless_plugin, artifacts, tmp_path, capsys):
+    err = refusal(capsys, "--artifacts", str(artifacts), "--out", str(tmp_path / "run"), "--ep", "openvino",
+                  "--backend", "ort-session")
+    assert ("execution provider openvino: onnxruntime-ep-openvino 1.8.1 is installed and registered, but offers no "
+            "device on this machine (ONNX Runtime's get_ep_devices() lists CPUExecutionProvider only); train with "
+            "--ep cpu") in err
+    assert deviceless_plugin == ["OpenVINOExecutionProvider"] and not (tmp_path / "run").exists()
+
+
+def test_a_plugin_without_a_device_gives_way_to_the_cpu_only_when_allowed(deviceless_plugin, artifacts, tmp_path,
+                                                                           capsys):
+    assert train(artifacts, tmp_path / "run", "--ep", "openvino", "--backend", "ort-session", "--max-steps", "1",
+                 "--allow-fallback") == 0
+    out = capsys.readouterr().out
+    assert "backend ort-session on cpu in fp32," in out
+    assert "openvino cannot run the training graph; the CPU provider runs it (--allow-fallback)" in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["execution_providers"] == ["CPUExecutionProvider"] and summary["ep_options"] == {}
+
+
+# -- onnxruntime-ggml 0.2.0 ------------------------------------------------------------------------
+
+
+@needs("ggml")
+def test_ggml_registers_a_device_beside_the_cpu_provider():
+    report = run_in("ggml", """
+        import json, onnxruntime
+        from ortlora.runtime.providers import plugins, resolve
+        target = resolve("ggml")
+        print(json.dumps({"plugins": sorted(plugins()), "devices": [d.ep_name for d in onnxruntime.get_ep_devices()],
+                          "provider": target.provider, "route": target.route, "onnxruntime": onnxruntime.__version__}))
+    """)
+    assert report["plugins"] == ["ggml"]
+    assert report["devices"] == ["CPUExecutionProvider", "ggml"], report
+    assert report["provider"] == "ggml" and report["route"] == "plugin onnxruntime-ggml 0.2.0 on its CPU device"
+
+
+@needs("ggml")
+def test_ggml_takes_the_inference_graph_with_the_cpu_providers_logits(artifacts):
+    """Where ggml takes a graph, it computes what the CPU provider does: in fp32 with ortlora's weights=f32
+    (seen: 1.9e-6), not with its default f16 matrices (2.8e-3), which --ep-option weights=f16 brings back."""
+    report = run_in("ggml", f"""
+        import json, numpy as np, onnxruntime as ort
+        from pathlib import Path
+        from ortlora.runtime.providers import create_session
+        path = Path(r"{artifacts}") / "inference_model.onnx"
+        rng = np.random.default_rng(0)
+        ids = rng.integers(0, 100, (2, 24)).astype(np.int64)
+        feeds = {{"input_ids": ids, "attention_mask": np.ones_like(ids)}}
+        out = {{}}
+        for name, ep, options in (("cpu", "cpu", None), ("f32", "ggml", None), ("f16", "ggml", {{"weights": "f16"}})):
+            session = create_session(path, ort.SessionOptions(), ep, ep_options=options)
+            out[name] = session.run(["logits"], feeds)[0]
+            if ep == "ggml":
+                assigned = session.get_provider_graph_assignment_info()
+                out[name + "_nodes"] = {{s.ep_name: len(s.get_nodes()) for s in assigned}}
+                out[name + "_options"] = session.ep_options
+        err = {{k: float(np.abs(out[k] - out["cpu"]).max() / np.abs(out["cpu"]).max()) for k in ("f32", "f16")}}
+        print(json.dumps({{"err": err, **{{k: v for k, v in out.items() if not isinstance(v, np.ndarray)}}}}))
+    """)
+    assert list(report["f32_nodes"]) == ["ggml"] and report["f32_nodes"]["ggml"] > 100, report
+    assert report["f32_options"]["weights"] == "f32" and report["f16_options"]["weights"] == "f16"
+    assert report["err"]["f32"] < 1e-5 < 1e-4 < report["err"]["f16"], report
+
+
+@needs("ggml")
+def test_training_on_ggml_is_refused_in_one_line_and_falls_back_only_when_allowed(artifacts, tmp_path):
+    report = run_in("ggml", f"""
+        import contextlib, io, json
+        from ortlora.runtime.cli import main
+        common = ["--artifacts", r"{artifacts}", "--no-progress", "--no-plot", "--max-steps", "2", "--ep", "ggml"]
+        said = {{}}
+        for name, extra in (("default", []), ("partial", ["--ep-option", "partial=1"]),
+                            ("fallback", ["--ep-option", "partial=1", "--allow-fallback"])):
+            err, out = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+                code = main([*common, "--out", r"{tmp_path}/" + name, *extra])
+            said[name] = {{"code": code, "err": err.getvalue(), "out": out.getvalue()}}
+        print(json.dumps(said))
+    """)
+    for case in ("default", "partial"):
+        assert report[case]["code"] == 2, report[case]
+        error = [line for line in report[case]["err"].splitlines() if line.startswith("error:")]
+        assert len(error) == 1 and error[0].startswith(
+            "error: execution provider ggml cannot run portable_training.onnx: it took none of its "), report[case]
+        assert "--allow-fallback" in error[0] and not (tmp_path / case).exists()
+    fallback = report["fallback"]
+    assert fallback["code"] == 0 and "backend ort-session on cpu in fp32," in fallback["out"]
+    assert "ggml cannot run the training graph; the CPU provider runs it (--allow-fallback)" in fallback["out"]
+    assert json.loads((tmp_path / "fallback" / "config.json").read_text())["ep_options"] == {"partial": "1"}
+    summary = json.loads((tmp_path / "fallback" / "summary.json").read_text())
+    assert list(summary["nodes_per_provider"]) == ["CPUExecutionProvider"] and summary["ep_options"] == {}
+
+
+# -- onnxruntime-ep-openvino 1.8.1 ---------------------------------------------------------------
+
+OPENVINO_DEVICES = """
+    import json, onnxruntime
+    from ortlora.errors import OrtloraError
+    from ortlora.runtime.providers import resolve
+    compiled = onnxruntime.get_available_providers()  # before registration, which adds the plugin's names
+    try:
+        said = resolve("openvino").route
+    except OrtloraError as e:
+        said = "error: " + str(e)
+    print(json.dumps({"said": said, "devices": [d.ep_name for d in onnxruntime.get_ep_devices()],
+                      "compiled": compiled}))
+"""
+
+
+@needs("ep-openvino")
+def test_the_openvino_plugin_offers_a_cpu_device_or_says_it_offers_none():
+    """On an Intel CPU the plugin offers OpenVINO's CPU device (and AUTO); on an AMD EPYC it offered none."""
+    report = run_in("ep-openvino", OPENVINO_DEVICES)
+    assert "OpenVINOExecutionProvider" not in report["compiled"]  # the plugin, not onnxruntime-openvino
+    if "OpenVINOExecutionProvider" in report["devices"]:
+        assert report["said"] == "plugin onnxruntime-ep-openvino 1.8.1 on its CPU device", report
+    else:
+        assert report["said"].startswith("error: execution provider openvino: onnxruntime-ep-openvino 1.8.1 is "
+                                         "installed and registered, but offers no device on this machine"), report
+
+
+@pytest.fixture
+def openvino_plugin_device():
+    if "OpenVINOExecutionProvider" not in run_in("ep-openvino", OPENVINO_DEVICES)["devices"]:
+        pytest.skip("the OpenVINO plugin offers no device on this CPU (as on an AMD EPYC); the refusal is tested above")
+
+
+@needs("ep-openvino")
+def test_the_openvino_plugin_gives_the_cpu_providers_loss_and_gradients(artifacts, tmp_path, openvino_plugin_device):
+    one_case(Manifest.load(artifacts), tmp_path / "in.npz")
+    report = run_in("ep-openvino", f"""
+        import json, numpy as np
+        from pathlib import Path
+        from ortlora.manifest import Manifest
+        from ortlora.runtime.session_backend import OrtSessionBackend
+        data = np.load(r"{tmp_path / 'in.npz'}")
+        artifacts = Path(r"{artifacts}")
+        out = {{}}
+        for ep in ("openvino", "cpu"):
+            backend = OrtSessionBackend(artifacts, Manifest.load(artifacts), ep=ep)
+            backend.set_weights({{k[2:]: data[k] for k in data.files if k.startswith("w:")}})
+            batch = {{k[2:]: data[k] for k in data.files if k.startswith("b:")}}
+            loss = backend.train_step(batch)
+            np.savez(r"{tmp_path}" + f"/{{ep}}.npz", loss=loss, eval_loss=backend.eval_loss(batch), **backend.gradients())
+            out[ep] = {{"placement": backend.placement, "route": backend.route, "options": backend.ep_options}}
+        print(json.dumps(out))
+    """)
+    assert report["openvino"]["placement"] == {"OpenVINOExecutionProvider": 1}, report
+    # Without OpenVINO's f32 hint the plugin computed in bf16 on an AMX Xeon (loss 1.8e-3 off): ortlora passes it.
+    assert json.loads(report["openvino"]["options"]["load_config"]) == {"CPU": {"INFERENCE_PRECISION_HINT": "f32"}}
+    openvino, cpu = np.load(tmp_path / "openvino.npz"), np.load(tmp_path / "cpu.npz")
+    for name in cpu.files:  # seen: 2.6e-6 at most
+        assert rel_err(openvino[name], cpu[name]) < TOL, name
+
+
+@needs("ep-openvino")
+def test_training_on_the_openvino_plugin_matches_the_training_api(artifacts, tmp_path, openvino_plugin_device):
+    """6 steps with --ep openvino through the plugin, and 3 resumed, give the training API's LoRA weights."""
+    steps = ["--max-steps", "6", "--lr", "5e-3", "--grad-accum", "2"]
+    common = ["--artifacts", str(artifacts), "--no-progress", "--no-plot", *steps]
+    run_in("ep-openvino", f"""
+        import json
+        from ortlora.runtime.cli import main
+        common = {common!r}
+        assert main([*common, "--ep", "openvino", "--out", r"{tmp_path / 'ov'}", "--save-every", "3",
+                     "--ep-option", "num_streams=1"]) == 0
+        assert main(["--resume", r"{tmp_path / 'ov' / 'checkpoint-3'}", "--out", r"{tmp_path / 'ov-resumed'}",
+                     "--no-progress", "--no-plot"]) == 0
+        print(json.dumps({{}}))
+    """)
+    summary = json.loads((tmp_path / "ov" / "summary.json").read_text())
+    assert summary["nodes_per_provider"] == {"OpenVINOExecutionProvider": 1}
+    assert summary["ep_route"] == "plugin onnxruntime-ep-openvino 1.8.1 on its CPU device"
+    assert summary["ep_options"]["num_streams"] == "1" and summary["ep_options"]["precision"] == "FP32"
+    assert json.loads((tmp_path / "ov" / "config.json").read_text())["ep_options"] == {"num_streams": "1"}
+    assert json.loads((tmp_path / "ov-resumed" / "config.json").read_text())["ep_options"] == {"num_streams": "1"}
+    assert train(artifacts, tmp_path / "api", "--backend", "ort-training", *steps) == 0
+    manifest = Manifest.load(artifacts)
+    reference = load_adapter(tmp_path / "api" / "checkpoint-6", manifest)
+    for run in ("ov", "ov-resumed"):
+        got = load_adapter(tmp_path / run / "checkpoint-6", manifest)
+        assert max(rel_err(got[n], reference[n]) for n in reference) < 1e-4, run
+
+
+# -- scripts/gpu_check.py: its pure parts (the script itself needs a GPU; docs/providers.md) --------
+
+def gpu_check():
+    import importlib.util
+
+    from tests.environments import ROOT
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_finds_its_wheels_and_reads_nvidia_smi():
+    check = gpu_check()
+    wheels = ["onnxruntime_gpu-1.31.1-cp311-cp311-manylinux_2_27_x86_64.whl", "onnxruntime-1.30.0-cp311-none.whl",
+              "onnxruntime_ep_webgpu-0.4.0-py3-none-manylinux_2_28_x86_64.whl", "README.txt"]
+    assert check.wheel_of(wheels, "onnxruntime-gpu").startswith("onnxruntime_gpu-1.31.1")
+    assert check.wheel_of(wheels, "onnxruntime").startswith("onnxruntime-1.30.0")
+    assert check.wheel_of(wheels, "peft") is None
+    assert check.missing_wheels(wheels) == ["onnxruntime-training-cpu"]
+    assert check.gpu_memory_mb("1234, 5000\n99, 7\n1234, 12.5\n", 1234) == 5012.5
+    assert check.gpu_memory_mb("No running processes found\n", 1234) == 0.0
+
+
+def test_gpu_check_compares_with_the_cpu_provider():
+    check = gpu_check()
+    reference = {"loss": np.float32(2.0), "a": np.array([1.0, -4.0]), "b": np.array([0.5, 0.5])}
+    got = {"loss": np.float32(2.002), "a": np.array([1.0, -4.004]), "b": np.array([0.5, 0.6])}
+    result = check.compare(got, reference)
+    assert result["worst_grad"] == "b" and result["grad_rel"] == pytest.approx(0.2)
+    assert result["loss_rel"] == pytest.approx(1e-3, rel=1e-3)
+    assert check.timing([0.3, 0.1, 0.2]) == {"median_ms": pytest.approx(200), "best_ms": pytest.approx(100), "steps": 3}
