@@ -180,6 +180,26 @@ def test_training_on_ggml_is_refused_in_one_line_and_falls_back_only_when_allowe
     assert list(summary["nodes_per_provider"]) == ["CPUExecutionProvider"] and summary["ep_options"] == {}
 
 
+@needs("ggml")
+def test_generation_on_ggml_is_refused_in_one_line_that_says_what_to_generate_with(artifacts):
+    """ggml takes none of the generation graph (Tile, OneHot); ortlora-generate has no fallback, so its line
+    points at --ep cpu, not at training's --allow-fallback."""
+    report = run_in("ggml", f"""
+        import json
+        from ortlora.errors import OrtloraError
+        from ortlora.runtime.generate import Generator
+        try:
+            Generator(r"{artifacts}", ep="ggml")
+            said = None
+        except OrtloraError as e:
+            said = str(e)
+        print(json.dumps({{"said": said}}))
+    """)
+    said = report["said"]
+    assert said and said.startswith("execution provider ggml cannot run decoder_model.onnx: ") and "\n" not in said
+    assert said.endswith("; generate with --ep cpu") and "--allow-fallback" not in said, said
+
+
 # -- onnxruntime-ep-openvino 1.8.1 ---------------------------------------------------------------
 
 OPENVINO_DEVICES = """

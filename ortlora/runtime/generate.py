@@ -111,7 +111,7 @@ class Generator:
             options.intra_op_num_threads = threads
         decoder = onnx_file(artifacts, self.manifest.files["decoder_model"])
         map_frozen_weights(artifacts, self.manifest)  # the decoder reads frozen_weights.bin: refuse NaN in it first
-        self.session = create_session(decoder, options, ep, ep_options=ep_options)
+        self.session = create_session(decoder, options, ep, ep_options=ep_options, advice="generate with --ep cpu")
         check_lora_inputs(self.session, self.manifest, decoder, required=bool(self.lora))  # the adapter is fed by name
         self.past = [i for i in self.session.get_inputs() if i.name.startswith("past.")]
         self.eos_ids = {self.tokenizer.eos_id} | self._generation_eos(artifacts)

@@ -290,15 +290,19 @@ def refused_node(message: str) -> tuple[str, str]:
     return " ".join(match.groups()), reason[:200]
 
 
+TRAINING_ADVICE = "train with --ep cpu, or pass --allow-fallback to let the CPU run it"
+
+
 def create_session(path: Path, options, ep: str, allow_fallback: bool = False, provider_options: dict | None = None,
-                   ep_options: dict | None = None):
+                   ep_options: dict | None = None, advice: str = TRAINING_ADVICE):
     """An InferenceSession of ``path`` on --ep, the CPU provider behind it for what it does not take.
 
     A provider that refuses the graph (or, a plugin, takes none of it, or offers no device) is one line naming it
     and what it refused, unless ``allow_fallback``: then the session runs on the CPU provider, and
     ``get_providers()`` says so. ``provider_options``: ours on top of the defaults (precision.py's);
     ``ep_options``: the user's (--ep-option), on top of all. The session carries ``target`` (what was selected,
-    None after a fallback), ``fell_back`` and ``ep_options`` (what the accelerator was given).
+    None after a fallback), ``fell_back`` and ``ep_options`` (what the accelerator was given). ``advice`` ends the
+    one-line refusal: what the user can do instead.
     """
     import onnxruntime
 
@@ -344,7 +348,7 @@ def create_session(path: Path, options, ep: str, allow_fallback: bool = False, p
         return _tagged(cpu_session, None, {}, fell_back=True)
     node, reason = refused_node(refusal)
     raise OrtloraError(f"execution provider {ep} cannot run {path.name}: " + (f"it refused node {node} ({reason})"
-                       if node else reason) + "; train with --ep cpu, or pass --allow-fallback to let the CPU run it")
+                       if node else reason) + f"; {advice}")
 
 
 def _tagged(session, target: Target | None, given: dict, fell_back: bool = False):
