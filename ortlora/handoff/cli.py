@@ -127,6 +127,8 @@ def run(args: argparse.Namespace) -> Path:
         from ortlora.handoff import genai, onnx_adapter
 
         onnx_adapter.check_exportable(manifest)
+        if args.to == "genai":
+            genai.check_exportable(manifest)
     if args.to in ("gguf", "gguf-merged", "mlx"):  # refused before anything is written
         (gguf_export if args.to.startswith("gguf") else mlx_adapter).check_exportable(args, manifest)
     hub_id = resolve_base(args, manifest)  # a Hub id becomes its snapshot in huggingface_hub's cache

@@ -52,6 +52,17 @@ def _ids(value) -> list[int]:
     return [i for i in ids if type(i) is int]
 
 
+ARCHITECTURES = ("Qwen2ForCausalLM",)  # what a genai_config.json is written and checked for
+
+
+def check_exportable(manifest: Manifest) -> None:
+    """Refuse, in one line, artifacts of an architecture whose GenAI folder is not written yet."""
+    if manifest.model.get("architecture") not in ARCHITECTURES:
+        raise OrtloraError(f"--to genai writes Qwen2ForCausalLM folders only; these artifacts are of "
+                           f"{manifest.model.get('architecture')} (onnxruntime-genai's qwen3 configuration is not "
+                           f"written or checked yet for Qwen3): use --to onnx-adapter, onnx or merged")
+
+
 def genai_config(artifacts: Path, manifest: Manifest) -> dict:
     """genai_config.json for the artifacts' decoder (names from the manifest, sizes from config.json)."""
     from ortlora.runtime.tokenizer import Tokenizer

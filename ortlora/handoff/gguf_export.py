@@ -61,7 +61,9 @@ def check_type(target: str, given: str | None) -> str:
 def refusal(manifest: Manifest) -> str | None:
     """Why llama.cpp's LoRA GGUF cannot hold adapters of these artifacts, or None."""
     if manifest.model.get("architecture") != ARCHITECTURE:
-        return f"--to gguf writes {ARCHITECTURE} models; these artifacts are of {manifest.model.get('architecture')}"
+        return (f"--to gguf and gguf-merged write {ARCHITECTURE} models only; these artifacts are of "
+                f"{manifest.model.get('architecture')} (llama.cpp's qwen3 architecture and tensor names are not "
+                f"written yet for Qwen3): use --to peft or merged")
     if manifest.lora.get("dora"):
         return ("--to gguf cannot hold a DoRA adapter (llama.cpp's LoRA GGUF has no magnitude vector); "
                 "use --to gguf-merged, which folds it into the weights")
@@ -78,6 +80,8 @@ def check_exportable(args: argparse.Namespace, manifest: Manifest) -> None:
         raise OrtloraError("--with-base goes with --to gguf (--to gguf-merged writes the whole model)")
     if args.to == "gguf" and (reason := refusal(manifest)):
         raise OrtloraError(reason)
+    if args.to == "gguf-merged" and manifest.model.get("architecture") != ARCHITECTURE:
+        raise OrtloraError(refusal(manifest))
 
 
 def export(args: argparse.Namespace, manifest: Manifest, weights: dict[str, np.ndarray], out: Path,

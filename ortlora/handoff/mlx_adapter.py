@@ -48,8 +48,9 @@ def is_mlx_adapter(path: Path) -> bool:
 def _layout(manifest: Manifest, layer_count: int) -> tuple[int, int, list[str]]:
     """(rank, num_layers, keys) of mlx-lm's config for the artifacts' adapter, or a one-line refusal."""
     if manifest.model.get("architecture") != "Qwen2ForCausalLM":
-        raise OrtloraError(f"--to mlx writes Qwen2ForCausalLM adapters; these artifacts are of "
-                           f"{manifest.model.get('architecture')}")
+        raise OrtloraError(f"--to mlx writes Qwen2ForCausalLM adapters only; these artifacts are of "
+                           f"{manifest.model.get('architecture')} (mlx-lm's qwen3 adapter layout is not written or "
+                           f"checked yet for Qwen3): use --to peft or merged")
     unknown = [t for t in manifest.lora["targets"] if t not in KEYS]
     if unknown:
         raise OrtloraError(f"mlx-lm's LoRA adapts decoder-layer linear layers; the artifacts also adapt {unknown[0]}")
