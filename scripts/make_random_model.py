@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""A seeded random Qwen2 model of a published model's shape, for benchmarks and tests (no download).
+"""A seeded random Qwen2.5 or Qwen3 model of a published model's shape, for benchmarks and tests (no download).
 
     python scripts/make_random_model.py --shape qwen2.5-0.5b --out models/qwen05b-shape
     python scripts/bench.py --build models/qwen05b-shape --artifacts artifacts/qwen05b --threads 2
+    python scripts/make_random_model.py --shape qwen3-0.6b --layers 2 --out models/qwen3-06b-2l
 
 Laid out as the published Qwen2.5 checkpoints are (bf16, sharded, Qwen2.5's tokenizer and chat template),
 a 2-layer cut of the 0.5B shape in 4 shards:
@@ -15,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ortlora.build.model_dir import ARCHITECTURES
 from ortlora.build.tiny import DTYPES, SHAPES, TOKENIZERS, create_random_model
 
 
@@ -30,7 +32,8 @@ def main(argv=None) -> int:
                              "with model.safetensors.index.json, e.g. 5GB or 100MB (default: one model.safetensors)")
     parser.add_argument("--tokenizer", choices=TOKENIZERS, default="tiny",
                         help="tiny: trained on the shipped data; real: Qwen2.5's tokenizer, chat template and "
-                             "generation config, shipped in ortlora/data/qwen2.5-tokenizer (default: tiny)")
+                             "generation config, shipped in ortlora/data/qwen2.5-tokenizer, for the qwen3 shapes too "
+                             "(Qwen3's own is not shipped yet; its vocabulary is the same size) (default: tiny)")
     args = parser.parse_args(argv)
     if args.out.exists() and any(args.out.iterdir()):
         parser.error(f"{args.out} exists and is not empty")
@@ -40,7 +43,8 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     layers = f"{args.layers}-layer cut of a " if args.layers else ""
-    print(f"wrote a random {layers}{args.shape}-shaped Qwen2 model ({args.dtype}, {args.tokenizer} tokenizer) "
+    kind = ARCHITECTURES[SHAPES[args.shape].get("model_type", "qwen2")].name
+    print(f"wrote a random {layers}{args.shape}-shaped {kind} model ({args.dtype}, {args.tokenizer} tokenizer) "
           f"to {args.out}")
     return 0
 

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from ortlora import hub
 from ortlora.build import frozen_weights, portable_graph, training_artifacts
 from ortlora.build.export import stamp_ir_version
-from ortlora.build.model_dir import TOKENIZER_FILES, check_model_dir, expected_weights, source_dtype
+from ortlora.build.model_dir import TOKENIZER_FILES, architecture, check_model_dir, expected_weights, source_dtype
 from ortlora.build.quantize import BLOCK_SIZE, PRECISIONS, QMAX
 from ortlora.build.recompute import MODES as RECOMPUTE_MODES
 from ortlora.errors import OrtloraError
@@ -299,7 +299,7 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, variant: dic
         "dora": variant["dora"],
     }
     model_info = {
-        "architecture": (config.get("architectures") or ["Qwen2ForCausalLM"])[0],
+        "architecture": (config.get("architectures") or [architecture(config).name])[0],
         "model_type": config["model_type"],
         # Relative paths are inside the artifact directory.
         "source": BUNDLED_BASE if options.bundle_base else str(options.model_dir.resolve()),

@@ -1,4 +1,4 @@
-"""ortlora-build: export a Qwen2 model with LoRA and generate ONNX Runtime training artifacts."""
+"""ortlora-build: export a Qwen2 / Qwen3 model with LoRA and generate ONNX Runtime training artifacts."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ortlora-build",
         allow_abbrev=False,
-        description="Inject LoRA into a Qwen2/Qwen2.5 model, export it to ONNX with a causal-LM loss "
+        description="Inject LoRA into a Qwen2/Qwen2.5 or Qwen3 model, export it to ONNX with a causal-LM loss "
         "and generate ONNX Runtime training artifacts in which only the LoRA weights are trainable.",
     )
     source = parser.add_mutually_exclusive_group(required=True)

@@ -5,7 +5,8 @@
              their initial values are the defaults, so any adapter can be fed, or none)
     outputs  logits [batch, new, vocab], present.{i}.key / present.{i}.value (past + new positions)
 
-The forward pass is Qwen2's, written over the model's own modules (so LoRA and the weights are
+The forward pass is Qwen2's and Qwen3's (whose attention normalises each query and key head first:
+``self_attn.q_norm`` / ``k_norm``), written over the model's own modules (so LoRA and the weights are
 the model's) with the cache as explicit tensors: positions come from the attention mask (left
 padding works), and each query sees the keys up to its own position that the mask keeps.
 tests/test_generate.py checks it against transformers.
@@ -23,6 +24,12 @@ from ortlora.build.lora import external_lora_weights
 def cache_names(layers: int) -> tuple[list[str], list[str]]:
     past = [f"past.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
     return past, [name.replace("past.", "present.") for name in past]
+
+
+def head_norm(attention: nn.Module, name: str) -> nn.Module:
+    """The attention's per-head norm of queries or keys (Qwen3's q_norm / k_norm), or none (Qwen2)."""
+    norm = getattr(attention, name, None)
+    return nn.Identity() if norm is None else norm
 
 
 class DecoderWithPast(nn.Module):
@@ -58,8 +65,8 @@ class DecoderWithPast(nn.Module):
                 attn = layer.self_attn
                 x = layer.input_layernorm(hidden)
                 shape = (x.shape[0], new, -1, attn.head_dim)
-                q = attn.q_proj(x).view(shape).transpose(1, 2)
-                k = attn.k_proj(x).view(shape).transpose(1, 2)
+                q = head_norm(attn, "q_norm")(attn.q_proj(x).view(shape)).transpose(1, 2)
+                k = head_norm(attn, "k_norm")(attn.k_proj(x).view(shape)).transpose(1, 2)
                 v = attn.v_proj(x).view(shape).transpose(1, 2)
                 q, k = apply_rotary_pos_emb(q, k, cos, sin)
                 k = torch.cat([past[2 * i], k], dim=2)

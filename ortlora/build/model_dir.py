@@ -7,13 +7,32 @@ build relies on is checked here first, and every problem found is named in one l
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from ortlora.errors import OrtloraError, listing
 from ortlora.files import inside, json_type, read_json
 from ortlora.weights import FLOAT_DTYPES, check_safetensors, shape_problems, weight_files
 
-SUPPORTED_MODEL_TYPES = ("qwen2",)
+
+@dataclass(frozen=True)
+class Architecture:
+    """What the build needs to know of a supported architecture; everything else is transformers' own modules."""
+
+    name: str  # config.json's architectures[0], transformers' class
+    label: str  # as messages name it
+    attention_biases: tuple[str, ...]  # attention projections that always have a bias
+    optional_biases: tuple[str, ...]  # those that have one when config.json's attention_bias is true
+    head_norms: bool  # an RMSNorm of [head_dim] on each query and key head (self_attn.q_norm, self_attn.k_norm)
+    head_dim: int | None  # transformers' head_dim where config.json has none (None: hidden_size / heads)
+
+
+# By config.json's model_type. Qwen3 is Qwen2 with per-head query / key norms, no q/k/v biases (all four
+# projections get one with attention_bias) and an explicit head_dim (transformers' Qwen3Config default: 128).
+ARCHITECTURES = {
+    "qwen2": Architecture("Qwen2ForCausalLM", "Qwen2 / Qwen2.5", ("q_proj", "k_proj", "v_proj"), (), False, None),
+    "qwen3": Architecture("Qwen3ForCausalLM", "Qwen3", (), ("q_proj", "k_proj", "v_proj", "o_proj"), True, 128),
+}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "generation_config.json")
 # config.json keys the build reads (transformers would take its own default for a missing one).
@@ -38,11 +57,11 @@ def check_model_dir(path: Path) -> dict:
         raise OrtloraError(f"{path} has no config.json: is it a Hugging Face model directory?")
     config = read_json(config_path)
     model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in ARCHITECTURES:
         architectures = config.get("architectures")
         names = ", ".join(map(str, architectures)) if isinstance(architectures, list) else ""
-        raise OrtloraError(f"{path} holds a {model_type or 'unknown'} model ({names}); "
-                           f"ortlora supports Qwen2 / Qwen2.5 (model_type qwen2)")
+        supported = ", ".join(f"{a.label} (model_type {t})" for t, a in ARCHITECTURES.items())
+        raise OrtloraError(f"{path} holds a {model_type or 'unknown'} model ({names}); ortlora supports {supported}")
     _check_sizes(config, config_path)
     _check_weights(path, config)
     if not (path / "tokenizer.json").is_file():
@@ -64,8 +83,9 @@ def _check_sizes(config: dict, config_path: Path) -> None:
     if config["num_attention_heads"] % config["num_key_value_heads"]:
         raise OrtloraError(f"{config_path}: num_attention_heads ({config['num_attention_heads']}) is not a multiple "
                            f"of num_key_value_heads ({config['num_key_value_heads']})")
-    if not isinstance(config.get("tie_word_embeddings", False), bool):
-        raise OrtloraError(f"{config_path}: tie_word_embeddings must be true or false")
+    for key in ("tie_word_embeddings", "attention_bias"):
+        if not isinstance(config.get(key, False), bool):
+            raise OrtloraError(f"{config_path}: {key} must be true or false")
     head_dim = config.get("head_dim")
     if head_dim is not None and (type(head_dim) is not int or head_dim <= 0):
         raise OrtloraError(f"{config_path}: head_dim must be a positive integer, not {json_type(head_dim)}")
@@ -107,22 +127,37 @@ def _check_rope(config: dict, config_path: Path) -> None:
                                f"{'; '.join(problems)}")
 
 
+def architecture(config: dict) -> Architecture:
+    """The supported architecture of ``config`` (config.json), by its model_type."""
+    return ARCHITECTURES[config.get("model_type", "qwen2")]
+
+
+def head_dim(config: dict) -> int:
+    """The attention heads' width, as transformers takes it for the architecture."""
+    return config.get("head_dim") or architecture(config).head_dim or config["hidden_size"] // config["num_attention_heads"]
+
+
 def expected_weights(config: dict) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every weight a Qwen2 model of ``config`` loads (transformers' Qwen2ForCausalLM)."""
-    hidden, inner, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
-    q, kv = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+    """Name -> shape of every weight a model of ``config`` loads (transformers' Qwen2ForCausalLM or
+    Qwen3ForCausalLM, by model_type)."""
+    arch = architecture(config)
+    hidden, inner, vocab, width = config["hidden_size"], config["intermediate_size"], config["vocab_size"], head_dim(config)
+    q, kv = config["num_attention_heads"] * width, config["num_key_value_heads"] * width
     shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
     if not config.get("tie_word_embeddings", False):  # transformers' default for Qwen2 is an LM head of its own
         shapes["lm_head.weight"] = (vocab, hidden)
+    biases = arch.attention_biases + (arch.optional_biases if config.get("attention_bias") else ())
     for i in range(config["num_hidden_layers"]):
         layer = f"model.layers.{i}."
+        attention = {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q)}
+        shapes |= {layer + "input_layernorm.weight": (hidden,), layer + "post_attention_layernorm.weight": (hidden,)}
+        for name, shape in attention.items():
+            shapes[f"{layer}self_attn.{name}.weight"] = shape
+            if name in biases:
+                shapes[f"{layer}self_attn.{name}.bias"] = shape[:1]
+        if arch.head_norms:
+            shapes |= {layer + "self_attn.q_norm.weight": (width,), layer + "self_attn.k_norm.weight": (width,)}
         shapes |= {
-            layer + "input_layernorm.weight": (hidden,), layer + "post_attention_layernorm.weight": (hidden,),
-            layer + "self_attn.q_proj.weight": (q, hidden), layer + "self_attn.q_proj.bias": (q,),
-            layer + "self_attn.k_proj.weight": (kv, hidden), layer + "self_attn.k_proj.bias": (kv,),
-            layer + "self_attn.v_proj.weight": (kv, hidden), layer + "self_attn.v_proj.bias": (kv,),
-            layer + "self_attn.o_proj.weight": (hidden, q),
             layer + "mlp.gate_proj.weight": (inner, hidden), layer + "mlp.up_proj.weight": (inner, hidden),
             layer + "mlp.down_proj.weight": (hidden, inner),
         }
@@ -152,7 +187,7 @@ def _check_weights(path: Path, config: dict) -> None:
                  if dtype not in FLOAT_DTYPES]
     if problems:
         raise OrtloraError(f"the weights in {path} do not fit its config.json (a {config['num_hidden_layers']}-layer "
-                           f"Qwen2 of hidden size {config['hidden_size']}): {listing(problems)}")
+                           f"{architecture(config).label} of hidden size {config['hidden_size']}): {listing(problems)}")
 
 
 def source_dtype(path: Path) -> str:

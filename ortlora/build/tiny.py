@@ -5,7 +5,8 @@ with ortlora. Both are saved as an ordinary Hugging Face model directory, so the
 through exactly the loading code a real Qwen2.5 checkpoint does.
 
 The same recipe makes random models of a published model's shape for benchmarks and tests (``SHAPES``:
-Qwen2.5 0.5B to 7B, with their dimensions and 151,936- or 152,064-row vocabularies), laid out as the
+Qwen2.5 0.5B to 7B and Qwen3 0.6B to 8B, with their dimensions and 151,936- or 152,064-row vocabularies; a
+``model_type="qwen3"`` override makes a tiny Qwen3), laid out as the
 published checkpoints are when asked: stored in bf16, sharded (``model-00001-of-0000n.safetensors`` and
 ``model.safetensors.index.json``), with Qwen2.5's real tokenizer, chat template and generation config
 (``tokenizer="real"``, the copy shipped in ``QWEN25_TOKENIZER_DIR``, Apache-2.0). A tokenizer smaller than the
@@ -66,8 +67,22 @@ QWEN25_3B_CONFIG = dict(hidden_size=2048, intermediate_size=11008, num_hidden_la
                         num_key_value_heads=2, tie_word_embeddings=True, vocab_size=151936, **_QWEN25_COMMON)
 QWEN25_7B_CONFIG = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                         num_key_value_heads=4, tie_word_embeddings=False, vocab_size=152064, **_QWEN25_COMMON)
+# Qwen3's dense models (config.json values of the published checkpoints): head_dim 128 whatever the hidden size
+# (0.6B: 16 heads of 128 from a hidden size of 1,024), tied embeddings up to 4B. Qwen3's own tokenizer is not
+# shipped yet: tokenizer="real" gives them Qwen2.5's, whose vocabulary is the same size.
+_QWEN3_COMMON = dict(model_type="qwen3", head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6,
+                     rope_theta=1000000.0, vocab_size=151936)
+QWEN3_06B_CONFIG = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                        num_key_value_heads=8, tie_word_embeddings=True, **_QWEN3_COMMON)
+QWEN3_17B_CONFIG = dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                        num_key_value_heads=8, tie_word_embeddings=True, **_QWEN3_COMMON)
+QWEN3_4B_CONFIG = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                       num_key_value_heads=8, tie_word_embeddings=True, **_QWEN3_COMMON)
+QWEN3_8B_CONFIG = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                       num_key_value_heads=8, tie_word_embeddings=False, **_QWEN3_COMMON)
 SHAPES = {"tiny": TINY_CONFIG, "qwen2.5-0.5b": QWEN25_05B_CONFIG, "qwen2.5-1.5b": QWEN25_15B_CONFIG,
-          "qwen2.5-3b": QWEN25_3B_CONFIG, "qwen2.5-7b": QWEN25_7B_CONFIG}
+          "qwen2.5-3b": QWEN25_3B_CONFIG, "qwen2.5-7b": QWEN25_7B_CONFIG, "qwen3-0.6b": QWEN3_06B_CONFIG,
+          "qwen3-1.7b": QWEN3_17B_CONFIG, "qwen3-4b": QWEN3_4B_CONFIG, "qwen3-8b": QWEN3_8B_CONFIG}
 DTYPES = ("fp32", "bf16", "fp16")
 TOKENIZERS = ("tiny", "real")
 RANDOM_BLOCK_BYTES = 64 << 20  # float32 drawn at a time for a random model of a published shape
@@ -119,24 +134,29 @@ def create_tiny_model(out_dir: Path, seed: int = 0) -> Path:
 
 def create_random_model(out_dir: Path, shape: str, seed: int = 0, *, layers: int | None = None, dtype: str = "fp32",
                         max_shard_size: str | int | None = None, tokenizer: str = "tiny", **overrides) -> Path:
-    """Write a seeded random Qwen2 model of one of ``SHAPES`` to ``out_dir``.
+    """Write a seeded random model of one of ``SHAPES`` to ``out_dir``.
 
     ``layers`` keeps the first N layers of the shape; ``overrides`` change any other config value (a test's
-    hidden size of 64, say). ``dtype`` is the stored dtype. The tiny shape is made and saved by transformers;
-    published shapes are drawn and written block by block (``_write_random_weights``), so a 7B model takes
+    hidden size of 64, say; ``model_type="qwen3"`` with a ``head_dim`` makes a Qwen3 of the tiny shape).
+    ``dtype`` is the stored dtype. The tiny shape is made and saved by transformers; published shapes are drawn and written block by block (``_write_random_weights``), so a 7B model takes
     64 MB of memory, not its 15 GB. ``max_shard_size`` ("50MB", or bytes) splits the weights the way
     ``save_pretrained`` writes published checkpoints; none gives one model.safetensors. ``tokenizer`` is
     "tiny" (trained here on the shipped data) or "real" (Qwen2.5's, copied from ``QWEN25_TOKENIZER_DIR``,
-    with its chat template and generation_config.json).
+    with its chat template and generation_config.json; Qwen3 shapes get it too, for now).
     """
     import torch
     import transformers
-    from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config
+    from transformers import AutoConfig, GenerationConfig, PreTrainedTokenizerFast
+
+    from ortlora.build.model_dir import ARCHITECTURES
 
     if shape not in SHAPES or dtype not in DTYPES or tokenizer not in TOKENIZERS:
         raise ValueError(f"shape must be one of {sorted(SHAPES)}, dtype one of {DTYPES}, tokenizer one of "
                          f"{TOKENIZERS}; got {shape!r}, {dtype!r}, {tokenizer!r}")
     base = {**SHAPES[shape], **overrides}
+    model_type = base.pop("model_type", "qwen2")
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"model_type must be one of {sorted(ARCHITECTURES)}, got {model_type!r}")
     if layers is not None:
         if not 1 <= layers <= SHAPES[shape]["num_hidden_layers"]:
             raise ValueError(f"layers must be 1 to {SHAPES[shape]['num_hidden_layers']} for {shape}, got {layers}")
@@ -157,7 +177,7 @@ def create_random_model(out_dir: Path, shape: str, seed: int = 0, *, layers: int
         ids = dict(bos_token_id=None, eos_token_id=hf_tokenizer.convert_tokens_to_ids("<|im_end|>"),
                    pad_token_id=hf_tokenizer.convert_tokens_to_ids("<|endoftext|>"))
         base = {"vocab_size": len(hf_tokenizer), **base}
-    config = Qwen2Config(**base, **ids)
+    config = AutoConfig.for_model(model_type, **base, **ids)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     out_dir.mkdir(parents=True, exist_ok=True)
     transformers.logging.disable_progress_bar()
@@ -165,7 +185,7 @@ def create_random_model(out_dir: Path, shape: str, seed: int = 0, *, layers: int
         _save_transformers_model(out_dir, config, torch_dtype, seed, max_shard_size)
     else:
         _write_random_weights(out_dir, config.to_dict(), dtype, seed, max_shard_size)
-        config.architectures = ["Qwen2ForCausalLM"]
+        config.architectures = [ARCHITECTURES[model_type].name]
         config.dtype = torch_dtype
         config.save_pretrained(out_dir)
         GenerationConfig.from_model_config(config).save_pretrained(out_dir)
@@ -180,13 +200,13 @@ def create_random_model(out_dir: Path, shape: str, seed: int = 0, *, layers: int
 def _save_transformers_model(out_dir: Path, config, torch_dtype, seed: int, max_shard_size) -> None:
     """The built-in model: initialised and saved by transformers (its figures in the README are of these weights)."""
     import torch
-    from transformers import Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     # Made in the stored dtype (transformers sets it as torch's default while it builds).
-    model = Qwen2ForCausalLM._from_config(config, dtype=torch_dtype)
-    # Random init leaves norm weights at exactly 1; perturb them so tests cannot pass by accident
-    # (a wrong norm would change nothing). The build no longer needs it: equal weights stay apart.
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    # Random init leaves norm weights at exactly 1 (Qwen3's q_norm / k_norm too); perturb them so tests cannot
+    # pass by accident (a wrong norm would change nothing). The build no longer needs it: equal weights stay apart.
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
