@@ -1,4 +1,4 @@
-"""ortlora: LoRA fine-tuning of Qwen2-family causal LMs on ONNX Runtime.
+"""ortlora: LoRA fine-tuning of Qwen2- and Qwen3-family causal LMs on ONNX Runtime.
 
 Two halves meet only at the artifact directory and its manifest (``ortlora.json``):
 
