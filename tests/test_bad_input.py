@@ -315,7 +315,7 @@ MODEL_DIRS = {
     "only pytorch_model.bin": (lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"),
                                "has no *.safetensors weights (it has pytorch_model.bin"),
     "other tensors": (lambda d: save_file({"x": np.zeros(2, np.float32)}, d / "model.safetensors"),
-                      "do not fit its config.json (a 2-layer Qwen2 of hidden size 64): missing model.embed_tokens.weight"),
+                      "do not fit its config.json (a 2-layer Qwen2 / Qwen2.5 of hidden size 64): missing model.embed_tokens.weight"),
     "more layers than weights": (lambda d: edit_json(d / "config.json", lambda c: c.update(num_hidden_layers=3)),
                                  "missing model.layers.2.input_layernorm.weight"),
     "untied head without weights": (lambda d: edit_json(d / "config.json", lambda c: c.update(tie_word_embeddings=False)),
