@@ -31,9 +31,9 @@ def main(argv=None) -> int:
                         help="split the weights into model-0000k-of-0000n.safetensors files of at most this size, "
                              "with model.safetensors.index.json, e.g. 5GB or 100MB (default: one model.safetensors)")
     parser.add_argument("--tokenizer", choices=TOKENIZERS, default="tiny",
-                        help="tiny: trained on the shipped data; real: Qwen2.5's tokenizer, chat template and "
-                             "generation config, shipped in ortlora/data/qwen2.5-tokenizer, for the qwen3 shapes too "
-                             "(Qwen3's own is not shipped yet; its vocabulary is the same size) (default: tiny)")
+                        help="tiny: trained on the shipped data; real: the published tokenizer and chat template, "
+                             "Qwen2.5's with its generation config (ortlora/data/qwen2.5-tokenizer) for the qwen2.5 "
+                             "shapes, Qwen3's (ortlora/data/qwen3-tokenizer) for the qwen3 shapes (default: tiny)")
     args = parser.parse_args(argv)
     if args.out.exists() and any(args.out.iterdir()):
         parser.error(f"{args.out} exists and is not empty")

@@ -9,8 +9,9 @@ Qwen2.5 0.5B to 7B and Qwen3 0.6B to 8B, with their dimensions and 151,936- or 1
 ``model_type="qwen3"`` override makes a tiny Qwen3), laid out as the
 published checkpoints are when asked: stored in bf16, sharded (``model-00001-of-0000n.safetensors`` and
 ``model.safetensors.index.json``), with Qwen2.5's real tokenizer, chat template and generation config
-(``tokenizer="real"``, the copy shipped in ``QWEN25_TOKENIZER_DIR``, Apache-2.0). A tokenizer smaller than the
-vocabulary is fine, as it is for Qwen2.5 itself (151,665 tokens in 151,936 rows).
+(``tokenizer="real"``, the copy shipped in ``QWEN25_TOKENIZER_DIR``, Apache-2.0; Qwen3's tokenizer and template
+from ``QWEN3_TOKENIZER_DIR`` for qwen3). A tokenizer smaller than the vocabulary is fine, as it is for Qwen2.5
+itself (151,665 tokens in 151,936 rows; Qwen3's 151,669).
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ QWEN25_3B_CONFIG = dict(hidden_size=2048, intermediate_size=11008, num_hidden_la
 QWEN25_7B_CONFIG = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                         num_key_value_heads=4, tie_word_embeddings=False, vocab_size=152064, **_QWEN25_COMMON)
 # Qwen3's dense models (config.json values of the published checkpoints): head_dim 128 whatever the hidden size
-# (0.6B: 16 heads of 128 from a hidden size of 1,024), tied embeddings up to 4B. Qwen3's own tokenizer is not
-# shipped yet: tokenizer="real" gives them Qwen2.5's, whose vocabulary is the same size.
+# (0.6B: 16 heads of 128 from a hidden size of 1,024), tied embeddings up to 4B. tokenizer="real" gives them
+# Qwen3's own tokenizer and template (QWEN3_TOKENIZER_DIR).
 _QWEN3_COMMON = dict(model_type="qwen3", head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6,
                      rope_theta=1000000.0, vocab_size=151936)
 QWEN3_06B_CONFIG = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
@@ -89,6 +90,9 @@ RANDOM_BLOCK_BYTES = 64 << 20  # float32 drawn at a time for a random model of a
 # Qwen2.5's real tokenizer files, shipped with ortlora (ortlora/data/qwen2.5-tokenizer: README, LICENSE).
 QWEN25_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "data" / "qwen2.5-tokenizer"
 QWEN25_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+# Qwen3's (ortlora/data/qwen3-tokenizer: README, LICENSE), for model_type qwen3: no config or generation config.
+QWEN3_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "data" / "qwen3-tokenizer"
+QWEN3_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 # The tiny tokenizer's training corpus: the built-in datasets (builtin:NAME), a fixed list, so that shipping
@@ -142,7 +146,8 @@ def create_random_model(out_dir: Path, shape: str, seed: int = 0, *, layers: int
     64 MB of memory, not its 15 GB. ``max_shard_size`` ("50MB", or bytes) splits the weights the way
     ``save_pretrained`` writes published checkpoints; none gives one model.safetensors. ``tokenizer`` is
     "tiny" (trained here on the shipped data) or "real" (Qwen2.5's, copied from ``QWEN25_TOKENIZER_DIR``,
-    with its chat template and generation_config.json; Qwen3 shapes get it too, for now).
+    with its chat template and generation_config.json; a qwen3 model_type gets Qwen3's tokenizer and chat
+    template from ``QWEN3_TOKENIZER_DIR``, its generation config the one its config writes).
     """
     import torch
     import transformers
@@ -163,7 +168,8 @@ def create_random_model(out_dir: Path, shape: str, seed: int = 0, *, layers: int
         base["num_hidden_layers"] = layers
     if tokenizer == "real":
         real = json.loads((QWEN25_TOKENIZER_DIR / "config.json").read_text())
-        # Qwen2.5's published ids: <|endoftext|> 151643 begins and pads, <|im_end|> 151645 ends a turn.
+        # Qwen2.5's published ids: <|endoftext|> 151643 begins and pads, <|im_end|> 151645 ends a turn; Qwen3's
+        # tokenizer gives these tokens the same ids (tests/test_qwen3_template.py).
         ids = {key: real[key] for key in ("bos_token_id", "eos_token_id")} | {"pad_token_id": real["bos_token_id"]}
         hf_tokenizer = None
     else:
@@ -192,8 +198,10 @@ def create_random_model(out_dir: Path, shape: str, seed: int = 0, *, layers: int
     if hf_tokenizer is not None:
         hf_tokenizer.save_pretrained(out_dir)
     else:
-        for name in QWEN25_TOKENIZER_FILES:  # generation_config.json replaces the one written above
-            shutil.copyfile(QWEN25_TOKENIZER_DIR / name, out_dir / name)
+        source, names = ((QWEN3_TOKENIZER_DIR, QWEN3_TOKENIZER_FILES) if model_type == "qwen3"
+                         else (QWEN25_TOKENIZER_DIR, QWEN25_TOKENIZER_FILES))
+        for name in names:  # Qwen2.5's generation_config.json replaces the one written above
+            shutil.copyfile(source / name, out_dir / name)
     return out_dir
 
 

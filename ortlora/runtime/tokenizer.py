@@ -107,10 +107,11 @@ class Tokenizer:
         return self.chat_template is not None and name in self.chat_template
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
-                            tools: list[dict] | None = None) -> str:
+                            tools: list[dict] | None = None, enable_thinking: bool | None = None) -> str:
         """The conversation as transformers' ``apply_chat_template(messages, tools=tools, tokenize=False)``
         renders it: keys whose value is None are dropped from each message first (as transformers does, so
-        an assistant turn of tool calls may have ``"content": null``), and the template sees ``tools``."""
+        an assistant turn of tool calls may have ``"content": null``), and the template sees ``tools``.
+        ``enable_thinking`` (Qwen3's template) is passed only when given, so that ``is defined`` stays false."""
         template = self._compiled()
         messages = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in messages]
         budget = Budget(self.template_source, conversation_size((messages, tools)))
@@ -124,6 +125,7 @@ class Tokenizer:
                 eos_token=self.eos_token,
                 pad_token=self.pad_token,
                 bos_token="",
+                **({} if enable_thinking is None else {"enable_thinking": enable_thinking}),
             )
         except TemplateTooCostly:
             raise
