@@ -205,7 +205,7 @@ def test_training_resumes_exactly_and_greedy_generation_is_transformers(qwen3_ar
 
 
 def test_a_published_qwen3_layout_builds_and_matches_peft(tmp_path):
-    """The qwen3-0.6b shape as published (bf16, sharded, Qwen2.5's real tokenizer for now), cut to 2 layers and
+    """The qwen3-0.6b shape as published (bf16, sharded, Qwen3's real tokenizer), cut to 2 layers and
     a test's width, its head_dim the shape's 128: the streaming build from shards, against PEFT in float32."""
     model = create_random_model(tmp_path / "model", "qwen3-0.6b", seed=0, layers=2, dtype="bf16",
                                 max_shard_size=60_000, tokenizer="real", hidden_size=64, intermediate_size=176,
