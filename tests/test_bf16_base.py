@@ -23,10 +23,10 @@ from ortlora.manifest import Manifest
 from ortlora.runtime.backend import OrtTrainingBackend
 from ortlora.runtime.session_backend import OrtSessionBackend
 from ortlora.weights import is_bf16, map_layout, read_tensors
-from tests.environments import needs, python_of, run_in
-from tests.reference import loss_and_grads, peft_model, random_weights, rel_err
+from tests.environments import needs, python_of
+from tests.reference import peft_model, random_weights, rel_err
 from tests.test_build import _check_against_peft, all_nodes, make_batch
-from tests.test_quantized import _optimized
+from tests.test_quantized import _optimized, errors_in
 
 TOL = 1e-5
 
@@ -200,27 +200,8 @@ def test_onnx_runtime_makes_no_float32_copy_of_a_matrix(bf16_base, tmp_path, env
 def test_the_newest_plain_onnxruntime_trains_a_bf16_base(bf16_base, tmp_path):
     """The plain package takes the mapped bfloat16 weights too (runtime/frozen.py hands them over as DLPack)."""
     artifacts, _, reference = bf16_base
-    manifest = Manifest.load(artifacts)
-    weights = random_weights(manifest, seed=5)
-    batch = make_batch(int(json.loads((artifacts / "config.json").read_text())["vocab_size"]), "ignored")
-    np.savez(tmp_path / "in.npz", **{f"w:{k}": v for k, v in weights.items()}, **{f"b:{k}": v for k, v in batch.items()})
-    run_in("plain-ort", f"""
-        import json
-        import numpy as np
-        from pathlib import Path
-        from ortlora.manifest import Manifest
-        from ortlora.runtime.session_backend import OrtSessionBackend
-        data = np.load(r"{tmp_path / 'in.npz'}")
-        backend = OrtSessionBackend(Path(r"{artifacts}"), Manifest.load(r"{artifacts}"))
-        backend.set_weights({{k[2:]: data[k] for k in data.files if k.startswith("w:")}})
-        loss = backend.train_step({{k[2:]: data[k] for k in data.files if k.startswith("b:")}})
-        np.savez(r"{tmp_path / 'out.npz'}", loss=loss, **backend.gradients())
-        print(json.dumps({{}}))
-    """)
-    out = np.load(tmp_path / "out.npz")
-    ref_loss, ref_grads = loss_and_grads(peft_model(artifacts, weights, base=reference), manifest, batch)
-    assert abs(float(out["loss"]) - ref_loss) / ref_loss < TOL
-    assert max(rel_err(out[n], ref_grads[n]) for n in ref_grads) < TOL
+    errors = errors_in("plain-ort", artifacts, reference, tmp_path)
+    assert errors["loss"] < TOL and errors["gradients"] < TOL
 
 
 def test_a_nan_in_a_bf16_matrix_is_refused_in_one_line(bf16_base, tmp_path, capsys):
@@ -245,27 +226,8 @@ def test_openvino_trains_a_bf16_base_on_its_own_graphs(bf16_base, tmp_path):
     """OpenVINO's provider fails on the ordered widening the CPU provider needs; it runs the bf16 base's
     OpenVINO graphs instead, which give PyTorch + PEFT's loss and gradients on the widened base (fp32 hint)."""
     artifacts, _, reference = bf16_base
-    manifest = Manifest.load(artifacts)
-    assert {"portable_training_openvino_model", "portable_eval_openvino_model"} <= set(manifest.files)
-    weights = random_weights(manifest, seed=6)
-    batch = make_batch(int(json.loads((artifacts / "config.json").read_text())["vocab_size"]), "ignored")
-    np.savez(tmp_path / "in.npz", **{f"w:{k}": v for k, v in weights.items()}, **{f"b:{k}": v for k, v in batch.items()})
-    report = run_in("openvino", f"""
-        import json
-        import numpy as np
-        from pathlib import Path
-        from ortlora.manifest import Manifest
-        from ortlora.runtime.session_backend import OrtSessionBackend
-        data = np.load(r"{tmp_path / 'in.npz'}")
-        backend = OrtSessionBackend(Path(r"{artifacts}"), Manifest.load(r"{artifacts}"), ep="openvino")
-        backend.set_weights({{k[2:]: data[k] for k in data.files if k.startswith("w:")}})
-        batch = {{k[2:]: data[k] for k in data.files if k.startswith("b:")}}
-        loss = backend.train_step(batch)
-        np.savez(r"{tmp_path / 'out.npz'}", loss=loss, eval_loss=backend.eval_loss(batch), **backend.gradients())
-        print(json.dumps({{"placement": backend.placement}}))
-    """)
-    assert report["placement"].get("OpenVINOExecutionProvider"), report
-    out = np.load(tmp_path / "out.npz")
-    ref_loss, ref_grads = loss_and_grads(peft_model(artifacts, weights, base=reference), manifest, batch)
-    assert abs(float(out["loss"]) - ref_loss) / ref_loss < 1e-4 and abs(float(out["eval_loss"]) - ref_loss) / ref_loss < 1e-4
-    assert max(rel_err(out[n], ref_grads[n]) for n in ref_grads) < 1e-4  # OpenVINO's fp32, as tests/test_openvino.py
+    assert {"portable_training_openvino_model", "portable_eval_openvino_model"} <= set(Manifest.load(artifacts).files)
+    errors = errors_in("openvino", artifacts, reference, tmp_path, ep="openvino")
+    assert errors["placement"].get("OpenVINOExecutionProvider"), errors
+    assert errors["loss"] < 1e-4 and errors["eval_loss"] < 1e-4
+    assert errors["gradients"] < 1e-4  # OpenVINO's fp32, as tests/test_openvino.py
