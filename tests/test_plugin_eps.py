@@ -29,7 +29,7 @@ from ortlora.runtime import providers
 from ortlora.runtime.checkpoint import load_adapter
 from tests.environments import needs, run_in
 from tests.reference import rel_err
-from tests.test_openvino import one_case
+from tests.test_openvino import one_case, step_on_each
 from tests.test_portable import TOL, train
 
 
@@ -237,23 +237,7 @@ def openvino_plugin_device():
 @needs("ep-openvino")
 def test_the_openvino_plugin_gives_the_cpu_providers_loss_and_gradients(artifacts, tmp_path, openvino_plugin_device):
     one_case(Manifest.load(artifacts), tmp_path / "in.npz")
-    report = run_in("ep-openvino", f"""
-        import json, numpy as np
-        from pathlib import Path
-        from ortlora.manifest import Manifest
-        from ortlora.runtime.session_backend import OrtSessionBackend
-        data = np.load(r"{tmp_path / 'in.npz'}")
-        artifacts = Path(r"{artifacts}")
-        out = {{}}
-        for ep in ("openvino", "cpu"):
-            backend = OrtSessionBackend(artifacts, Manifest.load(artifacts), ep=ep)
-            backend.set_weights({{k[2:]: data[k] for k in data.files if k.startswith("w:")}})
-            batch = {{k[2:]: data[k] for k in data.files if k.startswith("b:")}}
-            loss = backend.train_step(batch)
-            np.savez(r"{tmp_path}" + f"/{{ep}}.npz", loss=loss, eval_loss=backend.eval_loss(batch), **backend.gradients())
-            out[ep] = {{"placement": backend.placement, "route": backend.route, "options": backend.ep_options}}
-        print(json.dumps(out))
-    """)
+    report = step_on_each("ep-openvino", artifacts, tmp_path)
     assert report["openvino"]["placement"] == {"OpenVINOExecutionProvider": 1}, report
     # Without OpenVINO's f32 hint the plugin computed in bf16 on an AMX Xeon (loss 1.8e-3 off): ortlora passes it.
     assert json.loads(report["openvino"]["options"]["load_config"]) == {"CPU": {"INFERENCE_PRECISION_HINT": "f32"}}
