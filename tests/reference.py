@@ -66,3 +66,28 @@ def random_weights(manifest: Manifest, seed: int, scale: float = 0.1) -> dict[st
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(np.asarray(a) - np.asarray(b)).max() / max(np.abs(np.asarray(b)).max(), 1e-12))
+
+
+def transformers_greedy(base: Path, adapter: Path, prompt: list[int], new_tokens: int) -> list[int]:
+    """The tokens transformers generates greedily from ``prompt`` with ``adapter`` merged into ``base`` (float32,
+    PEFT's merge_and_unload), up to the test models' eos (id 2)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                       adapter).merge_and_unload().eval()
+    with torch.no_grad():
+        tokens = merged.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                 do_sample=False, max_new_tokens=new_tokens, eos_token_id=2,
+                                 pad_token_id=0)[0, len(prompt):].tolist()
+    return tokens[: tokens.index(2)] if 2 in tokens else tokens
+
+
+def assert_same_adapters(a: Path, b: Path) -> None:
+    """Two checkpoints hold the same trained LoRA weights (B no longer zero), as a resumed run must."""
+    from ortlora.weights import read_tensors
+
+    first, second = (read_tensors(c / "adapter_model.safetensors") for c in (a, b))
+    assert first.keys() == second.keys() and any(np.abs(v).max() > 0 for k, v in first.items() if "lora_B" in k)
+    for name, value in first.items():
+        np.testing.assert_allclose(second[name], value, rtol=1e-6, atol=1e-9, err_msg=name)

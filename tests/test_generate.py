@@ -14,7 +14,7 @@ from ortlora.manifest import Manifest
 from ortlora.runtime import generate_cli
 from ortlora.runtime.checkpoint import load_adapter
 from ortlora.runtime.generate import Generator, Sampling, next_token
-from tests.reference import peft_model, random_weights, rel_err
+from tests.reference import peft_model, random_weights, rel_err, transformers_greedy
 
 TOL = 1e-4
 
@@ -53,18 +53,11 @@ def test_decoder_with_cache_matches_transformers(artifacts):
 
 
 def test_greedy_generation_equals_transformers_token_for_token(artifacts, trained_adapter):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     generator = Generator(artifacts, trained_adapter)
     prompt = generator.prompt(messages=[{"role": "user", "content": "What is 2 plus 3?"}])
     ours = generator.generate(prompt, Sampling(max_new_tokens=24))
-    base = AutoModelForCausalLM.from_pretrained(artifacts / "base_model", dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, trained_adapter).merge_and_unload().eval()
-    with torch.no_grad():
-        theirs = merged.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                 do_sample=False, max_new_tokens=24, eos_token_id=2, pad_token_id=0)[0, len(prompt):].tolist()
-    expected = theirs[: theirs.index(2)] if 2 in theirs else theirs
+    expected = transformers_greedy(artifacts / "base_model", trained_adapter, prompt, 24)
     assert len(expected) >= 3
     assert ours.tokens == expected
     assert ours.text == generator.tokenizer.decode(expected)
