@@ -200,9 +200,7 @@ def dequantize_per_use(model: onnx.ModelProto, matrices: dict[str, tuple[str, in
                     node.input[k] = out
                     continue
                 if anchor is not None and matrices[name][0] == "int8":  # DequantizeLinear's values, faster
-                    nodes += [helper.make_node("Shape", [anchor], [f"{out}/after"], start=0, end=0),
-                              helper.make_node("Concat", [f"{INT8_SHAPES}/blocks{block}", f"{out}/after"],
-                                               [f"{out}/blocks_shape"], axis=0),
+                    nodes += [*_shape_after(f"{INT8_SHAPES}/blocks{block}", anchor, out, f"{out}/blocks_shape"),
                               *_scaled_int8(name + QUANTIZED, name + SCALE, out, f"{out}/blocks_shape",
                                             f"{INT8_SHAPES}/column", f"{INT8_SHAPES}/matrix")]
                     int8_blocks.add(block)
@@ -210,8 +208,7 @@ def dequantize_per_use(model: onnx.ModelProto, matrices: dict[str, tuple[str, in
                     continue
                 if anchor is not None:  # run the dequantization when the product's other operand is ready (see below)
                     scale = f"{out}/scale"
-                    nodes += [helper.make_node("Shape", [anchor], [f"{out}/after"], start=0, end=0),
-                              helper.make_node("Concat", [f"{name}/scale_shape", f"{out}/after"], [f"{out}/shape"], axis=0),
+                    nodes += [*_shape_after(f"{name}/scale_shape", anchor, out, f"{out}/shape"),
                               helper.make_node("Reshape", [name + SCALE, f"{out}/shape"], [scale])]
                     shape_constants[f"{name}/scale_shape"] = [shapes[name][0], shapes[name][1] // block]
                 nodes.append(helper.make_node("DequantizeLinear", [name + QUANTIZED, scale, *_zero_point(name, matrices)],
@@ -280,8 +277,8 @@ def _chunkable(node: onnx.NodeProto, k: int, rows: int) -> bool:
 def _product_in_row_chunks(node: onnx.NodeProto, name: str, matrix: tuple[str, int], anchor: str, rows: int,
                            out: str) -> list[onnx.NodeProto]:
     """``node``'s product with the int8 or bf16 matrix NAME ([rows, in]; ``matrix``: its precision and block)
-    from chunks of CHUNK_ROWS rows, each dequantized (or widened) just before its product: with transB (A @ NAME^T, the LM head) the chunks' outputs are
-    concatenated; without (A @ NAME, the head's input gradient) A's matching columns are multiplied and
+    from chunks of CHUNK_ROWS rows, each dequantized (or widened) just before its product: with transB
+    (A @ NAME^T, the LM head) the chunks' outputs are concatenated; without (A @ NAME, the head's input gradient) A's matching columns are multiplied and
     summed. The slices start after ``anchor`` (see dequantize_per_use), so they are neither folded into
     copies nor run early."""
     transposed = _attr(node, "transB", 0) == 1
@@ -321,12 +318,18 @@ def _product_in_row_chunks(node: onnx.NodeProto, name: str, matrix: tuple[str, i
     return nodes
 
 
+def _shape_after(shape: str, anchor: str, out: str, result: str) -> list[onnx.NodeProto]:
+    """``result``: the constant ``shape`` with an empty slice of ``anchor``'s Shape after it, the same values
+    known only once ``anchor`` is computed. A Reshape to it runs after ``anchor``, and is not folded."""
+    return [helper.make_node("Shape", [anchor], [f"{out}/after"], start=0, end=0),
+            helper.make_node("Concat", [shape, f"{out}/after"], [result], axis=0)]
+
+
 def _widened(name: str, out: str, anchor: str) -> list[onnx.NodeProto]:
     """The bf16 matrix NAME as float32 (exact: bfloat16 is float32's upper half), read through a Reshape to its
     own shape whose shape input ends in an empty slice of ``anchor``'s Shape, so that ONNX Runtime neither
     folds the Cast into a float32 copy at load nor runs it before the product's other operand is ready."""
-    return [helper.make_node("Shape", [anchor], [f"{out}/after"], start=0, end=0),
-            helper.make_node("Concat", [BF16_SHAPE, f"{out}/after"], [f"{out}/shape"], axis=0),
+    return [*_shape_after(BF16_SHAPE, anchor, out, f"{out}/shape"),
             helper.make_node("Reshape", [name, f"{out}/shape"], [f"{out}/bits"]),
             helper.make_node("Cast", [f"{out}/bits"], [out], to=TensorProto.FLOAT, name=out)]
 
