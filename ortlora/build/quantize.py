@@ -278,8 +278,8 @@ def _product_in_row_chunks(node: onnx.NodeProto, name: str, matrix: tuple[str, i
                            out: str) -> list[onnx.NodeProto]:
     """``node``'s product with the int8 or bf16 matrix NAME ([rows, in]; ``matrix``: its precision and block)
     from chunks of CHUNK_ROWS rows, each dequantized (or widened) just before its product: with transB
-    (A @ NAME^T, the LM head) the chunks' outputs are concatenated; without (A @ NAME, the head's input gradient) A's matching columns are multiplied and
-    summed. The slices start after ``anchor`` (see dequantize_per_use), so they are neither folded into
+    (A @ NAME^T, the LM head) the chunks' outputs are concatenated; without (A @ NAME, the head's input
+    gradient) A's matching columns are multiplied and summed. The slices start after ``anchor`` (see dequantize_per_use), so they are neither folded into
     copies nor run early."""
     transposed = _attr(node, "transB", 0) == 1
     nodes = [helper.make_node("Shape", [anchor], [f"{out}/after"], start=0, end=0)]
