@@ -58,3 +58,19 @@ def trained_adapter(artifacts, tmp_path_factory) -> Path:
     assert train_cli.main(["--artifacts", str(artifacts), "--out", str(run), "--max-steps", "5", "--lr", "0.05",
                            "--no-progress", "--no-plot"]) == 0
     return run / "checkpoint-5"
+
+
+@pytest.fixture(scope="session")
+def qwen3_handoff(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(model, artifacts, trained adapter) of a tiny Qwen3 with tied embeddings, as Qwen3-0.6B to 4B have, and heads
+    32 wide although hidden 64 / 4 heads = 16 (Qwen3's explicit head_dim); the adapter is trained as
+    ``trained_adapter`` is, so its B matrices are far from zero. For the hand-off formats' Qwen3 checks."""
+    from ortlora.runtime import cli as train_cli
+
+    model = create_random_model(tmp_path_factory.mktemp("model") / "tiny-qwen3", "tiny", seed=5, model_type="qwen3",
+                                head_dim=32, tie_word_embeddings=True)
+    artifacts = _build(tmp_path_factory, model, "qwen3")
+    run = tmp_path_factory.mktemp("run")
+    assert train_cli.main(["--artifacts", str(artifacts), "--out", str(run), "--max-steps", "5", "--lr", "0.05",
+                           "--no-progress", "--no-plot"]) == 0
+    return model, artifacts, run / "checkpoint-5"
