@@ -1,6 +1,7 @@
 """mlx-lm's LoRA adapters, checked with mlx-lm 0.32.2 itself (on mlx's CPU build, in .venv-mlx): its own loader
 (mlx_lm.tuner.utils.load_adapters) puts ``ortlora-export --to mlx`` on the base model and gives the merged Hugging
-Face model's logits; an adapter mlx-lm made is read by --init-adapter and --adapter and written back unchanged."""
+Face model's logits; an adapter mlx-lm made is read by --init-adapter and --adapter and written back unchanged.
+Each for Qwen2 and for Qwen3 (mlx_lm/models/qwen3.py: the tiny tied Qwen3 with heads 32 wide)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from tests.conftest import _build
 from tests.environments import needs, run_in
 from tests.handoff_helpers import IDS, export, merged_logits, random_adapter
 
-# float32 on both sides, summed in other orders: the largest logit difference measured is 7e-6 (logits up to 7)
+# float32 on both sides, summed in other orders: the largest logit difference measured is 1e-5 for Qwen2 and 6e-6
+# for Qwen3 (logits up to 7)
 TOL = 5e-5
 
 
@@ -37,11 +39,13 @@ def dora_artifacts(tmp_path_factory, tiny_model) -> Path:
 
 def mlx_base(artifacts: Path, out: Path) -> Path:
     """The base model as mlx-lm reads it. mlx-lm 0.32's Qwen2 reads rope_theta from the top of config.json (default
-    1e6); transformers 5 keeps it in rope_parameters, so it is copied up (published Qwen2.5 configs have it there)."""
+    1e6); transformers 5 keeps it in rope_parameters, so it is copied up (published Qwen2.5 configs have it there).
+    Its Qwen3 reads rope_parameters itself: a Qwen3 base is left as transformers wrote it."""
     shutil.copytree(artifacts / Manifest.load(artifacts).model["source"], out)
     config = json.loads((out / "config.json").read_text())
-    config["rope_theta"] = config["rope_parameters"]["rope_theta"]
-    (out / "config.json").write_text(json.dumps(config))
+    if config["model_type"] == "qwen2":
+        config["rope_theta"] = config["rope_parameters"]["rope_theta"]
+        (out / "config.json").write_text(json.dumps(config))
     return out
 
 
@@ -64,12 +68,14 @@ def mlx_logits(base: Path, adapter: Path | None, out: Path) -> np.ndarray:
 
 
 @needs("mlx")
-@pytest.mark.parametrize("variant", ["trained", "dora"])
-def test_mlx_lm_applies_the_export_as_the_merged_model(variant, artifacts, trained_adapter, dora_artifacts, tmp_path):
+@pytest.mark.parametrize("variant", ["trained", "dora", "qwen3"])
+def test_mlx_lm_applies_the_export_as_the_merged_model(variant, request, tmp_path):
     if variant == "trained":
-        arts, adapter = artifacts, trained_adapter
+        arts, adapter = request.getfixturevalue("artifacts"), request.getfixturevalue("trained_adapter")
+    elif variant == "qwen3":
+        _, arts, adapter = request.getfixturevalue("qwen3_handoff")
     else:
-        arts = dora_artifacts
+        arts = request.getfixturevalue("dora_artifacts")
         adapter = random_adapter(arts, tmp_path / "peft", seed=1)
     exported = export(arts, adapter, "mlx", tmp_path / "mlx")
     config = json.loads((exported / "adapter_config.json").read_text())
@@ -78,6 +84,11 @@ def test_mlx_lm_applies_the_export_as_the_merged_model(variant, artifacts, train
         assert config["fine_tune_type"] == "dora" and config["num_layers"] == 1
         assert config["lora_parameters"]["scale"] == pytest.approx(16 / np.sqrt(8))
         assert "model.layers.1.mlp.down_proj.m" in read_tensors(exported / "adapters.safetensors")
+    if variant == "qwen3":  # q_proj is 4 heads of head_dim 32 = 128 wide, not hidden_size 64; r=8 of alpha 16
+        assert config["num_layers"] == 2 and config["lora_parameters"]["scale"] == 2.0
+        tensors = read_tensors(exported / "adapters.safetensors")
+        assert tensors["model.layers.1.self_attn.q_proj.lora_b"].shape == (8, 128)
+        assert tensors["model.layers.1.self_attn.v_proj.lora_b"].shape == (8, 64)  # 2 key / value heads of 32
     assert config["lora_parameters"]["rank"] == manifest.lora["rank"]
     expected = merged_logits(export(arts, adapter, "merged", tmp_path / "merged"))
     base = mlx_base(arts, tmp_path / "base")
@@ -114,7 +125,9 @@ MLX_TRAINED = """
 
 
 @needs("mlx")
-def test_an_mlx_lm_adapter_is_read_and_written_back_unchanged(artifacts, tmp_path):
+@pytest.mark.parametrize("model", ["qwen2", "qwen3"])
+def test_an_mlx_lm_adapter_is_read_and_written_back_unchanged(model, request, tmp_path):
+    artifacts = request.getfixturevalue("artifacts") if model == "qwen2" else request.getfixturevalue("qwen3_handoff")[1]
     base = mlx_base(artifacts, tmp_path / "base")
     made = tmp_path / "mlx-made"
     run_in("mlx", MLX_TRAINED.format(base=str(base), out=str(made), ids=IDS))
@@ -171,3 +184,17 @@ def test_adapters_mlx_lm_cannot_hold_are_refused(artifacts, trained_adapter, tmp
     assert export_cli.main(["--artifacts", str(artifacts), "--adapter", str(trained_adapter), "--to", "mlx",
                             "--out", str(out), "--with-base"]) == 2
     assert "go with --to gguf" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_qwen3_is_exported_unless_mlx_lm_cannot_load_it(qwen3_handoff, tmp_path):
+    """mlx-lm's qwen3 has the qwen2 adapter layout, so a Qwen3's artifacts pass; a Qwen3 with attention_bias true
+    does not, since mlx_lm/models/qwen3.py builds every projection without a bias and would refuse the base."""
+    _, artifacts, _ = qwen3_handoff
+    manifest = Manifest.load(artifacts)
+    args = argparse.Namespace(artifacts=artifacts, with_base=False, gguf_type=None)
+    mlx_adapter.check_exportable(args, manifest)
+    config = json.loads((artifacts / manifest.files["config"]).read_text())
+    (tmp_path / manifest.files["config"]).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / manifest.files["config"]).write_text(json.dumps(dict(config, attention_bias=True)))
+    with pytest.raises(OrtloraError, match=r"attention_bias is true; mlx-lm's qwen3 has no attention biases"):
+        mlx_adapter.check_exportable(argparse.Namespace(artifacts=tmp_path, with_base=False, gguf_type=None), manifest)

@@ -15,6 +15,10 @@ naming modules inside a decoder layer ("self_attn.q_proj", "mlp.down_proj").
 One rank and one scale serve every module: a module whose scaling differs from the first one's (an
 alpha_pattern) has the ratio folded into its lora_b; different ranks (a rank_pattern) or adapted layers that
 are not the last N are refused. Reading an mlx-lm adapter does the reverse.
+
+Qwen2 and Qwen3 share this layout: mlx_lm/models/qwen3.py names its projections as qwen2.py does (self_attn.q_proj
+.. mlp.down_proj under model.layers.N); its q_norm and k_norm are RMSNorms, which mlx-lm's LoRA never adapts, and
+its q/k/v widths come from config.json's head_dim, so the tensors' shapes (the artifacts') are already mlx-lm's.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ KEYS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "s
         "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
         "down_proj": "mlp.down_proj"}
 LEAF = {"A": "lora_a", "B": "lora_b", "magnitude": "m"}
+ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM")  # mlx_lm/models/qwen2.py, qwen3.py
 
 
 def is_mlx_adapter(path: Path) -> bool:
@@ -47,10 +52,9 @@ def is_mlx_adapter(path: Path) -> bool:
 
 def _layout(manifest: Manifest, layer_count: int) -> tuple[int, int, list[str]]:
     """(rank, num_layers, keys) of mlx-lm's config for the artifacts' adapter, or a one-line refusal."""
-    if manifest.model.get("architecture") != "Qwen2ForCausalLM":
-        raise OrtloraError(f"--to mlx writes Qwen2ForCausalLM adapters only; these artifacts are of "
-                           f"{manifest.model.get('architecture')} (mlx-lm's qwen3 adapter layout is not written or "
-                           f"checked yet for Qwen3): use --to peft or merged")
+    if manifest.model.get("architecture") not in ARCHITECTURES:
+        raise OrtloraError(f"--to mlx writes {' and '.join(ARCHITECTURES)} adapters only; these artifacts are of "
+                           f"{manifest.model.get('architecture')}: use --to peft or merged")
     unknown = [t for t in manifest.lora["targets"] if t not in KEYS]
     if unknown:
         raise OrtloraError(f"mlx-lm's LoRA adapts decoder-layer linear layers; the artifacts also adapt {unknown[0]}")
@@ -74,10 +78,15 @@ def check_exportable(args: argparse.Namespace, manifest: Manifest) -> None:
     if args.with_base or args.gguf_type:
         raise OrtloraError("--with-base and --gguf-type go with --to gguf; mlx-lm loads the base model as it is")
     path = Path(args.artifacts) / manifest.files["config"]  # num_layers counts back from the model's last layer
-    count = read_json(path, REBUILD).get("num_hidden_layers")
+    config = read_json(path, REBUILD)
+    count = config.get("num_hidden_layers")
     if type(count) is not int or count <= 0:
         raise OrtloraError(f"{path}: num_hidden_layers is {'missing' if count is None else repr(count)}, not a "
                            f"positive integer; {REBUILD}")
+    if manifest.model.get("architecture") == "Qwen3ForCausalLM" and config.get("attention_bias"):
+        # mlx_lm/models/qwen3.py builds its projections with bias=False: its loader refuses this base's biases
+        raise OrtloraError(f"{path}: attention_bias is true; mlx-lm's qwen3 has no attention biases and cannot load "
+                           f"this base model: use --to peft or merged")
     _layout(manifest, count)
 
 
