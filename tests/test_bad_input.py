@@ -529,9 +529,9 @@ def test_jinja2_is_a_release_whose_sandbox_holds():
     os.environ["ORTLORA_TEST_SECRET"] = "leaked"
     try:  # 3.1.5 let |attr('format') reach str.format, and through it os.environ
         tokenizer = Tokenizer.__new__(Tokenizer)
-        tokenizer.chat_template, tokenizer.template_source, tokenizer._template = (
+        tokenizer.chat_template, tokenizer.template_source = (
             "{{ ('{0.__init__.__globals__[os].environ[ORTLORA_TEST_SECRET]}' | attr('format'))(raise_exception) }}",
-            "test", None)
+            "test")
         tokenizer.eos_token = tokenizer.pad_token = "<eos>"
         with pytest.raises(OrtloraError) as error:
             tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])

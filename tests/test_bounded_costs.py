@@ -24,7 +24,7 @@ def tokenizer(tiny_model) -> Tokenizer:
 
 
 def with_template(tokenizer: Tokenizer, template: str) -> Tokenizer:
-    tokenizer.chat_template, tokenizer._template = template, None
+    tokenizer.chat_template = template
     return tokenizer
 
 

@@ -97,3 +97,91 @@ def test_a_random_qwen3_with_the_real_tokenizer_carries_qwen3s(tmp_path):
     config = json.loads((model / "config.json").read_text())
     assert (config["model_type"], config["eos_token_id"], config["pad_token_id"]) == ("qwen3", 151_645, 151_643)
     assert config["vocab_size"] >= Tokenizer(model).vocab_size
+
+
+# What is trained of a Qwen3 conversation: TRL's answer. Qwen3's template is not prefix-preserving (a turn's thinking
+# is dropped once the user speaks again), so TRL trains on its own variant of it (trl.get_training_chat_template),
+# whose {% generation %} marks each assistant turn: its thinking block (empty when it has none), reply, tool calls
+# and end of turn. ortlora's tokens and trained positions must be exactly those, for both revisions of Qwen3's
+# template: the one shipped here and the later one TRL knows (which reads content that is not a string as empty).
+NO_THINKING = [{"role": "system", "content": "You are terse."}, PLAIN[1], PLAIN[2], PLAIN[3],
+               {"role": "assistant", "content": "6."}]
+THINK_IN_CONTENT = [PLAIN[1], {"role": "assistant", "content": "<think>\nTwo twos.\n</think>\n\n4."}, PLAIN[3],
+                    {"role": "assistant", "content": "6."}]
+TRAINED = {  # name: (messages, tools)
+    "two thinking turns": (THINKING, None),
+    "two turns without thinking, a system prompt": (NO_THINKING, None),
+    "thinking written in the content": (THINK_IN_CONTENT, None),
+    "a tool call, its response and a reply": (TOOLS, [WEATHER]),
+    "a tool call with content null": ([TOOLS[0], {**TOOLS[1], "content": None}, *TOOLS[2:]], [WEATHER]),
+}
+
+
+def qwen3_tokenizer_dir(tmp_path, revision: str):
+    """Qwen3's tokenizer with the shipped template ("shipped") or the later revision TRL carries ("trl")."""
+    if revision == "shipped":
+        return QWEN3_TOKENIZER_DIR
+    from trl.chat_template_utils import qwen3_chat_template
+
+    config = json.loads((QWEN3_TOKENIZER_DIR / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": qwen3_chat_template}))
+    (tmp_path / "tokenizer.json").write_bytes((QWEN3_TOKENIZER_DIR / "tokenizer.json").read_bytes())
+    return tmp_path
+
+
+def trl_tokens_and_mask(reference, messages, tools) -> tuple[list[int], list[int]]:
+    from trl.chat_template_utils import get_training_chat_template, qwen3_chat_template
+
+    reference.chat_template = qwen3_chat_template
+    encoded = reference.apply_chat_template(messages, tools=tools, chat_template=get_training_chat_template(reference),
+                                            tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    return list(encoded["input_ids"]), list(encoded["assistant_masks"])
+
+
+@pytest.mark.parametrize("revision", ["shipped", "trl"])
+@pytest.mark.parametrize("case", TRAINED)
+def test_the_tokens_trained_of_a_qwen3_conversation_are_trls(reference, tmp_path, revision, case):
+    from ortlora.runtime.data import IGNORE_INDEX, encode_example
+
+    messages, tools = TRAINED[case]
+    if revision == "shipped" and any(m.get("content") is None for m in messages):
+        pytest.skip("the shipped revision fails on content null, in transformers too (test above)")
+    tokens, mask = trl_tokens_and_mask(reference, messages, tools)
+    assert sum(mask) > 0
+    row = {"messages": messages, **({"tools": tools} if tools else {})}
+    example, _ = encode_example(row, Tokenizer(qwen3_tokenizer_dir(tmp_path, revision)), 4096)
+    assert example.input_ids.tolist() == tokens[:-1]
+    # position k is trained to predict token k + 1 where TRL's mask holds that token
+    assert example.labels.tolist() == [t if m else IGNORE_INDEX for t, m in zip(tokens[1:], mask[1:])]
+
+
+def test_what_is_trained_of_a_thinking_turn(tmp_path):
+    """Read as a user would: every assistant turn is trained from its <think> to its end of turn, the thinking of
+    an earlier turn included; the role header and the user's turns are not."""
+    from ortlora.runtime.data import IGNORE_INDEX, encode_example
+
+    tokenizer = Tokenizer(QWEN3_TOKENIZER_DIR)
+    example, _ = encode_example({"messages": THINKING}, tokenizer, 4096)
+    trained = [(k, t) for k, t in enumerate(example.labels.tolist()) if t != IGNORE_INDEX]
+    runs, run = [], []
+    for (k, t), following in zip(trained, [*trained[1:], (None, None)]):
+        run.append(t)
+        if following[0] != k + 1:
+            runs.append(tokenizer.decode(run, skip_special_tokens=False))
+            run = []
+    assert runs == ["<think>\nTwo and two make four.\n</think>\n\n4.<|im_end|>\n",
+                    "<think>\nTwice 4 is 8.\n</think>\n\n8.<|im_end|>\n"]
+    # generation keeps Qwen3's own template: earlier thinking is not in the prompt it writes
+    assert "Two and two" not in tokenizer.apply_chat_template(THINKING[:3], add_generation_prompt=True)
+
+
+def test_a_template_not_prefix_preserving_and_unknown_is_refused_in_one_line(tmp_path):
+    from ortlora.runtime.data import BadExample, encode_example
+
+    config = json.loads((QWEN3_TOKENIZER_DIR / "tokenizer_config.json").read_text())
+    config["chat_template"] = config["chat_template"].replace("You may call", "You can call")  # unknown to ortlora
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "tokenizer.json").write_bytes((QWEN3_TOKENIZER_DIR / "tokenizer.json").read_bytes())
+    with pytest.raises(BadExample, match="renders message 1 differently once later messages follow") as error:
+        encode_example({"messages": THINKING}, Tokenizer(tmp_path), 4096)
+    assert "\n" not in str(error.value)

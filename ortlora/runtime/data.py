@@ -4,7 +4,8 @@ Rows come from JSON Lines here, from the other formats (.json, .csv, .parquet, d
 data_formats.py, with TRL's column names. Each row is one of
     {"text": "..."}                               every token is trained
     {"prompt": "...", "completion": "..."}        only the completion is trained
-    {"messages": [{"role": ..., "content": ...}]}  rendered with the chat template; only
+    {"messages": [{"role": ..., "content": ...}]}  rendered with the chat template (Qwen3's: its
+                                                  training variant, training_template.py); only
                                                   assistant turns are trained
     {"messages": [...], "tools": [...]}           the same with function calling (TRL's format): tools are
                                                   JSON-schema function descriptions, assistant turns may
@@ -140,7 +141,7 @@ def check_tools(tools) -> list[dict] | None:
 def _render(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = False,
             tools: list[dict] | None = None) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt, tools=tools)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt, tools=tools, training=True)
     except TemplateRenderError as e:
         raise BadExample(str(e)) from None
 
@@ -158,16 +159,18 @@ def _turn_span(messages: list[dict], i: int, full: str, tokenizer: Tokenizer,
     upto = _render(tokenizer, messages[: i + 1], tools=tools)
     if not full.startswith(upto):
         raise BadExample(f"the chat template renders message {i} differently once later messages follow, "
-                         "so its tokens cannot be told apart")
+                         "so its tokens cannot be told apart (a template that is not prefix-preserving; ortlora has a "
+                         "training variant of Qwen3's only)")
     try:
-        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tools=tools)
+        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tools=tools, training=True)
     except TemplateRenderError:
         prompt = None
     if prompt is not None and upto.startswith(prompt):
         return len(prompt), len(upto)
     marker = "\ue000"  # a private-use character; where the data holds one too, the check below fails safe
     try:
-        probe = tokenizer.apply_chat_template([*messages[:i], {**messages[i], "content": marker}], tools=tools)
+        probe = tokenizer.apply_chat_template([*messages[:i], {**messages[i], "content": marker}], tools=tools,
+                                                training=True)
     except TemplateRenderError:
         probe = ""
     start = probe.rfind(marker)

@@ -7,6 +7,7 @@ as files, and the template is rendered with jinja2 the way transformers renders 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import numpy as np
 from ortlora.errors import OrtloraError, one_line
 from ortlora.files import artifact_file, json_type, read_json, read_text
 from ortlora.runtime.chat_template import Budget, TemplateTooCostly, conversation_size, environment
+from ortlora.runtime.training_template import training_variant
 
 
 class TemplateRenderError(OrtloraError):
@@ -41,6 +43,13 @@ def _config_template(config: dict, path: Path) -> str | None:
     return template
 
 
+@functools.lru_cache(maxsize=8)
+def _compile(template: str):
+    """A chat template compiled once in jinja's immutable sandbox: a template comes with the model files, so it may
+    not reach Python objects or change its inputs."""
+    return environment().from_string(template)
+
+
 class Tokenizer:
     def __init__(self, directory: Path):
         from tokenizers import Tokenizer as FastTokenizer
@@ -64,7 +73,6 @@ class Tokenizer:
             self.chat_template, self.template_source = read_text(template_path), str(template_path)
         else:
             self.chat_template, self.template_source = _config_template(config, config_path), f"{config_path} (chat_template)"
-        self._template = None
 
     def _id(self, token: str) -> int:
         token_id = self._tok.token_to_id(token)
@@ -86,20 +94,18 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in np.asarray(ids).ravel()], skip_special_tokens=skip_special_tokens)
 
-    def _compiled(self):
-        """The chat template, compiled once in jinja's immutable sandbox (a template comes with the model
-        files, so it may not reach Python objects or change its inputs); a syntax error names its line."""
+    def _compiled(self, training: bool):
+        """The chat template (its training variant if ``training`` and it has one) compiled, and where it comes
+        from; a syntax error names its line."""
         if self.chat_template is None:
             raise OrtloraError("this tokenizer has no chat template, so 'messages' data cannot be rendered")
-        if self._template is None:
-            from jinja2.exceptions import TemplateSyntaxError
+        text, source = (training and training_variant(self.chat_template)) or (self.chat_template, self.template_source)
+        from jinja2.exceptions import TemplateSyntaxError
 
-            try:
-                self._template = environment().from_string(self.chat_template)
-            except TemplateSyntaxError as e:
-                raise OrtloraError(f"{self.template_source} line {e.lineno}: the chat template has a syntax error: "
-                                   f"{e.message}") from None
-        return self._template
+        try:
+            return _compile(text), source
+        except TemplateSyntaxError as e:
+            raise OrtloraError(f"{source} line {e.lineno}: the chat template has a syntax error: {e.message}") from None
 
     def renders(self, name: str) -> bool:
         """Whether the chat template reads ``name`` at all ("tools", "tool_calls"): a template that never does
@@ -107,14 +113,17 @@ class Tokenizer:
         return self.chat_template is not None and name in self.chat_template
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
-                            tools: list[dict] | None = None, enable_thinking: bool | None = None) -> str:
+                            tools: list[dict] | None = None, enable_thinking: bool | None = None,
+                            training: bool = False) -> str:
         """The conversation as transformers' ``apply_chat_template(messages, tools=tools, tokenize=False)``
         renders it: keys whose value is None are dropped from each message first (as transformers does, so
         an assistant turn of tool calls may have ``"content": null``), and the template sees ``tools``.
-        ``enable_thinking`` (Qwen3's template) is passed only when given, so that ``is defined`` stays false."""
-        template = self._compiled()
+        ``enable_thinking`` (Qwen3's template) is passed only when given, so that ``is defined`` stays false.
+        ``training`` renders with the training variant of a template that is not prefix-preserving
+        (training_template.py), as transformers renders that variant."""
+        template, source = self._compiled(training)
         messages = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in messages]
-        budget = Budget(self.template_source, conversation_size((messages, tools)))
+        budget = Budget(source, conversation_size((messages, tools)))
         template.environment.budget = budget
         try:
             return template.render(
