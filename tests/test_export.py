@@ -35,6 +35,16 @@ def trained(trained_adapter) -> Path:
     return trained_adapter
 
 
+@pytest.fixture(params=["qwen2", "qwen3"])
+def handoff(request) -> tuple[Path, Path]:
+    """(artifacts, trained adapter) of the tiny Qwen2, and of the tiny tied Qwen3 (per-head q_norm / k_norm, no
+    q/k/v biases, heads 32 wide where 64 / 4 = 16)."""
+    if request.param == "qwen2":
+        return request.getfixturevalue("artifacts"), request.getfixturevalue("trained_adapter")
+    _, artifacts, adapter = request.getfixturevalue("qwen3_handoff")
+    return artifacts, adapter
+
+
 def export(artifacts, adapter, *args) -> int:
     return export_cli.main(["--artifacts", str(artifacts), "--adapter", str(adapter), *args])
 
@@ -53,9 +63,10 @@ def peft_merged(artifacts, adapter):
     return PeftModel.from_pretrained(base, adapter).merge_and_unload().eval()
 
 
-def test_merged_model_equals_peft_merge_and_unload(artifacts, trained, tmp_path):
+def test_merged_model_equals_peft_merge_and_unload(handoff, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    artifacts, trained = handoff
     assert export(artifacts, trained, "--to", "merged", "--out", str(tmp_path / "merged")) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     batch = make_batch(512, "padding")
@@ -114,7 +125,10 @@ def test_bfloat16_conversion_and_file_round_trip(tmp_path):
     assert torch.equal(back["w"], values.to(torch.bfloat16)) and back["n"].tolist() == [0.0, 1.0, 2.0]
 
 
-def test_onnx_export_has_no_lora_and_equals_the_unmerged_model(artifacts, trained, tmp_path):
+def test_onnx_export_has_no_lora_and_equals_the_unmerged_model(handoff, tmp_path):
+    """The merged ONNX model against the artifacts' inference graph with the adapter as inputs, and against the
+    merged Hugging Face model in transformers (float32)."""
+    artifacts, trained = handoff
     assert export(artifacts, trained, "--to", "onnx", "--out", str(tmp_path / "onnx"), "--ort-format") == 0
     manifest = Manifest.load(artifacts)
     merged = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -126,6 +140,7 @@ def test_onnx_export_has_no_lora_and_equals_the_unmerged_model(artifacts, traine
     reference = unmerged.run(["logits"], {**feeds, **load_adapter(trained, manifest)})[0]
     valid = batch["attention_mask"].astype(bool)
     assert rel_err(ours[valid], reference[valid]) < 1e-4
+    assert rel_err(ours[valid], logits_of(peft_merged(artifacts, trained), batch)[valid]) < 1e-4
     mobile = ort.InferenceSession(str(tmp_path / "onnx" / "model.ort"), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(mobile.run(["logits"], feeds)[0], ours, rtol=1e-5, atol=1e-5)
     assert (tmp_path / "onnx" / "tokenizer.json").is_file()

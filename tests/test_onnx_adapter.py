@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -49,6 +50,13 @@ def save_adapter(manifest: Manifest, weights: dict[str, np.ndarray], out: Path) 
 def other_adapter(artifacts, tmp_path_factory) -> Path:
     """A second adapter with other weights (random, larger than the trained one's)."""
     manifest = Manifest.load(artifacts)
+    return save_adapter(manifest, random_weights(manifest, seed=11, scale=0.5), tmp_path_factory.mktemp("other-adapter"))
+
+
+@pytest.fixture(scope="module")
+def qwen3_other_adapter(qwen3_handoff, tmp_path_factory) -> Path:
+    """``other_adapter`` for the tiny Qwen3 of ``qwen3_handoff``."""
+    manifest = Manifest.load(qwen3_handoff[1])
     return save_adapter(manifest, random_weights(manifest, seed=11, scale=0.5), tmp_path_factory.mktemp("other-adapter"))
 
 
@@ -162,6 +170,15 @@ def test_onnxruntime_feeds_the_file_as_the_graph_inputs(artifacts, trained_adapt
 
 
 @needs("plain-ort")
+def test_onnxruntime_feeds_the_file_as_the_graph_inputs_of_qwen3(qwen3_handoff, qwen3_other_adapter, tmp_path):
+    """The same for Qwen3 (per-head q_norm / k_norm in the graphs, heads 32 wide in a hidden size of 64)."""
+    _, artifacts, trained = qwen3_handoff
+    adapters = {"trained": trained, "other": qwen3_other_adapter}
+    _, logits = onnxruntime_runs(artifacts, adapters, tmp_path)
+    check_logits(artifacts, adapters, logits)
+
+
+@needs("plain-ort")
 def test_dora_magnitudes_travel_in_the_file_too(artifacts_dora, tmp_path):
     manifest = Manifest.load(artifacts_dora)
     assert manifest.lora["dora"] and any(p.kind == "magnitude" for p in manifest.parameters)
@@ -190,24 +207,35 @@ def transformers_greedy(artifacts: Path, adapter: Path | None, prompt: list[int]
     return next((tokens[:i] for i, t in enumerate(tokens) if t in eos), tokens)
 
 
-@needs("genai")
-def test_genai_greedy_tokens_equal_ortlora_generate_and_transformers(artifacts, trained_adapter, other_adapter, tmp_path):
-    """GenAI's folder: its tokenizer and chat template give ortlora's prompt ids; its greedy tokens without an
-    adapter, with the folder's adapter and with a second adapter exported alone (--to onnx-adapter), switched
-    in one process, equal ortlora-generate's and transformers + PEFT's, token for token."""
-    folder = export(artifacts, trained_adapter, "genai", tmp_path / "genai")
-    second = export(artifacts, other_adapter, "onnx-adapter", tmp_path / "second") / ADAPTER_FILE
+def genai_matches_ortlora_generate_and_transformers(artifacts: Path, trained: Path, other: Path, tmp_path: Path,
+                                                    messages: list[dict] = MESSAGES) -> dict:
+    """GenAI's folder: its tokenizer and chat template give ortlora's prompt ids of ``messages``; its greedy
+    tokens without an adapter, with the folder's adapter and with a second adapter exported alone (--to
+    onnx-adapter), switched in one process, equal ortlora-generate's and transformers + PEFT's, token for token.
+    Returns the folder's genai_config.json."""
+    folder = export(artifacts, trained, "genai", tmp_path / "genai")
+    second = export(artifacts, other, "onnx-adapter", tmp_path / "second") / ADAPTER_FILE
     generator = Generator(artifacts)
-    prompt = generator.prompt(messages=MESSAGES)
+    prompt = generator.prompt(messages=messages)
     eos = generator.eos_ids
     config = json.loads((folder / "genai_config.json").read_text())
     assert set(config["model"]["eos_token_id"]) == eos
+    # The cache's shape as the config states it is the graph's: GenAI 0.18 takes a static head width or key/value
+    # head count from the graph's past inputs over the config's (src/models/kv_cache.cpp, per-layer shapes), so a
+    # wrong head_size would not change a token below. Checked here instead.
+    decoder = config["model"]["decoder"]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # every LoRA weight is an input with an initializer: ORT warns of each
+    session = ort.InferenceSession(str(folder / decoder["filename"]), options, providers=["CPUExecutionProvider"])
+    past = {i.name: i.shape for i in session.get_inputs() if i.name.startswith("past.")}
+    assert len(past) == 2 * decoder["num_hidden_layers"]
+    assert all(shape[1:] == [decoder["num_key_value_heads"], "past", decoder["head_size"]] for shape in past.values())
 
     result = run_in("genai", f"""
         import json, onnxruntime_genai as og
         model = og.Model({str(folder)!r})
         tokenizer = og.Tokenizer(model)
-        text = tokenizer.apply_chat_template(json.dumps({MESSAGES!r}), add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(json.dumps({messages!r}), add_generation_prompt=True)
         adapters = og.Adapters(model)
         adapters.load({str(folder / ADAPTER_FILE)!r}, "trained")
         adapters.load({str(second)!r}, "other")
@@ -231,7 +259,7 @@ def test_genai_greedy_tokens_equal_ortlora_generate_and_transformers(artifacts, 
     assert result["ids"] == prompt
 
     expected = {}
-    for name, adapter in (("trained", trained_adapter), (None, None), ("other", other_adapter)):
+    for name, adapter in (("trained", trained), (None, None), ("other", other)):
         ours = Generator(artifacts, adapter).generate(prompt, Sampling(max_new_tokens=NEW_TOKENS)).tokens
         assert ours == transformers_greedy(artifacts, adapter, prompt, eos), name
         expected[name] = ours
@@ -239,6 +267,27 @@ def test_genai_greedy_tokens_equal_ortlora_generate_and_transformers(artifacts, 
     assert all(len(t) >= 3 for t in expected.values()), expected
     for name, tokens in result["runs"]:
         assert tokens == expected[name], name
+    return config
+
+
+@needs("genai")
+def test_genai_greedy_tokens_equal_ortlora_generate_and_transformers(artifacts, trained_adapter, other_adapter, tmp_path):
+    config = genai_matches_ortlora_generate_and_transformers(artifacts, trained_adapter, other_adapter, tmp_path)
+    assert config["model"]["type"] == "qwen2"
+
+
+@needs("genai")
+def test_genai_runs_qwen3_as_ortlora_generate_and_transformers(qwen3_handoff, qwen3_other_adapter, tmp_path):
+    """The same for Qwen3: model type qwen3 (a decoder-only model to GenAI 0.18, as qwen2), and a head_size of
+    config.json's head_dim, 32, where 64 / 4 heads = 16."""
+    _, artifacts, trained = qwen3_handoff
+    # Trained 5 steps on the chat data, the tiny Qwen3 ends its turn at once after MESSAGES (nothing to compare);
+    # after this greeting it writes the 16 tokens.
+    messages = [{"role": "user", "content": "hi there, how are you?"}]
+    config = genai_matches_ortlora_generate_and_transformers(artifacts, trained, qwen3_other_adapter, tmp_path, messages)
+    decoder = config["model"]["decoder"]
+    assert config["model"]["type"] == "qwen3"
+    assert (decoder["head_size"], decoder["hidden_size"], decoder["num_attention_heads"]) == (32, 64, 4)
 
 
 def patched_artifacts(artifacts: Path, tmp_path: Path, patch) -> Path:

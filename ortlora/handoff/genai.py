@@ -9,7 +9,7 @@ and the adapter as an ``.onnx_adapter``.
                             links, indicating a potential hardlink attack")
     adapter.onnx_adapter    the exported adapter (onnx_adapter.py)
     tokenizer.json, ...     the artifacts' tokenizer files
-    genai_config.json       model type qwen2, the decoder's shapes and I/O names, eos / pad ids, and search
+    genai_config.json       model type qwen2 or qwen3, the decoder's shapes and I/O names, eos / pad ids, and search
                             defaults from generation_config.json (Qwen2.5's: do_sample, temperature 0.7, top_p 0.8,
                             top_k 20, repetition_penalty 1.05 to 1.1), as GenAI's own model builder writes them
 
@@ -20,6 +20,8 @@ and so on, src/config.cpp), so the graph is the very file ortlora-generate runs,
 onnx package is needed and the two cannot drift. Positions come from the attention mask inside the graph,
 so the folder has no position_ids input, and the cache grows by concatenation, so
 past_present_share_buffer is off (GenAI would otherwise hand the graph a max-length buffer to write into).
+For Qwen3 the graph holds the per-head q_norm / k_norm itself; the config's part is head_size, the key/value
+cache's width, which is config.json's head_dim (Qwen3-0.6B: 128, not 1024 / 16 = 64), as GenAI's builder takes it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import json
 import shutil
 from pathlib import Path
 
+from ortlora.build.model_dir import head_dim  # torch-free: config.json checks
 from ortlora.errors import REBUILD, OrtloraError
 from ortlora.files import artifact_file, read_json
 from ortlora.handoff.onnx_adapter import ADAPTER_FILE, write_adapter
@@ -52,15 +55,17 @@ def _ids(value) -> list[int]:
     return [i for i in ids if type(i) is int]
 
 
-ARCHITECTURES = ("Qwen2ForCausalLM",)  # what a genai_config.json is written and checked for
+# What a genai_config.json is written and checked for: the architecture -> GenAI's model.type, as its model builder
+# names it (architectures[0] up to "For", lower case). onnxruntime-genai 0.18 runs both as decoder-only models
+# (src/models/model_type.h, ModelType::IsLLM); the type adds Qwen's tool-call / think token ids, nothing to the graph.
+MODEL_TYPES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 
 
 def check_exportable(manifest: Manifest) -> None:
     """Refuse, in one line, artifacts of an architecture whose GenAI folder is not written yet."""
-    if manifest.model.get("architecture") not in ARCHITECTURES:
-        raise OrtloraError(f"--to genai writes Qwen2ForCausalLM folders only; these artifacts are of "
-                           f"{manifest.model.get('architecture')} (onnxruntime-genai's qwen3 configuration is not "
-                           f"written or checked yet for Qwen3): use --to onnx-adapter, onnx or merged")
+    if manifest.model.get("architecture") not in MODEL_TYPES:
+        raise OrtloraError(f"--to genai writes {' and '.join(MODEL_TYPES)} folders only; these artifacts are of "
+                           f"{manifest.model.get('architecture')}: use --to onnx-adapter, onnx or merged")
 
 
 def genai_config(artifacts: Path, manifest: Manifest) -> dict:
@@ -71,7 +76,7 @@ def genai_config(artifacts: Path, manifest: Manifest) -> dict:
     config = read_json(config_path, REBUILD)
     layers, heads = _int(config, "num_hidden_layers", config_path), _int(config, "num_attention_heads", config_path)
     hidden = _int(config, "hidden_size", config_path)
-    head_size = config.get("head_dim") or hidden // heads
+    head_size = head_dim(config)  # the width of the cache GenAI allocates: Qwen3's explicit head_dim
     io = manifest.io["decoder"]
     names = {"past_key_names": "past.%d.key", "past_value_names": "past.%d.value"}
     present = {"present_key_names": "present.%d.key", "present_value_names": "present.%d.value"}
@@ -89,7 +94,7 @@ def genai_config(artifacts: Path, manifest: Manifest) -> dict:
     context = manifest.context_length(artifacts)
     search = {key: generation.get(key, default) for key, default in SEARCH_DEFAULTS.items()}
     model = {
-        "type": config.get("model_type", "qwen2"),
+        "type": MODEL_TYPES[manifest.model["architecture"]],
         "context_length": context,
         "vocab_size": _int(config, "vocab_size", config_path),
         "eos_token_id": eos,
