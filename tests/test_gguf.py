@@ -1,6 +1,8 @@
 """GGUF for llama.cpp, checked with llama.cpp itself (llama-cpp-python 0.3.36, built from source in .venv-llama):
 the base model plus ``--to gguf``'s adapter, and ``--to gguf-merged``, give the merged Hugging Face model's logits
-(transformers, float32) and its greedy tokens; llama.cpp tokenizes as the model's tokenizer does."""
+(transformers, float32) and its greedy tokens; llama.cpp tokenizes as the model's tokenizer does. Each for Qwen2 and
+for Qwen3 (llama.cpp's qwen3: the tiny tied Qwen3 with heads 32 wide, an untied one with every projection adapted, and
+a one-layer Qwen3 with Qwen3's own tokenizer)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import gguf
 import numpy as np
 import pytest
 
-from ortlora.build.tiny import QWEN25_TOKENIZER_DIR, create_random_model
+from ortlora.build.tiny import QWEN3_TOKENIZER_DIR, QWEN25_TOKENIZER_DIR, create_random_model
 from ortlora.errors import OrtloraError
 from ortlora.handoff import cli as export_cli
 from ortlora.handoff import gguf_export
@@ -27,6 +29,8 @@ from tests.handoff_helpers import IDS, export, greedy, merged_logits, random_ada
 #   f16 weights, llama.cpp's f16 cache      7.0e-2, 6.8e-3   (the CPU kernels also round activations to f16)
 #   bf16                                    3.5e-1, 3.8e-2
 #   q8_0                                    3.3e-1, 6.1e-2
+# The tiny Qwen3s (tied and untied, heads 32 wide), base + adapter and merged: f32 5.5e-6, 1.2e-6; f16 1.0e-2,
+# 2.2e-3; bf16 6.0e-2, 1.3e-2; q8_0 1.6e-1, 4.0e-2 (logits up to 6.7, std 1.7).
 TOL = {"f32": (1e-4, 1e-5), "f16": (0.15, 0.015), "bf16": (0.75, 0.08), "q8_0": (0.75, 0.12)}
 PROMPT, NEW_TOKENS = IDS[:5], 10
 TEXTS = ["Once upon a time, there was a tiny model.", "What is 12 + 30? It's 42!\n\n  Indented\tand tabbed.",
@@ -62,10 +66,11 @@ def assert_close(got: np.ndarray, expected: np.ndarray, kind: str) -> None:
     assert diff.max() <= largest and np.sqrt((diff**2).mean()) <= rms, (kind, diff.max(), np.sqrt((diff**2).mean()))
 
 
-def llama(tmp_path: Path, runs: list[tuple[Path, Path | None, bool]]) -> list[dict]:
-    """llama.cpp's logits of IDS, greedy tokens after PROMPT and tokenization of TEXTS, per (model, lora, f32 cache)."""
+def llama(tmp_path: Path, runs: list[tuple[Path, Path | None, bool]], texts: list[str] = TEXTS) -> list[dict]:
+    """llama.cpp's logits of IDS, greedy tokens after PROMPT and tokenization of ``texts``, per (model, lora, f32
+    cache)."""
     jobs = [{"model": str(model), "lora": str(lora) if lora else None, "f32_cache": f32, "ids": IDS, "prompt": PROMPT,
-             "new": NEW_TOKENS, "texts": TEXTS, "out": str(tmp_path / f"llama-{i}.npy")}
+             "new": NEW_TOKENS, "texts": texts, "out": str(tmp_path / f"llama-{i}.npy")}
             for i, (model, lora, f32) in enumerate(runs)]
     results = run_in("llama", LLAMA.format(jobs=json.dumps(jobs)))
     for job, result in zip(jobs, results):
@@ -208,3 +213,109 @@ def test_a_model_with_qwen25s_tokenizer_runs_in_llama_cpp_as_in_transformers(tmp
     metadata = result["metadata"]
     assert metadata["tokenizer.ggml.pre"] == "qwen2" and int(metadata["tokenizer.ggml.eos_token_id"]) == 151645
     assert metadata["tokenizer.chat_template"] == reference.chat_template
+
+
+@pytest.fixture(scope="module")
+def qwen3_untied(tmp_path_factory) -> tuple[Path, Path]:
+    """(artifacts, adapter) of the tiny Qwen3 with an LM head of its own (as Qwen3-8B has) and every projection
+    adapted, so that k_proj, o_proj and the MLP's adapters travel under llama.cpp's qwen3 names too."""
+    model = create_random_model(tmp_path_factory.mktemp("model") / "qwen3-untied", "tiny", seed=6, model_type="qwen3",
+                                head_dim=32, tie_word_embeddings=False)
+    arts = _build(tmp_path_factory, model, "gguf-qwen3-untied", rank=4, alpha=8.0,
+                  targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    return arts, random_adapter(arts, tmp_path_factory.mktemp("peft") / "qwen3-untied", seed=4)
+
+
+@needs("llama")
+@pytest.mark.parametrize("variant", ["tied", "untied"])
+def test_llama_cpp_runs_qwen3_as_transformers(variant, request, tmp_path):
+    """The base plus --to gguf's adapter, and --to gguf-merged, in each weight type: the merged model's logits and
+    greedy tokens. The q_norm / k_norm weights are 1 + N(0, 0.1) (create_random_model perturbs every norm), so a norm
+    written wrong shows in the logits: with q_norm's weights as ones the largest f32 difference is 0.68 to 0.70, with
+    q_norm and k_norm swapped 0.50 to 0.63, against a tolerance of 1e-4 (llama.cpp refuses a file without them)."""
+    if variant == "tied":
+        _, arts, adapter = request.getfixturevalue("qwen3_handoff")
+        kinds = ["f32", "f16", "bf16", "q8_0"]
+    else:
+        arts, adapter = request.getfixturevalue("qwen3_untied")
+        kinds = ["f32", "f16"]
+    f32 = export(arts, adapter, "gguf", tmp_path / "gguf32", "--with-base", "--gguf-type", "f32")
+    f16 = export(arts, adapter, "gguf", tmp_path / "gguf16", "--with-base", "--gguf-type", "f16")
+    files = [export(arts, adapter, "gguf-merged", tmp_path / k, "--gguf-type", k) / "model.gguf" for k in kinds]
+    merged = export(arts, adapter, "merged", tmp_path / "merged")
+    expected, tokens = merged_logits(merged), greedy(merged, PROMPT, NEW_TOKENS)
+    adapted32, adapted16, base, *results = llama(tmp_path, [(f32 / "base.gguf", f32 / "adapter.gguf", True),
+                                                            (f16 / "base.gguf", f16 / "adapter.gguf", False),
+                                                            (f32 / "base.gguf", None, True),
+                                                            *[(f, None, k == "f32") for f, k in zip(files, kinds)]])
+    assert_close(adapted32["logits"], expected, "f32")
+    assert_close(adapted16["logits"], expected, "f16")
+    assert adapted32["greedy"] == tokens and adapted16["greedy"] == tokens
+    assert np.abs(base["logits"] - expected).max() > 0.1  # the adapter is what makes them equal
+    for kind, result in zip(kinds, results):
+        assert_close(result["logits"], expected, kind)
+        if kind in ("f32", "f16"):  # 8-bit weights may turn a near tie (the tiny model is random) another way
+            assert result["greedy"] == tokens, kind
+    assert results[0]["metadata"]["general.architecture"] == "qwen3"
+    assert int(results[0]["metadata"]["qwen3.attention.key_length"]) == 32  # not 64 / 4
+
+
+def test_qwen3_ggufs_are_laid_out_as_convert_hf_to_gguf_writes_them(qwen3_handoff, qwen3_untied, tmp_path):
+    """llama.cpp's qwen3 names: the head norms as blk.N.attn_q_norm / attn_k_norm (float32, [head_dim]), no
+    biases, output.weight only where the LM head is untied; the adapter says qwen3 as the base does."""
+    _, arts, adapter = qwen3_handoff
+    out = export(arts, adapter, "gguf", tmp_path / "tied", "--with-base")
+    reader = gguf.GGUFReader(out / "adapter.gguf")
+    assert reader.fields["general.architecture"].contents() == "qwen3"
+    assert {t.name for t in reader.tensors} == {f"blk.{i}.{name}.weight.lora_{ab}" for i in range(2)
+                                                for name in ("attn_q", "attn_v") for ab in "ab"}
+    for name, untied in ((out / "base.gguf", False),
+                         (export(*qwen3_untied, "gguf-merged", tmp_path / "untied") / "model.gguf", True)):
+        reader = gguf.GGUFReader(name)
+        fields = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+        assert fields["general.architecture"] == "qwen3"
+        assert fields["qwen3.attention.key_length"] == fields["qwen3.attention.value_length"] == 32
+        assert (fields["qwen3.attention.head_count"], fields["qwen3.attention.head_count_kv"]) == (4, 2)
+        tensors = {t.name: (t.tensor_type.name, [int(n) for n in t.shape]) for t in reader.tensors}
+        for i in range(2):
+            assert tensors[f"blk.{i}.attn_q_norm.weight"] == tensors[f"blk.{i}.attn_k_norm.weight"] == ("F32", [32])
+            # ne order: [in, out]; 4 query heads and 2 key / value heads of 32 from a hidden size of 64
+            assert [tensors[f"blk.{i}.attn_{p}.weight"][1] for p in "qkv"] == [[64, 128], [64, 64], [64, 64]]
+            assert tensors[f"blk.{i}.attn_output.weight"][1] == [128, 64]
+        assert not [t for t in tensors if t.endswith(".bias")] and ("output.weight" in tensors) == untied
+        assert len(tensors) == 2 * 11 + 2 + untied  # per layer 4 norms, 4 attention and 3 MLP matrices
+
+
+def test_a_qwen3_with_attention_biases_is_refused_as_a_gguf_model(tmp_path):
+    """Qwen3's attention_bias gives o_proj a bias too, which llama.cpp's qwen3 does not read (it refuses the file:
+    "wrong number of tensors")."""
+    model = create_random_model(tmp_path / "model", "tiny", seed=5, model_type="qwen3", head_dim=32,
+                                attention_bias=True)
+    with pytest.raises(OrtloraError, match="o_proj bias, which llama.cpp's qwen3 does not read"):
+        gguf_export.write_model(model, model, tmp_path / "model.gguf", "f16", "biased")
+    assert not (tmp_path / "model.gguf").exists()
+
+
+@needs("llama")
+@pytest.mark.skipif(not QWEN3_TOKENIZER_DIR.is_dir(), reason=f"needs {QWEN3_TOKENIZER_DIR}")
+def test_a_model_with_qwen3s_tokenizer_runs_in_llama_cpp_as_in_transformers(tmp_path):
+    """Qwen3's own tokenizer (151,669 tokens in 151,936 rows; <think> and </think> added, not special) on a one-layer
+    random Qwen3 of 0.6B's vocabulary and heads 32 wide: llama.cpp tokenizes as ortlora does (the tokenizers library
+    on tokenizer.json) and predicts as transformers does; the chat template is Qwen3's."""
+    from ortlora.runtime.tokenizer import Tokenizer
+
+    model = create_random_model(tmp_path / "model", "qwen3-0.6b", layers=1, tokenizer="real", hidden_size=64,
+                                intermediate_size=176, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    path = tmp_path / "model.gguf"
+    gguf_export.write_model(model, model, path, "f16", "qwen3-random")
+    texts = [*TEXTS, "<|im_start|>assistant\n<think>\nLet me add 12 and 30.\n</think>\n\n42<|im_end|>\n"]
+    (result,) = llama(tmp_path, [(path, None, False)], texts)
+    assert_close(result["logits"], merged_logits(model), "f16")
+    assert result["greedy"] == greedy(model, PROMPT, NEW_TOKENS)
+    reference = Tokenizer(model)
+    for text, got in zip(texts, result["tokenized"], strict=True):
+        assert got == reference.encode(text), text
+    assert 151667 in result["tokenized"][-1]  # <think>, one token
+    metadata = result["metadata"]
+    assert metadata["tokenizer.ggml.pre"] == "qwen2" and int(metadata["tokenizer.ggml.eos_token_id"]) == 151645
+    assert metadata["tokenizer.chat_template"] == reference.chat_template and "<think>" in reference.chat_template

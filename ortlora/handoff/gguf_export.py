@@ -1,14 +1,20 @@
 """GGUF for llama.cpp and Ollama: the LoRA adapter alone (``--to gguf``) or the merged model (``--to gguf-merged``).
 
-Written with the ``gguf`` package, the writer llama.cpp's own convert scripts use, as they write Qwen2:
+Written with the ``gguf`` package, the writer llama.cpp's own convert scripts use, as they write Qwen2 and Qwen3:
 
     adapter   general.type "adapter", adapter.type "lora", adapter.lora.alpha; per adapted weight
               blk.N.attn_q.weight.lora_a   PEFT's A (r x in), GGUF ne = [in, r]   (convert_lora_to_gguf.py)
               blk.N.attn_q.weight.lora_b   PEFT's B (out x r), GGUF ne = [r, out]
               llama.cpp adds (alpha / r) * B (A x), with r read from each lora_b (llama-adapter.h, get_scale)
-    model     architecture "qwen2", its hyperparameters, the BPE tokenizer (tokens, types, merges, special ids,
-              chat template) and every weight under llama.cpp's names; norms and biases float32, the rest
-              f32, f16, bf16 or q8_0 (a row that is no multiple of 32 stays f16)   (convert_hf_to_gguf.py)
+    model     architecture "qwen2" or "qwen3", its hyperparameters, the BPE tokenizer (tokens, types, merges,
+              special ids, chat template) and every weight under llama.cpp's names; norms and biases float32, the
+              rest f32, f16, bf16 or q8_0 (a row that is no multiple of 32 stays f16)   (convert_hf_to_gguf.py)
+
+Qwen3 is Qwen2's layout plus an RMSNorm over each query and key head (self_attn.q_norm / k_norm, [head_dim]),
+written as blk.N.attn_q_norm.weight and blk.N.attn_k_norm.weight (float32, as every norm), and no attention biases
+(convert_hf_to_gguf.py's Qwen3Model is its Qwen2Model with MODEL_ARCH.QWEN3). Its head_dim, which need not be
+hidden / heads, is qwen3.attention.key_length and value_length. A tied LM head is no tensor: llama.cpp reads
+token_embd.weight in its place. A Qwen3 with attention_bias is refused: llama.cpp's qwen3 reads no o_proj bias.
 
 One adapter.lora.alpha holds one scaling per rank: where a module's scaling is not alpha / r (rsLoRA's
 alpha / sqrt(r), an alpha_pattern), that module's B is multiplied by scaling * r / alpha, which gives llama.cpp
@@ -23,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ortlora.build.model_dir import head_dim  # torch-free: config.json checks
 from ortlora.errors import OrtloraError
 from ortlora.files import artifact_file, read_json
 from ortlora.handoff.merge import base_model_dir, lora_pairs, write_merged
@@ -35,7 +42,8 @@ MODEL_FILE = "model.gguf"
 BASE_FILE = "base.gguf"
 ADAPTER_TYPES = ("f32", "f16")
 MODEL_TYPES = ("f32", "f16", "bf16", "q8_0")
-ARCHITECTURE = "Qwen2ForCausalLM"
+# config.json's architecture -> gguf.MODEL_ARCH's member (llama.cpp's "qwen2", "qwen3")
+ARCHITECTURES = {"Qwen2ForCausalLM": "QWEN2", "Qwen3ForCausalLM": "QWEN3"}
 # Qwen2.5's pre-tokenizer split (tokenizer.json); llama.cpp calls it "qwen2" (llama-vocab.cpp)
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                r"|\s+(?!\S)|\s+")
@@ -49,6 +57,11 @@ def _gguf():
     return gguf
 
 
+def _arch(gguf, architecture: str):
+    """llama.cpp's architecture (gguf.MODEL_ARCH) of a Hugging Face one that is in ARCHITECTURES."""
+    return gguf.MODEL_ARCH[ARCHITECTURES[architecture]]
+
+
 def check_type(target: str, given: str | None) -> str:
     """The --gguf-type of ``target`` (default: f32 for the adapter, f16 for a model)."""
     allowed = ADAPTER_TYPES if target == "gguf" else MODEL_TYPES
@@ -60,10 +73,9 @@ def check_type(target: str, given: str | None) -> str:
 
 def refusal(manifest: Manifest) -> str | None:
     """Why llama.cpp's LoRA GGUF cannot hold adapters of these artifacts, or None."""
-    if manifest.model.get("architecture") != ARCHITECTURE:
-        return (f"--to gguf and gguf-merged write {ARCHITECTURE} models only; these artifacts are of "
-                f"{manifest.model.get('architecture')} (llama.cpp's qwen3 architecture and tensor names are not "
-                f"written yet for Qwen3): use --to peft or merged")
+    if manifest.model.get("architecture") not in ARCHITECTURES:
+        return (f"--to gguf and gguf-merged write {' and '.join(ARCHITECTURES)} models only; these artifacts are of "
+                f"{manifest.model.get('architecture')}: use --to peft or merged")
     if manifest.lora.get("dora"):
         return ("--to gguf cannot hold a DoRA adapter (llama.cpp's LoRA GGUF has no magnitude vector); "
                 "use --to gguf-merged, which folds it into the weights")
@@ -80,7 +92,7 @@ def check_exportable(args: argparse.Namespace, manifest: Manifest) -> None:
         raise OrtloraError("--with-base goes with --to gguf (--to gguf-merged writes the whole model)")
     if args.to == "gguf" and (reason := refusal(manifest)):
         raise OrtloraError(reason)
-    if args.to == "gguf-merged" and manifest.model.get("architecture") != ARCHITECTURE:
+    if args.to == "gguf-merged" and manifest.model.get("architecture") not in ARCHITECTURES:
         raise OrtloraError(refusal(manifest))
 
 
@@ -109,13 +121,14 @@ def write_adapter(manifest: Manifest, weights: dict[str, np.ndarray], path: Path
         raise OrtloraError(reason)
     pairs = lora_pairs(manifest, weights)
     layers = 1 + max(p.layer for p in manifest.parameters)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, layers)
+    arch = _arch(gguf, manifest.model["architecture"])
+    names = gguf.get_tensor_name_map(arch, layers)
     alpha = float(manifest.lora["alpha"])
     tensors, folded = [], 0
     for base_name, ab in pairs.items():
         gguf_name = names.get_name(base_name, try_suffixes=(".weight",))
         if gguf_name is None:
-            raise OrtloraError(f"llama.cpp has no Qwen2 tensor for {base_name}")
+            raise OrtloraError(f"llama.cpp's {gguf.MODEL_ARCH_NAMES[arch]} has no tensor for {base_name}")
         rank = ab["A"].shape[0]
         factor = module_scaling(manifest.lora, base_name.removesuffix(".weight")) * rank / alpha
         b = ab["B"]
@@ -124,7 +137,7 @@ def write_adapter(manifest: Manifest, weights: dict[str, np.ndarray], path: Path
         tensors += [(gguf_name + ".lora_a", ab["A"]), (gguf_name + ".lora_b", b)]
 
     numpy_dtype = np.float32 if dtype == "f32" else np.float16
-    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2])
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
@@ -139,28 +152,35 @@ def write_adapter(manifest: Manifest, weights: dict[str, np.ndarray], path: Path
 
 
 def write_model(model_dir: Path, tokenizer_dir: Path, path: Path, dtype: str, name: str) -> str:
-    """Write the Hugging Face Qwen2 model in ``model_dir`` as a GGUF model file, with the tokenizer of
+    """Write the Hugging Face Qwen2 or Qwen3 model in ``model_dir`` as a GGUF model file, with the tokenizer of
     ``tokenizer_dir`` (tokenizer.json, tokenizer_config.json, chat_template.jinja). Returns a summary."""
     gguf = _gguf()
     config = read_json(artifact_file(model_dir, "config.json"))
-    if config.get("architectures") != [ARCHITECTURE]:
-        raise OrtloraError(f"{model_dir}: --to gguf-merged writes {ARCHITECTURE} models, not {config.get('architectures')}")
+    architectures = config.get("architectures")
+    if not (isinstance(architectures, list) and len(architectures) == 1 and architectures[0] in ARCHITECTURES):
+        raise OrtloraError(f"{model_dir}: --to gguf-merged writes {' and '.join(ARCHITECTURES)} models, not "
+                           f"{architectures}")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise OrtloraError(f"{model_dir}: rope type {rope.get('rope_type', rope.get('type'))!r} is not written to GGUF "
                            f"by ortlora (only the default RoPE)")
     layers = config["num_hidden_layers"]
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, layers)
+    arch = _arch(gguf, architectures[0])
+    if arch == gguf.MODEL_ARCH.QWEN3 and config.get("attention_bias"):
+        # llama.cpp's qwen3 reads q/k/v biases but not o_proj's, and refuses the file ("wrong number of tensors")
+        raise OrtloraError(f"{model_dir}: a Qwen3 with attention biases (config.json's attention_bias) has an "
+                           f"o_proj bias, which llama.cpp's qwen3 does not read: use --to merged")
+    names = gguf.get_tensor_name_map(arch, layers)
     files = weight_files(model_dir)
     plan = []  # (file, name, gguf name, shape, qtype), in the order the data is written
     for file in files:
         for tensor, stored in stored_tensors([file]).items():
             gguf_name = names.get_name(tensor, try_suffixes=(".weight", ".bias"))
             if gguf_name is None:
-                raise OrtloraError(f"{file}: llama.cpp has no Qwen2 tensor for {tensor}")
+                raise OrtloraError(f"{file}: llama.cpp's {gguf.MODEL_ARCH_NAMES[arch]} has no tensor for {tensor}")
             plan.append((tensor, gguf_name, tuple(stored.shape), _qtype(gguf, gguf_name, stored.shape, dtype)))
 
-    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2])
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
     writer.add_size_label(gguf.size_label(sum(int(np.prod(shape)) for _, _, shape, _ in plan), 0, 0, 0))
@@ -174,9 +194,11 @@ def write_model(model_dir: Path, tokenizer_dir: Path, path: Path, dtype: str, na
     writer.add_head_count_kv(config.get("num_key_value_heads", config["num_attention_heads"]))
     writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    if config.get("head_dim") is not None:
-        writer.add_key_length(config["head_dim"])
-        writer.add_value_length(config["head_dim"])
+    # Qwen3's width where config.json has none is transformers' 128, not the hidden / heads llama.cpp would take
+    width = head_dim(config) if arch == gguf.MODEL_ARCH.QWEN3 else config.get("head_dim")
+    if width is not None:
+        writer.add_key_length(width)
+        writer.add_value_length(width)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                           "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -250,7 +272,7 @@ def _add_tokenizer(gguf, writer, model_dir: Path, vocab_size: int) -> int:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
-    for kind in ("bos", "eos"):  # Hugging Face adds neither to Qwen2 text; neither should llama.cpp
+    for kind in ("bos", "eos"):  # Hugging Face adds neither to Qwen2 or Qwen3 text; neither should llama.cpp
         special.add_special_token.setdefault(kind, False)
     special.add_to_gguf(writer, quiet=True)
     return len(by_id)
