@@ -146,10 +146,11 @@ def test_onnx_export_has_no_lora_and_equals_the_unmerged_model(handoff, tmp_path
     assert (tmp_path / "onnx" / "tokenizer.json").is_file()
 
 
-def test_peft_export_loads_in_peft(artifacts, trained, tmp_path):
+def test_peft_export_loads_in_peft(handoff, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    artifacts, trained = handoff
     assert export(artifacts, trained, "--to", "peft", "--out", str(tmp_path / "adapter")) == 0
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert Path(config["base_model_name_or_path"]) == (artifacts / "base_model").resolve()
