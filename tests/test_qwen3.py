@@ -207,19 +207,6 @@ def test_a_published_qwen3_layout_builds_and_matches_peft(tmp_path):
     _check_against_peft(out, "ignored")
 
 
-@pytest.mark.parametrize("to, missing", [("gguf", "llama.cpp's qwen3"), ("gguf-merged", "llama.cpp's qwen3"),
-                                         ("mlx", "mlx-lm"), ("genai", "onnxruntime-genai")])
-def test_exports_not_written_for_qwen3_yet_refuse_in_one_line(qwen3_artifacts, qwen3_run, tmp_path, capsys, to,
-                                                             missing):
-    from ortlora.handoff import cli as export_cli
-
-    code = export_cli.main(["--artifacts", str(qwen3_artifacts), "--adapter", str(qwen3_run / "checkpoint-4"), "--to", to,
-                            "--out", str(tmp_path / "out")])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "Qwen3" in err and missing in err, err
-    assert not (tmp_path / "out").exists()
-
-
 def test_an_unsupported_model_type_names_both_architectures(tmp_path, capsys):
     from ortlora.build import cli as build_cli
 
