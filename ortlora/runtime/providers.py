@@ -11,10 +11,11 @@ Plugin providers (ONNX Runtime's execution-provider ABI, onnxruntime >= 1.23) co
 ``onnxruntime-ep-NAME`` (webgpu, openvino, nv-tensorrt-rtx, mlx) and ``onnxruntime-ggml``. ``--ep NAME`` finds
 the installed package, registers its library (``onnxruntime.register_execution_provider_library``) and
 selects its device from ``onnxruntime.get_ep_devices()`` (``SessionOptions.add_provider_for_devices``);
-``--ep NAME:gpu`` (or cpu, npu) picks the device where a plugin offers several. A provider compiled into the
-installed onnxruntime (onnxruntime-openvino's OpenVINO) is preferred to a plugin of the same name. A plugin
-that takes none of the graph's nodes is refused as a provider that fails is: ONNX Runtime would run the
-whole graph on the CPU provider under the plugin's name.
+``--ep NAME:gpu`` (or cpu, npu) picks the device where a plugin offers several; ``--ep webgpu:cpu`` also lets the
+WebGPU plugin offer a CPU device where there is no GPU (Dawn on a software Vulkan driver such as Mesa's lavapipe).
+A provider compiled into the installed onnxruntime (onnxruntime-openvino's OpenVINO) is preferred to a plugin of
+the same name. A plugin that takes none of the graph's nodes is refused as a provider that fails is: ONNX Runtime
+would run the whole graph on the CPU provider under the plugin's name.
 """
 
 from __future__ import annotations
@@ -62,6 +63,16 @@ EP_SPELLING = re.compile(r"[a-z0-9][a-z0-9._-]*")
 OPTION_KEY = re.compile(r"[A-Za-z0-9_.:-]+")
 # A plugin's own log lines are no more for users than ONNX Runtime's (onnxruntime-ggml logs at info by default).
 PLUGIN_QUIET = {"ggml": ("ORT_GGML_LOG", "error")}
+# Plugins that offer a CPU device only when a variable is set before registration, asked for with --ep NAME:cpu.
+# onnxruntime-ep-webgpu 0.4.0 offers no device without a GPU; with the variable it offers one on the CPU, and Dawn
+# then takes a software Vulkan adapter (Mesa's lavapipe 25.0; lavapipe 22.3 lacks
+# shaderSampledImageArrayDynamicIndexing, and Dawn finds "No supported adapters"): far slower than the CPU provider.
+PLUGIN_SOFTWARE_DEVICE = {"webgpu": ("ORT_WEBGPU_EP_ALLOW_SOFTWARE_ADAPTER", "1", "a software Vulkan device such as "
+                                     "Mesa's lavapipe, slow")}
+# Plugins whose nodes ONNX Runtime's graph assignment info leaves out before a version (WebGPU's kernels, not a
+# compiled subgraph: onnxruntime 1.30.0 listed only the CPU provider's 188 nodes of the tiny training graph,
+# 1.31.1 also WebGPU's 510). There "took none" cannot be told from "not recorded".
+NODES_RECORDED_SINCE = {"webgpu": (1, 31)}
 
 
 def short_name(provider: str) -> str:
@@ -170,6 +181,9 @@ def _plugin_target(plugin: Plugin, ep: str, kind: str | None) -> Target:
         variable, level = PLUGIN_QUIET.get(plugin.name, (None, None))
         if variable:
             os.environ.setdefault(variable, level)
+        if kind == "cpu" and plugin.name in PLUGIN_SOFTWARE_DEVICE:  # read when the library registers
+            variable, value, _ = PLUGIN_SOFTWARE_DEVICE[plugin.name]
+            os.environ[variable] = value
         try:
             onnxruntime.register_execution_provider_library(names[0], library)
         except Exception as e:  # noqa: BLE001
@@ -190,11 +204,14 @@ def _plugin_target(plugin: Plugin, ep: str, kind: str | None) -> Target:
     if not chosen:
         others = ", ".join(sorted({d.ep_name for d in listed if d.ep_name not in names})) or "none"
         has = ", ".join(sorted({_kind(d) for d in offered}))
+        software = PLUGIN_SOFTWARE_DEVICE.get(plugin.name)
         raise NoDevice(f"execution provider {ep}: {what} is installed and registered, but offers "
                        + (f"no {kind} device on this machine (only {has})" if offered else
                           f"no device on this machine (ONNX Runtime's get_ep_devices() lists {others} only)")
                        + "; train with --ep cpu" + (f", or --ep {plugin.name}:{sorted({_kind(d) for d in offered})[0]}"
-                                                   if offered else ""))
+                                                   if offered else
+                                                   f", or --ep {plugin.name}:cpu for {software[2]}"
+                                                   if software and kind != "cpu" else ""))
     provider = chosen[0].ep_name
     return Target(plugin.name, provider, plugin, tuple(d for d in chosen if d.ep_name == provider))
 
@@ -276,6 +293,18 @@ def _nodes_taken(session, provider: str) -> tuple[int, int]:
     return sum(len(sub.get_nodes()) for sub in assigned if sub.ep_name == provider), total
 
 
+def _took_none(target: Target, total: int) -> str:
+    """Why a plugin that ONNX Runtime lists no node of is refused: it took none, or this onnxruntime does not say."""
+    import onnxruntime
+
+    since = NODES_RECORDED_SINCE.get(target.name)
+    if since and tuple(int(n) for n in re.findall(r"\d+", onnxruntime.__version__)[:2]) < since:
+        wanted = ".".join(map(str, since))
+        return (f"onnxruntime {onnxruntime.__version__} does not report the nodes {target.plugin.package} runs "
+                f"({wanted} does), so ortlora cannot tell whether it took any: install onnxruntime>={wanted} beside it")
+    return f"it took none of its {total} nodes (ONNX Runtime would run them all on the CPU provider)"
+
+
 NODE_IN_ERROR = re.compile(r"Node\((\w+)\): ([^>'\"]+)>?'?:?")  # OpenVINO's ONNX reader: <Node(OpType): name>
 
 
@@ -331,8 +360,7 @@ def create_session(path: Path, options, ep: str, allow_fallback: bool = False, p
                 options.add_provider_for_devices(list(target.devices), given)
                 session = session_class(str(path), options)
                 taken, total = _nodes_taken(session, target.provider)
-                refusal = "" if taken else (f"it took none of its {total} nodes (ONNX Runtime would run them all on "
-                                            "the CPU provider)")
+                refusal = "" if taken else _took_none(target, total)
             else:
                 session = session_class(str(path), options, providers=[target.provider, CPU],
                                         provider_options=[given, {}])
