@@ -5,12 +5,13 @@ PyTorch + PEFT on the same GPU, in a few minutes, written to one JSON report.
 
 For a machine with an NVIDIA GPU, CUDA 13, PyTorch and the plain onnxruntime (1.30) installed and no package
 registry: everything else comes from WHEELHOUSE, a folder of wheels that travels with the repository:
-onnxruntime_ep_webgpu-0.4.0 (needs libvulkan.so.1), onnxruntime_gpu-1.31.x (links CUDA 13), and for the build
-onnxruntime_training_cpu-1.19.2, onnx-1.23.2, transformers-5.23, peft, safetensors, tokenizers, jinja2, tqdm and
-their dependencies (make it elsewhere: ``pip download -d WHEELHOUSE -e '.[build,test]' onnxruntime-gpu
+onnxruntime_ep_webgpu-0.4.0 (needs libvulkan.so.1) with onnxruntime 1.31 or later (1.30 does not report the nodes
+a plugin runs), onnxruntime_gpu-1.31.x (links CUDA 13), and for the build onnxruntime_training_cpu-1.19.2,
+onnx-1.23.2, transformers-5.23, peft, safetensors, tokenizers, jinja2, tqdm and their dependencies (make it
+elsewhere: ``pip download -d WHEELHOUSE -e '.[build,test]' onnxruntime-gpu 'onnxruntime>=1.31'
 onnxruntime-ep-webgpu==0.4.0``). Three environments under --work, each seeing the machine's own packages
 (--system-site-packages, so PyTorch and its CUDA libraries are the machine's): build (the training package:
-builds the artifacts, runs PyTorch + PEFT), webgpu (the machine's onnxruntime and the WebGPU plugin) and cuda
+builds the artifacts, runs PyTorch + PEFT), webgpu (onnxruntime >= 1.31 and the WebGPU plugin) and cuda
 (onnxruntime-gpu over the machine's onnxruntime). ortlora itself is read from this checkout (PYTHONPATH).
 
 Steps: a random model of --shape and its artifacts (scripts/bench.py's make_shape, scripts/build_artifacts.py);
@@ -38,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZES = ((2, 128), (8, 512))
 ENVIRONMENTS = {  # name -> the wheels it adds (package names as pip spells them), over the machine's packages
     "build": ["onnxruntime-training-cpu", "onnx", "transformers", "peft", "safetensors", "tokenizers", "jinja2", "tqdm"],
-    "webgpu": ["onnxruntime-ep-webgpu", "safetensors", "tokenizers", "jinja2", "tqdm"],
+    "webgpu": ["onnxruntime>=1.31", "onnxruntime-ep-webgpu", "safetensors", "tokenizers", "jinja2", "tqdm"],
     "cuda": ["onnxruntime-gpu", "safetensors", "tokenizers", "jinja2", "tqdm"],
 }
 PROVIDERS = {"cpu": "webgpu", "webgpu": "webgpu", "cuda": "cuda"}  # --ep -> the environment it runs in
@@ -55,8 +56,11 @@ def wheel_of(wheels: list[str], package: str) -> str | None:
 
 
 def missing_wheels(wheels: list[str]) -> list[str]:
-    """The plugin and provider wheels this check cannot go without."""
-    return [p for p in ("onnxruntime-ep-webgpu", "onnxruntime-gpu", "onnxruntime-training-cpu") if not wheel_of(wheels, p)]
+    """The plugin and provider wheels this check cannot go without (the WebGPU plugin's onnxruntime: 1.31 or later)."""
+    plain = wheel_of(wheels, "onnxruntime")
+    new_enough = plain is not None and tuple(int(p) for p in plain.split("-")[1].split(".")[:2]) >= (1, 31)
+    return ([] if new_enough else ["onnxruntime>=1.31"]) + [
+        p for p in ("onnxruntime-ep-webgpu", "onnxruntime-gpu", "onnxruntime-training-cpu") if not wheel_of(wheels, p)]
 
 
 def gpu_memory_mb(nvidia_smi_csv: str, pid: int) -> float:

@@ -1,6 +1,7 @@
 """Other Python environments the tests run code in: the newest plain onnxruntime (.venv-ort),
 onnxruntime-openvino (.venv-ov), onnxruntime-genai (.venv-genai), llama.cpp (.venv-llama), mlx-lm (.venv-mlx) and
-the plugin providers onnxruntime-ggml (.venv-ggml) and onnxruntime-ep-openvino (.venv-ep-ov).
+the plugin providers onnxruntime-ggml (.venv-ggml), onnxruntime-ep-openvino (.venv-ep-ov) and onnxruntime-ep-webgpu
+on Mesa's lavapipe (.venv-webgpu).
 Each is skipped where it is absent, except in CI, which creates them all."""
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ ENVIRONMENTS = {  # name -> (its folder, the variable that names another interpr
     "ggml": (".venv-ggml", "ORTLORA_GGML_PYTHON", "the plugin provider onnxruntime-ggml on the plain onnxruntime"),
     "ep-openvino": (".venv-ep-ov", "ORTLORA_EP_OPENVINO_PYTHON",
                     "the plugin provider onnxruntime-ep-openvino on the plain onnxruntime"),
+    "webgpu": (".venv-webgpu", "ORTLORA_WEBGPU_PYTHON",
+               "the plugin provider onnxruntime-ep-webgpu on the plain onnxruntime (>= 1.31), Mesa's lavapipe for Vulkan"),
 }
 
 
