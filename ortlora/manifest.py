@@ -60,6 +60,8 @@ SCHEMA = {
               "portable_training_model?": str, "portable_eval_model?": str, "frozen_weights?": str,
               # a bf16 base's portable graphs for OpenVINO's provider (portable_graph.unordered_widening)
               "portable_training_openvino_model?": str, "portable_eval_openvino_model?": str,
+              # the portable graphs without NonZero and LogSoftmax, for onnxruntime-ggml (dense_loss.py)
+              "portable_training_ggml_model?": str, "portable_eval_ggml_model?": str,
               "external_data?": [str]},
     "io": {"training": {"inputs": [str], "outputs": [str]}, str: {"inputs": [str], "outputs": [str]}},
     "counts": {"trainable": int, "total": int},

@@ -4,9 +4,11 @@ Each plugin needs the plain onnxruntime (1.23 or later), so each lives in an env
 here as a subprocess, as onnxruntime-openvino does in test_openvino.py: .venv-ggml (onnxruntime-ggml 0.2.0 on
 onnxruntime 1.30) and .venv-ep-ov (onnxruntime-ep-openvino 1.8.1 on onnxruntime 1.30). What was seen with them
 (docs/providers.md, "Plugin providers"):
-- ggml registers a CPU device, takes the whole inference graph, and none of the training, evaluation or
-  generation graphs (they use NonZero, LogSoftmax, Tile, OneHot, which it lacks); its partial=1 option claims
-  the rest as one group, which ONNX Runtime 1.30 rejects. So --ep ggml is refused in one line.
+- ggml registers a CPU device and takes the whole inference graph. It lacks NonZero and LogSoftmax, which the
+  portable training and evaluation graphs use, so a build also writes them without (dense_loss.py), and ggml
+  takes those whole, with the CPU provider's loss and gradients. Where a build has none (label smoothing) it
+  takes none of the graphs; its partial=1 option claims the rest as one group, which ONNX Runtime 1.30 rejects,
+  so --ep ggml is refused in one line. It takes none of the generation graph (Tile, OneHot).
 - the OpenVINO plugin offers a CPU device on an Intel Xeon and none on an AMD EPYC: each case is checked where
   it is the machine's.
 - the WebGPU plugin (onnxruntime-ep-webgpu 0.4.0, Dawn on Vulkan) offers no device without a GPU; --ep webgpu:cpu
@@ -156,7 +158,63 @@ def test_ggml_takes_the_inference_graph_with_the_cpu_providers_logits(artifacts)
 
 
 @needs("ggml")
-def test_training_on_ggml_is_refused_in_one_line_and_falls_back_only_when_allowed(artifacts, tmp_path):
+def test_ggml_takes_the_graphs_without_nonzero_whole_with_the_cpu_providers_loss_and_gradients(artifacts, tmp_path):
+    manifest = Manifest.load(artifacts)
+    one_case(manifest, tmp_path / "in.npz")
+    report = step_on_each("ggml", artifacts, tmp_path, eps=("ggml", "cpu"))
+    assert report["ggml"]["placement"] == {"ggml": 1}, report  # one subgraph: nothing left to the CPU provider
+    assert report["ggml"]["route"] == "plugin onnxruntime-ggml 0.2.0 on its CPU device"
+    assert report["ggml"]["options"]["weights"] == "f32", report
+    ggml, cpu = np.load(tmp_path / "ggml.npz"), np.load(tmp_path / "cpu.npz")  # cpu: the default graphs
+    assert sorted(ggml.files) == sorted(cpu.files)
+    for name in cpu.files:  # seen: loss 1.3e-7, gradients 5.2e-6 at most
+        assert rel_err(ggml[name], cpu[name]) < TOL, name
+    # Which nodes ggml claimed, as ONNX Runtime assigned them: every node of both graphs.
+    claimed = run_in("ggml", f"""
+        import json, onnxruntime as ort
+        from pathlib import Path
+        from ortlora.runtime.providers import create_session
+        out = {{}}
+        for role in ("portable_training_ggml.onnx", "portable_eval_ggml.onnx"):
+            session = create_session(Path(r"{artifacts}") / role, ort.SessionOptions(), "ggml")
+            out[role] = {{s.ep_name: len(s.get_nodes()) for s in session.get_provider_graph_assignment_info()}}
+        print(json.dumps(out))
+    """)
+    for role, nodes in claimed.items():  # seen: 706 and 337 nodes (after ONNX Runtime's own graph optimizations)
+        assert list(nodes) == ["ggml"] and nodes["ggml"] > 300, (role, claimed)
+
+
+@needs("ggml")
+def test_training_on_ggml_matches_the_training_api(artifacts, tmp_path):
+    """6 steps with --ep ggml, and 3 resumed, give the training API's LoRA weights."""
+    steps = ["--max-steps", "6", "--lr", "5e-3", "--grad-accum", "2"]
+    common = ["--artifacts", str(artifacts), "--no-progress", "--no-plot", *steps]
+    run_in("ggml", f"""
+        import json
+        from ortlora.runtime.cli import main
+        common = {common!r}
+        assert main([*common, "--ep", "ggml", "--out", r"{tmp_path / 'ggml'}", "--save-every", "3"]) == 0
+        assert main(["--resume", r"{tmp_path / 'ggml' / 'checkpoint-3'}", "--out", r"{tmp_path / 'ggml-resumed'}",
+                     "--no-progress", "--no-plot"]) == 0
+        print(json.dumps({{}}))
+    """)
+    summary = json.loads((tmp_path / "ggml" / "summary.json").read_text())
+    assert summary["nodes_per_provider"] == {"ggml": 1} and summary["execution_providers"][0] == "ggml", summary
+    assert summary["ep_route"] == "plugin onnxruntime-ggml 0.2.0 on its CPU device"
+    assert json.loads((tmp_path / "ggml-resumed" / "summary.json").read_text())["nodes_per_provider"] == {"ggml": 1}
+    assert train(artifacts, tmp_path / "api", "--backend", "ort-training", *steps) == 0
+    manifest = Manifest.load(artifacts)
+    reference = load_adapter(tmp_path / "api" / "checkpoint-6", manifest)
+    for run in ("ggml", "ggml-resumed"):
+        got = load_adapter(tmp_path / run / "checkpoint-6", manifest)
+        assert max(rel_err(got[n], reference[n]) for n in reference) < 1e-4, run
+
+
+@needs("ggml")
+def test_training_on_ggml_without_its_graphs_is_refused_in_one_line_and_falls_back_only_when_allowed(
+        artifacts_all_linear, tmp_path):
+    """A build with label smoothing has no graphs without NonZero (dense_loss.py): ggml takes none of the default."""
+    artifacts = artifacts_all_linear
     report = run_in("ggml", f"""
         import contextlib, io, json
         from ortlora.runtime.cli import main

@@ -13,7 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ortlora import hub
-from ortlora.build import frozen_weights, portable_graph, training_artifacts
+from ortlora.build import dense_loss, frozen_weights, portable_graph, training_artifacts
 from ortlora.build.export import stamp_ir_version
 from ortlora.build.model_dir import TOKENIZER_FILES, architecture, check_model_dir, expected_weights, source_dtype
 from ortlora.build.quantize import BLOCK_SIZE, PRECISIONS, QMAX
@@ -247,6 +247,10 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, variant: dic
         frozen_weights.attach(loss_model, references)
         lora_shapes = {name: value.shape for name, value in lora_arrays.items()}
         portable_graph.write(loss_model, whole_head, references, lora_shapes, staging)
+        # The same graphs without NonZero and LogSoftmax, for onnxruntime-ggml (dense_loss.py): a float32 base only
+        # (ggml 0.2.0 refused bf16 tensors and took none of an int8 base's), and no label smoothing.
+        ggml_graphs = dense_loss.write(staging) if options.base_precision == "fp32" and not options.label_smoothing \
+            else {}
         save_file(lora_arrays, str(staging / INITIAL_LORA))
         del loss_model
 
@@ -277,6 +281,7 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, variant: dic
         "portable_eval_model": portable_graph.PORTABLE_EVAL,
         **({"portable_training_openvino_model": portable_graph.OPENVINO_TRAINING,
             "portable_eval_openvino_model": portable_graph.OPENVINO_EVAL} if options.base_precision == "bf16" else {}),
+        **ggml_graphs,
         "frozen_weights": frozen_weights.FROZEN_WEIGHTS,
         "initial_lora": INITIAL_LORA,
         "config": BASE_CONFIG,
@@ -409,7 +414,8 @@ def _check_loads(directory: Path, lora_names: list[str], places: dict[str, dict]
     if names != sorted(lora_names) or trainable != names:
         raise RuntimeError(f"the checkpoint should hold exactly the LoRA weights, all trainable: {names[:4]}")
     del module, state
-    for name in (INFERENCE_MODEL, DECODER_MODEL, portable_graph.PORTABLE_TRAINING, portable_graph.PORTABLE_EVAL):
+    ggml = [name for name in (dense_loss.GGML_TRAINING, dense_loss.GGML_EVAL) if (directory / name).is_file()]
+    for name in (INFERENCE_MODEL, DECODER_MODEL, portable_graph.PORTABLE_TRAINING, portable_graph.PORTABLE_EVAL, *ggml):
         ort.InferenceSession(str(directory / name), options(), providers=["CPUExecutionProvider"])
     for name in (portable_graph.OPENVINO_TRAINING, portable_graph.OPENVINO_EVAL):  # a bf16 base's, for OpenVINO
         if (directory / name).is_file():  # loaded unoptimized: the CPU provider would fold a float32 copy of each matrix

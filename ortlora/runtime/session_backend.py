@@ -25,6 +25,8 @@ from ortlora.runtime.precision import Precision, apply_precision
 from ortlora.runtime.providers import create_session, parse_ep
 from ortlora.weights import read_expected
 
+OWN_GRAPHS = ("openvino", "ggml")  # --ep names whose portable graphs the manifest may list apart (ROLE_NAME_model)
+
 
 class OrtSessionBackend:
     def __init__(self, artifacts: Path, manifest: Manifest, ep: str = "cpu", threads: int | None = None,
@@ -47,8 +49,10 @@ class OrtSessionBackend:
         self._frozen = map_frozen_weights(artifacts, manifest)  # one mapping for both sessions
         self._frozen_values: list = []
 
-        # A bf16 base has graphs of its own for OpenVINO (portable_graph.unordered_widening): same inputs and outputs.
-        self._roles = {role: files.get(f"{role}_openvino_model", files[f"{role}_model"]) if parse_ep(ep)[0] == "openvino"
+        # Some providers have graphs of their own, with the same inputs and outputs: OpenVINO for a bf16 base
+        # (portable_graph.unordered_widening), ggml without NonZero and LogSoftmax (dense_loss.py).
+        provider = parse_ep(ep)[0]
+        self._roles = {role: files.get(f"{role}_{provider}_model", files[f"{role}_model"]) if provider in OWN_GRAPHS
                        else files[f"{role}_model"] for role in ("portable_training", "portable_eval")}
         self._train = self._session(self._roles["portable_training"], profile=True)
         self.providers = self._train.get_providers()  # what runs, not what was asked for (--allow-fallback)
