@@ -50,8 +50,8 @@ def test_the_arm64_option_reaches_both_backends_sessions(artifacts, tmp_path, mo
     seen = []
     create = session_backend.create_session
     monkeypatch.setattr(session_backend, "create_session",
-                        lambda path, options, *a: seen.append(options.get_session_config_entry(ARM64_FASTMATH))
-                        or create(path, options, *a))
+                        lambda path, options, *a, **k: seen.append(options.get_session_config_entry(ARM64_FASTMATH))
+                        or create(path, options, *a, **k))
     applied = []
     apply = precision_module.apply_precision
     monkeypatch.setattr("ortlora.runtime.backend.apply_precision",

@@ -280,7 +280,7 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, variant: dic
         "portable_training_model": portable_graph.PORTABLE_TRAINING,
         "portable_eval_model": portable_graph.PORTABLE_EVAL,
         **({"portable_training_openvino_model": portable_graph.OPENVINO_TRAINING,
-            "portable_eval_openvino_model": portable_graph.OPENVINO_EVAL} if options.base_precision == "bf16" else {}),
+            "portable_eval_openvino_model": portable_graph.OPENVINO_EVAL} if options.base_precision != "fp32" else {}),
         **ggml_graphs,
         "frozen_weights": frozen_weights.FROZEN_WEIGHTS,
         "initial_lora": INITIAL_LORA,
@@ -382,6 +382,7 @@ def _check_loads(directory: Path, lora_names: list[str], places: dict[str, dict]
     """Create every session the runtime creates, as it does: the frozen weights mapped once and handed to
     each session (runtime/frozen.py), so ONNX Runtime reads none of them into memory of its own (left to
     itself, ORT's training API failed to allocate a 7B model's 28 GiB here)."""
+    import onnx
     import onnxruntime as ort
     from onnxruntime.capi import _pybind_state as C
 
@@ -417,11 +418,16 @@ def _check_loads(directory: Path, lora_names: list[str], places: dict[str, dict]
     ggml = [name for name in (dense_loss.GGML_TRAINING, dense_loss.GGML_EVAL) if (directory / name).is_file()]
     for name in (INFERENCE_MODEL, DECODER_MODEL, portable_graph.PORTABLE_TRAINING, portable_graph.PORTABLE_EVAL, *ggml):
         ort.InferenceSession(str(directory / name), options(), providers=["CPUExecutionProvider"])
-    for name in (portable_graph.OPENVINO_TRAINING, portable_graph.OPENVINO_EVAL):  # a bf16 base's, for OpenVINO
-        if (directory / name).is_file():  # loaded unoptimized: the CPU provider would fold a float32 copy of each matrix
-            unoptimized = options()
-            unoptimized.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            ort.InferenceSession(str(directory / name), unoptimized, providers=["CPUExecutionProvider"])
+    four_bit = any(place["dtype"] == "uint4" for place in places.values())
+    for name in (portable_graph.OPENVINO_TRAINING, portable_graph.OPENVINO_EVAL):  # a bf16 / int8 / int4 base's
+        if not (directory / name).is_file():
+            continue
+        if four_bit:  # they reshape uint4 matrices into blocks, which ONNX Runtime 1.19's CPU provider cannot
+            onnx.checker.check_model(str(directory / name), full_check=True)
+            continue
+        unoptimized = options()  # loaded unoptimized: the CPU provider would fold a float32 copy of each matrix
+        unoptimized.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        ort.InferenceSession(str(directory / name), unoptimized, providers=["CPUExecutionProvider"])
 
 
 def _versions() -> dict:

@@ -32,7 +32,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ortlora.build import quantize
+from ortlora.build import openvino_quantized, quantize
 from ortlora.build.portable_ops import PROVIDER_SPELLINGS, UnsupportedNode, attrs, is_standard, rewrite_node
 from ortlora.build.training_artifacts import disable_dropout, spell_out_slow_kernels
 
@@ -187,7 +187,8 @@ def names_without_slash(nodes: list[onnx.NodeProto], keep: set[str]) -> None:
 
 PORTABLE_TRAINING = "portable_training.onnx"
 PORTABLE_EVAL = "portable_eval.onnx"
-# A bf16 base's portable graphs as OpenVINO's provider takes them (unordered_widening).
+# A bf16, int8 or int4 base's portable graphs as OpenVINO's provider takes them (unordered_widening,
+# openvino_quantized.compressed_products).
 OPENVINO_TRAINING = "portable_training_openvino.onnx"
 OPENVINO_EVAL = "portable_eval_openvino.onnx"
 
@@ -228,6 +229,9 @@ def write(loss_model: onnx.ModelProto, training_model: onnx.ModelProto, frozen: 
     if any(t.data_type == TensorProto.BFLOAT16 for t in frozen.values()):
         onnx.save(unordered_widening(evaluation), str(out_dir / OPENVINO_EVAL))
         onnx.save(unordered_widening(training), str(out_dir / OPENVINO_TRAINING))
+    elif any(t.data_type in quantize.PRECISION_OF for t in frozen.values()):
+        onnx.save(openvino_quantized.compressed_products(evaluation), str(out_dir / OPENVINO_EVAL))
+        onnx.save(openvino_quantized.compressed_products(training), str(out_dir / OPENVINO_TRAINING))
 
 
 def unordered_widening(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -40,6 +40,10 @@ class OrtSessionBackend:
         self._ort, self._artifacts, self._files, self._manifest = ort, artifacts, files, manifest
         self._ep, self._allow_fallback, self._threads, self.precision = ep, allow_fallback, threads, precision
         self._ep_options = ep_options  # the user's provider options (--ep-option), over ours
+        # An int8 / int4 base's graphs for OpenVINO multiply by compressed matrices (openvino_quantized.py): they reach
+        # it as written, since ONNX Runtime's graph optimizations would turn each dequantization into a float32 copy.
+        self._compressed = parse_ep(ep)[0] == "openvino" and "portable_training_openvino_model" in files \
+            and manifest.model.get("base_precision") in ("int8", "int4")
         self.names = [p.onnx_name for p in manifest.parameters]
         self._weights = _initial_weights(artifacts / files["initial_lora"], manifest)
         self._grads = {n: np.zeros_like(w) for n, w in self._weights.items()}
@@ -49,8 +53,8 @@ class OrtSessionBackend:
         self._frozen = map_frozen_weights(artifacts, manifest)  # one mapping for both sessions
         self._frozen_values: list = []
 
-        # Some providers have graphs of their own, with the same inputs and outputs: OpenVINO for a bf16 base
-        # (portable_graph.unordered_widening), ggml without NonZero and LogSoftmax (dense_loss.py).
+        # Some providers have graphs of their own, with the same inputs and outputs: OpenVINO for a bf16, int8 or int4
+        # base (portable_graph.unordered_widening, openvino_quantized.py), ggml without NonZero and LogSoftmax (dense_loss.py).
         provider = parse_ep(ep)[0]
         self._roles = {role: files.get(f"{role}_{provider}_model", files[f"{role}_model"]) if provider in OWN_GRAPHS
                        else files[f"{role}_model"] for role in ("portable_training", "portable_eval")}
@@ -82,12 +86,14 @@ class OrtSessionBackend:
         if self._threads:
             options.intra_op_num_threads = self._threads
         apply_precision(options, self.precision)
+        if self._compressed:
+            options.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if profile:  # the first step's profile tells which provider ran each node
             options.enable_profiling = True
             options.profile_file_prefix = os.path.join(tempfile.gettempdir(), f"ortlora-profile-{os.getpid()}")
         path = onnx_file(self._artifacts, file_name)
         session = create_session(path, options, self._ep, self._allow_fallback, self.precision.provider_options,
-                                 self._ep_options)
+                                 self._ep_options, compressed_weights=self._compressed)
         check_lora_inputs(session, self._manifest, path)  # every LoRA weight is fed to it, by name and shape
         return session
 
