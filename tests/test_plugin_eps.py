@@ -33,6 +33,7 @@ from ortlora.runtime import cli as train_cli
 from ortlora.runtime import config as cfg
 from ortlora.runtime import providers
 from ortlora.runtime.checkpoint import load_adapter
+from tests.conftest import _build
 from tests.environments import ENVIRONMENTS, needs, run_in
 from tests.reference import rel_err
 from tests.test_openvino import one_case, step_on_each
@@ -335,6 +336,30 @@ def test_training_on_the_openvino_plugin_matches_the_training_api(artifacts, tmp
     for run in ("ov", "ov-resumed"):
         got = load_adapter(tmp_path / run / "checkpoint-6", manifest)
         assert max(rel_err(got[n], reference[n]) for n in reference) < 1e-4, run
+
+
+@needs("ep-openvino")
+def test_a_bf16_base_on_the_openvino_plugin_is_refused_in_one_line(tiny_model, tmp_path_factory, tmp_path,
+                                                                   openvino_plugin_device):
+    """OpenVINO 2026.4 computes one of a square matrix's two products transposed in a bf16 base's graphs (gradients
+    1.4 off, no error): the plugin is refused for them, and --allow-fallback trains on the CPU provider."""
+    artifacts = _build(tmp_path_factory, tiny_model, "bf16-base", base_precision="bf16")
+    report = run_in("ep-openvino", f"""
+        import contextlib, io, json
+        from ortlora.runtime.cli import main
+        args = ["--artifacts", r"{artifacts}", "--max-steps", "2", "--no-progress", "--no-plot", "--ep", "openvino"]
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            refused = main([*args, "--out", r"{tmp_path / 'refused'}"])
+        fell_back = main([*args, "--out", r"{tmp_path / 'cpu'}", "--allow-fallback"])
+        print(json.dumps({{"refused": refused, "said": err.getvalue(), "fell_back": fell_back}}))
+    """)
+    assert report["refused"] == 2 and report["said"].count("\n") == 1, report
+    assert "cannot train a bf16 base" in report["said"] and "--allow-fallback" in report["said"], report
+    assert not (tmp_path / "refused" / "checkpoint-2").exists()
+    assert report["fell_back"] == 0
+    summary = json.loads((tmp_path / "cpu" / "summary.json").read_text())
+    assert summary["execution_providers"] == ["CPUExecutionProvider"], summary
 
 
 # -- onnxruntime-ep-webgpu 0.4.0 -------------------------------------------------------------------

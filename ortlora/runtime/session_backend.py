@@ -22,10 +22,26 @@ from ortlora.manifest import Manifest
 from ortlora.runtime.backend import Batch, check_lora_inputs, onnx_file
 from ortlora.runtime.frozen import map_frozen_weights, share_with
 from ortlora.runtime.precision import Precision, apply_precision
-from ortlora.runtime.providers import create_session, parse_ep
+from ortlora.runtime.providers import create_session, parse_ep, resolve
 from ortlora.weights import read_expected
 
 OWN_GRAPHS = ("openvino", "ggml")  # --ep names whose portable graphs the manifest may list apart (ROLE_NAME_model)
+# OpenVINO 2026.4 (onnxruntime-ep-openvino 1.8.1) on a bf16 base's graphs: ONNX Runtime folds each widened matrix into
+# a float32 constant, read both as x W^T and dY W, and for a square one OpenVINO computes one of the two products
+# transposed (LoRA gradients 1.35 to 1.47 off on the tiny and 4-layer 0.5B builds; docs/providers.md). The compiled-in
+# onnxruntime-openvino 1.24.1 (OpenVINO 2025.4.1) gets these graphs right.
+BF16_ON_THE_OPENVINO_PLUGIN = (
+    "--ep openvino through the plugin onnxruntime-ep-openvino cannot train a bf16 base: OpenVINO 2026.4 computes one "
+    "of a square matrix's two products transposed in its graphs, which gives wrong gradients without an error; use "
+    "onnxruntime-openvino, a float32 or int8 / int4 base, or --ep cpu (or pass --allow-fallback to let the CPU run it)")
+
+
+def _openvino_plugin(ep: str) -> bool:
+    """Whether --ep openvino selects onnxruntime-ep-openvino's plugin (not onnxruntime-openvino's compiled-in one)."""
+    try:
+        return resolve(ep).plugin is not None
+    except OrtloraError:  # no device: create_session says so in its own words
+        return False
 
 
 class OrtSessionBackend:
@@ -56,14 +72,18 @@ class OrtSessionBackend:
         # Some providers have graphs of their own, with the same inputs and outputs: OpenVINO for a bf16, int8 or int4
         # base (portable_graph.unordered_widening, openvino_quantized.py), ggml without NonZero and LogSoftmax (dense_loss.py).
         provider = parse_ep(ep)[0]
+        if provider == "openvino" and manifest.model.get("base_precision") == "bf16" and _openvino_plugin(ep):
+            if not allow_fallback:
+                raise OrtloraError(BF16_ON_THE_OPENVINO_PLUGIN)
+            self._ep, provider = "cpu", "cpu"  # --allow-fallback: the CPU provider runs the default graphs
         self._roles = {role: files.get(f"{role}_{provider}_model", files[f"{role}_model"]) if provider in OWN_GRAPHS
                        else files[f"{role}_model"] for role in ("portable_training", "portable_eval")}
         self._train = self._session(self._roles["portable_training"], profile=True)
         self.providers = self._train.get_providers()  # what runs, not what was asked for (--allow-fallback)
         # How it runs (a plugin's package and device; '' otherwise), whether the CPU took over, the options it got.
         target = self._train.target
-        self.route, self.fell_back, self.ep_options = target.route if target else "", self._train.fell_back, \
-            self._train.ep_options
+        self.route, self.fell_back, self.ep_options = target.route if target else "", \
+            self._train.fell_back or self._ep != ep, self._train.ep_options
         self.placement: dict[str, int] | None = None  # provider -> nodes run, known after the first step
         self._eval = None  # created on first use: many runs evaluate only at the end
         self._binding = self._train.io_binding()
