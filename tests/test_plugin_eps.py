@@ -113,6 +113,21 @@ def test_a_plugin_without_a_device_gives_way_to_the_cpu_only_when_allowed(device
     assert summary["execution_providers"] == ["CPUExecutionProvider"] and summary["ep_options"] == {}
 
 
+def test_the_cpu_taking_over_runs_the_default_graph_not_the_providers_own(deviceless_plugin, tiny_model,
+                                                                          tmp_path_factory, tmp_path, capsys):
+    """An int4 base's OpenVINO graph reshapes uint4 blocks, which the CPU provider of onnxruntime 1.19 cannot load:
+    where OpenVINO cannot run (here: no device) and --allow-fallback lets the CPU take over, it runs the default
+    graph, with the loss of a run on the CPU provider."""
+    artifacts = _build(tmp_path_factory, tiny_model, "int4-base", base_precision="int4", block_size=16)
+    assert "portable_training_openvino_model" in Manifest.load(artifacts).files
+    common = ("--backend", "ort-session", "--max-steps", "2")
+    assert train(artifacts, tmp_path / "fell-back", "--ep", "openvino", "--allow-fallback", *common) == 0
+    assert "the CPU provider runs it (--allow-fallback)" in capsys.readouterr().out
+    assert train(artifacts, tmp_path / "cpu", *common) == 0
+    losses = [json.loads((tmp_path / run / "summary.json").read_text())["train_loss"] for run in ("fell-back", "cpu")]
+    assert losses[0] == losses[1]
+
+
 # -- onnxruntime-ggml 0.2.0 ------------------------------------------------------------------------
 
 

@@ -338,7 +338,8 @@ TRAINING_ADVICE = "train with --ep cpu, or pass --allow-fallback to let the CPU 
 
 
 def create_session(path: Path, options, ep: str, allow_fallback: bool = False, provider_options: dict | None = None,
-                   ep_options: dict | None = None, advice: str = TRAINING_ADVICE, compressed_weights: bool = False):
+                   ep_options: dict | None = None, advice: str = TRAINING_ADVICE, compressed_weights: bool = False,
+                   fallback: Path | None = None):
     """An InferenceSession of ``path`` on --ep, the CPU provider behind it for what it does not take.
 
     A provider that refuses the graph (or, a plugin, takes none of it, or offers no device) is one line naming it
@@ -346,7 +347,8 @@ def create_session(path: Path, options, ep: str, allow_fallback: bool = False, p
     ``get_providers()`` says so. ``provider_options``: ours on top of the defaults (precision.py's);
     ``ep_options``: the user's (--ep-option), on top of all. The session carries ``target`` (what was selected,
     None after a fallback), ``fell_back`` and ``ep_options`` (what the accelerator was given). ``advice`` ends the
-    one-line refusal: what the user can do instead. ``compressed_weights``: see options_for.
+    one-line refusal: what the user can do instead. ``compressed_weights``: see options_for. ``fallback``: the
+    graph the CPU provider runs instead where ``path`` is the provider's own (loaded with full optimization).
     """
     import onnxruntime
 
@@ -385,9 +387,12 @@ def create_session(path: Path, options, ep: str, allow_fallback: bool = False, p
             refusal, session = ort_message(e), None
     if not refusal:
         return _tagged(session, target, given)
-    with loading(path), warnings.catch_warnings():  # the CPU alone fails too: the file is at fault, and says so
+    if fallback is not None:
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    cpu_path = fallback or path
+    with loading(cpu_path), warnings.catch_warnings():  # the CPU alone fails too: the file is at fault, and says so
         warnings.simplefilter("ignore", UserWarning)  # "providers given, and the options have a plugin's": ours win
-        cpu_session = session_class(str(path), options, providers=[CPU])
+        cpu_session = session_class(str(cpu_path), options, providers=[CPU])
     if allow_fallback:
         return _tagged(cpu_session, None, {}, fell_back=True)
     node, reason = refused_node(refusal)

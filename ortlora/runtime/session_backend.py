@@ -78,7 +78,7 @@ class OrtSessionBackend:
             self._ep, provider = "cpu", "cpu"  # --allow-fallback: the CPU provider runs the default graphs
         self._roles = {role: files.get(f"{role}_{provider}_model", files[f"{role}_model"]) if provider in OWN_GRAPHS
                        else files[f"{role}_model"] for role in ("portable_training", "portable_eval")}
-        self._train = self._session(self._roles["portable_training"], profile=True)
+        self._train = self._session("portable_training", profile=True)
         self.providers = self._train.get_providers()  # what runs, not what was asked for (--allow-fallback)
         # How it runs (a plugin's package and device; '' otherwise), whether the CPU took over, the options it got.
         target = self._train.target
@@ -93,7 +93,10 @@ class OrtSessionBackend:
             buffer = self._step_grads[name]
             self._binding.bind_output(output, "cpu", 0, np.float32, list(buffer.shape), buffer.ctypes.data)
 
-    def _session(self, file_name: str, profile: bool = False):
+    def _session(self, role: str, profile: bool = False):
+        """The session of ``role``'s graph on --ep; where the provider has a graph of its own and the CPU provider
+        takes over (--allow-fallback), the CPU runs the default graph (an int4 base's OpenVINO graph it cannot load,
+        ggml's that computes the ignored rows too)."""
         options = self._ort.SessionOptions()
         options.log_severity_level = 3
         # The frozen weights come from one mapping of frozen_weights.bin, with no pre-packed copies:
@@ -111,9 +114,11 @@ class OrtSessionBackend:
         if profile:  # the first step's profile tells which provider ran each node
             options.enable_profiling = True
             options.profile_file_prefix = os.path.join(tempfile.gettempdir(), f"ortlora-profile-{os.getpid()}")
-        path = onnx_file(self._artifacts, file_name)
+        path = onnx_file(self._artifacts, self._roles[role])
+        default = onnx_file(self._artifacts, self._files[f"{role}_model"])
         session = create_session(path, options, self._ep, self._allow_fallback, self.precision.provider_options,
-                                 self._ep_options, compressed_weights=self._compressed)
+                                 self._ep_options, compressed_weights=self._compressed,
+                                 fallback=None if default == path else default)
         check_lora_inputs(session, self._manifest, path)  # every LoRA weight is fed to it, by name and shape
         return session
 
@@ -130,7 +135,7 @@ class OrtSessionBackend:
 
     def eval_loss(self, batch: Batch) -> float:
         if self._eval is None:
-            self._eval = self._session(self._roles["portable_eval"])
+            self._eval = self._session("portable_eval")
         feeds = {name: np.ascontiguousarray(batch[name], dtype=np.int64) for name in self._inputs}
         (loss,) = self._eval.run(["loss"], {**feeds, **self._weights})
         return float(loss)
