@@ -128,6 +128,21 @@ def test_the_cpu_taking_over_runs_the_default_graph_not_the_providers_own(device
     assert losses[0] == losses[1]
 
 
+def test_a_cpu_taking_over_a_bf16_run_records_fp32(deviceless_plugin, artifacts, tmp_path, capsys):
+    """--precision bf16 through OpenVINO's hint: where the CPU provider takes over, the run computes in fp32 and
+    says so in its header, summary.json and checkpoints, never under a bf16 label."""
+    from ortlora.runtime.precision import cpu_bf16
+
+    if not cpu_bf16()[0]:
+        pytest.skip("this CPU has no bf16 instructions: --precision bf16 is fp32 from the start (test_precision.py)")
+    assert train(artifacts, tmp_path / "run", "--ep", "openvino", "--backend", "ort-session", "--max-steps", "1",
+                 "--precision", "bf16", "--allow-fallback") == 0
+    out = capsys.readouterr().out
+    assert "on cpu in fp32," in out, out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["precision"] == "fp32" and "--allow-fallback" in summary["precision_route"], summary
+
+
 # -- onnxruntime-ggml 0.2.0 ------------------------------------------------------------------------
 
 

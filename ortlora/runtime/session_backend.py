@@ -84,6 +84,9 @@ class OrtSessionBackend:
         target = self._train.target
         self.route, self.fell_back, self.ep_options = target.route if target else "", \
             self._train.fell_back or self._ep != ep, self._train.ep_options
+        if self.fell_back and self.precision.provider_options:  # bf16 was the provider's (OpenVINO's hint)
+            self.precision = Precision(self.precision.asked, "fp32",
+                                       f"fp32 products: the CPU provider took over from {ep} (--allow-fallback)")
         self.placement: dict[str, int] | None = None  # provider -> nodes run, known after the first step
         self._eval = None  # created on first use: many runs evaluate only at the end
         self._binding = self._train.io_binding()
