@@ -77,28 +77,38 @@ def test_openvino_gives_the_cpu_providers_loss_and_gradients(fixture, request, t
         assert rel_err(openvino[name], grad) < TOL, name
 
 
-@needs("openvino")
-def test_training_on_openvino_matches_the_training_api(artifacts, tmp_path):
-    """6 steps with --ep openvino, and 3 steps resumed, give the training API's LoRA weights."""
+def trains_and_resumes_as_the_training_api(env: str, artifacts: Path, tmp_path: Path, *options: str) -> Path:
+    """6 steps run in environment ``env`` with ``options`` (--ep and its own), saved every 3, and the last 3
+    resumed from step 3, give the training API's LoRA weights (1e-4). Returns the folder holding both runs, "run"
+    and "resumed", for what each provider records."""
     steps = ["--max-steps", "6", "--lr", "5e-3", "--grad-accum", "2"]
     common = ["--artifacts", str(artifacts), "--no-progress", "--no-plot", *steps]
-    run_in("openvino", f"""
+    run_in(env, f"""
         import json
         from ortlora.runtime.cli import main
-        common = {common!r}
-        assert main([*common, "--ep", "openvino", "--out", r"{tmp_path / 'ov'}", "--save-every", "3"]) == 0
-        assert main(["--resume", r"{tmp_path / 'ov' / 'checkpoint-3'}", "--out", r"{tmp_path / 'ov-resumed'}",
+        assert main([*{common!r}, *{list(options)!r}, "--out", r"{tmp_path / 'run'}", "--save-every", "3"]) == 0
+        assert main(["--resume", r"{tmp_path / 'run' / 'checkpoint-3'}", "--out", r"{tmp_path / 'resumed'}",
                      "--no-progress", "--no-plot"]) == 0
         print(json.dumps({{}}))
     """)
-    summary = json.loads((tmp_path / "ov" / "summary.json").read_text())
-    assert summary["nodes_per_provider"] == {"OpenVINOExecutionProvider": 1}
     assert train(artifacts, tmp_path / "api", "--backend", "ort-training", *steps) == 0
     manifest = Manifest.load(artifacts)
     reference = load_adapter(tmp_path / "api" / "checkpoint-6", manifest)
-    for run in ("ov", "ov-resumed"):
+    for run in ("run", "resumed"):
         got = load_adapter(tmp_path / run / "checkpoint-6", manifest)
         assert max(rel_err(got[n], reference[n]) for n in reference) < 1e-4, run
+    return tmp_path
+
+
+def summary_of(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+@needs("openvino")
+def test_training_on_openvino_matches_the_training_api(artifacts, tmp_path):
+    """6 steps with --ep openvino, and 3 steps resumed, give the training API's LoRA weights."""
+    runs = trains_and_resumes_as_the_training_api("openvino", artifacts, tmp_path, "--ep", "openvino")
+    assert summary_of(runs / "run")["nodes_per_provider"] == {"OpenVINOExecutionProvider": 1}
 
 
 @needs("openvino")
