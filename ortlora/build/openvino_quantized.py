@@ -54,7 +54,7 @@ def compressed_products(model: onnx.ModelProto) -> onnx.ModelProto:
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     stored = {t.name: t for t in graph.initializer}
-    nodes = _without_ordering_slices(graph.node)
+    nodes = quantize.without_ordering_slices(graph.node)
     producer = {out: node for node in nodes for out in node.output if out}
     constants: dict[str, list[int]] = {}
 
@@ -119,19 +119,6 @@ def compressed_products(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(_live_nodes(shapes + result, [o.name for o in graph.output]))
     return model
-
-
-def _without_ordering_slices(nodes) -> list[onnx.NodeProto]:
-    """The nodes with every Concat input that is an empty slice of a Shape (quantize._shape_after) left out."""
-    empty = {n.output[0] for n in nodes if n.op_type == "Shape" and attrs(n).get("start") == 0 and attrs(n).get("end") == 0}
-    result = []
-    for node in nodes:
-        if node.op_type == "Concat" and set(node.input) & empty:
-            kept = [x for x in node.input if x not in empty]
-            node = helper.make_node("Concat", kept, list(node.output), name=node.name, axis=attrs(node)["axis"]) \
-                if len(kept) > 1 else helper.make_node("Identity", kept, list(node.output), name=node.name)
-        result.append(node)
-    return result
 
 
 def _dequantization(node: onnx.NodeProto, producer: dict) -> tuple[str, str, str, str, int | None] | None:

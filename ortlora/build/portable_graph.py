@@ -244,18 +244,12 @@ def unordered_widening(model: onnx.ModelProto) -> onnx.ModelProto:
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     bf16 = {t.name for t in graph.initializer if t.data_type == TensorProto.BFLOAT16}
-    empty = {n.output[0] for n in graph.node if n.op_type == "Shape" and attrs(n).get("start") == 0
-             and attrs(n).get("end") == 0}
     same: dict[str, str] = {}  # output of a Reshape of a matrix to its own shape -> the matrix
     nodes = []
-    for node in graph.node:
+    for node in quantize.without_ordering_slices(graph.node):
         if node.op_type == "Reshape" and node.input[0] in bf16:
             same[node.output[0]] = node.input[0]
             continue
-        if node.op_type == "Concat" and set(node.input) & empty:
-            kept = [x for x in node.input if x not in empty]
-            node = helper.make_node("Concat", kept, list(node.output), name=node.name, axis=attrs(node)["axis"]) \
-                if len(kept) > 1 else helper.make_node("Identity", kept, list(node.output), name=node.name)
         for k, name in enumerate(node.input):
             node.input[k] = same.get(name, name)
         nodes.append(node)

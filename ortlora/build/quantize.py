@@ -325,6 +325,22 @@ def _shape_after(shape: str, anchor: str, out: str, result: str) -> list[onnx.No
             helper.make_node("Concat", [shape, f"{out}/after"], [result], axis=0)]
 
 
+def without_ordering_slices(nodes) -> list[onnx.NodeProto]:
+    """The nodes with every Concat input that is an empty slice of a Shape (``_shape_after``) left out, for
+    providers that compile a graph whole (OpenVINO): the order only serves ONNX Runtime's CPU provider."""
+    empty = {n.output[0] for n in nodes
+             if n.op_type == "Shape" and _attr(n, "start", None) == 0 and _attr(n, "end", None) == 0}
+    result = []
+    for node in nodes:
+        if node.op_type == "Concat" and set(node.input) & empty:
+            kept = [x for x in node.input if x not in empty]
+            axis = _attr(node, "axis", None)
+            node = helper.make_node("Concat", kept, list(node.output), name=node.name, axis=axis) if len(kept) > 1 \
+                else helper.make_node("Identity", kept, list(node.output), name=node.name)
+        result.append(node)
+    return result
+
+
 def _widened(name: str, out: str, anchor: str) -> list[onnx.NodeProto]:
     """The bf16 matrix NAME as float32 (exact: bfloat16 is float32's upper half), read through a Reshape to its
     own shape whose shape input ends in an empty slice of ``anchor``'s Shape, so that ONNX Runtime neither
