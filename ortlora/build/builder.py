@@ -419,15 +419,15 @@ def _check_loads(directory: Path, lora_names: list[str], places: dict[str, dict]
         ort.InferenceSession(str(directory / name), options(), providers=["CPUExecutionProvider"])
     four_bit = any(place["dtype"] == "uint4" for place in places.values())
     # One provider's graphs: OpenVINO's of a bf16 / int8 / int4 base, loaded unoptimized (the CPU provider would fold a
-    # float32 copy of each matrix); ggml's of a float32 base, checked by onnx only (a session of the training graph
-    # took 4.7 s of a 0.5B build's 48, the checker 0.3 s; tests/test_dense_loss.py runs the rewrite against the
-    # default graphs).
+    # float32 copy of each matrix), or checked by onnx only for int4 (ONNX Runtime 1.19 cannot Reshape uint4 blocks);
+    # ggml's of a float32 base, checked by onnx only (a session of the training graph took 4.7 s of a 0.5B build's
+    # 48, the checker 0.3 s; tests/test_dense_loss.py runs the rewrite against the default graphs).
     for name in (portable_graph.OPENVINO_TRAINING, portable_graph.OPENVINO_EVAL, dense_loss.GGML_TRAINING,
                  dense_loss.GGML_EVAL):
         if not (directory / name).is_file():
             continue
         if four_bit or name in (dense_loss.GGML_TRAINING, dense_loss.GGML_EVAL):
-            onnx.checker.check_model(str(directory / name), full_check=True)  # ORT 1.19 cannot Reshape uint4 blocks
+            onnx.checker.check_model(str(directory / name), full_check=True)
             continue
         unoptimized = options()
         unoptimized.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

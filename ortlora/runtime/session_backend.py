@@ -56,10 +56,6 @@ class OrtSessionBackend:
         self._ort, self._artifacts, self._files, self._manifest = ort, artifacts, files, manifest
         self._ep, self._allow_fallback, self._threads, self.precision = ep, allow_fallback, threads, precision
         self._ep_options = ep_options  # the user's provider options (--ep-option), over ours
-        # An int8 / int4 base's graphs for OpenVINO multiply by compressed matrices (openvino_quantized.py): they reach
-        # it as written, since ONNX Runtime's graph optimizations would turn each dequantization into a float32 copy.
-        self._compressed = parse_ep(ep)[0] == "openvino" and "portable_training_openvino_model" in files \
-            and manifest.model.get("base_precision") in ("int8", "int4")
         self.names = [p.onnx_name for p in manifest.parameters]
         self._weights = _initial_weights(artifacts / files["initial_lora"], manifest)
         self._grads = {n: np.zeros_like(w) for n, w in self._weights.items()}
@@ -71,13 +67,17 @@ class OrtSessionBackend:
 
         # Some providers have graphs of their own, with the same inputs and outputs: OpenVINO for a bf16, int8 or int4
         # base (portable_graph.unordered_widening, openvino_quantized.py), ggml without NonZero and LogSoftmax (dense_loss.py).
-        provider = parse_ep(ep)[0]
-        if provider == "openvino" and manifest.model.get("base_precision") == "bf16" and _openvino_plugin(ep):
+        provider, base = parse_ep(ep)[0], manifest.model.get("base_precision")
+        if provider == "openvino" and base == "bf16" and _openvino_plugin(ep):
             if not allow_fallback:
                 raise OrtloraError(BF16_ON_THE_OPENVINO_PLUGIN)
             self._ep, provider = "cpu", "cpu"  # --allow-fallback: the CPU provider runs the default graphs
         self._roles = {role: files.get(f"{role}_{provider}_model", files[f"{role}_model"]) if provider in OWN_GRAPHS
                        else files[f"{role}_model"] for role in ("portable_training", "portable_eval")}
+        # An int8 / int4 base's graphs for OpenVINO multiply by compressed matrices (openvino_quantized.py): they reach
+        # it as written, since ONNX Runtime's graph optimizations would turn each dequantization into a float32 copy.
+        self._compressed = provider == "openvino" and base in ("int8", "int4") \
+            and self._roles["portable_training"] != files["portable_training_model"]
         self._train = self._session("portable_training", profile=True)
         self.providers = self._train.get_providers()  # what runs, not what was asked for (--allow-fallback)
         # How it runs (a plugin's package and device; '' otherwise), whether the CPU took over, the options it got.
