@@ -54,7 +54,7 @@ def make_parser() -> argparse.ArgumentParser:
     cfg.add_arguments(parser)
     parser.add_argument("--ep-option", action="append", metavar="KEY=VALUE",
                         help="an option for --ep's provider, over ortlora's own (repeatable): --ep ggml --ep-option "
-                             "partial=1; recorded in config.json and summary.json")
+                             "weights=f16; recorded in config.json and summary.json")
     from ortlora.build.cli import add_artifact_arguments  # torch-free: the definitions of ortlora-build's options
 
     add_artifact_arguments(parser.add_argument_group("build options, with --model (ortlora-build's; in a TOML file "

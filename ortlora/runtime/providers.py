@@ -129,7 +129,7 @@ def parse_ep_options(pairs: list[str] | None, flag: str = "--ep-option") -> dict
         key, equals, value = pair.partition("=")
         if not equals or not OPTION_KEY.fullmatch(key):
             raise OrtloraError(f"{flag} {pair!r} must be KEY=VALUE (KEY of letters, digits and _.:-), as in "
-                               f"{flag} partial=1")
+                               f"{flag} weights=f16")
         if key in options:
             raise OrtloraError(f"{flag} gives {key} twice ({options[key]!r} and {value!r}); keep one")
         options[key] = value
@@ -246,8 +246,8 @@ def check_provider(ep: str) -> str:
     return resolve(ep).provider
 
 
-def options_for(target: Target, threads: int = 0, extra: dict | None = None,
-                     user: dict | None = None, compressed_weights: bool = False) -> dict[str, str]:
+def options_for(target: Target, threads: int = 0, extra: dict | None = None, user: dict | None = None,
+                compressed_weights: bool = False) -> dict[str, str]:
     """The accelerator's options: ours for training (fp32), the thread count, ``extra`` (precision.py's), then the
     user's (--ep-option), each over the one before. ``compressed_weights``: the graph multiplies by int8 / int4
     matrices (openvino_quantized.py), which OpenVINO must not pair with 8-bit activations."""
