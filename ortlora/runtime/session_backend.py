@@ -20,7 +20,7 @@ import numpy as np
 from ortlora.errors import REBUILD, OrtloraError, listing
 from ortlora.manifest import Manifest
 from ortlora.runtime.backend import Batch, check_lora_inputs, onnx_file
-from ortlora.runtime.frozen import map_frozen_weights, share_with
+from ortlora.runtime.frozen import map_frozen_weights, release_pages, share_with
 from ortlora.runtime.precision import Precision, apply_precision
 from ortlora.runtime.providers import create_session, parse_ep, resolve
 from ortlora.weights import read_expected
@@ -63,6 +63,7 @@ class OrtSessionBackend:
         self._loss = np.zeros((), np.float32)
         self._inputs = ["input_ids", "attention_mask", "labels"]
         self._frozen = map_frozen_weights(artifacts, manifest)  # one mapping for both sessions
+        self._frozen_file = artifacts / files["frozen_weights"] if "frozen_weights" in files else None
         self._frozen_values: list = []
 
         # Some providers have graphs of their own, with the same inputs and outputs: OpenVINO for a bf16, int8 or int4
@@ -123,6 +124,7 @@ class OrtSessionBackend:
                                  self._ep_options, compressed_weights=self._compressed,
                                  fallback=None if default == path else default)
         check_lora_inputs(session, self._manifest, path)  # every LoRA weight is fed to it, by name and shape
+        self._release_frozen(session)
         return session
 
     def train_step(self, batch: Batch) -> float:
@@ -132,16 +134,28 @@ class OrtSessionBackend:
         self._train.run_with_iobinding(self._binding)
         if self.placement is None:
             self.placement = _placement(self._train.end_profiling())  # also ends profiling
+            self._release_frozen(self._train)
         for name, grad in self._step_grads.items():
             self._grads[name] += grad
         return float(self._loss)
 
     def eval_loss(self, batch: Batch) -> float:
-        if self._eval is None:
+        first = self._eval is None
+        if first:
             self._eval = self._session("portable_eval")
         feeds = {name: np.ascontiguousarray(batch[name], dtype=np.int64) for name in self._inputs}
         (loss,) = self._eval.run(["loss"], {**feeds, **self._weights})
+        if first:
+            self._release_frozen(self._eval)
         return float(loss)
+
+    def _release_frozen(self, session) -> None:
+        """A provider that keeps copies of its own of the frozen weights (OpenVINO's CPU plugin, a GPU) reads
+        frozen_weights.bin while it compiles and on its first run, and not for its own nodes after: release the
+        file's pages then (frozen.release_pages), or the process holds them beside the copies. The CPU provider
+        reads the file every step, so for it there is nothing to release."""
+        if self._frozen_file is not None and session.get_providers()[0] != "CPUExecutionProvider":
+            release_pages(self._frozen_file)
 
     def weights(self) -> dict[str, np.ndarray]:
         return {name: value.copy() for name, value in self._weights.items()}
