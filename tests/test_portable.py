@@ -363,6 +363,19 @@ def test_portable_eval_loss_and_accumulation(artifacts):
     assert backend.placement == {"CPUExecutionProvider": backend.placement["CPUExecutionProvider"]}
 
 
+@pytest.mark.parametrize("backend_type", [OrtTrainingBackend, OrtSessionBackend])
+def test_weights_are_copies_that_later_steps_leave_alone(artifacts, backend_type):
+    """Backend.weights() hands out copies: what a caller holds (a snapshot to go back to, the weights to restore
+    after a probe) does not follow set_weights. ORT's training API once handed out views of its buffers."""
+    manifest = Manifest.load(artifacts)
+    backend = backend_type(artifacts, manifest)
+    held = backend.weights()
+    kept = {name: value.copy() for name, value in held.items()}
+    backend.set_weights(random_weights(manifest, seed=1))
+    for name, value in held.items():
+        np.testing.assert_array_equal(value, kept[name])
+
+
 def train(artifacts, out, *args):
     return train_cli.main(["--artifacts", str(artifacts), "--out", str(out), "--no-progress", "--no-plot", *args])
 

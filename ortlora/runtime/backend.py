@@ -164,7 +164,8 @@ class OrtTrainingBackend:
         return self._run(batch, training=False)
 
     def weights(self) -> dict[str, np.ndarray]:
-        return {name: param.data.numpy() for name, param in self._params.items()}
+        # numpy() of a parameter's OrtValue is a view of ORT's buffer, which set_weights and the next step rewrite.
+        return {name: param.data.numpy().copy() for name, param in self._params.items()}
 
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
         for name, value in weights.items():

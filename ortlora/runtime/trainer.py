@@ -182,8 +182,7 @@ class Trainer:
         return said
 
     def snapshot(self) -> Snapshot:
-        # Copies: ORT's training API hands out weights that may share memory with its own buffers.
-        return Snapshot({k: v.copy() for k, v in self.backend.weights().items()},
+        return Snapshot(self.backend.weights(),  # copies (Backend.weights)
                         {k: v.copy() for k, v in self.optimizer.state_dict().items()},
                         Position(**vars(self.position)), self.last_loss)
 
