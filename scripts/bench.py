@@ -63,6 +63,49 @@ def vocab_size(artifacts: Path) -> int:
     return json.loads((artifacts / Manifest.load(artifacts).files["config"]).read_text())["vocab_size"]
 
 
+def probe_weights(manifest) -> dict[str, np.ndarray]:
+    """The LoRA weights --accuracy compares every system at: seeded, A and B non-zero (the build's B is zero, which
+    would leave every A's gradient zero)."""
+    rng = np.random.default_rng(3)
+    return {p.onnx_name: (0.02 * rng.standard_normal(p.shape)).astype(np.float32) for p in manifest.parameters}
+
+
+def accuracy(directory: Path, systems: list[str]) -> dict[str, dict[str, float]]:
+    """Each system's loss and LoRA gradients against PyTorch + PEFT in fp32 (the torch system) on the first batch,
+    as relative errors: the loss's, the largest and the median over the gradients. Empty without the torch system."""
+    def load(system):
+        path = directory / f"{system}.npz"
+        return dict(np.load(path)) if path.exists() else None
+
+    reference = load("torch")
+    if reference is None:
+        return {}
+    result = {}
+    for system in systems:
+        values = load(system)
+        if system == "torch" or values is None:
+            continue
+        grads = [float(np.abs(values[n] - reference[n]).max() / max(np.abs(reference[n]).max(), 1e-12))
+                 for n in reference if n != "loss"]
+        result[system] = {"loss": abs(float(values["loss"]) - float(reference["loss"])) / abs(float(reference["loss"])),
+                          "largest": max(grads), "median": float(np.median(grads))}
+    return result
+
+
+def accuracy_rows(errors: dict[str, dict[str, float]]) -> list[str]:
+    """accuracy()'s figures, bf16 systems also as a multiple of PyTorch's bf16 autocast's (torch-bf16) where it ran."""
+    if not errors:
+        return ["accuracy: needs the torch system (PyTorch + PEFT in fp32) as the reference"]
+    autocast = errors.get("torch-bf16")
+    rows = ["accuracy on the first batch, relative to PyTorch + PEFT fp32 (loss / largest / median LoRA gradient)"
+            + (", and as a multiple of torch-bf16's" if autocast else "")]
+    for system, mine in errors.items():
+        ratio = (" (" + " / ".join(f"{mine[k] / autocast[k]:.2f}x" for k in mine) + ")"
+                 if autocast and "bf16" in system and system != "torch-bf16" else "")
+        rows.append(f"  {system:<12} " + " / ".join(f"{v:.2e}" for v in mine.values()) + ratio)
+    return rows
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -148,9 +191,17 @@ def run_ort(system: str, args) -> dict:
 
         backend = OrtSessionBackend(artifacts, manifest, threads=args.threads)
     load = time.perf_counter() - start
+    batches = make_batches(vocab_size(artifacts), args.batch, args.seq, args.data, args.warmup + args.steps)
+    if args.accuracy:  # before any step: the loss and gradients at probe_weights, then back to the build's weights
+        initial = backend.weights()
+        backend.set_weights(probe_weights(manifest))
+        backend.zero_grad()
+        loss = backend.train_step(batches[0])
+        np.savez(Path(args.accuracy) / f"{system}.npz", loss=loss, **backend.gradients())
+        backend.set_weights(initial)
     optimizer = AdamW(AdamWConfig())
     times = []
-    for batch in make_batches(vocab_size(artifacts), args.batch, args.seq, args.data, args.warmup + args.steps):
+    for batch in batches:
         t0 = time.perf_counter()
         backend.zero_grad()
         loss = backend.train_step(batch)
@@ -185,15 +236,37 @@ def run_torch(args) -> dict:
                                             target_modules=lora["targets"], init_lora_weights="gaussian"))
     model.train()
     load = time.perf_counter() - start
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    times = []
-    for batch in make_batches(vocab_size(Path(args.artifacts)), args.batch, args.seq, args.data, args.warmup + args.steps):
+
+    def forward_backward(batch):
         ids, mask, labels = (torch.from_numpy(batch[k]) for k in ("input_ids", "attention_mask", "labels"))
-        t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.worker == "torch-bf16"):
             logits = model(input_ids=ids, attention_mask=mask).logits
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100,
+                                   label_smoothing=manifest.label_smoothing)
         loss.backward()
+        return loss
+
+    batches = make_batches(vocab_size(Path(args.artifacts)), args.batch, args.seq, args.data, args.warmup + args.steps)
+    if args.accuracy:  # as run_ort: the loss and gradients at probe_weights, by ONNX name, then the initial weights
+        params = dict(model.named_parameters())
+        keys = {p.onnx_name: p.peft_name.replace(f".lora_{p.kind}.weight", f".lora_{p.kind}.default.weight")
+                for p in manifest.parameters}  # PEFT's module names carry the adapter's
+        initial = {name: params[key].detach().clone() for name, key in keys.items()}
+        with torch.no_grad():
+            for name, value in probe_weights(manifest).items():
+                params[keys[name]].copy_(torch.from_numpy(value))
+        loss = forward_backward(batches[0])
+        np.savez(Path(args.accuracy) / f"{args.worker}.npz", loss=float(loss),
+                 **{name: params[key].grad.float().numpy() for name, key in keys.items()})
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for name, key in keys.items():
+                params[key].copy_(initial[name])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    times = []
+    for batch in batches:
+        t0 = time.perf_counter()
+        loss = forward_backward(batch)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
@@ -256,6 +329,8 @@ def measure(system: str, args) -> dict:
                "--seq", str(args.seq), "--data", args.data, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     if args.threads:
         command += ["--threads", str(args.threads)]
+    if args.accuracy:
+        command += ["--accuracy", args.accuracy]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)} if args.threads else None
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode == -9:  # SIGKILL: on Linux, the kernel's out-of-memory killer as a rule
@@ -293,6 +368,9 @@ def main(argv=None) -> int:
     parser.add_argument("--block-size", type=int, default=32, help="block size of a quantized base (default: 32)")
     parser.add_argument("--targets", default="q_proj,v_proj", help="LoRA targets of the --build (default: q_proj,v_proj)")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank of the --build (default: 8)")
+    parser.add_argument("--accuracy", metavar="DIR", default=None,
+                        help="also compare every system's loss and LoRA gradients on the first batch (at seeded "
+                             "non-zero LoRA weights) with the torch system's, keeping them in DIR")
     parser.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -300,6 +378,8 @@ def main(argv=None) -> int:
         print(json.dumps(run_torch(args) if args.worker.startswith("torch") else run_ort(args.worker, args)))
         return 0
 
+    if args.accuracy:
+        Path(args.accuracy).mkdir(parents=True, exist_ok=True)
     if args.shape:
         suffix = "" if args.base_precision == "fp32" else f"-{args.base_precision}"
         args.build, args.artifacts = str(make_shape(args.shape)), f"artifacts/{args.shape}{suffix}"
@@ -347,9 +427,13 @@ def main(argv=None) -> int:
     for system, r in results.items():
         if "step_s" in r:
             print(f"  {system}: {bound / statistics.median(r['step_s']):.0%} of that limit")
+    errors = accuracy(Path(args.accuracy), list(results)) if args.accuracy else None
+    if args.accuracy:
+        print("\n".join(accuracy_rows(errors)))
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": vars(args), "results": results, "flops": flops,
-                                               "matmul_gflops": rate, "build": build}, indent=2) + "\n")
+                                               "matmul_gflops": rate, "build": build, "accuracy": errors},
+                                              indent=2) + "\n")
     return 0
 
 

@@ -15,7 +15,7 @@ def test_bench_builds_and_measures_every_system(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), "--build", "tiny", "--artifacts", str(tmp_path / "tiny"),
          "--steps", "2", "--warmup", "1", "--threads", "1", "--data", "masked", "--json", str(out),
-         "--systems", "ort-training,ort-session,torch,torch-bf16"],
+         "--systems", "ort-training,ort-session,torch,torch-bf16", "--accuracy", str(tmp_path / "accuracy")],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -35,3 +35,10 @@ def test_bench_builds_and_measures_every_system(tmp_path):
     assert abs(report["results"]["torch-bf16"]["loss"] - loss["torch"]) < 2e-2 * loss["torch"]  # bf16, not another model
     assert "build (ortlora-build q_proj,v_proj, r=8; once per model)" in result.stdout
     assert "matmul FLOPs a step" in result.stdout
+    # --accuracy: each system's loss and gradients at the same non-zero LoRA weights against PyTorch + PEFT in fp32.
+    errors = report["accuracy"]
+    assert set(errors) == {"ort-training", "ort-session", "torch-bf16"}
+    for system in ("ort-training", "ort-session"):
+        assert errors[system]["loss"] < 1e-5 and errors[system]["largest"] < 1e-4, errors  # seen: 4e-6 at most
+    assert errors["torch-bf16"]["median"] > 1e-3, errors  # bf16 products ran (seen: 5e-2)
+    assert "accuracy on the first batch" in result.stdout
