@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -222,6 +223,44 @@ def test_training_on_ggml_matches_the_training_api(artifacts, tmp_path):
     assert summary["nodes_per_provider"] == {"ggml": 1} and summary["execution_providers"][0] == "ggml", summary
     assert summary["ep_route"] == "plugin onnxruntime-ggml 0.2.0 on its CPU device"
     assert summary_of(runs / "resumed")["nodes_per_provider"] == {"ggml": 1}
+
+
+@needs("ggml")
+@pytest.mark.skipif(not Path("/usr/share/vulkan/icd.d/lvp_icd.json").exists() and not os.environ.get("CI"),
+                    reason="no Mesa lavapipe (mesa-vulkan-drivers): install it as .ci/run does")
+def test_ggml_on_vulkan_computes_in_fp32(artifacts, tmp_path):
+    """ggml's Vulkan backend (--ep-option device=gpu), here on lavapipe, which ggml uses only where
+    GGML_VK_VISIBLE_DEVICES names it (its type is CPU). On a device with f16 it multiplies in f16 unless
+    GGML_VK_DISABLE_F16 is set; ortlora sets it (providers.PLUGIN_ENVIRONMENT). The run without it shows that the
+    Vulkan kernels ran: ggml's CPU kernels are fp32 either way."""
+    one_case(Manifest.load(artifacts), tmp_path / "in.npz")
+    errors = {}
+    for variant, keep in (("ortlora's", True), ("f16", False)):
+        errors[variant] = run_in("ggml", f"""
+            import json, os, numpy as np
+            from pathlib import Path
+            os.environ["GGML_VK_VISIBLE_DEVICES"] = "0"
+            from ortlora.manifest import Manifest
+            from ortlora.runtime import providers
+            from ortlora.runtime.session_backend import OrtSessionBackend
+            if not {keep}:
+                providers.PLUGIN_ENVIRONMENT["ggml"].pop("GGML_VK_DISABLE_F16", None)
+            data = np.load(r"{tmp_path / 'in.npz'}")
+            artifacts = Path(r"{artifacts}")
+            result = {{}}
+            for ep, options in (("cpu", None), ("ggml", {{"device": "gpu"}})):
+                backend = OrtSessionBackend(artifacts, Manifest.load(artifacts), ep=ep, ep_options=options)
+                backend.set_weights({{k[2:]: data[k] for k in data.files if k.startswith("w:")}})
+                loss = backend.train_step({{k[2:]: data[k] for k in data.files if k.startswith("b:")}})
+                result[ep] = {{"loss": loss, "grads": backend.gradients(), "placement": backend.placement}}
+            cpu, ggml = result["cpu"], result["ggml"]
+            assert ggml["placement"] == {{"ggml": 1}}, ggml["placement"]
+            print(json.dumps({{"loss": abs(ggml["loss"] - cpu["loss"]) / abs(cpu["loss"]),
+                              "grads": max(float(np.abs(ggml["grads"][n] - g).max() / np.abs(g).max())
+                                           for n, g in cpu["grads"].items())}}))
+        """)
+    assert errors["ortlora's"]["loss"] < TOL and errors["ortlora's"]["grads"] < TOL, errors  # seen: 2.7e-7, 3.8e-6
+    assert errors["f16"]["grads"] > 1e-3, errors  # seen: 5.9e-3
 
 
 @needs("ggml")

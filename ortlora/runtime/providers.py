@@ -61,8 +61,12 @@ PLUGIN_PACKAGE = re.compile(r"onnxruntime[-_.](?:ep[-_.](.+)|(ggml))", re.IGNORE
 DEVICE_KINDS = ("gpu", "npu", "cpu")  # OrtHardwareDeviceType; without --ep NAME:KIND, the first a plugin offers
 EP_SPELLING = re.compile(r"[a-z0-9][a-z0-9._-]*")
 OPTION_KEY = re.compile(r"[A-Za-z0-9_.:-]+")
-# A plugin's own log lines are no more for users than ONNX Runtime's (onnxruntime-ggml logs at info by default).
-PLUGIN_QUIET = {"ggml": ("ORT_GGML_LOG", "error")}
+# Variables a plugin reads, set before it registers unless the user has set them. onnxruntime-ggml logs at info by
+# default, and its own log lines are no more for users than ONNX Runtime's. Its Vulkan backend (--ep-option
+# device=gpu, or auto where a GPU is found) multiplies in f16 on a device that has f16, weights=f32 or not: on Mesa's
+# lavapipe, tiny model, one step, LoRA gradients 5.9e-3 (relative) off the CPU provider's; with
+# GGML_VK_DISABLE_F16 set, 3.8e-6 and the loss 2.7e-7. Training graphs are fp32 on every provider.
+PLUGIN_ENVIRONMENT = {"ggml": {"ORT_GGML_LOG": "error", "GGML_VK_DISABLE_F16": "1"}}
 # Plugins that offer a CPU device only when a variable is set before registration, asked for with --ep NAME:cpu.
 # onnxruntime-ep-webgpu 0.4.0 offers no device without a GPU; with the variable it offers one on the CPU, and Dawn
 # then takes a software Vulkan adapter (Mesa's lavapipe 25.0; lavapipe 22.3 lacks
@@ -178,9 +182,8 @@ def _plugin_target(plugin: Plugin, ep: str, kind: str | None) -> Target:
         raise OrtloraError(f"execution provider {plugin.name}: {what} is installed but could not be loaded "
                            f"({type(e).__name__}: {str(e)[:200]}); reinstall it, or train with --ep cpu") from None
     if names[0] not in _REGISTERED:
-        variable, level = PLUGIN_QUIET.get(plugin.name, (None, None))
-        if variable:
-            os.environ.setdefault(variable, level)
+        for variable, value in PLUGIN_ENVIRONMENT.get(plugin.name, {}).items():
+            os.environ.setdefault(variable, value)
         if kind == "cpu" and plugin.name in PLUGIN_SOFTWARE_DEVICE:  # read when the library registers
             variable, value, _ = PLUGIN_SOFTWARE_DEVICE[plugin.name]
             os.environ[variable] = value
