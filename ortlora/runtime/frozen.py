@@ -15,9 +15,9 @@ cold disk it reads the pages the sessions would read anyway. ortlora-generate ru
 
 The pages the check read are then released from the process (``release_pages``): the sessions map back what
 they read. A provider that keeps copies of its own (OpenVINO's CPU plugin, a GPU's memory) reads the file while
-it compiles and on its first run, and the session backend releases the pages again after each, so a run on
-OpenVINO does not hold the file beside OpenVINO's copies (0.5B shape: peak 8.5 -> 6.6 GB with bf16 products,
-4.7 GB after the first step; docs/performance.md).
+it compiles and on its first run; the session backend runs such a session once on two tokens when it makes it
+and releases the pages again, so a run on OpenVINO does not hold the file beside OpenVINO's copies (0.5B shape,
+bf16 products: peak 8.5 -> 5.5 GB; docs/performance.md).
 """
 
 from __future__ import annotations

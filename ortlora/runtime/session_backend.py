@@ -124,7 +124,7 @@ class OrtSessionBackend:
                                  self._ep_options, compressed_weights=self._compressed,
                                  fallback=None if default == path else default)
         check_lora_inputs(session, self._manifest, path)  # every LoRA weight is fed to it, by name and shape
-        self._release_frozen(session)
+        self._settle(session)
         return session
 
     def train_step(self, batch: Batch) -> float:
@@ -134,28 +134,30 @@ class OrtSessionBackend:
         self._train.run_with_iobinding(self._binding)
         if self.placement is None:
             self.placement = _placement(self._train.end_profiling())  # also ends profiling
-            self._release_frozen(self._train)
         for name, grad in self._step_grads.items():
             self._grads[name] += grad
         return float(self._loss)
 
     def eval_loss(self, batch: Batch) -> float:
-        first = self._eval is None
-        if first:
+        if self._eval is None:
             self._eval = self._session("portable_eval")
         feeds = {name: np.ascontiguousarray(batch[name], dtype=np.int64) for name in self._inputs}
         (loss,) = self._eval.run(["loss"], {**feeds, **self._weights})
-        if first:
-            self._release_frozen(self._eval)
         return float(loss)
 
-    def _release_frozen(self, session) -> None:
+    def _settle(self, session) -> None:
         """A provider that keeps copies of its own of the frozen weights (OpenVINO's CPU plugin, a GPU) reads
-        frozen_weights.bin while it compiles and on its first run, and not for its own nodes after: release the
-        file's pages then (frozen.release_pages), or the process holds them beside the copies. The CPU provider
-        reads the file every step, so for it there is nothing to release."""
-        if self._frozen_file is not None and session.get_providers()[0] != "CPUExecutionProvider":
-            release_pages(self._frozen_file)
+        frozen_weights.bin while it compiles and on its first run (OpenVINO repacks for bf16 products then), and
+        after that only what it reads as stored. So its session runs once on two tokens when it is made, and the
+        file's pages are released after (frozen.release_pages): the process then holds neither the file beside the
+        copies, nor, at the first real step, the file beside its activations (0.5B, OpenVINO with bf16 products:
+        peak 8.5 GB with neither, 6.6 GB with the release alone, 5.5 GB with both; docs/performance.md). The CPU
+        provider reads the file every step: for it there is nothing to settle."""
+        if self._frozen_file is None or session.get_providers()[0] == "CPUExecutionProvider":
+            return
+        tokens = np.zeros((1, 2), np.int64)  # token 0, labelled: any vocabulary has it
+        session.run(None, {**{name: tokens for name in self._inputs}, **self._weights})
+        release_pages(self._frozen_file)
 
     def weights(self) -> dict[str, np.ndarray]:
         return {name: value.copy() for name, value in self._weights.items()}
