@@ -95,14 +95,13 @@ def torch_errors(artifacts, weights, batch) -> tuple[float, dict, dict]:
 @needs("openvino")
 @pytest.mark.parametrize("fixture", ["artifacts", "artifacts_all_linear"])
 def test_openvino_bf16_against_pytorchs_autocast(fixture, request, tmp_path):
-    """OpenVINO's bf16 hint against PyTorch's bf16 autocast, each against PyTorch + PEFT in fp32 on the same batch.
+    """OpenVINO's bf16 hint against PyTorch's bf16 autocast, each against PyTorch + PEFT in fp32 on the same batch:
+    the loss's error, and the largest and the median of the LoRA gradients', each at most 1.5 times autocast's.
 
-    Measured here (largest / median relative error of the LoRA gradients; the loss's): the default test model
-    0.118 / 0.042 against autocast's 0.048 / 0.036, loss 6.5e-4 against 6.4e-4; every projection with label
-    smoothing 0.087 / 0.041 against 0.073 / 0.037, loss 1.4e-3 against 6.7e-5. So the median is within 1.2x of
-    autocast's and the largest within 2.5x: the issue's bar of 1.5x holds for the median, not for the largest
-    error (one tensor of the default model) nor for the label-smoothed loss. OpenVINO rounds what autocast keeps
-    in fp32 (norms, softmax, the loss's reductions) to bf16 too. The bounds below guard those figures."""
+    Measured here, as multiples of autocast's (loss / largest / median): the default test model 1.01 / 1.04 / 0.95,
+    every projection with label smoothing printed by the assertion below. Without OpenVINO's graphs' extra output
+    (openvino_precision.py), which confines bf16 to the products as autocast does, they were 1.0 / 2.5 / 1.2 and
+    21 / 1.2 / 1.1: OpenVINO rounded the residual stream, norms, softmax and the loss's reductions too."""
     directory = request.getfixturevalue(fixture)
     weights, batch = one_case(Manifest.load(directory), tmp_path / "in.npz")
     report = run_in("openvino", f"""
@@ -129,6 +128,7 @@ def test_openvino_bf16_against_pytorchs_autocast(fixture, request, tmp_path):
     ours = {n: rel_err(bf16[n], grads[n]) for n in grads}
     assert max(rel_err(fp32[n], grads[n]) for n in grads) < 1e-4  # the fp32 route is PyTorch's fp32
     assert min(ours.values()) > 1e-3, "bf16 products ran: every gradient's error is far above fp32's"
-    assert np.median(list(ours.values())) <= 1.5 * np.median([theirs[n] for n in grads])
-    assert max(ours.values()) <= 3 * max(theirs[n] for n in grads)
-    assert abs(float(bf16["loss"]) - loss) / abs(loss) < 3e-3
+    ratios = {"loss": abs(float(bf16["loss"]) - loss) / abs(loss) / theirs["loss"],
+              "largest": max(ours.values()) / max(theirs[n] for n in grads),
+              "median": float(np.median(list(ours.values())) / np.median([theirs[n] for n in grads]))}
+    assert max(ratios.values()) <= 1.5, ratios

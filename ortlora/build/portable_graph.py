@@ -32,7 +32,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ortlora.build import openvino_quantized, quantize
+from ortlora.build import openvino_precision, openvino_quantized, quantize
 from ortlora.build.portable_ops import PROVIDER_SPELLINGS, UnsupportedNode, attrs, is_standard, rewrite_node
 from ortlora.build.training_artifacts import disable_dropout, spell_out_slow_kernels
 
@@ -187,8 +187,8 @@ def names_without_slash(nodes: list[onnx.NodeProto], keep: set[str]) -> None:
 
 PORTABLE_TRAINING = "portable_training.onnx"
 PORTABLE_EVAL = "portable_eval.onnx"
-# A bf16, int8 or int4 base's portable graphs as OpenVINO's provider takes them (unordered_widening,
-# openvino_quantized.compressed_products).
+# The portable graphs as OpenVINO's provider takes them: bf16 only in the products (openvino_precision), and a bf16,
+# int8 or int4 base spelled as it runs them (unordered_widening, openvino_quantized.compressed_products).
 OPENVINO_TRAINING = "portable_training_openvino.onnx"
 OPENVINO_EVAL = "portable_eval_openvino.onnx"
 
@@ -226,12 +226,17 @@ def write(loss_model: onnx.ModelProto, training_model: onnx.ModelProto, frozen: 
     evaluation, training = eval_graph(loss_model, frozen, lora_shapes), make_portable(training_model, lora_shapes)
     onnx.save(evaluation, str(out_dir / PORTABLE_EVAL))
     onnx.save(training, str(out_dir / PORTABLE_TRAINING))
+    # OpenVINO's: a bf16 base's Casts unordered, an int8 / int4 base's products compressed, every base's bf16
+    # confined to the products under --precision bf16 (openvino_precision).
     if any(t.data_type == TensorProto.BFLOAT16 for t in frozen.values()):
-        onnx.save(unordered_widening(evaluation), str(out_dir / OPENVINO_EVAL))
-        onnx.save(unordered_widening(training), str(out_dir / OPENVINO_TRAINING))
+        for_openvino = unordered_widening
     elif any(t.data_type in quantize.PRECISION_OF for t in frozen.values()):
-        onnx.save(openvino_quantized.compressed_products(evaluation), str(out_dir / OPENVINO_EVAL))
-        onnx.save(openvino_quantized.compressed_products(training), str(out_dir / OPENVINO_TRAINING))
+        for_openvino = openvino_quantized.compressed_products
+    else:
+        def for_openvino(model):
+            return model
+    onnx.save(openvino_precision.fp32_outside_products(for_openvino(evaluation)), str(out_dir / OPENVINO_EVAL))
+    onnx.save(openvino_precision.fp32_outside_products(for_openvino(training)), str(out_dir / OPENVINO_TRAINING))
 
 
 def unordered_widening(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -66,8 +66,9 @@ class OrtSessionBackend:
         self._frozen_file = artifacts / files["frozen_weights"] if "frozen_weights" in files else None
         self._frozen_values: list = []
 
-        # Some providers have graphs of their own, with the same inputs and outputs: OpenVINO for a bf16, int8 or int4
-        # base (portable_graph.unordered_widening, openvino_quantized.py), ggml without NonZero and LogSoftmax (dense_loss.py).
+        # Some providers have graphs of their own, with the same inputs and outputs: OpenVINO's (one more output, which
+        # keeps its bf16 to the products: openvino_precision.py; a bf16, int8 or int4 base spelled as it runs them:
+        # portable_graph.unordered_widening, openvino_quantized.py), ggml's without NonZero and LogSoftmax (dense_loss.py).
         provider, base = parse_ep(ep)[0], manifest.model.get("base_precision")
         if provider == "openvino" and base == "bf16" and _openvino_plugin(ep):
             if not allow_fallback:
