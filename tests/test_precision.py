@@ -132,3 +132,48 @@ def test_openvino_bf16_against_pytorchs_autocast(fixture, request, tmp_path):
               "largest": max(ours.values()) / max(theirs[n] for n in grads),
               "median": float(np.median(list(ours.values())) / np.median([theirs[n] for n in grads]))}
     assert max(ratios.values()) <= 1.5, ratios
+
+
+def kept_by_openvinos_graphs(artifacts, role: str = "portable_training") -> tuple[set, set]:
+    """(the tensors whose first element OpenVINO's graph of ``role`` outputs, those of its tensors that the weights
+    alone make) for build/openvino_precision.py's checks."""
+    import onnx
+
+    graph = onnx.load(artifacts / Manifest.load(artifacts).files[f"{role}_openvino_model"], load_external_data=False).graph
+    kept = {node.input[0] for node in graph.node if node.op_type == "Reshape" and node.name.endswith(".flat")}
+    stepwise = {i.name for i in graph.input}
+    for node in graph.node:
+        if any(name in stepwise for name in node.input):
+            stepwise.update(node.output)
+    return kept, {out for node in graph.node for out in node.output} - stepwise
+
+
+def test_openvinos_graphs_add_one_output_and_change_nothing_else(artifacts, tmp_path):
+    """build/openvino_precision.py: OpenVINO's graphs are the default ones plus the output FP32_OUTPUT, the first
+    element of each tensor a product reads that the step computes (never a weight's, nor a product's own output).
+    On the CPU provider they give the default graphs' loss and gradients, bit for bit."""
+    import onnx
+    import onnxruntime as ort
+
+    from ortlora.build.openvino_precision import FP32_OUTPUT, PRODUCTS
+
+    manifest = Manifest.load(artifacts)
+    for role in ("portable_training", "portable_eval"):
+        default = onnx.load(artifacts / manifest.files[f"{role}_model"], load_external_data=False)
+        ours = onnx.load(artifacts / manifest.files[f"{role}_openvino_model"], load_external_data=False)
+        assert [o.name for o in ours.graph.output] == [o.name for o in default.graph.output] + [FP32_OUTPUT]
+        made_by = {out: node.op_type for node in default.graph.node for out in node.output}
+        read = {name for node in default.graph.node if node.op_type in PRODUCTS for name in node.input}
+        kept, from_weights = kept_by_openvinos_graphs(artifacts, role)
+        assert kept and kept <= read and not kept & from_weights, role
+        assert all(made_by[name] not in PRODUCTS for name in kept), role
+        assert len(ours.graph.node) == len(default.graph.node) + 3 + 2 * len(kept) + 1  # constants, pairs, Concat
+
+    weights, batch = one_case(manifest, tmp_path / "in.npz")
+    results = []
+    for role in ("portable_training_model", "portable_training_openvino_model"):
+        session = ort.InferenceSession(str(artifacts / manifest.files[role]), providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs() if o.name != FP32_OUTPUT]
+        results.append(dict(zip(names, session.run(names, {**batch, **weights}))))
+    for name, value in results[0].items():
+        np.testing.assert_array_equal(results[1][name], value)

@@ -354,6 +354,17 @@ def test_openvino_trains_a_quantized_base_on_its_own_graphs(quantized, environme
     assert errors["loss"] < TOL and errors["eval_loss"] < TOL and errors["gradients"] < TOL, errors  # OpenVINO in fp32
 
 
+
+
+def test_openvinos_precision_output_reads_no_dequantized_matrix(quantized):
+    """The output that keeps OpenVINO's bf16 to the products (openvino_precision.py) reads only what the step
+    computes: a second reader of a dequantized matrix would keep OpenVINO from multiplying by the stored one."""
+    from tests.test_precision import kept_by_openvinos_graphs
+
+    for role in ("portable_training", "portable_eval"):
+        kept, from_weights = kept_by_openvinos_graphs(quantized[0], role)
+        assert kept and not kept & from_weights, role
+
 @pytest.mark.parametrize("environment", [pytest.param("openvino", marks=needs("openvino")),
                                          pytest.param("ep-openvino", marks=needs("ep-openvino"))])
 def test_openvino_fails_a_square_matrix_when_dy_at_w_is_a_plain_product(quantized, environment, tmp_path):

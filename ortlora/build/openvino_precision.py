@@ -33,8 +33,15 @@ def fp32_outside_products(model: onnx.ModelProto) -> onnx.ModelProto:
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     made_by = {out: node.op_type for node in graph.node for out in node.output if out}
+    # Tensors computed from the step's inputs. What comes of weights alone (a bf16 base's widened matrices, an int8 /
+    # int4 base's dequantized ones) is left to OpenVINO's own rules: a second reader of a dequantized matrix would
+    # also keep its CPU plugin from multiplying by the stored one.
+    stepwise = {i.name for i in graph.input}
+    for node in graph.node:  # in topological order
+        if any(name in stepwise for name in node.input):
+            stepwise.update(node.output)
     read = dict.fromkeys(name for node in graph.node if node.op_type in PRODUCTS for name in node.input
-                         if made_by.get(name) not in (None, "Constant", *PRODUCTS))
+                         if name in stepwise and made_by.get(name) not in (None, *PRODUCTS))
     if not read:
         return model
     flat, start, end = f"{PREFIX}.flat", f"{PREFIX}.start", f"{PREFIX}.end"
