@@ -58,10 +58,11 @@ SCHEMA = {
     "files": {"training_model": str, "eval_model": str, "checkpoint": str, "initial_lora": str, "config": str,
               "tokenizer": [str], "optimizer_model?": str, "inference_model?": str, "decoder_model?": str,
               "portable_training_model?": str, "portable_eval_model?": str, "frozen_weights?": str,
-              # the portable graphs for OpenVINO's provider: bf16 only in the products (openvino_precision), a bf16,
-              # int8 or int4 base spelled as it runs them (portable_graph.unordered_widening,
-              # openvino_quantized.compressed_products); builds of fp32 bases before openvino_precision have none
+              # a bf16, int8 or int4 base's portable graphs for OpenVINO's provider (portable_graph.unordered_widening,
+              # openvino_quantized.compressed_products)
               "portable_training_openvino_model?": str, "portable_eval_openvino_model?": str,
+              # every base's, for --precision bf16 on OpenVINO: bf16 kept to the products (openvino_precision)
+              "portable_training_openvino_bf16_model?": str, "portable_eval_openvino_bf16_model?": str,
               # the portable graphs without NonZero and LogSoftmax, for onnxruntime-ggml (dense_loss.py)
               "portable_training_ggml_model?": str, "portable_eval_ggml_model?": str,
               "external_data?": [str]},

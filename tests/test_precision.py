@@ -139,7 +139,7 @@ def kept_by_openvinos_graphs(artifacts, role: str = "portable_training") -> tupl
     alone make) for build/openvino_precision.py's checks."""
     import onnx
 
-    graph = onnx.load(artifacts / Manifest.load(artifacts).files[f"{role}_openvino_model"], load_external_data=False).graph
+    graph = onnx.load(artifacts / Manifest.load(artifacts).files[f"{role}_openvino_bf16_model"], load_external_data=False).graph
     kept = {node.input[0] for node in graph.node if node.op_type == "Reshape" and node.name.endswith(".flat")}
     stepwise = {i.name for i in graph.input}
     for node in graph.node:
@@ -149,7 +149,7 @@ def kept_by_openvinos_graphs(artifacts, role: str = "portable_training") -> tupl
 
 
 def test_openvinos_graphs_add_one_output_and_change_nothing_else(artifacts, tmp_path):
-    """build/openvino_precision.py: OpenVINO's graphs are the default ones plus the output FP32_OUTPUT, the first
+    """build/openvino_precision.py: OpenVINO's graphs for bf16 are the default ones plus the output FP32_OUTPUT, the first
     element of each tensor a product reads that the step computes (never a weight's, nor a product's own output).
     On the CPU provider they give the default graphs' loss and gradients, bit for bit."""
     import onnx
@@ -160,7 +160,7 @@ def test_openvinos_graphs_add_one_output_and_change_nothing_else(artifacts, tmp_
     manifest = Manifest.load(artifacts)
     for role in ("portable_training", "portable_eval"):
         default = onnx.load(artifacts / manifest.files[f"{role}_model"], load_external_data=False)
-        ours = onnx.load(artifacts / manifest.files[f"{role}_openvino_model"], load_external_data=False)
+        ours = onnx.load(artifacts / manifest.files[f"{role}_openvino_bf16_model"], load_external_data=False)
         assert [o.name for o in ours.graph.output] == [o.name for o in default.graph.output] + [FP32_OUTPUT]
         made_by = {out: node.op_type for node in default.graph.node for out in node.output}
         read = {name for node in default.graph.node if node.op_type in PRODUCTS for name in node.input}
@@ -171,7 +171,7 @@ def test_openvinos_graphs_add_one_output_and_change_nothing_else(artifacts, tmp_
 
     weights, batch = one_case(manifest, tmp_path / "in.npz")
     results = []
-    for role in ("portable_training_model", "portable_training_openvino_model"):
+    for role in ("portable_training_model", "portable_training_openvino_bf16_model"):
         session = ort.InferenceSession(str(artifacts / manifest.files[role]), providers=["CPUExecutionProvider"])
         names = [o.name for o in session.get_outputs() if o.name != FP32_OUTPUT]
         results.append(dict(zip(names, session.run(names, {**batch, **weights}))))

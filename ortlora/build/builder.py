@@ -279,8 +279,10 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, variant: dic
         "decoder_model": DECODER_MODEL,
         "portable_training_model": portable_graph.PORTABLE_TRAINING,
         "portable_eval_model": portable_graph.PORTABLE_EVAL,
-        "portable_training_openvino_model": portable_graph.OPENVINO_TRAINING,
-        "portable_eval_openvino_model": portable_graph.OPENVINO_EVAL,
+        **({"portable_training_openvino_model": portable_graph.OPENVINO_TRAINING,
+            "portable_eval_openvino_model": portable_graph.OPENVINO_EVAL} if options.base_precision != "fp32" else {}),
+        "portable_training_openvino_bf16_model": portable_graph.OPENVINO_BF16_TRAINING,
+        "portable_eval_openvino_bf16_model": portable_graph.OPENVINO_BF16_EVAL,
         **ggml_graphs,
         "frozen_weights": frozen_weights.FROZEN_WEIGHTS,
         "initial_lora": INITIAL_LORA,
@@ -424,8 +426,8 @@ def _check_loads(directory: Path, lora_names: list[str], places: dict[str, dict]
     # the training graph took 4.7 s of a 0.5B build's 48, the checker 0.3 s; tests/test_dense_loss.py and
     # tests/test_precision.py run the rewrites against the default graphs).
     float_base = not any(place["dtype"] in ("bfloat16", "int8", "uint4") for place in places.values())
-    for name in (portable_graph.OPENVINO_TRAINING, portable_graph.OPENVINO_EVAL, dense_loss.GGML_TRAINING,
-                 dense_loss.GGML_EVAL):
+    for name in (portable_graph.OPENVINO_TRAINING, portable_graph.OPENVINO_EVAL, portable_graph.OPENVINO_BF16_TRAINING,
+                 portable_graph.OPENVINO_BF16_EVAL, dense_loss.GGML_TRAINING, dense_loss.GGML_EVAL):
         if not (directory / name).is_file():
             continue
         if four_bit or float_base or name in (dense_loss.GGML_TRAINING, dense_loss.GGML_EVAL):

@@ -187,10 +187,13 @@ def names_without_slash(nodes: list[onnx.NodeProto], keep: set[str]) -> None:
 
 PORTABLE_TRAINING = "portable_training.onnx"
 PORTABLE_EVAL = "portable_eval.onnx"
-# The portable graphs as OpenVINO's provider takes them: bf16 only in the products (openvino_precision), and a bf16,
-# int8 or int4 base spelled as it runs them (unordered_widening, openvino_quantized.compressed_products).
+# A bf16, int8 or int4 base's portable graphs as OpenVINO's provider takes them (unordered_widening,
+# openvino_quantized.compressed_products); and every base's for --precision bf16 on OpenVINO, the same with bf16
+# kept to the products (openvino_precision), which costs OpenVINO's fp32 runs speed and memory.
 OPENVINO_TRAINING = "portable_training_openvino.onnx"
 OPENVINO_EVAL = "portable_eval_openvino.onnx"
+OPENVINO_BF16_TRAINING = "portable_training_openvino_bf16.onnx"
+OPENVINO_BF16_EVAL = "portable_eval_openvino_bf16.onnx"
 
 
 def eval_graph(loss_model: onnx.ModelProto, weights: dict[str, TensorProto], lora_shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
@@ -226,17 +229,21 @@ def write(loss_model: onnx.ModelProto, training_model: onnx.ModelProto, frozen: 
     evaluation, training = eval_graph(loss_model, frozen, lora_shapes), make_portable(training_model, lora_shapes)
     onnx.save(evaluation, str(out_dir / PORTABLE_EVAL))
     onnx.save(training, str(out_dir / PORTABLE_TRAINING))
-    # OpenVINO's: a bf16 base's Casts unordered, an int8 / int4 base's products compressed, every base's bf16
-    # confined to the products under --precision bf16 (openvino_precision).
+    stored = frozen_precision(frozen)
+    if stored != "fp32":  # OpenVINO's spelling of the base
+        spell = unordered_widening if stored == "bf16" else openvino_quantized.compressed_products
+        evaluation, training = spell(evaluation), spell(training)
+        onnx.save(evaluation, str(out_dir / OPENVINO_EVAL))
+        onnx.save(training, str(out_dir / OPENVINO_TRAINING))
+    onnx.save(openvino_precision.fp32_outside_products(evaluation), str(out_dir / OPENVINO_BF16_EVAL))
+    onnx.save(openvino_precision.fp32_outside_products(training), str(out_dir / OPENVINO_BF16_TRAINING))
+
+
+def frozen_precision(frozen: dict[str, TensorProto]) -> str:
+    """bf16, int8 / int4 (quantized) or fp32: how the frozen weights are stored."""
     if any(t.data_type == TensorProto.BFLOAT16 for t in frozen.values()):
-        for_openvino = unordered_widening
-    elif any(t.data_type in quantize.PRECISION_OF for t in frozen.values()):
-        for_openvino = openvino_quantized.compressed_products
-    else:
-        def for_openvino(model):
-            return model
-    onnx.save(openvino_precision.fp32_outside_products(for_openvino(evaluation)), str(out_dir / OPENVINO_EVAL))
-    onnx.save(openvino_precision.fp32_outside_products(for_openvino(training)), str(out_dir / OPENVINO_TRAINING))
+        return "bf16"
+    return "quantized" if any(t.data_type in quantize.PRECISION_OF for t in frozen.values()) else "fp32"
 
 
 def unordered_widening(model: onnx.ModelProto) -> onnx.ModelProto:

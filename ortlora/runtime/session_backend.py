@@ -66,16 +66,19 @@ class OrtSessionBackend:
         self._frozen_file = artifacts / files["frozen_weights"] if "frozen_weights" in files else None
         self._frozen_values: list = []
 
-        # Some providers have graphs of their own, with the same inputs and outputs: OpenVINO's (one more output, which
-        # keeps its bf16 to the products: openvino_precision.py; a bf16, int8 or int4 base spelled as it runs them:
-        # portable_graph.unordered_widening, openvino_quantized.py), ggml's without NonZero and LogSoftmax (dense_loss.py).
+        # Some providers have graphs of their own, with the same inputs and outputs: OpenVINO's for a bf16, int8 or int4
+        # base (portable_graph.unordered_widening, openvino_quantized.py), ggml's without NonZero and LogSoftmax
+        # (dense_loss.py).
         provider, base = parse_ep(ep)[0], manifest.model.get("base_precision")
         if provider == "openvino" and base == "bf16" and _openvino_plugin(ep):
             if not allow_fallback:
                 raise OrtloraError(BF16_ON_THE_OPENVINO_PLUGIN)
             self._ep, provider = "cpu", "cpu"  # --allow-fallback: the CPU provider runs the default graphs
-        self._roles = {role: files.get(f"{role}_{provider}_model", files[f"{role}_model"]) if provider in OWN_GRAPHS
-                       else files[f"{role}_model"] for role in ("portable_training", "portable_eval")}
+        # With --precision bf16, OpenVINO's that keep its bf16 to the products, as autocast does (openvino_precision.py).
+        own = [f"{provider}_bf16", provider] if provider == "openvino" and precision.runs == "bf16" else [provider]
+        self._roles = {role: next((files[f"{role}_{kind}_model"] for kind in own if f"{role}_{kind}_model" in files),
+                                  files[f"{role}_model"]) if provider in OWN_GRAPHS else files[f"{role}_model"]
+                       for role in ("portable_training", "portable_eval")}
         # An int8 / int4 base's graphs for OpenVINO multiply by compressed matrices (openvino_quantized.py): they reach
         # it as written, since ONNX Runtime's graph optimizations would turn each dequantization into a float32 copy.
         self._compressed = provider == "openvino" and base in ("int8", "int4") \
