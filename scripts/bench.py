@@ -12,8 +12,9 @@ torch (PyTorch + PEFT in eager mode, the same base weights, LoRA settings and th
 is what the trainer does: forward, backward and an AdamW update of the LoRA weights. torch-gc is torch with
 gradient checkpointing (``gradient_checkpointing_enable()``: each layer recomputed in the backward pass),
 what PyTorch users turn on for large batches; torch-bf16 is torch under bf16 autocast, the one switch PyTorch
-users turn on for bf16 hardware; ov-fp32 and ov-bf16 are ort-session on OpenVINO's provider (onnxruntime-openvino,
-in its own environment: --ov-python, default .venv-ov) in fp32 and with ``--precision bf16``'s route. Those
+users turn on for bf16 hardware; ov-fp32, ov-bf16 and ov-bf16-all are ort-session on OpenVINO's provider
+(onnxruntime-openvino, in its own environment: --ov-python, default .venv-ov) in fp32 and with ``--precision bf16``'s
+and ``bf16-all``'s routes. Those
 run when asked (--systems). Printed: median
 step time after warm-up, trained tokens/s, peak resident memory, load time, and the ratio to torch;
 with --build, first the time and peak memory of building the artifacts (ortlora-build, once per model).
@@ -39,9 +40,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# torch-gc: with gradient checkpointing; torch-bf16: under torch.autocast("cpu", torch.bfloat16); ov-fp32 / ov-bf16:
-# the portable graph on OpenVINO's provider (--ov-python), in fp32 or with --precision bf16's route
-SYSTEMS = ("ort-training", "ort-session", "torch", "torch-gc", "torch-bf16", "ov-fp32", "ov-bf16")
+# torch-gc: with gradient checkpointing; torch-bf16: under torch.autocast("cpu", torch.bfloat16); ov-fp32 / ov-bf16 /
+# ov-bf16-all: the portable graph on OpenVINO's provider (--ov-python), in fp32 or with --precision bf16's or bf16-all's route
+SYSTEMS = ("ort-training", "ort-session", "torch", "torch-gc", "torch-bf16", "ov-fp32", "ov-bf16", "ov-bf16-all")
 
 
 def make_batches(vocab: int, batch: int, seq: int, data: str, count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
@@ -357,7 +358,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads for every system (default: all cores)")
     parser.add_argument("--plain-python", default=None, help="interpreter that runs ort-session (e.g. .venv-ort/bin/python)")
     parser.add_argument("--ov-python", default=str(ROOT / ".venv-ov" / "bin" / "python"),
-                        help="interpreter with onnxruntime-openvino that runs ov-fp32 and ov-bf16 (default: .venv-ov's)")
+                        help="interpreter with onnxruntime-openvino that runs the ov- systems (default: .venv-ov's)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--build", metavar="MODEL", default=None,
                         help="first build --artifacts from this model directory ('tiny': the built-in model), timed")

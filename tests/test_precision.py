@@ -98,10 +98,10 @@ def test_openvino_bf16_against_pytorchs_autocast(fixture, request, tmp_path):
     """OpenVINO's bf16 hint against PyTorch's bf16 autocast, each against PyTorch + PEFT in fp32 on the same batch:
     the loss's error, and the largest and the median of the LoRA gradients', each at most 1.5 times autocast's.
 
-    Measured here, as multiples of autocast's (loss / largest / median): the default test model 1.01 / 1.04 / 0.95,
-    every projection with label smoothing printed by the assertion below. Without OpenVINO's graphs' extra output
-    (openvino_precision.py), which confines bf16 to the products as autocast does, they were 1.0 / 2.5 / 1.2 and
-    21 / 1.2 / 1.1: OpenVINO rounded the residual stream, norms, softmax and the loss's reductions too."""
+    Measured here, as multiples of autocast's (loss / largest / median): the default test model 1.15 / 1.48 / 1.13,
+    every projection with label smoothing 1.31 / 0.74 / 0.70. With bf16-all (the graphs without
+    openvino_precision.py's output, OpenVINO rounding the residual stream, norms, softmax and the loss's reductions
+    too) 1.0 / 2.5 / 1.2 and 21 / 1.2 / 1.1."""
     directory = request.getfixturevalue(fixture)
     weights, batch = one_case(Manifest.load(directory), tmp_path / "in.npz")
     report = run_in("openvino", f"""
@@ -113,7 +113,7 @@ def test_openvino_bf16_against_pytorchs_autocast(fixture, request, tmp_path):
         data = np.load(r"{tmp_path / 'in.npz'}")
         artifacts = Path(r"{directory}")
         routes = {{}}
-        for precision in ("fp32", "bf16"):
+        for precision in ("fp32", "bf16", "bf16-all"):
             chosen = resolve(precision, "openvino")
             routes[precision] = chosen.runs
             backend = OrtSessionBackend(artifacts, Manifest.load(artifacts), ep="openvino", precision=chosen)
@@ -122,16 +122,20 @@ def test_openvino_bf16_against_pytorchs_autocast(fixture, request, tmp_path):
             np.savez(r"{tmp_path}" + f"/{{precision}}.npz", loss=loss, **backend.gradients())
         print(json.dumps(routes))
     """)
-    assert report == {"fp32": "fp32", "bf16": "bf16"}, "this machine's CPU has AVX512_BF16 and AMX"
-    fp32, bf16 = np.load(tmp_path / "fp32.npz"), np.load(tmp_path / "bf16.npz")
+    assert report == {"fp32": "fp32", "bf16": "bf16", "bf16-all": "bf16"}, "this machine's CPU has AVX512_BF16 and AMX"
+    fp32 = np.load(tmp_path / "fp32.npz")
     loss, grads, theirs = torch_errors(directory, weights, batch)
-    ours = {n: rel_err(bf16[n], grads[n]) for n in grads}
     assert max(rel_err(fp32[n], grads[n]) for n in grads) < 1e-4  # the fp32 route is PyTorch's fp32
-    assert min(ours.values()) > 1e-3, "bf16 products ran: every gradient's error is far above fp32's"
-    ratios = {"loss": abs(float(bf16["loss"]) - loss) / abs(loss) / theirs["loss"],
-              "largest": max(ours.values()) / max(theirs[n] for n in grads),
-              "median": float(np.median(list(ours.values())) / np.median([theirs[n] for n in grads]))}
-    assert max(ratios.values()) <= 1.5, ratios
+    ratios = {}
+    for precision in ("bf16", "bf16-all"):
+        bf16 = np.load(tmp_path / f"{precision}.npz")
+        ours = {n: rel_err(bf16[n], grads[n]) for n in grads}
+        assert min(ours.values()) > 1e-3, "bf16 products ran: every gradient's error is far above fp32's"
+        ratios[precision] = {"loss": abs(float(bf16["loss"]) - loss) / abs(loss) / theirs["loss"],
+                             "largest": max(ours.values()) / max(theirs[n] for n in grads),
+                             "median": float(np.median(list(ours.values())) / np.median([theirs[n] for n in grads]))}
+    assert max(ratios["bf16"].values()) <= 1.5, ratios
+    assert max(ratios["bf16-all"].values()) > 1.5, ratios  # OpenVINO's own rule: what bf16 keeps fp32 it rounds
 
 
 def kept_by_openvinos_graphs(artifacts, role: str = "portable_training") -> tuple[set, set]:

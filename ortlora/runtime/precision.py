@@ -24,7 +24,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PRECISIONS = ("fp32", "bf16")
+# bf16: the matrix products in bf16, everything else fp32 (PyTorch autocast's rule); bf16-all: also the other nodes
+# where the provider chooses to (OpenVINO's own rule: faster, less accurate; docs/performance.md)
+PRECISIONS = ("fp32", "bf16", "bf16-all")
 ARM64_FASTMATH = "mlas.enable_gemm_fastmath_arm64_bfloat16"  # ONNX Runtime's session option (MLAS, Arm64 only)
 OPENVINO_BF16 = json.dumps({"CPU": {"INFERENCE_PRECISION_HINT": "bf16"}})  # OpenVINO's load_config
 X86_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo: instructions that multiply bf16 natively
@@ -88,7 +90,8 @@ def resolve(asked: str, ep: str) -> Precision:
         if not has_bf16:
             return Precision(asked, "fp32", f"bf16 asked, fp32 runs: this CPU has {why}, so OpenVINO would compute "
                                             "in fp32 anyway")
-        return Precision(asked, "bf16", f"OpenVINO's INFERENCE_PRECISION_HINT bf16 (the CPU has {why})",
+        where = "on every node it chooses" if asked == "bf16-all" else "kept to the matrix products"
+        return Precision(asked, "bf16", f"OpenVINO's INFERENCE_PRECISION_HINT bf16, {where} (the CPU has {why})",
                          provider_options={"load_config": OPENVINO_BF16})
     if ep == "cpu" and is_arm64():
         if not has_bf16:

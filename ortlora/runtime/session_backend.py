@@ -10,6 +10,7 @@ binding) and summed here across micro-batches, like ORT's training API does.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -74,8 +75,15 @@ class OrtSessionBackend:
             if not allow_fallback:
                 raise OrtloraError(BF16_ON_THE_OPENVINO_PLUGIN)
             self._ep, provider = "cpu", "cpu"  # --allow-fallback: the CPU provider runs the default graphs
-        # With --precision bf16, OpenVINO's that keep its bf16 to the products, as autocast does (openvino_precision.py).
-        own = [f"{provider}_bf16", provider] if provider == "openvino" and precision.runs == "bf16" else [provider]
+        # With --precision bf16, OpenVINO's that keep its bf16 to the products, as autocast does (openvino_precision.py);
+        # bf16-all leaves every node to OpenVINO.
+        products_only = provider == "openvino" and precision.runs == "bf16" and precision.asked == "bf16"
+        own = [f"{provider}_bf16", provider] if products_only else [provider]
+        if products_only and "portable_training_openvino_bf16_model" not in files:
+            self.precision = precision = dataclasses.replace(
+                precision, how=precision.how.replace("kept to the matrix products", "on every node it chooses (these "
+                                                     "artifacts predate the graphs that keep it to the products: "
+                                                     "rebuild them)"))
         self._roles = {role: next((files[f"{role}_{kind}_model"] for kind in own if f"{role}_{kind}_model" in files),
                                   files[f"{role}_model"]) if provider in OWN_GRAPHS else files[f"{role}_model"]
                        for role in ("portable_training", "portable_eval")}
