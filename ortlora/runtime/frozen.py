@@ -17,7 +17,7 @@ The pages the check read are then released from the process (``release_pages``):
 they read. A provider that keeps copies of its own (OpenVINO's CPU plugin, a GPU's memory) reads the file while
 it compiles and on its first run; the session backend runs such a session once on two tokens when it makes it
 and releases the pages again, so a run on OpenVINO does not hold the file beside OpenVINO's copies (0.5B shape,
-bf16 products: peak 8.5 -> 5.5 GB; docs/performance.md).
+--precision bf16-all: peak 8.5 -> 5.5 GB; docs/performance.md).
 """
 
 from __future__ import annotations

@@ -81,9 +81,8 @@ class OrtSessionBackend:
         own = [f"{provider}_bf16", provider] if products_only else [provider]
         if products_only and "portable_training_openvino_bf16_model" not in files:
             self.precision = precision = dataclasses.replace(
-                precision, how=precision.how.replace("kept to the matrix products", "on every node it chooses (these "
-                                                     "artifacts predate the graphs that keep it to the products: "
-                                                     "rebuild them)"))
+                precision, how=f"{precision.how}; but these artifacts predate the graphs that keep it there, so "
+                               "OpenVINO rounds every node it chooses, as with bf16-all (rebuild them)")
         self._roles = {role: next((files[f"{role}_{kind}_model"] for kind in own if f"{role}_{kind}_model" in files),
                                   files[f"{role}_model"]) if provider in OWN_GRAPHS else files[f"{role}_model"]
                        for role in ("portable_training", "portable_eval")}
@@ -162,7 +161,7 @@ class OrtSessionBackend:
         frozen_weights.bin while it compiles and on its first run (OpenVINO repacks for bf16 products then), and
         after that only what it reads as stored. So its session runs once on two tokens when it is made, and the
         file's pages are released after (frozen.release_pages): the process then holds neither the file beside the
-        copies, nor, at the first real step, the file beside its activations (0.5B, OpenVINO with bf16 products:
+        copies, nor, at the first real step, the file beside its activations (0.5B, OpenVINO with --precision bf16-all:
         peak 8.5 GB with neither, 6.6 GB with the release alone, 5.5 GB with both; docs/performance.md). The CPU
         provider reads the file every step: for it there is nothing to settle."""
         if self._frozen_file is None or session.get_providers()[0] == "CPUExecutionProvider":
