@@ -23,7 +23,7 @@ from ortlora.manifest import Manifest
 from ortlora.runtime.backend import Batch, check_lora_inputs, onnx_file
 from ortlora.runtime.frozen import map_frozen_weights, release_pages, share_with
 from ortlora.runtime.precision import Precision, apply_precision
-from ortlora.runtime.providers import create_session, parse_ep, resolve
+from ortlora.runtime.providers import CPU, create_session, parse_ep, resolve
 from ortlora.weights import read_expected
 
 OWN_GRAPHS = ("openvino", "ggml")  # --ep names whose portable graphs the manifest may list apart (ROLE_NAME_model)
@@ -78,14 +78,13 @@ class OrtSessionBackend:
         # With --precision bf16, OpenVINO's that keep its bf16 to the products, as autocast does (openvino_precision.py);
         # bf16-all leaves every node to OpenVINO.
         products_only = provider == "openvino" and precision.runs == "bf16" and precision.asked == "bf16"
-        own = [f"{provider}_bf16", provider] if products_only else [provider]
         if products_only and "portable_training_openvino_bf16_model" not in files:
             self.precision = precision = dataclasses.replace(
                 precision, how=f"{precision.how}; but these artifacts predate the graphs that keep it there, so "
                                "OpenVINO rounds every node it chooses, as with bf16-all (rebuild them)")
+        own = ([f"{provider}_bf16"] if products_only else []) + ([provider] if provider in OWN_GRAPHS else [])
         self._roles = {role: next((files[f"{role}_{kind}_model"] for kind in own if f"{role}_{kind}_model" in files),
-                                  files[f"{role}_model"]) if provider in OWN_GRAPHS else files[f"{role}_model"]
-                       for role in ("portable_training", "portable_eval")}
+                                  files[f"{role}_model"]) for role in ("portable_training", "portable_eval")}
         # An int8 / int4 base's graphs for OpenVINO multiply by compressed matrices (openvino_quantized.py): they reach
         # it as written, since ONNX Runtime's graph optimizations would turn each dequantization into a float32 copy.
         self._compressed = provider == "openvino" and base in ("int8", "int4") \
@@ -164,7 +163,7 @@ class OrtSessionBackend:
         copies, nor, at the first real step, the file beside its activations (0.5B, OpenVINO with --precision bf16-all:
         peak 8.5 GB with neither, 6.6 GB with the release alone, 5.5 GB with both; docs/performance.md). The CPU
         provider reads the file every step: for it there is nothing to settle."""
-        if self._frozen_file is None or session.get_providers()[0] == "CPUExecutionProvider":
+        if self._frozen_file is None or session.get_providers()[0] == CPU:
             return
         tokens = np.zeros((1, 2), np.int64)  # token 0, labelled: any vocabulary has it
         session.run(None, {**{name: tokens for name in self._inputs}, **self._weights})
