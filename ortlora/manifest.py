@@ -61,7 +61,7 @@ SCHEMA = {
               # a bf16, int8 or int4 base's portable graphs for OpenVINO's provider (portable_graph.unordered_widening,
               # openvino_quantized.compressed_products)
               "portable_training_openvino_model?": str, "portable_eval_openvino_model?": str,
-              # every base's, for --precision bf16 on OpenVINO: bf16 kept to the products (openvino_precision)
+              # every base's, for --precision bf16 on OpenVINO: fp32 kept where autocast keeps it (openvino_precision)
               "portable_training_openvino_bf16_model?": str, "portable_eval_openvino_bf16_model?": str,
               # the portable graphs without NonZero and LogSoftmax, for onnxruntime-ggml (dense_loss.py)
               "portable_training_ggml_model?": str, "portable_eval_ggml_model?": str,

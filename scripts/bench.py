@@ -71,25 +71,39 @@ def probe_weights(manifest) -> dict[str, np.ndarray]:
     return {p.onnx_name: (0.02 * rng.standard_normal(p.shape)).astype(np.float32) for p in manifest.parameters}
 
 
+ACCURACY_BATCHES = 4  # one batch's loss error is one rounded number: too noisy alone to rank two systems by
+
+
 def accuracy(directory: Path, systems: list[str]) -> dict[str, dict[str, float]]:
-    """Each system's loss and LoRA gradients against PyTorch + PEFT in fp32 (the torch system) on the first batch,
-    as relative errors: the loss's, the largest and the median over the gradients. Empty without the torch system."""
+    """Each system's loss and LoRA gradients against PyTorch + PEFT in fp32 (the torch system) on the first
+    ACCURACY_BATCHES batches, as relative errors pooled over them: the loss's root mean square, and the means of the
+    largest and of the median gradient error. Empty without the torch system."""
     def load(system):
         path = directory / f"{system}.npz"
-        return dict(np.load(path)) if path.exists() else None
+        if not path.exists():
+            return None
+        cases = {}
+        for key, value in np.load(path).items():  # "K:name", K the batch
+            k, name = key.split(":", 1)
+            cases.setdefault(int(k), {})[name] = value
+        return [cases[k] for k in sorted(cases)]
 
     reference = load("torch")
     if reference is None:
         return {}
     result = {}
     for system in systems:
-        values = load(system)
-        if system == "torch" or values is None:
+        cases = load(system)
+        if system == "torch" or cases is None:
             continue
-        grads = [float(np.abs(values[n] - reference[n]).max() / max(np.abs(reference[n]).max(), 1e-12))
-                 for n in reference if n != "loss"]
-        result[system] = {"loss": abs(float(values["loss"]) - float(reference["loss"])) / abs(float(reference["loss"])),
-                          "largest": max(grads), "median": float(np.median(grads))}
+        losses, largest, median = [], [], []
+        for values, ref in zip(cases, reference, strict=True):
+            grads = [float(np.abs(values[n] - ref[n]).max() / max(np.abs(ref[n]).max(), 1e-12)) for n in ref if n != "loss"]
+            losses.append(abs(float(values["loss"]) - float(ref["loss"])) / abs(float(ref["loss"])))
+            largest.append(max(grads))
+            median.append(float(np.median(grads)))
+        result[system] = {"loss": float(np.sqrt(np.mean(np.square(losses)))), "largest": float(np.mean(largest)),
+                          "median": float(np.mean(median))}
     return result
 
 
@@ -98,7 +112,8 @@ def accuracy_rows(errors: dict[str, dict[str, float]]) -> list[str]:
     if not errors:
         return ["accuracy: needs the torch system (PyTorch + PEFT in fp32) as the reference"]
     autocast = errors.get("torch-bf16")
-    rows = ["accuracy on the first batch, relative to PyTorch + PEFT fp32 (loss / largest / median LoRA gradient)"
+    rows = [f"accuracy on the first {ACCURACY_BATCHES} batches, relative to PyTorch + PEFT fp32 (loss's root mean square"
+            " / mean of the largest / mean of the median LoRA gradient's)"
             + (", and as a multiple of torch-bf16's" if autocast else "")]
     for system, mine in errors.items():
         ratio = (" (" + " / ".join(f"{mine[k] / autocast[k]:.2f}x" for k in mine) + ")"
@@ -194,11 +209,13 @@ def run_ort(system: str, args) -> dict:
     load = time.perf_counter() - start
     batches = make_batches(vocab_size(artifacts), args.batch, args.seq, args.data, args.warmup + args.steps)
     if args.accuracy:  # before any step: the loss and gradients at probe_weights, then back to the build's weights
-        initial = backend.weights()
-        backend.set_weights(probe_weights(manifest))
-        backend.zero_grad()
-        loss = backend.train_step(batches[0])
-        np.savez(Path(args.accuracy) / f"{system}.npz", loss=loss, **backend.gradients())
+        initial, found = backend.weights(), {}
+        for k, batch in enumerate(make_batches(vocab_size(artifacts), args.batch, args.seq, args.data, ACCURACY_BATCHES)):
+            backend.set_weights(probe_weights(manifest))
+            backend.zero_grad()
+            found[f"{k}:loss"] = backend.train_step(batch)
+            found.update({f"{k}:{name}": value for name, value in backend.gradients().items()})
+        np.savez(Path(args.accuracy) / f"{system}.npz", **found)
         backend.set_weights(initial)
     optimizer = AdamW(AdamWConfig())
     times = []
@@ -253,13 +270,16 @@ def run_torch(args) -> dict:
         keys = {p.onnx_name: p.peft_name.replace(f".lora_{p.kind}.weight", f".lora_{p.kind}.default.weight")
                 for p in manifest.parameters}  # PEFT's module names carry the adapter's
         initial = {name: params[key].detach().clone() for name, key in keys.items()}
-        with torch.no_grad():
-            for name, value in probe_weights(manifest).items():
-                params[keys[name]].copy_(torch.from_numpy(value))
-        loss = forward_backward(batches[0])
-        np.savez(Path(args.accuracy) / f"{args.worker}.npz", loss=float(loss),
-                 **{name: params[key].grad.float().numpy() for name, key in keys.items()})
-        model.zero_grad(set_to_none=True)
+        found = {}
+        for k, batch in enumerate(make_batches(vocab_size(Path(args.artifacts)), args.batch, args.seq, args.data,
+                                               ACCURACY_BATCHES)):
+            with torch.no_grad():
+                for name, value in probe_weights(manifest).items():
+                    params[keys[name]].copy_(torch.from_numpy(value))
+            found[f"{k}:loss"] = float(forward_backward(batch))
+            found.update({f"{k}:{name}": params[key].grad.float().numpy() for name, key in keys.items()})
+            model.zero_grad(set_to_none=True)
+        np.savez(Path(args.accuracy) / f"{args.worker}.npz", **found)
         with torch.no_grad():
             for name, key in keys.items():
                 params[key].copy_(initial[name])
@@ -370,7 +390,7 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", default="q_proj,v_proj", help="LoRA targets of the --build (default: q_proj,v_proj)")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank of the --build (default: 8)")
     parser.add_argument("--accuracy", metavar="DIR", default=None,
-                        help="also compare every system's loss and LoRA gradients on the first batch (at seeded "
+                        help="also compare every system's loss and LoRA gradients on the first 4 batches (at seeded "
                              "non-zero LoRA weights) with the torch system's, keeping them in DIR")
     parser.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

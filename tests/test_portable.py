@@ -364,14 +364,22 @@ def test_portable_eval_loss_and_accumulation(artifacts):
 
 
 @pytest.mark.parametrize("backend_type", [OrtTrainingBackend, OrtSessionBackend])
-def test_weights_are_copies_that_later_steps_leave_alone(artifacts, backend_type):
-    """Backend.weights() hands out copies: what a caller holds (a snapshot to go back to, the weights to restore
-    after a probe) does not follow set_weights. ORT's training API once handed out views of its buffers."""
+def test_weights_and_gradients_are_copies_that_later_steps_leave_alone(artifacts, backend_type):
+    """Backend.weights() and gradients() hand out copies: what a caller holds (a snapshot to go back to, the weights
+    to restore after a probe, one batch's gradients beside the next's) does not follow set_weights, zero_grad or
+    the next step. ORT's training API once handed out views of its buffers."""
     manifest = Manifest.load(artifacts)
     backend = backend_type(artifacts, manifest)
     held = backend.weights()
     kept = {name: value.copy() for name, value in held.items()}
     backend.set_weights(random_weights(manifest, seed=1))
+    for name, value in held.items():
+        np.testing.assert_array_equal(value, kept[name])
+    backend.train_step(make_batch(512, "ignored", seed=6))
+    held = backend.gradients()
+    kept = {name: value.copy() for name, value in held.items()}
+    backend.zero_grad()
+    backend.train_step(make_batch(512, "ignored", seed=7))
     for name, value in held.items():
         np.testing.assert_array_equal(value, kept[name])
 

@@ -154,7 +154,8 @@ def kept_by_openvinos_graphs(artifacts, role: str = "portable_training") -> tupl
 
 def test_openvinos_graphs_add_one_output_and_change_nothing_else(artifacts, tmp_path):
     """build/openvino_precision.py: OpenVINO's graphs for bf16 are the default ones plus the output FP32_OUTPUT, the first
-    element of each tensor a product reads that the step computes (never a weight's, nor a product's own output).
+    element of each tensor a product reads that the step computes and autocast holds in fp32 (never a weight's, nor a
+    product's own output): the norms' outputs are kept, the MLP's gated activations (autocast's bf16) are not.
     On the CPU provider they give the default graphs' loss and gradients, bit for bit."""
     import onnx
     import onnxruntime as ort
@@ -171,6 +172,12 @@ def test_openvinos_graphs_add_one_output_and_change_nothing_else(artifacts, tmp_
         kept, from_weights = kept_by_openvinos_graphs(artifacts, role)
         assert kept and kept <= read and not kept & from_weights, role
         assert all(made_by[name] not in PRODUCTS for name in kept), role
+        reads = {node.name: node.input for node in default.graph.node if node.op_type in PRODUCTS}
+        mlps = [name.removesuffix("up_proj/MatMul") for name in reads if name.endswith("/mlp/up_proj/MatMul")]
+        assert mlps, role
+        for mlp in mlps:
+            assert reads[mlp + "up_proj/MatMul"][0] in kept, role  # the norm's output
+            assert reads[mlp + "down_proj/MatMul"][0] not in kept, role  # SiLU(gate) * up
         assert len(ours.graph.node) == len(default.graph.node) + 3 + 2 * len(kept) + 1  # constants, pairs, Concat
 
     weights, batch = one_case(manifest, tmp_path / "in.npz")

@@ -357,7 +357,7 @@ def test_openvino_trains_a_quantized_base_on_its_own_graphs(quantized, environme
 
 
 def test_openvinos_precision_output_reads_no_dequantized_matrix(quantized):
-    """The output that keeps OpenVINO's bf16 to the products (openvino_precision.py) reads only what the step
+    """The output that keeps OpenVINO in fp32 where autocast is (openvino_precision.py) reads only what the step
     computes: a second reader of a dequantized matrix would keep OpenVINO from multiplying by the stored one."""
     from tests.test_precision import kept_by_openvinos_graphs
 

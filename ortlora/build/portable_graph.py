@@ -189,7 +189,7 @@ PORTABLE_TRAINING = "portable_training.onnx"
 PORTABLE_EVAL = "portable_eval.onnx"
 # A bf16, int8 or int4 base's portable graphs as OpenVINO's provider takes them (unordered_widening,
 # openvino_quantized.compressed_products); and every base's for --precision bf16 on OpenVINO, the same with bf16
-# kept to the products (openvino_precision), which costs OpenVINO's fp32 runs speed and memory.
+# kept where autocast keeps it (openvino_precision), which costs OpenVINO's fp32 runs speed and memory.
 OPENVINO_TRAINING = "portable_training_openvino.onnx"
 OPENVINO_EVAL = "portable_eval_openvino.onnx"
 OPENVINO_BF16_TRAINING = "portable_training_openvino_bf16.onnx"
@@ -235,8 +235,8 @@ def write(loss_model: onnx.ModelProto, training_model: onnx.ModelProto, frozen: 
         evaluation, training = spell(evaluation), spell(training)
         onnx.save(evaluation, str(out_dir / OPENVINO_EVAL))
         onnx.save(training, str(out_dir / OPENVINO_TRAINING))
-    onnx.save(openvino_precision.fp32_outside_products(evaluation), str(out_dir / OPENVINO_BF16_EVAL))
-    onnx.save(openvino_precision.fp32_outside_products(training), str(out_dir / OPENVINO_BF16_TRAINING))
+    onnx.save(openvino_precision.fp32_as_autocast(evaluation), str(out_dir / OPENVINO_BF16_EVAL))
+    onnx.save(openvino_precision.fp32_as_autocast(training), str(out_dir / OPENVINO_BF16_TRAINING))
 
 
 def frozen_precision(frozen: dict[str, TensorProto]) -> str:

@@ -75,14 +75,14 @@ class OrtSessionBackend:
             if not allow_fallback:
                 raise OrtloraError(BF16_ON_THE_OPENVINO_PLUGIN)
             self._ep, provider = "cpu", "cpu"  # --allow-fallback: the CPU provider runs the default graphs
-        # With --precision bf16, OpenVINO's that keep its bf16 to the products, as autocast does (openvino_precision.py);
+        # With --precision bf16, OpenVINO's that keep fp32 where autocast does (openvino_precision.py);
         # bf16-all leaves every node to OpenVINO.
-        products_only = provider == "openvino" and precision.runs == "bf16" and precision.asked == "bf16"
-        if products_only and "portable_training_openvino_bf16_model" not in files:
+        as_autocast = provider == "openvino" and precision.runs == "bf16" and precision.asked == "bf16"
+        if as_autocast and "portable_training_openvino_bf16_model" not in files:
             self.precision = precision = dataclasses.replace(
                 precision, how=f"{precision.how}; but these artifacts predate the graphs that keep it there, so "
                                "OpenVINO rounds every node it chooses, as with bf16-all (rebuild them)")
-        own = ([f"{provider}_bf16"] if products_only else []) + ([provider] if provider in OWN_GRAPHS else [])
+        own = ([f"{provider}_bf16"] if as_autocast else []) + ([provider] if provider in OWN_GRAPHS else [])
         self._roles = {role: next((files[f"{role}_{kind}_model"] for kind in own if f"{role}_{kind}_model" in files),
                                   files[f"{role}_model"]) for role in ("portable_training", "portable_eval")}
         # An int8 / int4 base's graphs for OpenVINO multiply by compressed matrices (openvino_quantized.py): they reach
