@@ -15,7 +15,8 @@ from ortlora.runtime import precision as precision_module
 from ortlora.runtime import session_backend
 from ortlora.runtime.precision import ARM64_FASTMATH, OPENVINO_BF16, resolve
 from tests.environments import needs, run_in
-from tests.reference import loss_and_grads, peft_model, rel_err
+from tests.reference import loss_and_grads, peft_model, random_weights, rel_err
+from tests.test_build import make_batch
 from tests.test_openvino import one_case
 
 FAST = ["--no-progress", "--no-plot", "--batch-size", "4", "--max-steps", "1"]
@@ -92,18 +93,34 @@ def torch_errors(artifacts, weights, batch) -> tuple[float, dict, dict]:
     return loss, grads, errors
 
 
+CASES = 8  # one case's errors are a few rounded numbers, their ratio to autocast's mostly chance: the bar is on several
+
+
+def pooled(errors: list[dict[str, float]]) -> dict[str, float]:
+    """Relative errors of several cases (each {"loss": ..., gradient name: ...}) pooled as bench.py --accuracy pools
+    them: the loss's root mean square, the means of the largest and of the median gradient error."""
+    grads = [[v for k, v in e.items() if k != "loss"] for e in errors]
+    return {"loss": float(np.sqrt(np.mean([e["loss"] ** 2 for e in errors]))),
+            "largest": float(np.mean([max(g) for g in grads])), "median": float(np.mean([np.median(g) for g in grads]))}
+
+
 @needs("openvino")
 @pytest.mark.parametrize("fixture", ["artifacts", "artifacts_all_linear"])
 def test_openvino_bf16_against_pytorchs_autocast(fixture, request, tmp_path):
-    """OpenVINO's bf16 hint against PyTorch's bf16 autocast, each against PyTorch + PEFT in fp32 on the same batch:
-    the loss's error, and the largest and the median of the LoRA gradients', each at most 1.5 times autocast's.
+    """OpenVINO's bf16 hint against PyTorch's bf16 autocast, each against PyTorch + PEFT in fp32 on the same CASES
+    batches and weights: the loss's error, and the largest and the median of the LoRA gradients', pooled, each at
+    most 1.5 times autocast's.
 
-    Measured here, as multiples of autocast's (loss / largest / median): the default test model 1.15 / 1.48 / 1.13,
-    every projection with label smoothing 1.31 / 0.74 / 0.70. With bf16-all (the graphs without
-    openvino_precision.py's output, OpenVINO rounding the residual stream, norms, softmax and the loss's reductions
-    too) 1.0 / 2.5 / 1.2 and 21 / 1.2 / 1.1."""
+    Measured here, as multiples of autocast's (loss / largest / median): the default test model 0.83 / 1.22 / 1.01,
+    every projection with label smoothing 1.05 / 0.92 / 0.94. With bf16-all (the graphs without openvino_precision.py's
+    output: OpenVINO rounds the residual stream, norms and the loss's reductions too) 0.59 / 1.62 / 1.38 and
+    1.52 / 1.47 / 1.24. One case alone is mostly chance: over six cases of the two models, its loss ratio ranged from
+    0.2 to 7.8 with this rule, and from 0.2 to 17 with the one before it, which kept every product's input fp32."""
     directory = request.getfixturevalue(fixture)
-    weights, batch = one_case(Manifest.load(directory), tmp_path / "in.npz")
+    manifest = Manifest.load(directory)
+    cases = [(random_weights(manifest, seed=3 + k), make_batch(512, "ignored", seed=6 + k)) for k in range(CASES)]
+    np.savez(tmp_path / "in.npz", **{f"{k}:w:{n}": v for k, (w, _) in enumerate(cases) for n, v in w.items()},
+             **{f"{k}:b:{n}": v for k, (_, b) in enumerate(cases) for n, v in b.items()})
     report = run_in("openvino", f"""
         import json, numpy as np
         from pathlib import Path
@@ -117,25 +134,33 @@ def test_openvino_bf16_against_pytorchs_autocast(fixture, request, tmp_path):
             chosen = resolve(precision, "openvino")
             routes[precision] = chosen.runs
             backend = OrtSessionBackend(artifacts, Manifest.load(artifacts), ep="openvino", precision=chosen)
-            backend.set_weights({{k[2:]: data[k] for k in data.files if k.startswith("w:")}})
-            loss = backend.train_step({{k[2:]: data[k] for k in data.files if k.startswith("b:")}})
-            np.savez(r"{tmp_path}" + f"/{{precision}}.npz", loss=loss, **backend.gradients())
+            found = {{}}
+            for k in range({CASES}):
+                backend.set_weights({{n[len(f"{{k}}:w:"):]: data[n] for n in data.files if n.startswith(f"{{k}}:w:")}})
+                backend.zero_grad()
+                found[f"{{k}}:loss"] = backend.train_step({{n[len(f"{{k}}:b:"):]: data[n] for n in data.files
+                                                            if n.startswith(f"{{k}}:b:")}})
+                found.update({{f"{{k}}:{{n}}": g for n, g in backend.gradients().items()}})
+            np.savez(r"{tmp_path}" + f"/{{precision}}.npz", **found)
         print(json.dumps(routes))
     """)
     assert report == {"fp32": "fp32", "bf16": "bf16", "bf16-all": "bf16"}, "this machine's CPU has AVX512_BF16 and AMX"
-    fp32 = np.load(tmp_path / "fp32.npz")
-    loss, grads, theirs = torch_errors(directory, weights, batch)
-    assert max(rel_err(fp32[n], grads[n]) for n in grads) < 1e-4  # the fp32 route is PyTorch's fp32
-    ratios = {}
-    for precision in ("bf16", "bf16-all"):
-        bf16 = np.load(tmp_path / f"{precision}.npz")
-        ours = {n: rel_err(bf16[n], grads[n]) for n in grads}
-        assert min(ours.values()) > 1e-3, "bf16 products ran: every gradient's error is far above fp32's"
-        ratios[precision] = {"loss": abs(float(bf16["loss"]) - loss) / abs(loss) / theirs["loss"],
-                             "largest": max(ours.values()) / max(theirs[n] for n in grads),
-                             "median": float(np.median(list(ours.values())) / np.median([theirs[n] for n in grads]))}
+    runs = {precision: np.load(tmp_path / f"{precision}.npz") for precision in ("fp32", "bf16", "bf16-all")}
+    theirs, ours = [], {"bf16": [], "bf16-all": []}
+    for k, (weights, batch) in enumerate(cases):
+        loss, grads, autocast = torch_errors(directory, weights, batch)
+        theirs.append(autocast)
+        assert max(rel_err(runs["fp32"][f"{k}:{n}"], grads[n]) for n in grads) < 1e-4  # the fp32 route is PyTorch's fp32
+        for precision in ours:
+            errors = {n: rel_err(runs[precision][f"{k}:{n}"], grads[n]) for n in grads}
+            assert min(errors.values()) > 1e-3, "bf16 products ran: every gradient's error is far above fp32's"
+            ours[precision].append({"loss": abs(float(runs[precision][f"{k}:loss"]) - loss) / abs(loss), **errors})
+    reference = pooled(theirs)
+    ratios = {precision: {key: value / reference[key] for key, value in pooled(found).items()}
+              for precision, found in ours.items()}
     assert max(ratios["bf16"].values()) <= 1.5, ratios
-    assert max(ratios["bf16-all"].values()) > 1.5, ratios  # OpenVINO's own rule: what bf16 keeps fp32 it rounds
+    for key in ("largest", "median"):  # OpenVINO's own rule rounds what bf16 keeps fp32: the graphs bf16 runs matter
+        assert ratios["bf16"][key] < ratios["bf16-all"][key], ratios
 
 
 def kept_by_openvinos_graphs(artifacts, role: str = "portable_training") -> tuple[set, set]:

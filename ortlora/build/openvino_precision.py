@@ -36,8 +36,8 @@ FP32_OPS = frozenset({"LogSoftmax", "Softmax", "ReduceMean", "ReduceSum", "Sqrt"
 MOVES = frozenset({"Reshape", "Transpose", "Identity", "Squeeze", "Unsqueeze", "Slice", "Split", "Expand",
                    "ScatterElements", "ScatterND", "GatherElements"})
 # Ops whose output is no float of the step's own (shapes, masks, indices).
-NOT_FLOAT = frozenset({"Shape", "ConstantOfShape", "Range", "Equal", "Not", "Where", "Cast", "NonZero", "LessOrEqual",
-                       "And", "ReduceProd"})
+NOT_FLOAT = frozenset({"Shape", "ConstantOfShape", "Range", "Equal", "Not", "Where", "NonZero", "LessOrEqual", "And",
+                       "ReduceProd"})
 
 
 def autocast_types(graph: onnx.GraphProto) -> dict[str, str | None]:
@@ -52,6 +52,9 @@ def autocast_types(graph: onnx.GraphProto) -> dict[str, str | None]:
             made = "bf16"
         elif node.op_type in FP32_OPS:
             made = "fp32"
+        elif node.op_type == "Cast":  # .to(torch.float32) of a float, as the norms ask (else a mask's or an index's)
+            to_float = next(a.i for a in node.attribute if a.name == "to") == TensorProto.FLOAT
+            made = "fp32" if to_float and found[0] is not None else None
         elif node.op_type in NOT_FLOAT or node.op_type == "Constant":
             made = None
         elif node.op_type == "Gather":
