@@ -188,7 +188,7 @@ def names_without_slash(nodes: list[onnx.NodeProto], keep: set[str]) -> None:
 PORTABLE_TRAINING = "portable_training.onnx"
 PORTABLE_EVAL = "portable_eval.onnx"
 # A bf16, int8 or int4 base's portable graphs as OpenVINO's provider takes them (unordered_widening,
-# openvino_quantized.compressed_products); and every base's for --precision bf16 on OpenVINO, the same with bf16
+# openvino_quantized.compressed_products); and every base's for --precision bf16 on OpenVINO, the same with fp32
 # kept where autocast keeps it (openvino_precision), which costs OpenVINO's fp32 runs speed and memory.
 OPENVINO_TRAINING = "portable_training_openvino.onnx"
 OPENVINO_EVAL = "portable_eval_openvino.onnx"

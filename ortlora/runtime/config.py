@@ -81,8 +81,8 @@ class TrainConfig:
                               "instead of stopping")
     precision: str = _f("fp32", "bf16: the frozen model's matrix products in bf16 with fp32 accumulation where --ep "
                         "and the CPU have them (OpenVINO on a CPU with AVX512_BF16 or AMX; the CPU provider on Arm64 "
-                        "with BF16), the rest in fp32 as PyTorch's autocast; bf16-all: OpenVINO also rounds the "
-                        "other nodes to bf16 (faster, less accurate); elsewhere the run says why and trains in fp32. "
+                        "with BF16), fp32 where PyTorch's autocast keeps fp32 (norms, softmax, the residual stream); bf16-all: "
+                        "OpenVINO rounds every node it chooses (faster, less accurate); elsewhere the run says why and trains in fp32. "
                         "LoRA weights, AdamW and the loss stay fp32", choices=PRECISIONS)
     threads: int | None = _f(None, "intra-op threads (default: ONNX Runtime's choice, all cores)", valid=POSITIVE)
     epochs: int = _f(1, "passes over the training data (ignored when --max-steps is set)", valid=POSITIVE)

@@ -24,8 +24,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# bf16: the matrix products in bf16, everything else fp32 (PyTorch autocast's rule); bf16-all: also the other nodes
-# where the provider chooses to (OpenVINO's own rule: faster, less accurate; docs/performance.md)
+# bf16: bf16 where PyTorch's autocast rounds to it (the products and what follows from them alone), fp32 where it
+# keeps fp32; bf16-all: every node the provider chooses (OpenVINO's own rule: faster, less accurate; performance.md)
 PRECISIONS = ("fp32", "bf16", "bf16-all")
 ARM64_FASTMATH = "mlas.enable_gemm_fastmath_arm64_bfloat16"  # ONNX Runtime's session option (MLAS, Arm64 only)
 OPENVINO_BF16 = json.dumps({"CPU": {"INFERENCE_PRECISION_HINT": "bf16"}})  # OpenVINO's load_config
