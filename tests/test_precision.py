@@ -163,6 +163,38 @@ def test_openvino_bf16_against_pytorchs_autocast(fixture, request, tmp_path):
         assert ratios["bf16"][key] < ratios["bf16-all"][key], ratios
 
 
+@needs("openvino")
+def test_artifacts_without_the_bf16_graphs_run_bf16_as_bf16_all_and_say_so(artifacts, tmp_path):
+    """Artifacts built before openvino_precision.py's graphs train --precision bf16 on the default graphs, OpenVINO
+    rounding every node it chooses, and the route says so; with the graphs, bf16 runs them."""
+    import shutil
+
+    older = tmp_path / "older"
+    shutil.copytree(artifacts, older)
+    record = json.loads((older / "ortlora.json").read_text())
+    for role in ("portable_training", "portable_eval"):
+        del record["files"][f"{role}_openvino_bf16_model"]
+    (older / "ortlora.json").write_text(json.dumps(record))
+    report = run_in("openvino", f"""
+        import json
+        from pathlib import Path
+        from ortlora.manifest import Manifest
+        from ortlora.runtime.precision import resolve
+        from ortlora.runtime.session_backend import OrtSessionBackend
+        out = {{}}
+        for name in ("{artifacts}", "{older}"):
+            backend = OrtSessionBackend(Path(name), Manifest.load(Path(name)), ep="openvino",
+                                        precision=resolve("bf16", "openvino"))
+            out[name] = {{"how": backend.precision.how, "graph": Path(backend._roles["portable_training"]).name}}
+        print(json.dumps(out))
+    """)
+    now, before = report[str(artifacts)], report[str(older)]
+    assert now["graph"] == "portable_training_openvino_bf16.onnx" and "predate" not in now["how"], now
+    assert "where PyTorch's autocast rounds" in now["how"], now
+    assert before["graph"] == "portable_training.onnx", before
+    assert "these artifacts predate the graphs that keep fp32 there" in before["how"] and "rebuild" in before["how"], before
+
+
 def kept_by_openvinos_graphs(artifacts, role: str = "portable_training") -> tuple[set, set]:
     """(the tensors whose first element OpenVINO's graph of ``role`` outputs, those of its tensors that the weights
     alone make) for build/openvino_precision.py's checks."""

@@ -90,7 +90,7 @@ def resolve(asked: str, ep: str) -> Precision:
         if not has_bf16:
             return Precision(asked, "fp32", f"bf16 asked, fp32 runs: this CPU has {why}, so OpenVINO would compute "
                                             "in fp32 anyway")
-        where = "on every node it chooses" if asked == "bf16-all" else "kept to the matrix products"
+        where = "on every node it chooses" if asked == "bf16-all" else "where PyTorch's autocast rounds, fp32 elsewhere"
         return Precision(asked, "bf16", f"OpenVINO's INFERENCE_PRECISION_HINT bf16, {where} (the CPU has {why})",
                          provider_options={"load_config": OPENVINO_BF16})
     if ep == "cpu" and is_arm64():

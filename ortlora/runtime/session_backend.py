@@ -80,7 +80,7 @@ class OrtSessionBackend:
         as_autocast = provider == "openvino" and precision.runs == "bf16" and precision.asked == "bf16"
         if as_autocast and "portable_training_openvino_bf16_model" not in files:
             self.precision = precision = dataclasses.replace(
-                precision, how=f"{precision.how}; but these artifacts predate the graphs that keep it there, so "
+                precision, how=f"{precision.how}; but these artifacts predate the graphs that keep fp32 there, so "
                                "OpenVINO rounds every node it chooses, as with bf16-all (rebuild them)")
         own = ([f"{provider}_bf16"] if as_autocast else []) + ([provider] if provider in OWN_GRAPHS else [])
         self._roles = {role: next((files[f"{role}_{kind}_model"] for kind in own if f"{role}_{kind}_model" in files),
