@@ -164,8 +164,7 @@ class OrtTrainingBackend:
         return self._run(batch, training=False)
 
     def weights(self) -> dict[str, np.ndarray]:
-        # numpy() of a parameter's OrtValue is a view of ORT's buffer, which set_weights and the next step rewrite;
-        # so is its gradient's, which zero_grad and the next step rewrite.
+        # numpy() of a parameter's OrtValue is a view of ORT's buffer, which set_weights and the next step rewrite.
         return {name: param.data.numpy().copy() for name, param in self._params.items()}
 
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
@@ -174,6 +173,7 @@ class OrtTrainingBackend:
             self._params[name].copy_from(self._state, ort_value._ortvalue)
 
     def gradients(self) -> dict[str, np.ndarray]:
+        # Views too: zero_grad and the next step rewrite the gradient buffers.
         return {name: param.grad.numpy().copy() for name, param in self._params.items()}
 
     def zero_grad(self) -> None:
