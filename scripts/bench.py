@@ -207,10 +207,11 @@ def run_ort(system: str, args) -> dict:
 
         backend = OrtSessionBackend(artifacts, manifest, threads=args.threads)
     load = time.perf_counter() - start
-    batches = make_batches(vocab_size(artifacts), args.batch, args.seq, args.data, args.warmup + args.steps)
+    vocab = vocab_size(artifacts)
+    batches = make_batches(vocab, args.batch, args.seq, args.data, args.warmup + args.steps)
     if args.accuracy:  # before any step: the loss and gradients at probe_weights, then back to the build's weights
         initial, found = backend.weights(), {}
-        for k, batch in enumerate(make_batches(vocab_size(artifacts), args.batch, args.seq, args.data, ACCURACY_BATCHES)):
+        for k, batch in enumerate(make_batches(vocab, args.batch, args.seq, args.data, ACCURACY_BATCHES)):
             backend.set_weights(probe_weights(manifest))
             backend.zero_grad()
             found[f"{k}:loss"] = backend.train_step(batch)
@@ -264,15 +265,15 @@ def run_torch(args) -> dict:
         loss.backward()
         return loss
 
-    batches = make_batches(vocab_size(Path(args.artifacts)), args.batch, args.seq, args.data, args.warmup + args.steps)
+    vocab = vocab_size(Path(args.artifacts))
+    batches = make_batches(vocab, args.batch, args.seq, args.data, args.warmup + args.steps)
     if args.accuracy:  # as run_ort: the loss and gradients at probe_weights, by ONNX name, then the initial weights
         params = dict(model.named_parameters())
         keys = {p.onnx_name: p.peft_name.replace(f".lora_{p.kind}.weight", f".lora_{p.kind}.default.weight")
                 for p in manifest.parameters}  # PEFT's module names carry the adapter's
         initial = {name: params[key].detach().clone() for name, key in keys.items()}
         found = {}
-        for k, batch in enumerate(make_batches(vocab_size(Path(args.artifacts)), args.batch, args.seq, args.data,
-                                               ACCURACY_BATCHES)):
+        for k, batch in enumerate(make_batches(vocab, args.batch, args.seq, args.data, ACCURACY_BATCHES)):
             with torch.no_grad():
                 for name, value in probe_weights(manifest).items():
                     params[keys[name]].copy_(torch.from_numpy(value))

@@ -355,7 +355,6 @@ def test_openvino_trains_a_quantized_base_on_its_own_graphs(quantized, environme
 
 
 
-
 def test_openvinos_precision_output_reads_no_dequantized_matrix(quantized):
     """The output that keeps OpenVINO in fp32 where autocast is (openvino_precision.py) reads only what the step
     computes: a second reader of a dequantized matrix would keep OpenVINO from multiplying by the stored one."""
@@ -364,6 +363,7 @@ def test_openvinos_precision_output_reads_no_dequantized_matrix(quantized):
     for role in ("portable_training", "portable_eval"):
         kept, from_weights = kept_by_openvinos_graphs(quantized[0], role)
         assert kept and not kept & from_weights, role
+
 
 @pytest.mark.parametrize("environment", [pytest.param("openvino", marks=needs("openvino")),
                                          pytest.param("ep-openvino", marks=needs("ep-openvino"))])

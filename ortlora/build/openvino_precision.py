@@ -71,7 +71,6 @@ def fp32_as_autocast(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` with the output FP32_OUTPUT (module docstring)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
-    made_by = {out: node.op_type for node in graph.node for out in node.output if out}
     # Tensors computed from the step's inputs. What comes of weights alone (a bf16 base's widened matrices, an int8 /
     # int4 base's dequantized ones) is left to OpenVINO's own rules: a second reader of a dequantized matrix would
     # also keep its CPU plugin from multiplying by the stored one.
@@ -79,9 +78,9 @@ def fp32_as_autocast(model: onnx.ModelProto) -> onnx.ModelProto:
     for node in graph.node:  # in topological order
         if any(name in stepwise for name in node.input):
             stepwise.update(node.output)
-    kind = autocast_types(graph)
+    kind = autocast_types(graph)  # a product's output is bf16, a graph input (a LoRA weight) untyped: neither is kept
     read = dict.fromkeys(name for node in graph.node if node.op_type in PRODUCTS for name in node.input
-                         if name in stepwise and kind.get(name) == "fp32" and made_by.get(name) not in (None, *PRODUCTS))
+                         if name in stepwise and kind.get(name) == "fp32")
     if not read:
         return model
     flat, start, end = f"{PREFIX}.flat", f"{PREFIX}.start", f"{PREFIX}.end"
