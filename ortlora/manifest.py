@@ -3,15 +3,15 @@
 Torch-free. The build step writes it last, so a directory without it is not a finished build.
 
 ``Manifest.load`` checks what it can from the manifest alone, so that a hand-edited or damaged one is refused
-before anything trains on it: every field's type (SCHEMA); each frozen weight's place in frozen_weights.bin
-against its dtype and shape; the LoRA settings (rank, alpha and the patterns positive, scaling equal to what
-alpha and rank make, dropout and label smoothing in [0, 1)); and the LoRA parameters against them and against
-each other: at least one; names unique and the ones that layer, module and kind make; every module of
-``lora.targets`` in every adapted layer (``lora.layers``, else every layer of the base in the frozen layout) with
-its lora_A (rank, in) and lora_B (out, rank), and DoRA's magnitude (out) with --dora; in and out those of the
-module's base weight in the frozen layout (the model's dimensions the manifest records), or where there is none
-the same for one module in every layer; counts.trainable their sum; the portable training graph's inputs and
-gradient outputs (io) naming them in their order.
+before anything trains on it: every field's type (SCHEMA); each frozen weight's place in frozen_weights.bin against
+its dtype and shape, and each row view (frozen_views) against the matrix it is rows of; the LoRA settings (rank,
+alpha and the patterns positive, scaling equal to what alpha and rank make, dropout and label smoothing in [0, 1));
+and the LoRA parameters against them and against each other: at least one; names unique and the ones that layer,
+module and kind make; every module of ``lora.targets`` in every adapted layer (``lora.layers``, else every layer of
+the base in the frozen layout) with its lora_A (rank, in) and lora_B (out, rank), and DoRA's magnitude (out) with
+--dora; in and out those of the module's base weight in the frozen layout (the model's dimensions the manifest
+records), or where there is none the same for one module in every layer; counts.trainable their sum; the portable
+training graph's inputs and gradient outputs (io) naming them in their order.
 
 Checked where the files are opened, not here: the LoRA weights of ORT's checkpoint and initial_lora.safetensors
 and the LoRA inputs of the portable and decoder graphs against the manifest (runtime/backend.py,
@@ -71,6 +71,8 @@ SCHEMA = {
     "versions": dict,
     "artifact_id": str,
     "frozen?": {str: {"dtype": str, "shape": [int], "offset": int, "length": int}},
+    # rows [start, end) of a frozen matrix, read as a weight of their own: the vocabulary's chunks (quantize.row_views)
+    "frozen_views?": {str: {"of": str, "rows": [int]}},
     "extra?": dict,
 }
 KINDS = {int: "an integer", NUMBER: "a number", str: "a string", dict: "an object", bool: "true or false"}
@@ -111,6 +113,8 @@ class Manifest:
     format: int = FORMAT_VERSION
     # name -> dtype, shape, offset, length of every frozen weight in files["frozen_weights"]
     frozen: dict = field(default_factory=dict)
+    # name -> {"of": a frozen matrix, "rows": [start, end]}: the same bytes as that matrix's rows
+    frozen_views: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     def save(self, directory: Path) -> None:
@@ -207,6 +211,11 @@ def _value_problems(data: dict) -> list[str]:
             problems.append(f"frozen.{name} has a negative dimension or a misaligned offset")
         elif entry["length"] != needed:
             problems.append(f"frozen.{name} is {entry['length']} bytes long, its dtype and shape need {needed}")
+    for name, view in (data.get("frozen_views") or {}).items():
+        of, rows = frozen.get(view["of"]), view["rows"]
+        if name in frozen or of is None or len(of["shape"]) != 2 or of["dtype"] == "uint4" or len(rows) != 2 \
+                or not 0 <= rows[0] < rows[1] <= of["shape"][0]:
+            problems.append(f"frozen_views.{name} is not a range of rows of a frozen matrix")
     if problems:
         return problems
     # No two weights share bytes: an offset edited onto another weight would read its values in silence.

@@ -262,6 +262,12 @@ def nonfinite(arrays: dict[str, np.ndarray], block: int = 1 << 22) -> list[str]:
     return bad
 
 
+def views_of(weights: dict[str, np.ndarray], views: dict[str, dict]) -> dict[str, np.ndarray]:
+    """Each view (name -> {"of": a weight of ``weights``, "rows": [start, end]}, the manifest's frozen_views) as
+    those rows of that weight's array: the same memory, no copy."""
+    return {name: weights[view["of"]][view["rows"][0]: view["rows"][1]] for name, view in views.items()}
+
+
 def map_layout(path: Path, layout: dict[str, dict]) -> dict[str, np.ndarray]:
     """Map ``path`` read-only; the array of every weight in ``layout`` (name -> dtype, shape, offset,
     length in bytes), as the manifest describes frozen_weights.bin. A file shorter than the layout (a

@@ -86,14 +86,22 @@ def test_the_stored_matrices_are_the_checkpoints_bits_or_torchs_rounding(bf16_ba
 def test_every_use_widens_its_own_copy_when_it_is_needed(bf16_base):
     """No graph holds a float32 copy of a frozen matrix: each reader has a Cast of its own, which runs when the
     product's other operand is ready (it reads the matrix through a Reshape that depends on that operand), so
-    the float32 matrices do not all live at once; the vocabulary matrix is read in chunks of rows."""
+    the float32 matrices do not all live at once; the vocabulary matrix is read in chunks of rows, each an
+    initializer of its own over those rows' bytes of the file (no Slice copies them)."""
     artifacts, _, _ = bf16_base
     manifest = Manifest.load(artifacts)
+    head = "model.embed_tokens.weight" if "lm_head.weight" not in manifest.frozen else "lm_head.weight"
+    place = manifest.frozen[head]
+    row = place["length"] // place["shape"][0]
+    chunks = [v["rows"] for v in manifest.frozen_views.values() if v["of"] == head]  # of 100 or 200 rows
+    assert len(chunks) >= 3 and chunks[0][0] == 0 and chunks[-1][1] == place["shape"][0] == 512
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
     for role in ("training_model", "eval_model", "portable_training_model", "portable_eval_model",
                  "inference_model", "decoder_model"):
         model = onnx.load(str(artifacts / manifest.files[role]), load_external_data=False)
         initializers = {t.name: t for t in model.graph.initializer}
-        matrices = [n for n, p in manifest.frozen.items() if len(p["shape"]) == 2 and n in initializers]
+        matrices = [n for n, p in [*manifest.frozen.items(), *manifest.frozen_views.items()]
+                    if len(p.get("shape", [0, 0])) == 2 and n in initializers]
         assert matrices and all(initializers[n].data_type == onnx.TensorProto.BFLOAT16 for n in matrices), role
         nodes = list(all_nodes(model.graph))
         readers = [n for n in nodes if set(n.input) & set(matrices)]
@@ -101,9 +109,14 @@ def test_every_use_widens_its_own_copy_when_it_is_needed(bf16_base):
         constant = set(initializers) | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
         early = [n.name for n in readers if n.op_type != "Gather" and all(x in constant for x in n.input if x)]
         assert not early, (role, early[:3])
-        if role in ("training_model", "portable_training_model"):
-            head = "model.embed_tokens.weight" if "lm_head.weight" not in manifest.frozen else "lm_head.weight"
-            assert sum(n.op_type == "Slice" and n.input[0] == head for n in nodes) >= 2 * 3, role  # ceil(512 / 200)
+        assert not [n for n in nodes if n.op_type == "Slice" and n.input[0] == head], role
+        if role in ("training_model", "portable_training_model"):  # the head's product and its input gradient
+            views = {n: v for n, v in manifest.frozen_views.items() if v["of"] == head}
+            assert sum(n.op_type == "Reshape" and n.input[0] in views for n in nodes) == 2 * len(chunks), role
+            for name, view in views.items():
+                at = {e.key: int(e.value) for e in initializers[name].external_data if e.key != "location"}
+                assert at == {"offset": place["offset"] + view["rows"][0] * row,
+                              "length": (view["rows"][1] - view["rows"][0]) * row}, (role, name)
 
 
 @pytest.mark.parametrize("case", ["plain", "ignored", "padding"])

@@ -113,6 +113,10 @@ MANIFESTS = {
         lambda d: d["frozen"]["model.layers.1.self_attn.q_proj.weight.T"].update(
             offset=d["frozen"]["model.layers.0.self_attn.q_proj.weight.T"]["offset"]),
         "frozen.model.layers.1.self_attn.q_proj.weight.T overlaps frozen.model.layers.0.self_attn.q_proj.weight.T"),
+    "rows beyond their matrix": (lambda d: d.update(frozen_views={"head.rows0_9999": {
+        "of": "model.embed_tokens.weight", "rows": [0, 9999]}}), "frozen_views.head.rows0_9999 is not a range of rows"),
+    "rows of no frozen weight": (lambda d: d.update(frozen_views={"head.rows0_10": {"of": "lm_head", "rows": [0, 10]}}),
+                                 "frozen_views.head.rows0_10 is not a range of rows of a frozen matrix"),
     "the last layer dropped": (lambda d: [d.update(parameters=[p for p in d["parameters"] if p["layer"] == 0]),
                                           d["counts"].update(trainable=1792)],
                                "the parameters adapt layers [0], lora.layers says every layer ([0, 1])"),

@@ -80,9 +80,14 @@ def quantized(request, tmp_path_factory, tiny_model) -> tuple[Path, Path, str]:
             patch.setattr(quantize, "CHUNK_ROWS", chunk_rows)
         build(BuildOptions(model_dir=model, out_dir=out, bundle_base=True, base_precision=precision, block_size=BLOCK),
               echo=lambda *a, **k: None)
-    chunked = sum(n.op_type == "Slice" and n.input[0].endswith(quantize.QUANTIZED) for n in  # in the loss's Loop
-                  all_nodes(onnx.load(str(out / "training_model.onnx"), load_external_data=False).graph))
-    assert chunked == (0 if chunk_rows is None else 2 * -(-512 // chunk_rows)), chunked  # forward head and its gradient
+    graph = onnx.load(str(out / "training_model.onnx"), load_external_data=False).graph
+    views = {t.name for t in graph.initializer if t.name in Manifest.load(out).frozen_views
+             and t.name.endswith(quantize.QUANTIZED)}  # the head's chunks of rows
+    nodes = list(all_nodes(graph))
+    assert not [n for n in nodes if n.op_type == "Slice" and n.input[0].endswith(quantize.QUANTIZED)]  # no copies
+    chunked = sum(n.op_type == "Reshape" and n.input[0] in views for n in nodes)  # in the loss's Loop
+    assert len(views) == (0 if chunk_rows is None else -(-512 // chunk_rows)), views
+    assert chunked == 2 * len(views), chunked  # forward head and its gradient
     return out, dequantized_model(model, tmp_path_factory.mktemp("reference") / "model", precision), precision
 
 

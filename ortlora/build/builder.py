@@ -16,7 +16,7 @@ from ortlora import hub
 from ortlora.build import dense_loss, frozen_weights, portable_graph, training_artifacts
 from ortlora.build.export import stamp_ir_version
 from ortlora.build.model_dir import TOKENIZER_FILES, architecture, check_model_dir, expected_weights, source_dtype
-from ortlora.build.quantize import BLOCK_SIZE, PRECISIONS, QMAX
+from ortlora.build.quantize import BLOCK_SIZE, PRECISIONS, QMAX, row_views
 from ortlora.build.recompute import MODES as RECOMPUTE_MODES
 from ortlora.errors import OrtloraError
 from ortlora.files import byte_size
@@ -232,7 +232,8 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, variant: dic
         with tqdm(total=size, unit="B", unit_scale=True, leave=False, disable=None) as bar:
             frozen_weights.write(storage, places, stored_tensors(weight_files(options.model_dir)),
                                  staging / frozen_weights.FROZEN_WEIGHTS, bar.update)
-        references = frozen_weights.references(places)
+        views = row_views(places)
+        references = frozen_weights.references(places, views=views)
 
     with stages("generating training artifacts (gradient graph, optimizer, checkpoint)"):
         loss_model = graphs.pop("loss")
@@ -267,7 +268,7 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, variant: dic
             shutil.copytree(options.model_dir, staging / BUNDLED_BASE)
 
     with stages("checking that ONNX Runtime loads every artifact"):
-        _check_loads(staging, lora_names, places)
+        _check_loads(staging, lora_names, places, views)
 
     past_names, present_names = cache_names(config["num_hidden_layers"])
     files = {
@@ -330,6 +331,7 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, variant: dic
         parameters=[_describe(name, tuple(value.shape)) for name, value in lora_values.items()],
         files=files,
         frozen=places,
+        frozen_views=views,
         io={
             "training": {"inputs": ["input_ids", "attention_mask", "labels"], "outputs": ["loss"]},
             "inference": {"inputs": ["input_ids", "attention_mask", *lora_names], "outputs": ["logits"]},
@@ -380,7 +382,7 @@ def _check_lora_initializers(model, lora_values: dict) -> None:
         raise RuntimeError(f"export lost or reshaped LoRA weights: {bad[:3]}")
 
 
-def _check_loads(directory: Path, lora_names: list[str], places: dict[str, dict]) -> None:
+def _check_loads(directory: Path, lora_names: list[str], places: dict[str, dict], views: dict[str, dict]) -> None:
     """Create every session the runtime creates, as it does: the frozen weights mapped once and handed to
     each session (runtime/frozen.py), so ONNX Runtime reads none of them into memory of its own (left to
     itself, ORT's training API failed to allocate a 7B model's 28 GiB here)."""
@@ -389,9 +391,10 @@ def _check_loads(directory: Path, lora_names: list[str], places: dict[str, dict]
     from onnxruntime.capi import _pybind_state as C
 
     from ortlora.runtime.frozen import share_with
-    from ortlora.weights import map_layout
+    from ortlora.weights import map_layout, views_of
 
     weights = map_layout(directory / frozen_weights.FROZEN_WEIGHTS, places)
+    weights |= views_of(weights, views)
     shared = []  # the OrtValues over the mapping, which must outlive the sessions
 
     def options(frozen: bool = True):

@@ -182,10 +182,12 @@ def _entries(storage: dict[str, Stored]):
                 yield name + quantize.ZERO_POINT, ("uint4", (rows, width // stored.block))
 
 
-def references(places: dict[str, dict], location: str = FROZEN_WEIGHTS) -> dict[str, TensorProto]:
+def references(places: dict[str, dict], location: str = FROZEN_WEIGHTS,
+               views: dict[str, dict] | None = None) -> dict[str, TensorProto]:
     """Data-less TensorProtos that point into the file ``location``, one per weight of ``layout``; an int4
     matrix's bytes also as NAME.packed, uint8 [out, in / block, block / 2], the same bytes as MatMulNBits reads
-    them."""
+    them; and one per row view of ``views`` (quantize.row_views: name -> the weight it is of, its rows), at
+    its rows' bytes."""
     result = {}
 
     def point(name: str, dtype: str, dims: list[int], place: dict) -> None:
@@ -202,6 +204,11 @@ def references(places: dict[str, dict], location: str = FROZEN_WEIGHTS) -> dict[
             rows, width = place["shape"]
             blocks = places[matrix + quantize.SCALE]["shape"][1]
             point(matrix + quantize.PACKED, "uint8", [rows, blocks, width // blocks // 2], place)
+    for name, view in (views or {}).items():
+        place = places[view["of"]]
+        (start, end), row = view["rows"], place["length"] // place["shape"][0]
+        point(name, place["dtype"], [end - start, *place["shape"][1:]],
+              {"offset": place["offset"] + start * row, "length": (end - start) * row})
     return result
 
 

@@ -25,6 +25,10 @@ out (transposed where every reader transposes it) but for the vocabulary matrice
 so that they are read by rows and in chunks as the int8 ones are. Each reader gets a Cast to float32 of its
 own (``_widened``), ordered after the product's other operand as the dequantizations are: bfloat16 widens to
 float32 exactly, so ONNX Runtime computes on the very values PyTorch computes on after ``weight.float()``.
+
+A vocabulary matrix's chunks of rows (bf16 or int8) are initializers of their own, row views of the same bytes of
+``frozen_weights.bin`` (``row_views``; the manifest's ``frozen_views``): ONNX Runtime's Slice copies, so slicing
+the whole matrix cost a copy of every chunk before it was widened (0.5B bf16 base: 129 ms a step).
 """
 
 from __future__ import annotations
@@ -145,7 +149,7 @@ def dequantize_per_use(model: onnx.ModelProto, matrices: dict[str, tuple[str, in
         raise_opset(model)  # bf16 matrices need nothing past the export's opset
     graph = model.graph
     shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
-    count, shape_constants, packed, int8_blocks = 0, {}, set(), set()
+    count, shape_constants, packed, int8_blocks, viewed = 0, {}, set(), set(), set()
 
     def rewrite(graph_nodes) -> list[onnx.NodeProto]:
         nonlocal count
@@ -189,6 +193,7 @@ def dequantize_per_use(model: onnx.ModelProto, matrices: dict[str, tuple[str, in
                     break
                 if anchor is not None and matrices[name][0] in ("int8", BF16) and _chunkable(node, k, shapes[name][0]):
                     nodes += _product_in_row_chunks(node, name, matrices[name], anchor, shapes[name][0], out)
+                    viewed.add(name)
                     node = None
                     break
                 if matrices[name][0] == BF16:
@@ -241,9 +246,15 @@ def dequantize_per_use(model: onnx.ModelProto, matrices: dict[str, tuple[str, in
             continue
         out_features, in_features = shapes[value.name]
         precision, block = matrices[value.name]
+        views = [(row_view(value.name, start, end), end - start)
+                 for start, end in row_chunks(out_features)] if value.name in viewed else []
         if precision == BF16:
-            inputs.append(helper.make_tensor_value_info(value.name, TensorProto.BFLOAT16, [out_features, in_features]))
+            inputs += [helper.make_tensor_value_info(name, TensorProto.BFLOAT16, [rows, in_features])
+                       for name, rows in [(value.name, out_features), *views]]
             continue
+        inputs += [value for view, rows in views for value in (
+            helper.make_tensor_value_info(view + QUANTIZED, ONNX_TYPES[STORED[precision]], [rows, in_features]),
+            helper.make_tensor_value_info(view + SCALE, TensorProto.FLOAT, [rows, in_features // block]))]
         inputs += [helper.make_tensor_value_info(value.name + QUANTIZED, ONNX_TYPES[STORED[precision]],
                                                  [out_features, in_features]),
                    helper.make_tensor_value_info(value.name + SCALE, TensorProto.FLOAT,
@@ -265,8 +276,38 @@ def dequantize_per_use(model: onnx.ModelProto, matrices: dict[str, tuple[str, in
 CHUNK_ROWS = 16384
 
 
+def row_chunks(rows: int) -> list[tuple[int, int]]:
+    """The [start, end) row ranges a matrix of ``rows`` rows is read in: chunks of CHUNK_ROWS, for a matrix of
+    at least two chunks (the vocabulary's), else none."""
+    if rows < 2 * CHUNK_ROWS:
+        return []
+    return [(start, min(start + CHUNK_ROWS, rows)) for start in range(0, rows, CHUNK_ROWS)]
+
+
+def row_view(name: str, start: int, end: int) -> str:
+    """The name of the rows [start, end) of the stored matrix NAME (for an int8 one, of NAME.q and NAME.scale
+    both: ``row_view(NAME, ...) + QUANTIZED``)."""
+    return f"{name}.rows{start}_{end}"
+
+
+def row_views(places: dict[str, dict]) -> dict[str, dict]:
+    """View name -> {"of": stored tensor, "rows": [start, end]} for every chunk of rows of the vocabulary-sized
+    matrices that _product_in_row_chunks reads: a bf16 matrix NAME, or an int8 one's NAME.q and NAME.scale."""
+    views = {}
+    for name, place in places.items():
+        matrix, suffix = name, ""
+        for end in (QUANTIZED, SCALE):
+            if name.endswith(end) and places.get(name[: -len(end)] + QUANTIZED, {}).get("dtype") == "int8":
+                matrix, suffix = name[: -len(end)], end
+        if not (suffix or place["dtype"] == "bfloat16") or len(place["shape"]) != 2:
+            continue
+        for start, end in row_chunks(place["shape"][0]):
+            views[row_view(matrix, start, end) + suffix] = {"of": name, "rows": [start, end]}
+    return views
+
+
 def _chunkable(node: onnx.NodeProto, k: int, rows: int) -> bool:
-    if rows < 2 * CHUNK_ROWS or k != 1 or node.op_type not in ("Gemm", "MatMul", "FusedMatMul"):
+    if not row_chunks(rows) or k != 1 or node.op_type not in ("Gemm", "MatMul", "FusedMatMul"):
         return False
     a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
     plain = not a.get("transA", 0) and not a.get("transBatchA", 0) and not a.get("transBatchB", 0) \
@@ -279,8 +320,9 @@ def _product_in_row_chunks(node: onnx.NodeProto, name: str, matrix: tuple[str, i
     """``node``'s product with the int8 or bf16 matrix NAME ([rows, in]; ``matrix``: its precision and block)
     from chunks of CHUNK_ROWS rows, each dequantized (or widened) just before its product: with transB
     (A @ NAME^T, the LM head) the chunks' outputs are concatenated; without (A @ NAME, the head's input
-    gradient) A's matching columns are multiplied and summed. The slices start after ``anchor`` (see dequantize_per_use), so they are neither folded into
-    copies nor run early."""
+    gradient) A's matching columns are multiplied and summed. Each chunk is read from its row view
+    (``row_view``, an initializer of its own over the same bytes), through Reshapes whose shapes end in an
+    empty slice of ``anchor``'s Shape (see dequantize_per_use), so it is neither folded into a copy nor run early."""
     transposed = _attr(node, "transB", 0) == 1
     nodes = [helper.make_node("Shape", [anchor], [f"{out}/after"], start=0, end=0)]
 
@@ -289,28 +331,30 @@ def _product_in_row_chunks(node: onnx.NodeProto, name: str, matrix: tuple[str, i
                                       value=helper.make_tensor(f"{out}/{label}", TensorProto.INT64, [len(values)], values)))
         return f"{out}/{label}"
 
-    axis0, last = const("axis0", [0]), const("last", [-1])
-    if matrix[0] != BF16:
-        shapes = const("blocks", [0, -1, matrix[1]]), const("column", [0, -1, 1]), const("matrix", [0, -1])
+    def after(label: str, values: list[int]) -> str:
+        nodes.append(helper.make_node("Concat", [const(label, values), f"{out}/after"], [f"{out}/{label}_after"], axis=0))
+        return f"{out}/{label}_after"
+
+    if matrix[0] == BF16:
+        whole = after("matrix", [0, -1])
+    else:
+        shapes = after("blocks", [0, -1, matrix[1]]), after("column", [0, -1, 1]), const("matrix", [0, -1])
+    last = const("last", [-1])
     parts = []
-    for c, start in enumerate(range(0, rows, CHUNK_ROWS)):
-        end = const(f"end{c}", [min(start + CHUNK_ROWS, rows)])
-        begin = f"{out}/begin{c}"
-        nodes.append(helper.make_node("Concat", [const(f"start{c}", [start]), f"{out}/after"], [begin], axis=0))
-        q, scale, w = f"{out}/q{c}", f"{out}/scale{c}", f"{out}/w{c}"
+    for c, (start, end) in enumerate(row_chunks(rows)):
+        view, w = row_view(name, start, end), f"{out}/w{c}"
         if matrix[0] == BF16:
-            nodes += [helper.make_node("Slice", [name, begin, end, axis0], [q]),
-                      helper.make_node("Cast", [q], [w], to=TensorProto.FLOAT)]
+            nodes += [helper.make_node("Reshape", [view, whole], [f"{out}/bits{c}"]),
+                      helper.make_node("Cast", [f"{out}/bits{c}"], [w], to=TensorProto.FLOAT)]
         else:
-            nodes += [helper.make_node("Slice", [name + QUANTIZED, begin, end, axis0], [q]),
-                      helper.make_node("Slice", [name + SCALE, begin, end, axis0], [scale]),
-                      *_scaled_int8(q, scale, w, *shapes)]
+            nodes += _scaled_int8(view + QUANTIZED, view + SCALE, w, *shapes)
         part = f"{out}/part{c}"
         if transposed:
             nodes.append(helper.make_node("Gemm", [node.input[0], w], [part], transB=1))
         else:
             columns = f"{out}/columns{c}"
-            nodes += [helper.make_node("Slice", [node.input[0], begin, end, last], [columns]),
+            nodes += [helper.make_node("Slice", [node.input[0], const(f"start{c}", [start]), const(f"end{c}", [end]),
+                                                 last], [columns]),
                       helper.make_node("MatMul", [columns, w], [part])]
         parts.append(part)
     nodes.append(helper.make_node("Concat" if transposed else "Sum", parts, [node.output[0]], name=node.name or out,
@@ -355,8 +399,8 @@ def _scaled_int8(q: str, scale: str, out: str, blocks: str, column: str, matrix:
     block_size computes them (float(q) * scale, the same bits), spelled as Cast and a broadcast Mul: ONNX Runtime's
     blocked DequantizeLinear takes 7.3 ms for a [4864, 896] int8 matrix here, Cast and Mul 2.7 to 5.4 ms (it varies
     between runs; scripts/bench_quantized_products.py). ``blocks``, ``column``, ``matrix``: the shapes
-    [0, -1, block], [0, -1, 1], [0, -1]. ``q`` must not be a constant (here: a slice that starts after the step's
-    anchor), or ONNX Runtime would fold the Cast into a float32 copy."""
+    [0, -1, block], [0, -1, 1], [0, -1]. ``q`` or ``blocks`` must not be a constant (here: a shape that ends in an
+    empty slice of the step's anchor), or ONNX Runtime would fold the Cast into a float32 copy."""
     return [helper.make_node("Reshape", [q, blocks], [f"{out}/q_blocks"]),
             helper.make_node("Cast", [f"{out}/q_blocks"], [f"{out}/q_float"], to=TensorProto.FLOAT),
             helper.make_node("Reshape", [scale, column], [f"{out}/scale_column"]),

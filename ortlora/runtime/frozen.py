@@ -30,11 +30,12 @@ import numpy as np
 
 from ortlora.errors import REBUILD, OrtloraError, listing
 from ortlora.manifest import Manifest
-from ortlora.weights import is_bf16, map_layout, nonfinite
+from ortlora.weights import is_bf16, map_layout, nonfinite, views_of
 
 
 def map_frozen_weights(artifacts: Path, manifest: Manifest) -> dict[str, np.ndarray]:
-    """Every frozen weight by name, as a read-only array over the mapped file (empty for older builds), once
+    """Every frozen weight by name, as a read-only array over the mapped file (empty for older builds), and every
+    row view of one (the manifest's frozen_views, the vocabulary's chunks) as those rows of its array, once
     every float tensor (weights, norms, biases, a quantized base's scales) is checked to hold no NaN or infinity:
     a damaged copy of the right size is refused in one line instead of training or generating on it.
 
@@ -50,7 +51,7 @@ def map_frozen_weights(artifacts: Path, manifest: Manifest) -> dict[str, np.ndar
     if bad:
         raise OrtloraError(f"{path} holds NaN or infinite values in {listing(bad, 3)} (a damaged copy?); {REBUILD}")
     release_pages(path)  # the check read every page; the sessions map back what they read
-    return weights
+    return weights | views_of(weights, manifest.frozen_views)
 
 
 _MADV_DONTNEED = 4  # Linux's value (<sys/mman.h>)
