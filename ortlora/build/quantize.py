@@ -265,9 +265,22 @@ def dequantize_per_use(model: onnx.ModelProto, matrices: dict[str, tuple[str, in
         if value.name in packed:
             inputs.append(helper.make_tensor_value_info(value.name + PACKED, TensorProto.UINT8,
                                                         [out_features, in_features // block, block // 2]))
+    # A matrix read in chunks alone (an untied head) is no input of its own, only its row views are.
+    unread = {tensor for name in viewed for tensor in (name, name + QUANTIZED, name + SCALE)} - _names_read(graph.node)
     del graph.input[:]
-    graph.input.extend(inputs)
+    graph.input.extend(value for value in inputs if value.name not in unread)
     return count
+
+
+def _names_read(nodes) -> set[str]:
+    """Every tensor name the nodes and their subgraphs (a Loop's body) read."""
+    read = set()
+    for node in nodes:
+        read.update(node.input)
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                read |= _names_read(attribute.g.node)
+    return read
 
 
 # A matrix with this many rows or more (the vocabulary's) is dequantized for its products a chunk of rows
@@ -295,12 +308,11 @@ def row_views(places: dict[str, dict]) -> dict[str, dict]:
     matrices that _product_in_row_chunks reads: a bf16 matrix NAME, or an int8 one's NAME.q and NAME.scale."""
     views = {}
     for name, place in places.items():
-        matrix, suffix = name, ""
-        for end in (QUANTIZED, SCALE):
-            if name.endswith(end) and places.get(name[: -len(end)] + QUANTIZED, {}).get("dtype") == "int8":
-                matrix, suffix = name[: -len(end)], end
+        suffix = next((s for s in (QUANTIZED, SCALE) if name.endswith(s)
+                       and places.get(name[: -len(s)] + QUANTIZED, {}).get("dtype") == "int8"), "")
         if not (suffix or place["dtype"] == "bfloat16") or len(place["shape"]) != 2:
             continue
+        matrix = name[: len(name) - len(suffix)]
         for start, end in row_chunks(place["shape"][0]):
             views[row_view(matrix, start, end) + suffix] = {"of": name, "rows": [start, end]}
     return views
