@@ -160,9 +160,10 @@ def test_inference_and_decoder_logits_match_the_widened_base(bf16_base):
             del session, kept
 
 
-def test_training_resume_generation_and_every_export_work_on_a_bf16_base(bf16_base, tmp_path):
-    """Training resumes exactly; greedy generation gives transformers' tokens on the widened base with the same
-    adapter; the PEFT, merged, ONNX and ONNX-adapter exports run (merges read the original checkpoint)."""
+def test_training_resume_generation_and_every_export_work_on_a_bf16_base(bf16_base, tmp_path, capsys):
+    """Training resumes exactly, its header naming the bf16 base; greedy generation gives transformers' tokens on
+    the widened base with the same adapter; the PEFT, merged, ONNX and ONNX-adapter exports run (merges read the
+    original checkpoint)."""
 
     from ortlora.handoff import cli as export_cli
     from ortlora.runtime import cli as train_cli
@@ -172,6 +173,7 @@ def test_training_resume_generation_and_every_export_work_on_a_bf16_base(bf16_ba
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     assert train_cli.main(["--artifacts", str(artifacts), "--out", str(full), "--max-steps", "4", "--save-every", "2",
                            "--lr", "0.02", "--no-progress", "--no-plot"]) == 0
+    assert " stored as bf16; LoRA r=8 on " in capsys.readouterr().out.splitlines()[0]
     assert train_cli.main(["--resume", str(full / "checkpoint-2"), "--out", str(resumed), "--no-progress",
                            "--no-plot"]) == 0
     assert_same_adapters(full / "checkpoint-4", resumed / "checkpoint-4")

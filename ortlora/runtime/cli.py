@@ -252,6 +252,8 @@ def run(args: argparse.Namespace) -> tuple[int, Path, Path]:
                                          reads=[artifacts, *reads])
     manifest = Manifest.load(artifacts)
     base_model = str(manifest.base_model_dir(artifacts).resolve())
+    stored = manifest.model.get("base_precision", "fp32")  # the frozen matrices as the build stored them
+    base_model += "" if stored == "fp32" else f" stored as {stored}"
     print(f"ortlora-train: {artifacts} (base model {base_model}; LoRA r={manifest.lora['rank']} on "
           f"{', '.join(manifest.lora['targets'])}), data {c.data}", flush=True)
     limit = manifest.context_length(artifacts)
