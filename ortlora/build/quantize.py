@@ -37,6 +37,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from ortlora.build.chunked_loss import read_names
+
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
 BF16 = "bf16"
 BLOCK_SIZE = 32
@@ -266,21 +268,11 @@ def dequantize_per_use(model: onnx.ModelProto, matrices: dict[str, tuple[str, in
             inputs.append(helper.make_tensor_value_info(value.name + PACKED, TensorProto.UINT8,
                                                         [out_features, in_features // block, block // 2]))
     # A matrix read in chunks alone (an untied head) is no input of its own, only its row views are.
-    unread = {tensor for name in viewed for tensor in (name, name + QUANTIZED, name + SCALE)} - _names_read(graph.node)
+    read = {name for node in graph.node for name in read_names(node)}
+    unread = {tensor for name in viewed for tensor in (name, name + QUANTIZED, name + SCALE)} - read
     del graph.input[:]
     graph.input.extend(value for value in inputs if value.name not in unread)
     return count
-
-
-def _names_read(nodes) -> set[str]:
-    """Every tensor name the nodes and their subgraphs (a Loop's body) read."""
-    read = set()
-    for node in nodes:
-        read.update(node.input)
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                read |= _names_read(attribute.g.node)
-    return read
 
 
 # A matrix with this many rows or more (the vocabulary's) is dequantized for its products a chunk of rows
