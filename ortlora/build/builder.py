@@ -16,7 +16,7 @@ from ortlora import hub
 from ortlora.build import dense_loss, frozen_weights, portable_graph, training_artifacts
 from ortlora.build.export import stamp_ir_version
 from ortlora.build.model_dir import TOKENIZER_FILES, architecture, check_model_dir, expected_weights, source_dtype
-from ortlora.build.quantize import BLOCK_SIZE, PRECISIONS, QMAX, row_views
+from ortlora.build.quantize import BLOCK_SIZE, PRECISIONS, QMAX, chunks_by_matrix, row_views
 from ortlora.build.recompute import MODES as RECOMPUTE_MODES
 from ortlora.errors import OrtloraError
 from ortlora.files import byte_size
@@ -242,7 +242,7 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, variant: dic
         stamp_ir_version(loss_model)
         lora_arrays = {name: value.numpy() for name, value in lora_values.items()}
         whole_head = training_artifacts.generate(loss_model, lora_arrays, references, staging,
-                                                  options.label_smoothing, options.recompute)
+                                                  options.label_smoothing, options.recompute, chunks_by_matrix(views))
 
     with stages("writing the portable training graph (standard ONNX for any onnxruntime)"):
         frozen_weights.attach(loss_model, references)

@@ -16,6 +16,12 @@ CHUNK_ROWS rows. Each iteration computes its chunk's logits, log-probabilities, 
 [rows, vocab] tensors exist at a time, the products are the ones the backward pass computed before (no
 recompute), and loss and gradients are the same numbers (tests/test_chunked_loss.py).
 
+A head stored in chunks of rows (a bf16 or int8 base's vocabulary matrix, read through its row views:
+quantize.row_views) is also used a chunk of the vocabulary at a time (``_by_vocabulary_chunks``): each
+vocabulary chunk's logits are kept, the log-sum-exp is taken over them, and the label's logit, the smoothing
+sum and the gradient's softmax @ W come chunk by chunk, so no [rows, vocab] tensor is formed (0.5B bf16 base,
+2 x 128: peak 2,087 -> 1,924 MB). A float32 head is multiplied whole, as before.
+
 Chunks are of equal size (a Loop's outputs are stacked), ceil(N / chunks) rows, the last padded with
 ignored rows: at most chunks - 1 rows of padding. Tensors the Loop's body reads from the graph are
 named without "/" (portable_graph.names_without_slash renames only the graph's own).
@@ -38,12 +44,16 @@ PRODUCTS = ("Gemm", "MatMul")
 PREFIX = "head_chunks"
 
 
-def chunk_head_loss(model: onnx.ModelProto, label_smoothing: float, chunk_rows: int | None = None) -> None:
+def chunk_head_loss(model: onnx.ModelProto, label_smoothing: float, chunk_rows: int | None = None,
+                    vocabulary_chunks: dict[str, list[tuple[str, int, int]]] | None = None) -> None:
     """Compute the graph's loss output (and, where the graph has it, the head input's gradient) in chunks.
 
     ``model``: the exported loss graph, ORT's eval model or ORT's training model, before
     spell_out_slow_kernels. ``label_smoothing``: the loss's, as exported (export.CausalLMLoss).
-    ``chunk_rows``: at most this many rows a chunk (default CHUNK_ROWS).
+    ``chunk_rows``: at most this many rows a chunk (default CHUNK_ROWS). ``vocabulary_chunks``: for a head
+    matrix [vocab, hidden] stored in chunks of rows (a bf16 or int8 base's row views, quantize.row_views), its
+    chunks as (view name, start, end): each row chunk's logits are then computed and used a vocabulary chunk
+    at a time (``_by_vocabulary_chunks``), and the views become graph inputs.
     """
     chunk_rows = chunk_rows or CHUNK_ROWS
     graph = model.graph
@@ -68,9 +78,14 @@ def chunk_head_loss(model: onnx.ModelProto, label_smoothing: float, chunk_rows: 
     loss = graph.output[0].name
     gradient = rows + "_grad" if rows + "_grad" in producer else None
 
+    views = (vocabulary_chunks or {}).get(weight) if not transposed else None
+    for view, start, end in views or []:
+        if view not in {i.name for i in graph.input}:
+            graph.input.append(helper.make_tensor_value_info(view, TensorProto.FLOAT, [end - start, hidden]))
     e = _Nodes()
     forward = _forward(e, rows, ce.input[1], weight, transposed, vocab, hidden, label_smoothing,
-                       int(a.get("ignore_index", -100)), chunk_rows, with_gradient=gradient is not None, loss=loss)
+                       int(a.get("ignore_index", -100)), chunk_rows, with_gradient=gradient is not None, loss=loss,
+                       views=views)
     backward = []
     if gradient is not None:
         seed = loss + "_grad"
@@ -92,9 +107,10 @@ def chunk_head_loss(model: onnx.ModelProto, label_smoothing: float, chunk_rows: 
 
 
 def _forward(e: "_Nodes", rows: str, targets: str, weight: str, transposed: bool, vocab: int, hidden: int,
-             smoothing: float, ignore: int, chunk_rows: int, with_gradient: bool, loss: str) -> dict[str, str]:
+             smoothing: float, ignore: int, chunk_rows: int, with_gradient: bool, loss: str,
+             views: list[tuple[str, int, int]] | None = None) -> dict[str, str]:
     """The Loop and the loss; returns the names of the labelled-row count and (with_gradient) of the
-    [N, hidden] gradient of the summed loss terms."""
+    [N, hidden] gradient of the summed loss terms. ``views``: the head's chunks of rows, see chunk_head_loss."""
     flat = e("Reshape", [rows, e.const([-1, hidden])])
     count_rows = e("Shape", [targets])  # [N]
     chunks = e("Max", [e("Div", [e("Add", [count_rows, e.const([chunk_rows - 1])]), e.const([chunk_rows])]),
@@ -114,23 +130,29 @@ def _forward(e: "_Nodes", rows: str, targets: str, weight: str, transposed: bool
     valid = body("Not", [body("Equal", [labels, body.const([ignore])])])
     labels = body("Where", [valid, labels, body.const([0])])
     weight_of_row = body("Unsqueeze", [body("Cast", [valid], to=TensorProto.FLOAT), body.const([1])])  # [rows, 1]
-    logits = body("MatMul", [chunk, weight]) if transposed else body("Gemm", [chunk, weight], transB=1)
-    log_prob = body("LogSoftmax", [logits], axis=1)
-    picked = body("GatherElements", [log_prob, body("Unsqueeze", [labels, body.const([1])])], axis=1)  # [rows, 1]
+    if views:
+        picked, spread, prob_times_head = _by_vocabulary_chunks(body, chunk, labels, views, vocab, smoothing,
+                                                                with_gradient)
+    else:
+        logits = body("MatMul", [chunk, weight]) if transposed else body("Gemm", [chunk, weight], transB=1)
+        log_prob = body("LogSoftmax", [logits], axis=1)
+        picked = body("GatherElements", [log_prob, body("Unsqueeze", [labels, body.const([1])])], axis=1)  # [rows, 1]
+        spread = body("ReduceSum", [log_prob, body.const([1])], keepdims=1) if smoothing else None
     terms = body("Mul", [picked, body.const(-(1.0 - smoothing), np.float32)])
     if smoothing:
-        spread = body("ReduceSum", [log_prob, body.const([1])], keepdims=1)
         terms = body("Sub", [terms, body("Mul", [spread, body.const(smoothing / vocab, np.float32)])])
     outputs = [body("Identity", [cond]), body("Mul", [terms, weight_of_row])]
     if with_gradient:
-        prob = body("Exp", [log_prob])
-        if smoothing:
-            prob = body("Sub", [prob, body.const(smoothing / vocab, np.float32)])
+        if views:
+            through_head = prob_times_head
+        else:
+            prob = body("Exp", [log_prob])
+            if smoothing:
+                prob = body("Sub", [prob, body.const(smoothing / vocab, np.float32)])
+            through_head = body("Gemm", [prob, weight], transB=1) if transposed else body("MatMul", [prob, weight])
         if transposed:
-            through_head = body("Gemm", [prob, weight], transB=1)
             at_label = body("Transpose", [body("Gather", [weight, labels], axis=1)], perm=[1, 0])
         else:
-            through_head = body("MatMul", [prob, weight])
             at_label = body("Gather", [weight, labels], axis=0)
         if smoothing:
             at_label = body("Mul", [at_label, body.const(1.0 - smoothing, np.float32)])
@@ -154,6 +176,42 @@ def _forward(e: "_Nodes", rows: str, targets: str, weight: str, transposed: bool
         gradient = e("Reshape", [stacked[1], e.const([-1, hidden])])
         result["gradient"] = e("Slice", [gradient, zero, count_rows, zero])
     return result
+
+
+def _by_vocabulary_chunks(body: "_Nodes", chunk: str, labels: str, views: list[tuple[str, int, int]], vocab: int,
+                          smoothing: float, with_gradient: bool) -> tuple[str, str | None, str | None]:
+    """A row chunk's log-probability at each label [rows, 1], the sum of its log-probabilities over the vocabulary
+    [rows, 1] (with ``smoothing``), and (``with_gradient``) (softmax - smoothing / vocab) @ W [rows, hidden], from
+    the head's chunks of rows W_c (``views``: name, start, end) without a [rows, vocab] tensor: each chunk's
+    logits z_c = chunk @ W_c^T are kept, and log-sum-exp is max + log(sum_c sum exp(z_c - max)). Against the whole
+    product, concatenating the chunks' logits and a log-softmax over them: no concatenation, no [rows, vocab]
+    log-probabilities or probabilities, and W_c read once for the logits and once for the gradient as before."""
+    one = body.const([1])
+    logits = [(body("Gemm", [chunk, view], transB=1), start, end) for view, start, end in views]
+    top = body("Max", [body("ReduceMax", [z], axes=[1], keepdims=1) for z, _, _ in logits])  # [rows, 1]
+    total = body("Sum", [body("ReduceSum", [body("Exp", [body("Sub", [z, top])]), one], keepdims=1)
+                         for z, _, _ in logits])
+    lse = body("Add", [top, body("Log", [total])])
+    at_label = []  # each chunk's logit at the labels that fall in it, 0 elsewhere
+    for z, start, end in logits:
+        shifted = body("Sub", [labels, body.const(start)])
+        inside = body("And", [body("GreaterOrEqual", [shifted, body.const(0)]),
+                              body("Less", [shifted, body.const(end - start)])])
+        index = body("Unsqueeze", [body("Where", [inside, shifted, body.const(0)]), one])
+        at_label.append(body("Where", [body("Unsqueeze", [inside, one]),
+                                       body("GatherElements", [z, index], axis=1), body.const(0.0, np.float32)]))
+    picked = body("Sub", [body("Sum", at_label), lse])
+    spread = body("Sub", [body("Sum", [body("ReduceSum", [z, one], keepdims=1) for z, _, _ in logits]),
+                          body("Mul", [lse, body.const(float(vocab), np.float32)])]) if smoothing else None
+    if not with_gradient:
+        return picked, spread, None
+    parts = []
+    for (z, _, _), (view, _, _) in zip(logits, views):
+        prob = body("Exp", [body("Sub", [z, lse])])
+        if smoothing:
+            prob = body("Sub", [prob, body.const(smoothing / vocab, np.float32)])
+        parts.append(body("MatMul", [prob, view]))
+    return picked, spread, body("Sum", parts)
 
 
 class _Nodes:

@@ -106,8 +106,16 @@ def raise_opset(model: onnx.ModelProto) -> None:
     added later in the opset-17 spelling (portable_ops' rewrites) are brought along by calling it again.
     """
     next(o for o in model.opset_import if o.domain in ("", "ai.onnx")).version = OPSET
+    _axes_as_inputs(model.graph)
+
+
+def _axes_as_inputs(graph: onnx.GraphProto) -> None:
+    """raise_opset's rewrite of ``graph`` and of its subgraphs (the chunked loss's Loop body)."""
     nodes = []
-    for node in model.graph.node:
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                _axes_as_inputs(attribute.g)
         axes = next((a for a in node.attribute if a.name == "axes"), None)
         if node.domain in ("", "ai.onnx") and node.op_type in AXES_AS_INPUT and axes is not None:
             name = f"{node.name or node.output[0]}/axes"
@@ -116,8 +124,8 @@ def raise_opset(model: onnx.ModelProto) -> None:
             node.attribute.remove(axes)
             node.input.append(name)
         nodes.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _zero_point(name: str, matrices: dict[str, tuple[str, int]]) -> list[str]:
@@ -267,11 +275,12 @@ def dequantize_per_use(model: onnx.ModelProto, matrices: dict[str, tuple[str, in
         if value.name in packed:
             inputs.append(helper.make_tensor_value_info(value.name + PACKED, TensorProto.UINT8,
                                                         [out_features, in_features // block, block // 2]))
-    # A matrix read in chunks alone (an untied head) is no input of its own, only its row views are.
+    # A matrix read in chunks alone (an untied head outside the training graphs) is no input of its own, only its
+    # row views are: of the stored tensors, the graph keeps the ones a node reads.
     read = {name for node in graph.node for name in read_names(node)}
-    unread = {tensor for name in viewed for tensor in (name, name + QUANTIZED, name + SCALE)} - read
+    others = {value.name for value in graph.input if value.name not in matrices}
     del graph.input[:]
-    graph.input.extend(value for value in inputs if value.name not in unread)
+    graph.input.extend(value for value in inputs if value.name in others or value.name in read)
     return count
 
 
@@ -308,6 +317,17 @@ def row_views(places: dict[str, dict]) -> dict[str, dict]:
         for start, end in row_chunks(place["shape"][0]):
             views[row_view(matrix, start, end) + suffix] = {"of": name, "rows": [start, end]}
     return views
+
+
+def chunks_by_matrix(views: dict[str, dict]) -> dict[str, list[tuple[str, int, int]]]:
+    """Matrix (a graph's input name) -> its row views as (name, start, end), from ``row_views``' result: a bf16
+    matrix's views, or an int8 one's by the name whose .q and .scale they are."""
+    result: dict[str, list[tuple[str, int, int]]] = {}
+    for name, view in views.items():
+        if not name.endswith(SCALE):
+            matrix, (start, end) = view["of"].removesuffix(QUANTIZED), view["rows"]
+            result.setdefault(matrix, []).append((row_view(matrix, start, end), start, end))
+    return result
 
 
 def _chunkable(node: onnx.NodeProto, k: int, rows: int) -> bool:

@@ -33,7 +33,8 @@ CHECKPOINT = "checkpoint"
 
 
 def generate(loss_model: onnx.ModelProto, lora: dict[str, np.ndarray], frozen: dict[str, TensorProto],
-             out_dir: Path, label_smoothing: float = 0.0, recompute: str = "none") -> onnx.ModelProto:
+             out_dir: Path, label_smoothing: float = 0.0, recompute: str = "none",
+             vocabulary_chunks: dict[str, list[tuple[str, int, int]]] | None = None) -> onnx.ModelProto:
     """Write the training, eval and optimizer models and the checkpoint into ``out_dir``.
 
     ``loss_model`` holds the initial LoRA weights as initializers, the trainable parameters (``lora``:
@@ -49,7 +50,9 @@ def generate(loss_model: onnx.ModelProto, lora: dict[str, np.ndarray], frozen: d
     CPU and CUDA. Returned: the training model with the loss whole and the head's gradient fused
     (head_gradient.py), which the portable graph is made from: OpenVINO's provider cannot take the Loop
     (its ONNX reader finds no tensor a Loop body reads from the graph). ``recompute`` "layers": both
-    training graphs recompute each decoder layer in the backward pass (recompute.py).
+    training graphs recompute each decoder layer in the backward pass (recompute.py). ``vocabulary_chunks``: a
+    bf16 or int8 head's row views by matrix (quantize.chunks_by_matrix), which the chunked loss reads a chunk
+    at a time.
     """
     from onnxruntime.training import artifacts
 
@@ -69,7 +72,7 @@ def generate(loss_model: onnx.ModelProto, lora: dict[str, np.ndarray], frozen: d
         if name == EVAL_MODEL:
             disable_dropout(model)
         if name != OPTIMIZER_MODEL:
-            chunk_head_loss(model, label_smoothing)
+            chunk_head_loss(model, label_smoothing, vocabulary_chunks=vocabulary_chunks)
         if name == TRAINING_MODEL and recompute == "layers":
             recompute_layers(model)
         onnx.save(finish(model, frozen), str(out_dir / name))
