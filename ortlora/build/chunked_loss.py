@@ -16,11 +16,11 @@ CHUNK_ROWS rows. Each iteration computes its chunk's logits, log-probabilities, 
 [rows, vocab] tensors exist at a time, the products are the ones the backward pass computed before (no
 recompute), and loss and gradients are the same numbers (tests/test_chunked_loss.py).
 
-A head stored in chunks of rows (a bf16 or int8 base's vocabulary matrix, read through its row views:
-quantize.row_views) is also used a chunk of the vocabulary at a time (``_by_vocabulary_chunks``): each
-vocabulary chunk's logits are kept, the log-sum-exp is taken over them, and the label's logit, the smoothing
-sum and the gradient's softmax @ W come chunk by chunk, so no [rows, vocab] tensor is formed (0.5B bf16 base,
-2 x 128: peak 2,087 -> 1,924 MB). A float32 head is multiplied whole, as before.
+A head stored [vocab, hidden] with row views (quantize.row_views: the vocabulary's chunks of rows, of any base)
+is also used a chunk of the vocabulary at a time (``_by_vocabulary_chunks``): each vocabulary chunk's logits
+are kept, the log-sum-exp is taken over them, and the label's logit, the smoothing sum and the gradient's
+softmax @ W come chunk by chunk, so no [rows, vocab] tensor is formed (0.5B, 2 x 128: peak 2,876 -> 2,766 MB
+with an fp32 base, 2,087 -> 1,924 MB with a bf16 one).
 
 Chunks are of equal size (a Loop's outputs are stacked), ceil(N / chunks) rows, the last padded with
 ignored rows: at most chunks - 1 rows of padding. Tensors the Loop's body reads from the graph are
@@ -51,8 +51,7 @@ def chunk_head_loss(model: onnx.ModelProto, label_smoothing: float, chunk_rows: 
     ``model``: the exported loss graph, ORT's eval model or ORT's training model, before
     spell_out_slow_kernels. ``label_smoothing``: the loss's, as exported (export.CausalLMLoss).
     ``chunk_rows``: at most this many rows a chunk (default CHUNK_ROWS). ``vocabulary_chunks``: for a head
-    matrix [vocab, hidden] stored in chunks of rows (a bf16 or int8 base's row views, quantize.row_views), its
-    chunks as (view name, start, end): each row chunk's logits are then computed and used a vocabulary chunk
+    matrix [vocab, hidden] with row views (quantize.row_views), its chunks as (view name, start, end): each row chunk's logits are then computed and used a vocabulary chunk
     at a time (``_by_vocabulary_chunks``), and the views become graph inputs.
     """
     chunk_rows = chunk_rows or CHUNK_ROWS

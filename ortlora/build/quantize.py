@@ -26,9 +26,10 @@ so that they are read by rows and in chunks as the int8 ones are. Each reader ge
 own (``_widened``), ordered after the product's other operand as the dequantizations are: bfloat16 widens to
 float32 exactly, so ONNX Runtime computes on the very values PyTorch computes on after ``weight.float()``.
 
-A vocabulary matrix's chunks of rows (bf16 or int8) are initializers of their own, row views of the same bytes of
+A vocabulary matrix's chunks of rows are initializers of their own, row views of the same bytes of
 ``frozen_weights.bin`` (``row_views``; the manifest's ``frozen_views``): ONNX Runtime's Slice copies, so slicing
-the whole matrix cost a copy of every chunk before it was widened (0.5B bf16 base: 129 ms a step).
+the whole matrix cost a copy of every chunk before it was widened (0.5B bf16 base: 129 ms a step). The chunked
+loss reads a float32 head by the same views (chunked_loss.py).
 """
 
 from __future__ import annotations
@@ -306,12 +307,13 @@ def row_view(name: str, start: int, end: int) -> str:
 
 def row_views(places: dict[str, dict]) -> dict[str, dict]:
     """View name -> {"of": stored tensor, "rows": [start, end]} for every chunk of rows of the vocabulary-sized
-    matrices that _product_in_row_chunks reads: a bf16 matrix NAME, or an int8 one's NAME.q and NAME.scale."""
+    matrices stored [vocab, hidden] (which _product_in_row_chunks and the chunked loss read in chunks): a float32
+    or bf16 matrix NAME, or an int8 one's NAME.q and NAME.scale."""
     views = {}
     for name, place in places.items():
         suffix = next((s for s in (QUANTIZED, SCALE) if name.endswith(s)
                        and places.get(name[: -len(s)] + QUANTIZED, {}).get("dtype") == "int8"), "")
-        if not (suffix or place["dtype"] == "bfloat16") or len(place["shape"]) != 2:
+        if not (suffix or place["dtype"] in ("bfloat16", "float32")) or len(place["shape"]) != 2:
             continue
         matrix = name[: len(name) - len(suffix)]
         for start, end in row_chunks(place["shape"][0]):

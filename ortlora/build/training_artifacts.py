@@ -50,9 +50,8 @@ def generate(loss_model: onnx.ModelProto, lora: dict[str, np.ndarray], frozen: d
     CPU and CUDA. Returned: the training model with the loss whole and the head's gradient fused
     (head_gradient.py), which the portable graph is made from: OpenVINO's provider cannot take the Loop
     (its ONNX reader finds no tensor a Loop body reads from the graph). ``recompute`` "layers": both
-    training graphs recompute each decoder layer in the backward pass (recompute.py). ``vocabulary_chunks``: a
-    bf16 or int8 head's row views by matrix (quantize.chunks_by_matrix), which the chunked loss reads a chunk
-    at a time.
+    training graphs recompute each decoder layer in the backward pass (recompute.py). ``vocabulary_chunks``: the
+    head's row views by matrix (quantize.chunks_by_matrix), which the chunked loss reads a chunk at a time.
     """
     from onnxruntime.training import artifacts
 
