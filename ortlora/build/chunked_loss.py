@@ -51,8 +51,9 @@ def chunk_head_loss(model: onnx.ModelProto, label_smoothing: float, chunk_rows: 
     ``model``: the exported loss graph, ORT's eval model or ORT's training model, before
     spell_out_slow_kernels. ``label_smoothing``: the loss's, as exported (export.CausalLMLoss).
     ``chunk_rows``: at most this many rows a chunk (default CHUNK_ROWS). ``vocabulary_chunks``: for a head
-    matrix [vocab, hidden] with row views (quantize.row_views), its chunks as (view name, start, end): each row chunk's logits are then computed and used a vocabulary chunk
-    at a time (``_by_vocabulary_chunks``), and the views become graph inputs.
+    matrix [vocab, hidden] with row views (quantize.row_views), its chunks as (view name, start, end): each row
+    chunk's logits are then computed and used a vocabulary chunk at a time (``_by_vocabulary_chunks``), and the
+    views become graph inputs.
     """
     chunk_rows = chunk_rows or CHUNK_ROWS
     graph = model.graph
