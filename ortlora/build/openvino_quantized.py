@@ -64,10 +64,7 @@ def compressed_products(model: onnx.ModelProto) -> onnx.ModelProto:
         return name
 
     def source_matrix(tensor: str) -> str | None:
-        """The stored matrix NAME.q that ``tensor`` is (or a Slice of rows of), else None."""
-        node = producer.get(tensor)
-        while node is not None and node.op_type in ("Slice", "Identity"):
-            tensor, node = node.input[0], producer.get(node.input[0])
+        """The stored matrix NAME.q (or a vocabulary chunk's row view of one) that ``tensor`` is, else None."""
         return tensor if tensor in stored and len(stored[tensor].dims) == 2 else None
 
     matrices: dict[str, str] = {}  # dequantized tensor -> the NAME.q it reads

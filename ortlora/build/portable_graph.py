@@ -247,7 +247,7 @@ def frozen_precision(frozen: dict[str, TensorProto]) -> str:
 
 
 def unordered_widening(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of a bf16 base's graph in which each Cast (or chunk Slice) reads its matrix directly, not through
+    """A copy of a bf16 base's graph in which each Cast reads its matrix (or row view) directly, not through
     the empty slice of another tensor's Shape that orders it after its product's other operand
     (quantize._widened). ONNX Runtime's CPU provider needs that order; OpenVINO's provider compiles the graph
     whole and fails on it (an empty tensor crossing from a CPU-provider node into an OpenVINO subgraph:
