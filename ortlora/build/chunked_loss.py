@@ -79,9 +79,9 @@ def chunk_head_loss(model: onnx.ModelProto, label_smoothing: float, chunk_rows: 
     gradient = rows + "_grad" if rows + "_grad" in producer else None
 
     views = (vocabulary_chunks or {}).get(weight) if not transposed else None
-    for view, start, end in views or []:
-        if view not in {i.name for i in graph.input}:
-            graph.input.append(helper.make_tensor_value_info(view, TensorProto.FLOAT, [end - start, hidden]))
+    inputs = {i.name for i in graph.input}
+    graph.input.extend(helper.make_tensor_value_info(view, TensorProto.FLOAT, [end - start, hidden])
+                       for view, start, end in views or [] if view not in inputs)
     e = _Nodes()
     forward = _forward(e, rows, ce.input[1], weight, transposed, vocab, hidden, label_smoothing,
                        int(a.get("ignore_index", -100)), chunk_rows, with_gradient=gradient is not None, loss=loss,
