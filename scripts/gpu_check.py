@@ -3,23 +3,24 @@ PyTorch + PEFT on the same GPU, in a few minutes, written to one JSON report.
 
     python scripts/gpu_check.py --wheels WHEELHOUSE [--shape qwen2.5-0.5b] [--out gpu_check.json]
 
-For a machine with an NVIDIA GPU, CUDA 13, PyTorch and the plain onnxruntime (1.30) installed and no package
-registry: everything else comes from WHEELHOUSE, a folder of wheels that travels with the repository:
-onnxruntime_ep_webgpu-0.4.0 (needs libvulkan.so.1) with onnxruntime 1.31 or later (1.30 does not report the nodes
-a plugin runs), onnxruntime_gpu-1.31.x (links CUDA 13), and for the build onnxruntime_training_cpu-1.19.2,
-onnx-1.23.2, transformers-5.23, peft, safetensors, tokenizers, jinja2, tqdm and their dependencies (make it
-elsewhere: ``pip download -d WHEELHOUSE -e '.[build,test]' onnxruntime-gpu 'onnxruntime>=1.31'
-onnxruntime-ep-webgpu==0.4.0``). Three environments under --work, each seeing the machine's own packages
-(--system-site-packages, so PyTorch and its CUDA libraries are the machine's): build (the training package:
-builds the artifacts, runs PyTorch + PEFT), webgpu (onnxruntime >= 1.31 and the WebGPU plugin) and cuda
-(onnxruntime-gpu over the machine's onnxruntime). ortlora itself is read from this checkout (PYTHONPATH).
+For a machine with an NVIDIA GPU, CUDA 13, PyTorch (with its nvidia-* CUDA packages), transformers, the plain
+onnxruntime (1.30) and ortlora's runtime dependencies installed, and no package registry. What it lacks comes from
+WHEELHOUSE, a folder of wheels for the machine's Python (see SITES; onnxruntime-gpu 1.31 links CUDA 13), made
+elsewhere with ``pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64
+-d WHEELHOUSE PACKAGE==VERSION ...``. Each SITES entry is installed without dependencies into a folder of its own
+under --work (``pip install --target``), which the workers put ahead of the machine's packages on PYTHONPATH. A
+virtual environment would not do: made from a Python that is itself a virtual environment, it would not see that
+environment's PyTorch. The CUDA worker's LD_LIBRARY_PATH also holds the CUDA and cuDNN libraries of the machine's
+nvidia-* packages. ortlora itself is read from this checkout. The WebGPU plugin needs libvulkan.so.1 and a Vulkan
+driver for the GPU.
 
 Steps: a random model of --shape and its artifacts (scripts/bench.py's make_shape, scripts/build_artifacts.py);
 then per provider (cpu, webgpu, cuda), a process of its own: one step of the portable graph on a seeded batch
 (2 x 128, a third of the labels ignored) with seeded LoRA weights, its loss and LoRA gradients against the CPU
-provider's, the nodes each provider ran, then forward + backward + AdamW step times and the process's peak GPU
-memory (nvidia-smi, sampled) at 2 x 128 and 8 x 512; PyTorch + PEFT on the GPU, eager fp32 and bf16 autocast,
-at the same sizes. A provider that refuses is recorded with its one line, and the rest goes on.
+provider's, the nodes each provider ran; for webgpu and cuda also forward + backward + AdamW step times and the
+process's peak GPU memory (nvidia-smi, sampled) at 2 x 128 and 8 x 512; PyTorch + PEFT on the GPU, eager fp32 and
+bf16 autocast, at the same sizes. A provider that refuses is recorded with its one line, and the rest goes on. The
+report is rewritten after each step, so a run cut short keeps what it did.
 """
 
 from __future__ import annotations
@@ -37,12 +38,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = ((2, 128), (8, 512))
-ENVIRONMENTS = {  # name -> the wheels it adds (package names as pip spells them), over the machine's packages
-    "build": ["onnxruntime-training-cpu", "onnx", "transformers", "peft", "safetensors", "tokenizers", "jinja2", "tqdm"],
-    "webgpu": ["onnxruntime>=1.31", "onnxruntime-ep-webgpu", "safetensors", "tokenizers", "jinja2", "tqdm"],
-    "cuda": ["onnxruntime-gpu", "safetensors", "tokenizers", "jinja2", "tqdm"],
+SITES = {  # name -> the wheels it adds over the machine's packages (pip's names), each without its dependencies
+    # the build and PyTorch + PEFT: ORT's training package, and the versions pyproject.toml's build extra pins
+    # (transformers 5.23 wants regex >= 2025.10.22; onnxruntime-training-cpu imports cerberus)
+    "build": ["onnxruntime-training-cpu", "onnx", "transformers", "peft", "regex", "cerberus"],
+    "webgpu": ["onnxruntime>=1.31", "onnxruntime-ep-webgpu"],
+    "cuda": ["onnxruntime-gpu"],
 }
-PROVIDERS = {"cpu": "webgpu", "webgpu": "webgpu", "cuda": "cuda"}  # --ep -> the environment it runs in
+PROVIDERS = {"cpu": "webgpu", "webgpu": "webgpu", "cuda": "cuda"}  # --ep -> the site it runs with
 
 
 # -- pure helpers (tests/test_plugin_eps.py) ----------------------------------------------------------
@@ -61,6 +64,12 @@ def missing_wheels(wheels: list[str]) -> list[str]:
     new_enough = plain is not None and tuple(int(p) for p in plain.split("-")[1].split(".")[:2]) >= (1, 31)
     return ([] if new_enough else ["onnxruntime>=1.31"]) + [
         p for p in ("onnxruntime-ep-webgpu", "onnxruntime-gpu", "onnxruntime-training-cpu") if not wheel_of(wheels, p)]
+
+
+def library_dirs(roots: list[Path]) -> list[str]:
+    """The folders of shared libraries in the nvidia-* packages under ``roots`` (the ``nvidia`` namespace package's
+    folders: nvidia/cu13/lib, nvidia/cudnn/lib, ...), for LD_LIBRARY_PATH."""
+    return sorted({str(lib) for root in roots for lib in Path(root).glob("*/lib") if any(lib.glob("*.so*"))})
 
 
 def gpu_memory_mb(nvidia_smi_csv: str, pid: int) -> float:
@@ -131,8 +140,11 @@ def seeded(manifest, vocab: int, batch: int, seq: int, seed: int = 0):
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels}, weights
 
 
-def ort_worker(ep: str, artifacts: Path, out: Path, steps: int) -> dict:
+def ort_worker(ep: str, artifacts: Path, out: Path, steps: int, timed: bool) -> dict:
+    """One seeded step's loss and gradients into ``out``; with ``timed`` also the timed steps at SIZES (not for the
+    CPU provider, the reference: its step times on the GPU machine's processor are no part of the comparison)."""
     import numpy as np
+    import onnxruntime
 
     from ortlora.manifest import Manifest
     from ortlora.runtime.optim import AdamW, AdamWConfig
@@ -140,7 +152,7 @@ def ort_worker(ep: str, artifacts: Path, out: Path, steps: int) -> dict:
 
     manifest = Manifest.load(artifacts)
     vocab = json.loads((artifacts / manifest.files["config"]).read_text())["vocab_size"]
-    report: dict = {"ep": ep}
+    report: dict = {"ep": ep, "onnxruntime": onnxruntime.__version__}
     with GpuMemory() as memory:
         started = time.perf_counter()
         backend = OrtSessionBackend(artifacts, manifest, ep=ep)
@@ -151,7 +163,7 @@ def ort_worker(ep: str, artifacts: Path, out: Path, steps: int) -> dict:
         np.savez(out, loss=loss, **backend.gradients())
         report["nodes"] = backend.placement
         optimizer = AdamW(AdamWConfig())
-        for b, s in SIZES:
+        for b, s in SIZES if timed else ():
             batch, _ = seeded(manifest, vocab, b, s, seed=1)
             times = []
             for _ in range(steps + 1):  # the first is warm-up
@@ -167,7 +179,7 @@ def ort_worker(ep: str, artifacts: Path, out: Path, steps: int) -> dict:
     return report
 
 
-def torch_worker(artifacts: Path, autocast: bool, steps: int) -> dict:
+def torch_worker(artifacts: Path, autocast: bool, steps: int, device: str = "cuda") -> dict:
     import torch
     import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
@@ -178,31 +190,36 @@ def torch_worker(artifacts: Path, autocast: bool, steps: int) -> dict:
     manifest = Manifest.load(artifacts)
     lora = manifest.lora
     base = AutoModelForCausalLM.from_pretrained(manifest.base_model_dir(artifacts), attn_implementation="eager",
-                                                dtype=torch.float32).cuda()
+                                                dtype=torch.float32).to(device)
     model = get_peft_model(base, LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                                             target_modules=lora["targets"]))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     vocab = base.config.vocab_size
+    gpu = device == "cuda"
     report: dict = {"system": "torch-bf16" if autocast else "torch", "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name()}
+                    "gpu": torch.cuda.get_device_name() if gpu else None}
     for b, s in SIZES:
         generator = torch.Generator().manual_seed(1)
-        ids = torch.randint(0, vocab, (b, s), generator=generator).cuda()
+        ids = torch.randint(0, vocab, (b, s), generator=generator).to(device)
         labels = torch.roll(ids, -1, 1)
-        torch.cuda.reset_peak_memory_stats()
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
         times = []
         for _ in range(steps + 1):
-            torch.cuda.synchronize()
+            if gpu:
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
                 logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
+            if gpu:
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-        report[f"{b}x{s}"] = {**timing(times[1:]), "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20}
+        report[f"{b}x{s}"] = {**timing(times[1:]),
+                              "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if gpu else None}
     return report
 
 
@@ -213,36 +230,61 @@ def run(command: list[str], env: dict | None = None, timeout: int = 900) -> subp
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
 
 
-def make_environments(work: Path, wheels: Path) -> dict[str, Path]:
-    """One virtual environment per ENVIRONMENTS entry, over the machine's packages, from the wheelhouse only."""
-    pythons = {}
-    for name, packages in ENVIRONMENTS.items():
-        venv = work / f"venv-{name}"
-        python = venv / "bin" / "python"
-        if not python.is_file():
-            subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-            done = run([str(python), "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheels), *packages])
+def install_sites(work: Path, wheels: Path) -> dict[str, Path]:
+    """Each SITES entry installed from the wheelhouse alone into a folder of its own."""
+    sites = {}
+    for name, packages in SITES.items():
+        site = work / f"site-{name}"
+        if not (site / ".complete").is_file():
+            done = run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--upgrade", "--target", str(site), "--find-links", str(wheels), *packages])
             if done.returncode != 0:
                 raise SystemExit(f"gpu_check: installing {name} from {wheels} failed: {done.stderr.strip()[-500:]}")
-        pythons[name] = python
-    return pythons
+            (site / ".complete").touch()
+        sites[name] = site
+    return sites
 
 
-def child(python: Path, *args: str) -> dict:
-    """This script as a worker under ``python``; its last stdout line is JSON, or its error is returned."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = run([str(python), __file__, *args], env=env)
+def nvidia_roots() -> list[Path]:
+    """The folders of this Python's ``nvidia`` namespace package (PyTorch's CUDA and cuDNN libraries)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    return [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+
+
+def child(site: Path, *args: str, libraries: list[str] = (), timeout: int = 900) -> dict:
+    """This script as a worker with ``site`` ahead of the machine's packages; its last stdout line is JSON, or its
+    error is returned."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+    if libraries:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join([*libraries, *filter(None, [os.environ.get("LD_LIBRARY_PATH")])])
+    try:
+        result = run([sys.executable, __file__, *args], env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
     if result.returncode != 0:
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         return {"error": (lines or ["(no message)"])[-1][:1000]}
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def summary(name: str, result: dict) -> str:
+    if "error" in result:
+        return f"{name:<11} refused: {result['error']}"
+    sizes = ", ".join(f"{k} {result[k]['median_ms']:.0f} ms" for k in ("2x128", "8x512") if k in result)
+    peak = result.get("peak_gpu_mb") or max((result[k].get("peak_gpu_mb") or 0 for k in ("2x128", "8x512")
+                                             if k in result), default=0)
+    versus = (f"; vs CPU loss {result['vs_cpu']['loss_rel']:.1e}, gradients {result['vs_cpu']['grad_rel']:.1e}"
+              if "vs_cpu" in result else "")
+    return f"{name:<11} {sizes or 'reference step'}; GPU peak {peak:.0f} MB{versus}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--wheels", type=Path, help="the wheelhouse (see above)")
     parser.add_argument("--shape", default="qwen2.5-0.5b")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/gpu_check"), help="environments and temporary files")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/gpu_check"), help="installed wheels and temporary files")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per size (after one warm-up step)")
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     parser.add_argument("--worker", choices=("ort", "torch", "torch-bf16", "build"), help=argparse.SUPPRESS)
@@ -252,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.worker == "ort":
-        print(json.dumps(ort_worker(args.ep, args.artifacts, args.npz, args.steps)))
+        print(json.dumps(ort_worker(args.ep, args.artifacts, args.npz, args.steps, timed=args.ep != "cpu")))
         return 0
     if args.worker in ("torch", "torch-bf16"):
         print(json.dumps(torch_worker(args.artifacts, args.worker == "torch-bf16", args.steps)))
@@ -277,40 +319,42 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--wheels {args.wheels} has no wheel of {', '.join(lacking)}")
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    report: dict = {"machine": run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
-                                    "--format=csv,noheader"]).stdout.strip(), "shape": args.shape}
-    pythons = make_environments(args.work, args.wheels)
-    artifacts = ROOT / "artifacts" / args.shape
-    report["build"] = child(pythons["build"], "--worker", "build", "--shape", args.shape, "--artifacts", str(artifacts))
-    if "error" in report["build"]:
+    try:
+        machine = run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]).stdout
+    except OSError as error:
+        machine = f"(nvidia-smi: {error.strerror})"
+    report: dict = {"machine": machine.strip(), "python": sys.version.split()[0], "shape": args.shape, "results": {}}
+
+    def save():
+        report["seconds"] = time.perf_counter() - started
         args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    sites = install_sites(args.work, args.wheels)
+    artifacts = ROOT / "artifacts" / args.shape
+    report["build"] = child(sites["build"], "--worker", "build", "--shape", args.shape, "--artifacts", str(artifacts),
+                            timeout=1800)
+    save()
+    if "error" in report["build"]:
         print(f"gpu_check: the build failed: {report['build']['error']}", file=sys.stderr)
         return 1
-    results = {}
-    for ep, env in PROVIDERS.items():
-        npz = args.work / f"{ep}.npz"
-        results[ep] = child(pythons[env], "--worker", "ort", "--ep", ep, "--artifacts", str(artifacts), "--npz",
-                            str(npz), "--steps", str(args.steps))
-    if "error" not in results["cpu"]:
-        import numpy as np
+    results = report["results"]
+    cuda_libraries = library_dirs(nvidia_roots())
+    for ep, site in PROVIDERS.items():
+        results[ep] = child(sites[site], "--worker", "ort", "--ep", ep, "--artifacts", str(artifacts), "--npz",
+                            str(args.work / f"{ep}.npz"), "--steps", str(args.steps),
+                            libraries=cuda_libraries if ep == "cuda" else ())
+        if ep != "cpu" and "error" not in results[ep] and "error" not in results["cpu"]:
+            import numpy as np
 
-        with np.load(args.work / "cpu.npz") as reference:
-            cpu = {k: reference[k] for k in reference.files}
-        for ep in ("webgpu", "cuda"):
-            if "error" not in results[ep]:
-                with np.load(args.work / f"{ep}.npz") as got:
-                    results[ep]["vs_cpu"] = compare({k: got[k] for k in got.files}, cpu)
+            with np.load(args.work / "cpu.npz") as reference, np.load(args.work / f"{ep}.npz") as got:
+                results[ep]["vs_cpu"] = compare({k: got[k] for k in got.files}, {k: reference[k] for k in reference.files})
+        print(summary(ep, results[ep]), flush=True)
+        save()
     for system in ("torch", "torch-bf16"):
-        results[system] = child(pythons["build"], "--worker", system, "--artifacts", str(artifacts),
-                                "--steps", str(args.steps))
-    report.update(results=results, seconds=time.perf_counter() - started)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    for name, r in results.items():
-        sizes = ", ".join(f"{k} {r[k]['median_ms']:.0f} ms" for k in ("2x128", "8x512") if k in r)
-        print(f"{name:<11} " + (f"refused: {r['error']}" if "error" in r else
-                                f"{sizes}; GPU peak {r.get('peak_gpu_mb', r.get('8x512', {}).get('peak_gpu_mb', 0)):.0f} MB"
-                                + (f"; vs CPU loss {r['vs_cpu']['loss_rel']:.1e}, gradients {r['vs_cpu']['grad_rel']:.1e}"
-                                   if "vs_cpu" in r else "")))
+        results[system] = child(sites["build"], "--worker", system, "--artifacts", str(artifacts), "--steps",
+                                str(args.steps))
+        print(summary(system, results[system]), flush=True)
+        save()
     print(f"report: {args.out} ({report['seconds']:.0f} s)")
     return 0
 

@@ -561,6 +561,39 @@ def test_gpu_check_finds_its_wheels_and_reads_nvidia_smi():
     assert check.gpu_memory_mb("No running processes found\n", 1234) == 0.0
 
 
+def test_gpu_check_puts_the_cuda_libraries_of_the_nvidia_packages_on_the_library_path(tmp_path):
+    check = gpu_check()
+    for library in ("cu13/lib/libcublasLt.so.13", "cudnn/lib/libcudnn.so.9", "nccl/include/nccl.h", "cu13/bin/ptxas"):
+        (tmp_path / "nvidia" / library).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "nvidia" / library).touch()
+    (tmp_path / "nvidia" / "cusparselt" / "lib").mkdir(parents=True)  # no library in it
+    assert check.library_dirs([tmp_path / "nvidia", tmp_path / "absent"]) == [
+        str(tmp_path / "nvidia" / "cu13" / "lib"), str(tmp_path / "nvidia" / "cudnn" / "lib")]
+    refused = check.summary("cuda", {"error": "execution provider cuda cannot run portable_training.onnx: ..."})
+    assert refused.startswith("cuda        refused: execution provider cuda")
+    ran = check.summary("webgpu", {"2x128": {"median_ms": 51.2}, "8x512": {"median_ms": 410.7}, "peak_gpu_mb": 5120,
+                                   "vs_cpu": {"loss_rel": 2e-7, "grad_rel": 3e-6}})
+    assert ran == "webgpu      2x128 51 ms, 8x512 411 ms; GPU peak 5120 MB; vs CPU loss 2.0e-07, gradients 3.0e-06"
+
+
+def test_gpu_check_workers_run_here_on_the_cpu(artifacts, tmp_path, monkeypatch):
+    """The workers the GPU run starts, on this machine's CPU at small sizes: what they call of ortlora, PyTorch and
+    PEFT exists and returns what the report reads."""
+    from ortlora.manifest import Manifest
+
+    check = gpu_check()
+    monkeypatch.setattr(check, "SIZES", ((1, 16), (2, 8)))
+    report = check.ort_worker("cpu", artifacts, tmp_path / "cpu.npz", steps=1, timed=True)
+    assert report["providers"] == ["CPUExecutionProvider"] and report["nodes"]["CPUExecutionProvider"] > 0
+    assert report["1x16"]["steps"] == 1 and report["2x8"]["median_ms"] > 0
+    with np.load(tmp_path / "cpu.npz") as saved:
+        names = {p.onnx_name for p in Manifest.load(artifacts).parameters}
+        assert set(saved.files) == {"loss", *names} and np.isfinite(saved["loss"])
+        assert all(np.abs(saved[name]).max() > 0 for name in names)  # seeded weights: every gradient nonzero
+    torch_report = check.torch_worker(artifacts, autocast=True, steps=1, device="cpu")
+    assert torch_report["system"] == "torch-bf16" and torch_report["2x8"]["steps"] == 1
+
+
 def test_gpu_check_compares_with_the_cpu_provider():
     check = gpu_check()
     reference = {"loss": np.float32(2.0), "a": np.array([1.0, -4.0]), "b": np.array([0.5, 0.5])}

@@ -20,11 +20,15 @@ would run the whole graph on the CPU provider under the plugin's name.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+import io
 import json
 import os
 import re
+import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +81,11 @@ PLUGIN_SOFTWARE_DEVICE = {"webgpu": ("ORT_WEBGPU_EP_ALLOW_SOFTWARE_ADAPTER", "1"
 # compiled subgraph: onnxruntime 1.30.0 listed only the CPU provider's 188 nodes of the tiny training graph,
 # 1.31.1 also WebGPU's 510). There "took none" cannot be told from "not recorded".
 NODES_RECORDED_SINCE = {"webgpu": (1, 31)}
+# Compiled-in providers whose library links CUDA and cuDNN. onnxruntime-gpu (1.21+) finds them in the nvidia-*
+# packages beside it (pip install onnxruntime-gpu[cuda,cudnn], or PyTorch's) only when told to, with
+# onnxruntime.preload_dlls(), which PyTorch's import otherwise does: onnxruntime-gpu 1.31.1 with the CUDA 13 packages
+# beside it, no preload: "libcublasLt.so.13: cannot open shared object file".
+NEEDS_CUDA_LIBRARIES = ("cuda", "tensorrt")
 
 
 def short_name(provider: str) -> str:
@@ -219,6 +228,20 @@ def _plugin_target(plugin: Plugin, ep: str, kind: str | None) -> Target:
     return Target(plugin.name, provider, plugin, tuple(d for d in chosen if d.ep_name == provider))
 
 
+@functools.cache
+def _preload_cuda_libraries() -> str:
+    """onnxruntime.preload_dlls() once per process; what it printed (its failures show again, better said, when the
+    provider is left out of a session: see _why_left_out)."""
+    import onnxruntime
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with contextlib.suppress(Exception):
+            onnxruntime.preload_dlls(msvc=False)
+    return printed.getvalue()
+
+
 def resolve(ep: str) -> Target:
     """What --ep selects here, or one line saying why it cannot be had."""
     import onnxruntime
@@ -226,6 +249,8 @@ def resolve(ep: str) -> Target:
     name, kind = parse_ep(ep)
     compiled = [p for p in onnxruntime.get_available_providers() if p not in _REGISTERED]  # registered plugins show
     if name in PROVIDERS and PROVIDERS[name] in compiled and (kind is None or name == "cpu" and kind == "cpu"):
+        if name in NEEDS_CUDA_LIBRARIES and hasattr(onnxruntime, "preload_dlls"):
+            _preload_cuda_libraries()
         return Target(name, PROVIDERS[name])
     found = plugins()
     if name in found:
@@ -337,6 +362,64 @@ def refused_node(message: str) -> tuple[str, str]:
     return " ".join(match.groups()), reason[:200]
 
 
+ORT_LOG_LINE = re.compile(r"\[([EW]):onnxruntime:[^\]]*\]\s*(.*)")
+LIBRARY_FAILED = re.compile(r"Failed to load library (\S+) with error: (.*)")
+
+
+def left_out_reason(log: str, provider: str) -> str:
+    """Why ONNX Runtime left the compiled-in ``provider`` out of a session, from its log: its first error, else its
+    first warning that names the provider; e.g. "its library libonnxruntime_providers_cuda.so did not load:
+    libcublasLt.so.13: cannot open shared object file"; "" when the log says nothing of it."""
+    lines = [(m.group(1), m.group(2)) for m in map(ORT_LOG_LINE.search, re.sub(r"\x1b\[[0-9;]*m", "", log).splitlines())
+             if m]
+    said = [text for level, text in lines if level == "E"] or [text for level, text in lines if provider in text]
+    if not said:
+        return ""
+    failed = LIBRARY_FAILED.search(said[0])
+    if failed:
+        return f"its library {Path(failed.group(1)).name} did not load: {failed.group(2).strip()}"
+    from ortlora.runtime.backend import ort_message
+
+    return ort_message(RuntimeError(said[0]))[:300]
+
+
+@contextlib.contextmanager
+def _stderr_into(file):
+    """File descriptor 2 (where ONNX Runtime's C++ logger writes) into ``file`` for the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(file.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _why_left_out(path: Path, options, target: Target, given: dict) -> str:
+    """Make the session again with ONNX Runtime's log on, caught, and say what it logged or warned of the provider (a
+    library that did not load, a device it could not open, a name it does not have). Only on the way to a refusal:
+    it loads the graph once more."""
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(2)
+    options.log_severity_level = 2
+    try:
+        with tempfile.TemporaryFile("w+") as log, warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            with _stderr_into(log), contextlib.suppress(Exception):
+                _strict_session_class()(str(path), options, providers=[target.provider, CPU], provider_options=[given, {}])
+            log.seek(0)
+            reason = left_out_reason(log.read(), target.provider) or " ".join(" ".join(str(w.message) for w in warned).split())[:300]
+    finally:
+        onnxruntime.set_default_logger_severity(4)
+        options.log_severity_level = 4
+    if target.name in NEEDS_CUDA_LIBRARIES and "did not load" in reason and "libcuda.so" not in reason:
+        reason += (" (onnxruntime-gpu finds CUDA and cuDNN in the nvidia-* packages beside it, pip install "
+                   "'onnxruntime-gpu[cuda,cudnn]', or on LD_LIBRARY_PATH)")
+    return reason or "ONNX Runtime left it out of the session"
+
+
 TRAINING_ADVICE = "train with --ep cpu, or pass --allow-fallback to let the CPU run it"
 
 
@@ -373,7 +456,7 @@ def create_session(path: Path, options, ep: str, allow_fallback: bool = False, p
             return _tagged(session_class(str(path), options, providers=[CPU]), target, {})
     given = {} if target is None else options_for(target, options.intra_op_num_threads, provider_options, ep_options,
                                                  compressed_weights)
-    refusal, session = "ONNX Runtime offers it no device here", None
+    refusal, session, left_out = "ONNX Runtime offers it no device here", None, False
     if target is not None:
         try:
             if target.plugin:
@@ -383,9 +466,12 @@ def create_session(path: Path, options, ep: str, allow_fallback: bool = False, p
                 taken, total = _nodes_taken(session, target.provider)
                 refusal = "" if taken else _took_none(target, total)
             else:
-                session = session_class(str(path), options, providers=[target.provider, CPU],
-                                        provider_options=[given, {}])
-                refusal = "" if target.provider in session.get_providers() else "ONNX Runtime left it out of the session"
+                with warnings.catch_warnings():  # "not in available provider names": said by _why_left_out
+                    warnings.simplefilter("ignore", UserWarning)
+                    session = session_class(str(path), options, providers=[target.provider, CPU],
+                                            provider_options=[given, {}])
+                left_out = target.provider not in session.get_providers()
+                refusal = "left out" if left_out else ""
         except Exception as e:  # noqa: BLE001 -- told apart below: the file's fault or the provider's
             refusal, session = ort_message(e), None
     if not refusal:
@@ -398,6 +484,9 @@ def create_session(path: Path, options, ep: str, allow_fallback: bool = False, p
         cpu_session = session_class(str(cpu_path), options, providers=[CPU])
     if allow_fallback:
         return _tagged(cpu_session, None, {}, fell_back=True)
+    if left_out:
+        raise OrtloraError(f"execution provider {ep} cannot run {path.name}: {_why_left_out(path, options, target, given)}"
+                           f"; {advice}")
     node, reason = refused_node(refusal)
     raise OrtloraError(f"execution provider {ep} cannot run {path.name}: " + (f"it refused node {node} ({reason})"
                        if node else reason) + f"; {advice}")
