@@ -11,8 +11,8 @@ elsewhere with ``pip download --no-deps --only-binary=:all: --python-version 3.1
 under --work (``pip install --target``), which the workers put ahead of the machine's packages on PYTHONPATH. A
 virtual environment would not do: made from a Python that is itself a virtual environment, it would not see that
 environment's PyTorch. The CUDA worker's LD_LIBRARY_PATH also holds the CUDA and cuDNN libraries of the machine's
-nvidia-* packages. ortlora itself is read from this checkout. The WebGPU plugin needs libvulkan.so.1 and a Vulkan
-driver for the GPU.
+nvidia-* packages. ortlora itself is read from this checkout. onnxruntime-gpu also runs the CPU provider's reference
+and takes the WebGPU plugin, which needs libvulkan.so.1 and a Vulkan driver for the GPU.
 
 Steps: a random model of --shape and its artifacts (scripts/bench.py's make_shape, scripts/build_artifacts.py);
 then per provider (cpu, webgpu, cuda), a process of its own: one step of the portable graph on a seeded batch
@@ -42,10 +42,10 @@ SITES = {  # name -> the wheels it adds over the machine's packages (pip's names
     # the build and PyTorch + PEFT: ORT's training package, and the versions pyproject.toml's build extra pins
     # (transformers 5.23 wants regex >= 2025.10.22; onnxruntime-training-cpu imports cerberus)
     "build": ["onnxruntime-training-cpu", "onnx", "transformers", "peft", "regex", "cerberus"],
-    "webgpu": ["onnxruntime>=1.31", "onnxruntime-ep-webgpu"],
-    "cuda": ["onnxruntime-gpu"],
+    # the CPU provider's reference, WebGPU (a plugin of any onnxruntime >= 1.23; 1.31 reports its nodes) and CUDA
+    "runtime": ["onnxruntime-gpu", "onnxruntime-ep-webgpu"],
 }
-PROVIDERS = {"cpu": "webgpu", "webgpu": "webgpu", "cuda": "cuda"}  # --ep -> the site it runs with
+EPS = ("cpu", "webgpu", "cuda")
 
 
 # -- pure helpers (tests/test_plugin_eps.py) ----------------------------------------------------------
@@ -59,11 +59,12 @@ def wheel_of(wheels: list[str], package: str) -> str | None:
 
 
 def missing_wheels(wheels: list[str]) -> list[str]:
-    """The plugin and provider wheels this check cannot go without (the WebGPU plugin's onnxruntime: 1.31 or later)."""
-    plain = wheel_of(wheels, "onnxruntime")
-    new_enough = plain is not None and tuple(int(p) for p in plain.split("-")[1].split(".")[:2]) >= (1, 31)
-    return ([] if new_enough else ["onnxruntime>=1.31"]) + [
-        p for p in ("onnxruntime-ep-webgpu", "onnxruntime-gpu", "onnxruntime-training-cpu") if not wheel_of(wheels, p)]
+    """The wheels this check cannot go without (onnxruntime-gpu 1.31 or later: 1.30 does not report the nodes a
+    plugin runs)."""
+    gpu = wheel_of(wheels, "onnxruntime-gpu")
+    new_enough = gpu is not None and tuple(int(p) for p in gpu.split("-")[1].split(".")[:2]) >= (1, 31)
+    return ([] if new_enough else ["onnxruntime-gpu>=1.31"]) + [
+        p for p in ("onnxruntime-ep-webgpu", "onnxruntime-training-cpu") if not wheel_of(wheels, p)]
 
 
 def library_dirs(roots: list[Path]) -> list[str]:
@@ -339,8 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     results = report["results"]
     cuda_libraries = library_dirs(nvidia_roots())
-    for ep, site in PROVIDERS.items():
-        results[ep] = child(sites[site], "--worker", "ort", "--ep", ep, "--artifacts", str(artifacts), "--npz",
+    for ep in EPS:
+        results[ep] = child(sites["runtime"], "--worker", "ort", "--ep", ep, "--artifacts", str(artifacts), "--npz",
                             str(args.work / f"{ep}.npz"), "--steps", str(args.steps),
                             libraries=cuda_libraries if ep == "cuda" else ())
         if ep != "cpu" and "error" not in results[ep] and "error" not in results["cpu"]:

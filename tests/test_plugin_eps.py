@@ -555,8 +555,11 @@ def test_gpu_check_finds_its_wheels_and_reads_nvidia_smi():
     assert check.wheel_of(wheels, "onnxruntime-gpu").startswith("onnxruntime_gpu-1.31.1")
     assert check.wheel_of(wheels, "onnxruntime").startswith("onnxruntime-1.30.0")
     assert check.wheel_of(wheels, "peft") is None
-    assert check.missing_wheels(wheels) == ["onnxruntime>=1.31", "onnxruntime-training-cpu"]
-    assert check.missing_wheels([*wheels, "onnxruntime-1.32.0-cp311-none.whl"]) == ["onnxruntime-training-cpu"]
+    assert check.missing_wheels(wheels) == ["onnxruntime-training-cpu"]
+    older = [w.replace("gpu-1.31.1", "gpu-1.30.0") for w in wheels]  # 1.30 does not report a plugin's nodes
+    assert check.missing_wheels(older) == ["onnxruntime-gpu>=1.31", "onnxruntime-training-cpu"]
+    assert check.missing_wheels([*wheels[1:], "onnxruntime_training_cpu-1.19.2-cp312-cp312-manylinux_2_28_x86_64.whl"]) \
+        == ["onnxruntime-gpu>=1.31"]
     assert check.gpu_memory_mb("1234, 5000\n99, 7\n1234, 12.5\n", 1234) == 5012.5
     assert check.gpu_memory_mb("No running processes found\n", 1234) == 0.0
 
