@@ -18,8 +18,9 @@ Steps: a random model of --shape and its artifacts (scripts/bench.py's make_shap
 then per provider (cpu, webgpu, cuda), a process of its own: one step of the portable graph on a seeded batch
 (2 x 128, a third of the labels ignored) with seeded LoRA weights, its loss and LoRA gradients against the CPU
 provider's, the nodes each provider ran; for webgpu and cuda also forward + backward + AdamW step times and the
-process's peak GPU memory (nvidia-smi, sampled) at 2 x 128 and 8 x 512; PyTorch + PEFT on the GPU, eager fp32 and
-bf16 autocast, at the same sizes. A provider that refuses is recorded with its one line, and the rest goes on. The
+process's GPU memory (nvidia-smi, sampled every 0.1 s: its peak after each size) at 2 x 128 and 8 x 512; PyTorch +
+PEFT on the GPU, eager fp32 and bf16 autocast, at the same sizes, its memory read the same way (and its allocator's
+peak beside it). A provider that refuses is recorded with its one line, and the rest goes on. The
 report is rewritten after each step, so a run cut short keeps what it did.
 """
 
@@ -175,7 +176,7 @@ def ort_worker(ep: str, artifacts: Path, out: Path, steps: int, timed: bool) -> 
                 optimizer.step(current, backend.gradients(), 1e-4)
                 backend.set_weights(current)
                 times.append(time.perf_counter() - t0)
-            report[f"{b}x{s}"] = timing(times[1:])
+            report[f"{b}x{s}"] = {**timing(times[1:]), "gpu_mb": memory.peak_mb}  # the process's, so far
     report["peak_gpu_mb"] = memory.peak_mb
     return report
 
@@ -199,28 +200,31 @@ def torch_worker(artifacts: Path, autocast: bool, steps: int, device: str = "cud
     gpu = device == "cuda"
     report: dict = {"system": "torch-bf16" if autocast else "torch", "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name() if gpu else None}
-    for b, s in SIZES:
-        generator = torch.Generator().manual_seed(1)
-        ids = torch.randint(0, vocab, (b, s), generator=generator).to(device)
-        labels = torch.roll(ids, -1, 1)
-        if gpu:
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(steps + 1):
+    with GpuMemory() as memory:
+        for b, s in SIZES:
+            generator = torch.Generator().manual_seed(1)
+            ids = torch.randint(0, vocab, (b, s), generator=generator).to(device)
+            labels = torch.roll(ids, -1, 1)
             if gpu:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if gpu:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        report[f"{b}x{s}"] = {**timing(times[1:]),
-                              "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if gpu else None}
+                torch.cuda.reset_peak_memory_stats()
+            times = []
+            for _ in range(steps + 1):
+                if gpu:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+                    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+                    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if gpu:
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            # the process's GPU memory so far (nvidia-smi, as for ONNX Runtime) and the allocator's peak at this size
+            report[f"{b}x{s}"] = {**timing(times[1:]), "gpu_mb": memory.peak_mb,
+                                  "allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if gpu else None}
+    report["peak_gpu_mb"] = memory.peak_mb
     return report
 
 
@@ -274,8 +278,7 @@ def summary(name: str, result: dict) -> str:
     if "error" in result:
         return f"{name:<11} refused: {result['error']}"
     sizes = ", ".join(f"{k} {result[k]['median_ms']:.0f} ms" for k in ("2x128", "8x512") if k in result)
-    peak = result.get("peak_gpu_mb") or max((result[k].get("peak_gpu_mb") or 0 for k in ("2x128", "8x512")
-                                             if k in result), default=0)
+    peak = result.get("peak_gpu_mb") or 0
     versus = (f"; vs CPU loss {result['vs_cpu']['loss_rel']:.1e}, gradients {result['vs_cpu']['grad_rel']:.1e}"
               if "vs_cpu" in result else "")
     return f"{name:<11} {sizes or 'reference step'}; GPU peak {peak:.0f} MB{versus}"
