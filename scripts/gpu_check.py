@@ -15,7 +15,7 @@ nvidia-* packages. ortlora itself is read from this checkout. onnxruntime-gpu al
 and takes the WebGPU plugin, which needs libvulkan.so.1 and a Vulkan driver for the GPU.
 
 Steps: a random model of --shape and its artifacts (scripts/bench.py's make_shape, scripts/build_artifacts.py);
-then per provider (cpu, webgpu, cuda), a process of its own: one step of the portable graph on a seeded batch
+then per provider (cpu, cuda, and after PyTorch webgpu: see STEPS), a process of its own: one step of the portable graph on a seeded batch
 (2 x 128, a third of the labels ignored) with seeded LoRA weights, its loss and LoRA gradients against the CPU
 provider's, the nodes each provider ran; for webgpu and cuda also forward + backward + AdamW step times and the
 process's GPU memory (nvidia-smi, sampled every 0.1 s: its peak after each size) at 2 x 128 and 8 x 512; PyTorch +
@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -46,7 +47,9 @@ SITES = {  # name -> the wheels it adds over the machine's packages (pip's names
     # the CPU provider's reference, WebGPU (a plugin of any onnxruntime >= 1.23; 1.31 reports its nodes) and CUDA
     "runtime": ["onnxruntime-gpu", "onnxruntime-ep-webgpu"],
 }
-EPS = ("cpu", "webgpu", "cuda")
+# In this order, the report saved after each: the CPU provider's reference first, WebGPU (the least known: its shaders
+# compile on first use) last, so that a run cut short by --budget keeps CUDA's and PyTorch's figures.
+STEPS = ("cpu", "cuda", "torch", "torch-bf16", "webgpu")
 
 
 # -- pure helpers (tests/test_plugin_eps.py) ----------------------------------------------------------
@@ -231,8 +234,18 @@ def torch_worker(artifacts: Path, autocast: bool, steps: int, device: str = "cud
 # -- the driver ----------------------------------------------------------------------------------
 
 def run(command: list[str], env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """``command`` in a process group of its own, all of which is killed if it outlasts ``timeout`` (a worker's own
+    children too: the build worker runs scripts/build_artifacts.py)."""
     print("+ " + " ".join(command), flush=True)
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          start_new_session=True) as process:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
 def install_sites(work: Path, wheels: Path) -> dict[str, Path]:
@@ -276,7 +289,8 @@ def child(site: Path, *args: str, libraries: list[str] = (), timeout: int = 900)
 
 def summary(name: str, result: dict) -> str:
     if "error" in result:
-        return f"{name:<11} refused: {result['error']}"
+        unrun = result["error"].startswith(("not run", "timed out"))
+        return f"{name:<11} {'' if unrun else 'refused: '}{result['error']}"
     sizes = ", ".join(f"{k} {result[k]['median_ms']:.0f} ms" for k in ("2x128", "8x512") if k in result)
     peak = result.get("peak_gpu_mb") or 0
     versus = (f"; vs CPU loss {result['vs_cpu']['loss_rel']:.1e}, gradients {result['vs_cpu']['grad_rel']:.1e}"
@@ -291,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/gpu_check"), help="installed wheels and temporary files")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per size (after one warm-up step)")
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
+    parser.add_argument("--budget", type=float, default=3600,
+                        help="seconds for the whole check; a step still running when they are spent is recorded as "
+                             "timed out, and the rest as not run (default: 3600)")
     parser.add_argument("--worker", choices=("ort", "torch", "torch-bf16", "build"), help=argparse.SUPPRESS)
     parser.add_argument("--ep", default="cpu", help=argparse.SUPPRESS)
     parser.add_argument("--artifacts", type=Path, help=argparse.SUPPRESS)
@@ -309,8 +326,8 @@ def main(argv: list[str] | None = None) -> int:
 
         model = make_shape(args.shape)
         started = time.perf_counter()
-        done = run([sys.executable, str(ROOT / "scripts" / "build_artifacts.py"), "--model", str(model), "--out",
-                    str(args.artifacts), "--force"], timeout=1800)
+        done = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_artifacts.py"), "--model", str(model),
+                               "--out", str(args.artifacts), "--force"], capture_output=True, text=True)  # in our group
         if done.returncode != 0:
             raise SystemExit(f"build failed: {(done.stderr.strip() or done.stdout.strip()).splitlines()[-1]}")
         print(json.dumps({"build_s": time.perf_counter() - started, "model": str(model)}))
@@ -336,28 +353,31 @@ def main(argv: list[str] | None = None) -> int:
     sites = install_sites(args.work, args.wheels)
     artifacts = ROOT / "artifacts" / args.shape
     report["build"] = child(sites["build"], "--worker", "build", "--shape", args.shape, "--artifacts", str(artifacts),
-                            timeout=1800)
+                            timeout=max(10, int(args.budget - (time.perf_counter() - started))))
     save()
     if "error" in report["build"]:
         print(f"gpu_check: the build failed: {report['build']['error']}", file=sys.stderr)
         return 1
     results = report["results"]
     cuda_libraries = library_dirs(nvidia_roots())
-    for ep in EPS:
-        results[ep] = child(sites["runtime"], "--worker", "ort", "--ep", ep, "--artifacts", str(artifacts), "--npz",
-                            str(args.work / f"{ep}.npz"), "--steps", str(args.steps),
-                            libraries=cuda_libraries if ep == "cuda" else ())
-        if ep != "cpu" and "error" not in results[ep] and "error" not in results["cpu"]:
-            import numpy as np
+    for step in STEPS:
+        left = int(args.budget - (time.perf_counter() - started))
+        if left < 10:
+            results[step] = {"error": "not run: --budget spent"}
+        elif step.startswith("torch"):
+            results[step] = child(sites["build"], "--worker", step, "--artifacts", str(artifacts), "--steps",
+                                  str(args.steps), timeout=left)
+        else:
+            results[step] = child(sites["runtime"], "--worker", "ort", "--ep", step, "--artifacts", str(artifacts),
+                                  "--npz", str(args.work / f"{step}.npz"), "--steps", str(args.steps),
+                                  libraries=cuda_libraries if step == "cuda" else (), timeout=left)
+            if step != "cpu" and "error" not in results[step] and "error" not in results["cpu"]:
+                import numpy as np
 
-            with np.load(args.work / "cpu.npz") as reference, np.load(args.work / f"{ep}.npz") as got:
-                results[ep]["vs_cpu"] = compare({k: got[k] for k in got.files}, {k: reference[k] for k in reference.files})
-        print(summary(ep, results[ep]), flush=True)
-        save()
-    for system in ("torch", "torch-bf16"):
-        results[system] = child(sites["build"], "--worker", system, "--artifacts", str(artifacts), "--steps",
-                                str(args.steps))
-        print(summary(system, results[system]), flush=True)
+                with np.load(args.work / "cpu.npz") as reference, np.load(args.work / f"{step}.npz") as got:
+                    results[step]["vs_cpu"] = compare({k: got[k] for k in got.files},
+                                                      {k: reference[k] for k in reference.files})
+        print(summary(step, results[step]), flush=True)
         save()
     print(f"report: {args.out} ({report['seconds']:.0f} s)")
     return 0
