@@ -15,13 +15,13 @@ nvidia-* packages. ortlora itself is read from this checkout. onnxruntime-gpu al
 and takes the WebGPU plugin, which needs libvulkan.so.1 and a Vulkan driver for the GPU.
 
 Steps: a random model of --shape and its artifacts (scripts/bench.py's make_shape, scripts/build_artifacts.py);
-then per provider (cpu, cuda, and after PyTorch webgpu: see STEPS), a process of its own: one step of the portable graph on a seeded batch
-(2 x 128, a third of the labels ignored) with seeded LoRA weights, its loss and LoRA gradients against the CPU
-provider's, the nodes each provider ran; for webgpu and cuda also forward + backward + AdamW step times and the
-process's GPU memory (nvidia-smi, sampled every 0.1 s: its peak after each size) at 2 x 128 and 8 x 512; PyTorch +
-PEFT on the GPU, eager fp32 and bf16 autocast, at the same sizes, its memory read the same way (and its allocator's
-peak beside it). A provider that refuses is recorded with its one line, and the rest goes on. The
-report is rewritten after each step, so a run cut short keeps what it did.
+then per provider (cpu, cuda, and after PyTorch webgpu: see STEPS), a process of its own: one step of the portable
+graph on a seeded batch (2 x 128, a third of the labels ignored) with seeded LoRA weights, its loss and LoRA
+gradients against the CPU provider's, the nodes each provider ran; for webgpu and cuda also forward + backward +
+AdamW step times and the process's GPU memory (nvidia-smi, sampled every 0.1 s: its peak after each size) at
+2 x 128 and 8 x 512; PyTorch + PEFT on the GPU, eager fp32 and bf16 autocast, at the same sizes, its memory read the
+same way (and its allocator's peak beside it). A provider that refuses is recorded with its one line, and the rest
+goes on. The report is rewritten after each step, so a run cut short keeps what it did.
 """
 
 from __future__ import annotations

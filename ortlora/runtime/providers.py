@@ -229,17 +229,14 @@ def _plugin_target(plugin: Plugin, ep: str, kind: str | None) -> Target:
 
 
 @functools.cache
-def _preload_cuda_libraries() -> str:
-    """onnxruntime.preload_dlls() once per process; what it printed (its failures show again, better said, when the
-    provider is left out of a session: see _why_left_out)."""
+def _preload_cuda_libraries() -> None:
+    """onnxruntime.preload_dlls() once per process, quietly: a library it cannot load is said, once, if ONNX Runtime
+    then leaves the provider out of a session (_why_left_out)."""
     import onnxruntime
 
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed), warnings.catch_warnings():
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), contextlib.suppress(Exception):
         warnings.simplefilter("ignore")
-        with contextlib.suppress(Exception):
-            onnxruntime.preload_dlls(msvc=False)
-    return printed.getvalue()
+        onnxruntime.preload_dlls(msvc=False)
 
 
 def resolve(ep: str) -> Target:
@@ -408,9 +405,11 @@ def _why_left_out(path: Path, options, target: Target, given: dict) -> str:
         with tempfile.TemporaryFile("w+") as log, warnings.catch_warnings(record=True) as warned:
             warnings.simplefilter("always")
             with _stderr_into(log), contextlib.suppress(Exception):
-                _strict_session_class()(str(path), options, providers=[target.provider, CPU], provider_options=[given, {}])
+                _strict_session_class()(str(path), options, providers=[target.provider, CPU],
+                                        provider_options=[given, {}])
             log.seek(0)
-            reason = left_out_reason(log.read(), target.provider) or " ".join(" ".join(str(w.message) for w in warned).split())[:300]
+            warning = " ".join(" ".join(str(w.message) for w in warned).split())[:300]
+            reason = left_out_reason(log.read(), target.provider) or warning
     finally:
         onnxruntime.set_default_logger_severity(4)
         options.log_severity_level = 4
@@ -485,8 +484,8 @@ def create_session(path: Path, options, ep: str, allow_fallback: bool = False, p
     if allow_fallback:
         return _tagged(cpu_session, None, {}, fell_back=True)
     if left_out:
-        raise OrtloraError(f"execution provider {ep} cannot run {path.name}: {_why_left_out(path, options, target, given)}"
-                           f"; {advice}")
+        reason = _why_left_out(path, options, target, given)
+        raise OrtloraError(f"execution provider {ep} cannot run {path.name}: {reason}; {advice}")
     node, reason = refused_node(refusal)
     raise OrtloraError(f"execution provider {ep} cannot run {path.name}: " + (f"it refused node {node} ({reason})"
                        if node else reason) + f"; {advice}")
