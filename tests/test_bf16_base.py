@@ -24,9 +24,9 @@ from ortlora.runtime.backend import OrtTrainingBackend
 from ortlora.runtime.session_backend import OrtSessionBackend
 from ortlora.weights import is_bf16, map_layout
 from tests.environments import needs, python_of
-from tests.reference import assert_same_adapters, peft_model, random_weights, rel_err, transformers_greedy
-from tests.test_build import _check_against_peft, all_nodes, make_batch
-from tests.test_quantized import _optimized, errors_in
+from tests.reference import assert_same_adapters, transformers_greedy
+from tests.test_build import _check_against_peft, all_nodes
+from tests.test_quantized import _optimized, check_inference_and_decoder, errors_in
 
 TOL = 1e-5
 
@@ -133,31 +133,8 @@ def test_loss_and_gradients_match_peft_on_the_widened_base(bf16_base, case, back
 
 
 def test_inference_and_decoder_logits_match_the_widened_base(bf16_base):
-    import onnxruntime as ort
-
-    from ortlora.build.decoder import cache_names
-    from ortlora.runtime.frozen import map_frozen_weights, share_with
-
     artifacts, _, reference = bf16_base
-    manifest = Manifest.load(artifacts)
-    weights = random_weights(manifest, seed=2)
-    batch = make_batch(int(json.loads((artifacts / "config.json").read_text())["vocab_size"]), "plain")
-    with torch.no_grad():
-        ref = peft_model(artifacts, weights, base=reference)(input_ids=torch.from_numpy(batch["input_ids"]),
-                                                             attention_mask=torch.from_numpy(batch["attention_mask"]))
-    feeds = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **weights}
-    config = json.loads((artifacts / "config.json").read_text())
-    past, _ = cache_names(config["num_hidden_layers"])
-    empty = np.zeros((3, config["num_key_value_heads"], 0, config["hidden_size"] // config["num_attention_heads"]),
-                     np.float32)
-    for role, extra in (("inference_model", {}), ("decoder_model", dict.fromkeys(past, empty))):
-        for shared in (False, True):  # ONNX Runtime reading the file itself, and the runtime's mapping
-            options = ort.SessionOptions()
-            kept = share_with(options, map_frozen_weights(artifacts, manifest)) if shared else []
-            session = ort.InferenceSession(str(artifacts / manifest.files[role]), options,
-                                           providers=["CPUExecutionProvider"])
-            assert rel_err(session.run(["logits"], {**feeds, **extra})[0], ref.logits.numpy()) < TOL, (role, shared)
-            del session, kept
+    check_inference_and_decoder(artifacts, reference, TOL)
 
 
 def test_training_resume_generation_and_every_export_work_on_a_bf16_base(bf16_base, tmp_path, capsys):

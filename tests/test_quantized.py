@@ -162,28 +162,38 @@ def test_loss_and_gradients_match_peft_on_the_dequantized_base(quantized, case, 
     _check_against_peft(artifacts, case, backend_type, base=reference)
 
 
-def test_inference_and_decoder_logits_match_the_dequantized_base(quantized):
+def check_inference_and_decoder(artifacts: Path, reference: Path, tol: float) -> None:
+    """The inference and decoder graphs' logits against PEFT on ``reference`` (the base the stored one stands for),
+    with ONNX Runtime reading the frozen weights' file itself and with the runtime's one mapping of it."""
     import onnxruntime as ort
 
     from ortlora.build.decoder import cache_names
+    from ortlora.runtime.frozen import map_frozen_weights, share_with
 
-    artifacts, reference, _ = quantized
     manifest = Manifest.load(artifacts)
     weights = random_weights(manifest, seed=2)
-    batch = make_batch(int(json.loads((artifacts / "config.json").read_text())["vocab_size"]), "plain")
+    config = json.loads((artifacts / "config.json").read_text())
+    batch = make_batch(int(config["vocab_size"]), "plain")
     with torch.no_grad():
         ref = peft_model(artifacts, weights, base=reference)(input_ids=torch.from_numpy(batch["input_ids"]),
                                                              attention_mask=torch.from_numpy(batch["attention_mask"]))
     feeds = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **weights}
-    session = ort.InferenceSession(str(artifacts / manifest.files["inference_model"]), providers=["CPUExecutionProvider"])
-    assert rel_err(session.run(["logits"], feeds)[0], ref.logits.numpy()) < TOL
-    decoder = ort.InferenceSession(str(artifacts / manifest.files["decoder_model"]), providers=["CPUExecutionProvider"])
-    config = json.loads((artifacts / "config.json").read_text())
     past, _ = cache_names(config["num_hidden_layers"])
-    head_dim = config["hidden_size"] // config["num_attention_heads"]
-    empty = np.zeros((3, config["num_key_value_heads"], 0, head_dim), np.float32)
-    logits = decoder.run(["logits"], {**feeds, **dict.fromkeys(past, empty)})[0]
-    assert rel_err(logits, ref.logits.numpy()) < TOL
+    empty = np.zeros((3, config["num_key_value_heads"], 0, config["hidden_size"] // config["num_attention_heads"]),
+                     np.float32)
+    for role, extra in (("inference_model", {}), ("decoder_model", dict.fromkeys(past, empty))):
+        for shared in (False, True):
+            options = ort.SessionOptions()
+            kept = share_with(options, map_frozen_weights(artifacts, manifest)) if shared else []
+            session = ort.InferenceSession(str(artifacts / manifest.files[role]), options,
+                                           providers=["CPUExecutionProvider"])
+            assert rel_err(session.run(["logits"], {**feeds, **extra})[0], ref.logits.numpy()) < tol, (role, shared)
+            del session, kept
+
+
+def test_inference_and_decoder_logits_match_the_dequantized_base(quantized):
+    artifacts, reference, _ = quantized
+    check_inference_and_decoder(artifacts, reference, TOL)
 
 
 def test_training_and_resume_run_on_a_quantized_base(quantized, tmp_path):
