@@ -65,6 +65,8 @@ SCHEMA = {
               "portable_training_openvino_bf16_model?": str, "portable_eval_openvino_bf16_model?": str,
               # the portable graphs without NonZero and LogSoftmax, for onnxruntime-ggml (dense_loss.py)
               "portable_training_ggml_model?": str, "portable_eval_ggml_model?": str,
+              # the CPU provider's portable training graph: the head's loss in a Loop over row chunks (portable_graph)
+              "portable_training_cpu_model?": str,
               "external_data?": [str]},
     "io": {"training": {"inputs": [str], "outputs": [str]}, str: {"inputs": [str], "outputs": [str]}},
     "counts": {"trainable": int, "total": int},

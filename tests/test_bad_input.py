@@ -204,7 +204,7 @@ def _empty(path: Path) -> None:
 @pytest.mark.parametrize("role, command", [
     pytest.param("training_model", "ort-training", marks=needs_training_api),
     pytest.param("checkpoint", "ort-training", marks=needs_training_api),
-    ("portable_training_model", "ort-session"),
+    ("portable_training_cpu_model", "ort-session"),  # the portable graph the CPU provider runs
     ("decoder_model", "generate"),
 ])
 def test_a_damaged_onnx_file_or_checkpoint_is_one_line(copy, tmp_path, capsys, damage, role, command):
@@ -446,7 +446,7 @@ def _relocate(path: Path, location: str) -> None:
 @pytest.mark.parametrize("role, command", [
     pytest.param("training_model", "ort-training", marks=needs_training_api),
     pytest.param("eval_model", "ort-training", marks=needs_training_api),
-    ("portable_training_model", "ort-session"),
+    ("portable_training_cpu_model", "ort-session"),  # the portable graph the CPU provider runs
     ("decoder_model", "generate"),
 ])
 def test_onnx_external_data_stays_inside_the_artifacts(copy, tmp_path, capsys, location, message, role, command):

@@ -221,15 +221,16 @@ def portable_loss_and_grads(artifacts: Path, weights: dict, batch: dict) -> tupl
 def test_portable_graph_is_standard_onnx(fixture, request):
     directory = request.getfixturevalue(fixture)
     manifest = Manifest.load(directory)
-    for role in ("portable_training_model", "portable_eval_model"):
+    for role in ("portable_training_model", "portable_eval_model", "portable_training_cpu_model"):
         path = directory / manifest.files[role]
         onnx.checker.check_model(str(path), full_check=True)
         model = onnx.load(str(path), load_external_data=False)
         assert {n.domain for n in model.graph.node} == {""}
         assert [o.domain for o in model.opset_import] == [""]
-    training = onnx.load(str(directory / manifest.files["portable_training_model"]), load_external_data=False)
-    assert [i.name for i in training.graph.input] == manifest.io["portable_training"]["inputs"]
-    assert [o.name for o in training.graph.output] == manifest.io["portable_training"]["outputs"]
+    for role in ("portable_training_model", "portable_training_cpu_model"):
+        training = onnx.load(str(directory / manifest.files[role]), load_external_data=False)
+        assert [i.name for i in training.graph.input] == manifest.io["portable_training"]["inputs"]
+        assert [o.name for o in training.graph.output] == manifest.io["portable_training"]["outputs"]
     # Frozen weights live once, in the shared external file, not inside either graph.
     assert all(t.data_location == TensorProto.EXTERNAL for t in training.graph.initializer if len(t.dims) == 2)
 
@@ -343,6 +344,33 @@ def test_portable_loss_and_gradients_match_training_api_and_pytorch(fixture, cas
     for name in grads:
         assert rel_err(grads[name], api_grads[name]) < TOL, name
         assert rel_err(grads[name], ref_grads[name]) < TOL, name
+
+
+def test_the_cpu_provider_runs_the_head_a_chunk_of_rows_at_a_time(artifacts, copy):
+    """Its portable training graph has the LM head's products and loss in a Loop, as ORT's training model has them:
+    outside it the head's weight is read only by the embedding. Artifacts without that graph (older builds) train
+    on the whole-head one, to the same numbers."""
+    manifest = Manifest.load(artifacts)
+    graph = onnx.load(str(artifacts / manifest.files["portable_training_cpu_model"]), load_external_data=False).graph
+    assert [n.op_type for n in graph.node].count("Loop") == 1
+    assert [n.op_type for n in graph.node if "model.embed_tokens.weight" in n.input] == ["Gather"]
+    whole = onnx.load(str(artifacts / manifest.files["portable_training_model"]), load_external_data=False).graph
+    assert "Loop" not in [n.op_type for n in whole.node]
+
+    weights, batch = random_weights(manifest, seed=5), make_batch(512, "ignored", seed=2)
+    chunked = OrtSessionBackend(artifacts, manifest)
+    assert chunked._roles["portable_training"] == manifest.files["portable_training_cpu_model"]
+    chunked.set_weights(weights)
+    loss = chunked.train_step(batch)
+    data = json.loads((copy / "ortlora.json").read_text())
+    del data["files"]["portable_training_cpu_model"]
+    (copy / "ortlora.json").write_text(json.dumps(data))
+    older = OrtSessionBackend(copy, Manifest.load(copy))
+    assert older._roles["portable_training"] == manifest.files["portable_training_model"]
+    older.set_weights(weights)
+    assert abs(older.train_step(batch) - loss) / abs(loss) < 1e-6
+    for name, grad in chunked.gradients().items():
+        assert rel_err(grad, older.gradients()[name]) < 1e-5, name
 
 
 def test_portable_eval_loss_and_accumulation(artifacts):

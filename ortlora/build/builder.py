@@ -241,13 +241,14 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, variant: dic
         _check_lora_initializers(loss_model, lora_values)
         stamp_ir_version(loss_model)
         lora_arrays = {name: value.numpy() for name, value in lora_values.items()}
-        whole_head = training_artifacts.generate(loss_model, lora_arrays, references, staging,
-                                                  options.label_smoothing, options.recompute, chunks_by_matrix(views))
+        whole_head, chunked_head = training_artifacts.generate(loss_model, lora_arrays, references, staging,
+                                                                options.label_smoothing, options.recompute,
+                                                                chunks_by_matrix(views))
 
     with stages("writing the portable training graph (standard ONNX for any onnxruntime)"):
         frozen_weights.attach(loss_model, references)
         lora_shapes = {name: value.shape for name, value in lora_arrays.items()}
-        portable_graph.write(loss_model, whole_head, references, lora_shapes, staging)
+        portable_graph.write(loss_model, whole_head, chunked_head, references, lora_shapes, staging)
         # The same graphs without NonZero and LogSoftmax, for onnxruntime-ggml (dense_loss.py): a float32 base only
         # (ggml 0.2.0 refused bf16 tensors and took none of an int8 base's), and no label smoothing.
         ggml_graphs = dense_loss.write(staging) if options.base_precision == "fp32" and not options.label_smoothing \
@@ -280,6 +281,7 @@ def _build_into(staging: Path, config: dict, options: BuildOptions, variant: dic
         "decoder_model": DECODER_MODEL,
         "portable_training_model": portable_graph.PORTABLE_TRAINING,
         "portable_eval_model": portable_graph.PORTABLE_EVAL,
+        "portable_training_cpu_model": portable_graph.CPU_TRAINING,
         **({"portable_training_openvino_model": portable_graph.OPENVINO_TRAINING,
             "portable_eval_openvino_model": portable_graph.OPENVINO_EVAL} if options.base_precision != "fp32" else {}),
         "portable_training_openvino_bf16_model": portable_graph.OPENVINO_BF16_TRAINING,
@@ -430,10 +432,12 @@ def _check_loads(directory: Path, lora_names: list[str], places: dict[str, dict]
     # tests/test_precision.py run the rewrites against the default graphs).
     float_base = not any(place["dtype"] in ("bfloat16", "int8", "uint4") for place in places.values())
     for name in (portable_graph.OPENVINO_TRAINING, portable_graph.OPENVINO_EVAL, portable_graph.OPENVINO_BF16_TRAINING,
-                 portable_graph.OPENVINO_BF16_EVAL, dense_loss.GGML_TRAINING, dense_loss.GGML_EVAL):
+                 portable_graph.OPENVINO_BF16_EVAL, dense_loss.GGML_TRAINING, dense_loss.GGML_EVAL,
+                 portable_graph.CPU_TRAINING):
         if not (directory / name).is_file():
             continue
-        if four_bit or float_base or name in (dense_loss.GGML_TRAINING, dense_loss.GGML_EVAL):
+        if four_bit or float_base or name in (dense_loss.GGML_TRAINING, dense_loss.GGML_EVAL,
+                                              portable_graph.CPU_TRAINING):
             onnx.checker.check_model(str(directory / name), full_check=True)
             continue
         unoptimized = options()

@@ -23,8 +23,8 @@ softmax @ W come chunk by chunk, so no [rows, vocab] tensor is formed (0.5B, 2 x
 with an fp32 base, 2,087 -> 1,924 MB with a bf16 one).
 
 Chunks are of equal size (a Loop's outputs are stacked), ceil(N / chunks) rows, the last padded with
-ignored rows: at most chunks - 1 rows of padding. Tensors the Loop's body reads from the graph are
-named without "/" (portable_graph.names_without_slash renames only the graph's own).
+ignored rows: at most chunks - 1 rows of padding. The CPU provider's portable training graph is made from the
+training model with this Loop (portable_graph.CPU_TRAINING).
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ortlora.build import openvino_precision, openvino_quantized, quantize
+from ortlora.build.chunked_loss import read_names
 from ortlora.build.portable_ops import PROVIDER_SPELLINGS, UnsupportedNode, attrs, is_standard, rewrite_node
 from ortlora.build.training_artifacts import disable_dropout, spell_out_slow_kernels
 
@@ -61,11 +62,11 @@ def make_portable(training_model: onnx.ModelProto, lora_shapes: dict[str, tuple[
     live = _live_nodes(list(graph.node) + renames, [o.name for o in outputs])
     weights = {t.name: list(t.dims) for t in graph.initializer}
     distinct = distinct_positions(live, graph.initializer)
-    nodes = [new for node in live for new in rewrite_node(node, weights, distinct)]
+    nodes = in_order([new for node in live for new in rewrite_node(node, weights, distinct)])
 
     feeds = {"input_ids", "attention_mask", "labels", *lora_names}
     inputs = [i for i in graph.input if i.name in feeds]
-    used = {name for node in nodes for name in node.input}
+    used = {name for node in nodes for name in read_names(node)}
     initializers = [t for t in graph.initializer if t.name in used]
     absent = [i.name for i in graph.input if i.name not in feeds and i.name in used]
     if absent:
@@ -109,7 +110,7 @@ def _live_nodes(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.No
         index = producer[name]
         if index not in live:
             live.add(index)
-            stack.extend(i for i in nodes[index].input if i)
+            stack.extend(read_names(nodes[index]))  # a Loop's body's reads from the graph too
     result = []
     for i, node in enumerate(nodes):
         if i in live:
@@ -119,6 +120,28 @@ def _live_nodes(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.No
                     node.output[k] = ""
             result.append(node)
     return result
+
+
+def in_order(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """The nodes sorted so that each comes after those it reads from (a Loop's body's reads too), otherwise in their
+    order. chunked_loss appends the Loop and the loss after it, after backward nodes that read them; ONNX Runtime
+    sorts a graph itself, but ONNX requires the order."""
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    placed, order = [False] * len(nodes), []
+    for start in range(len(nodes)):
+        stack = [(start, False)]
+        while stack:
+            i, ready = stack.pop()
+            if placed[i]:
+                continue
+            if ready:
+                placed[i] = True
+                order.append(nodes[i])
+                continue
+            stack.append((i, True))
+            stack.extend((producer[name], False) for name in reversed(read_names(nodes[i]))
+                         if name in producer and not placed[producer[name]] and producer[name] != i)
+    return order
 
 
 def distinct_positions(nodes: list[onnx.NodeProto], initializers) -> set[str]:
@@ -177,10 +200,23 @@ def names_without_slash(nodes: list[onnx.NodeProto], keep: set[str]) -> None:
             taken.add(new)
             renamed[out] = new
     for node in nodes:
-        for k, name in enumerate(node.input):
-            node.input[k] = renamed.get(name, name)
+        _rename_reads(node, renamed)
         for k, name in enumerate(node.output):
             node.output[k] = renamed.get(name, name)
+
+
+def _rename_reads(node: onnx.NodeProto, renamed: dict[str, str]) -> None:
+    """``node``'s inputs renamed, and what its subgraphs (a Loop's body) read from the graph."""
+    for k, name in enumerate(node.input):
+        node.input[k] = renamed.get(name, name)
+    for attribute in node.attribute:
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            inner = attribute.g
+            local = {i.name for i in inner.input} | {t.name for t in inner.initializer} | \
+                {out for n in inner.node for out in n.output}
+            outer = {name: new for name, new in renamed.items() if name not in local}
+            for n in inner.node:
+                _rename_reads(n, outer)
 
 
 # -- files -------------------------------------------------------------------------------------
@@ -194,6 +230,11 @@ OPENVINO_TRAINING = "portable_training_openvino.onnx"
 OPENVINO_EVAL = "portable_eval_openvino.onnx"
 OPENVINO_BF16_TRAINING = "portable_training_openvino_bf16.onnx"
 OPENVINO_BF16_EVAL = "portable_eval_openvino_bf16.onnx"
+# The CPU provider's training graph: the LM head and its loss in a Loop over row chunks, as ORT's training model
+# has them (chunked_loss.py), so that no [tokens, vocab] tensor is whole (0.5B shape, 8 x 512: 20,485 MB with the
+# head whole). Only there: OpenVINO's reader refuses the Loop, and a provider without Loop kernels would run it on the
+# CPU, copying the head's weight to the device each chunk.
+CPU_TRAINING = "portable_training_cpu.onnx"
 
 
 def eval_graph(loss_model: onnx.ModelProto, weights: dict[str, TensorProto], lora_shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
@@ -218,17 +259,19 @@ def eval_graph(loss_model: onnx.ModelProto, weights: dict[str, TensorProto], lor
     return model
 
 
-def write(loss_model: onnx.ModelProto, training_model: onnx.ModelProto, frozen: dict[str, TensorProto],
-          lora_shapes: dict[str, tuple[int, ...]], out_dir: Path) -> None:
+def write(loss_model: onnx.ModelProto, training_model: onnx.ModelProto, chunked_model: onnx.ModelProto,
+          frozen: dict[str, TensorProto], lora_shapes: dict[str, tuple[int, ...]], out_dir: Path) -> None:
     """Write the portable training and eval graphs into ``out_dir``.
 
     ``loss_model``: the exported loss graph. ``training_model``: ORT's training model with the loss
-    whole, as training_artifacts.generate returns it. ``frozen``: references into the frozen weights file
-    (frozen_weights.py), which the eval graph reads (the training model already does).
+    whole, and ``chunked_model`` with it in a Loop, as training_artifacts.generate returns them. ``frozen``:
+    references into the frozen weights file (frozen_weights.py), which the eval graph reads (the training models
+    already do).
     """
     evaluation, training = eval_graph(loss_model, frozen, lora_shapes), make_portable(training_model, lora_shapes)
     onnx.save(evaluation, str(out_dir / PORTABLE_EVAL))
     onnx.save(training, str(out_dir / PORTABLE_TRAINING))
+    onnx.save(make_portable(chunked_model, lora_shapes), str(out_dir / CPU_TRAINING))
     stored = frozen_precision(frozen)
     if stored != "fp32":  # OpenVINO's spelling of the base
         spell = unordered_widening if stored == "bf16" else openvino_quantized.compressed_products

@@ -34,7 +34,8 @@ CHECKPOINT = "checkpoint"
 
 def generate(loss_model: onnx.ModelProto, lora: dict[str, np.ndarray], frozen: dict[str, TensorProto],
              out_dir: Path, label_smoothing: float = 0.0, recompute: str = "none",
-             vocabulary_chunks: dict[str, list[tuple[str, int, int]]] | None = None) -> onnx.ModelProto:
+             vocabulary_chunks: dict[str, list[tuple[str, int, int]]] | None = None,
+             ) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """Write the training, eval and optimizer models and the checkpoint into ``out_dir``.
 
     ``loss_model`` holds the initial LoRA weights as initializers, the trainable parameters (``lora``:
@@ -49,7 +50,8 @@ def generate(loss_model: onnx.ModelProto, lora: dict[str, np.ndarray], frozen: d
     ``label_smoothing``: the exported loss's), in a Loop, which ONNX Runtime's training API runs on the
     CPU and CUDA. Returned: the training model with the loss whole and the head's gradient fused
     (head_gradient.py), which the portable graph is made from: OpenVINO's provider cannot take the Loop
-    (its ONNX reader finds no tensor a Loop body reads from the graph). ``recompute`` "layers": both
+    (its ONNX reader finds no tensor a Loop body reads from the graph); and the training model as written, with
+    the Loop, which the CPU provider's portable graph is made from. ``recompute`` "layers": both
     training graphs recompute each decoder layer in the backward pass (recompute.py). ``vocabulary_chunks``: the
     head's row views by matrix (quantize.chunks_by_matrix), which the chunked loss reads a chunk at a time.
     """
@@ -75,10 +77,12 @@ def generate(loss_model: onnx.ModelProto, lora: dict[str, np.ndarray], frozen: d
         if name == TRAINING_MODEL and recompute == "layers":
             recompute_layers(model)
         onnx.save(finish(model, frozen), str(out_dir / name))
+        if name == TRAINING_MODEL:
+            chunked = model
     fuse_head_gradient(whole)
     if recompute == "layers":
         recompute_layers(whole)
-    return finish(whole, frozen)
+    return finish(whole, frozen), chunked
 
 
 def finish(model: onnx.ModelProto, frozen: dict[str, TensorProto]) -> onnx.ModelProto:

@@ -26,7 +26,7 @@ from ortlora.runtime.precision import Precision, apply_precision
 from ortlora.runtime.providers import CPU, create_session, parse_ep, resolve
 from ortlora.weights import read_expected
 
-OWN_GRAPHS = ("openvino", "ggml")  # --ep names whose portable graphs the manifest may list apart (ROLE_NAME_model)
+OWN_GRAPHS = ("openvino", "ggml", "cpu")  # --ep names whose portable graphs the manifest may list apart (ROLE_NAME_model)
 # OpenVINO 2026.4 (onnxruntime-ep-openvino 1.8.1) on a bf16 base's graphs: ONNX Runtime folds each widened matrix into
 # a float32 constant, read both as x W^T and dY W, and for a square one OpenVINO computes one of the two products
 # transposed (LoRA gradients 1.35 to 1.47 off on the tiny and 4-layer 0.5B builds; docs/providers.md). The compiled-in
@@ -69,7 +69,7 @@ class OrtSessionBackend:
 
         # Some providers have graphs of their own, with the same inputs and outputs: OpenVINO's for a bf16, int8 or int4
         # base (portable_graph.unordered_widening, openvino_quantized.py), ggml's without NonZero and LogSoftmax
-        # (dense_loss.py).
+        # (dense_loss.py), the CPU provider's training graph with the head's loss in a Loop (portable_graph.CPU_TRAINING).
         provider, base = parse_ep(ep)[0], manifest.model.get("base_precision")
         if provider == "openvino" and base == "bf16" and _openvino_plugin(ep):
             if not allow_fallback:
