@@ -231,9 +231,9 @@ OPENVINO_EVAL = "portable_eval_openvino.onnx"
 OPENVINO_BF16_TRAINING = "portable_training_openvino_bf16.onnx"
 OPENVINO_BF16_EVAL = "portable_eval_openvino_bf16.onnx"
 # The CPU provider's training graph: the LM head and its loss in a Loop over row chunks, as ORT's training model
-# has them (chunked_loss.py), so that no [tokens, vocab] tensor is whole (0.5B shape, 8 x 512: 20,485 MB with the
-# head whole). Only there: OpenVINO's reader refuses the Loop, and a provider without Loop kernels would run it on the
-# CPU, copying the head's weight to the device each chunk.
+# has them (chunked_loss.py), so that no [tokens, vocab] tensor is whole (0.5B shape, 8 x 512, onnxruntime 1.32:
+# 23,366 MB with the head whole, 17,623 MB in the Loop). Only there: OpenVINO's reader refuses the Loop, and a provider
+# without Loop kernels would run it on the CPU, copying the head's weight to the device each chunk.
 CPU_TRAINING = "portable_training_cpu.onnx"
 
 
