@@ -424,6 +424,10 @@ def _check_loads(directory: Path, lora_names: list[str], places: dict[str, dict]
     del module, state
     for name in (INFERENCE_MODEL, DECODER_MODEL, portable_graph.PORTABLE_TRAINING, portable_graph.PORTABLE_EVAL):
         ort.InferenceSession(str(directory / name), options(), providers=["CPUExecutionProvider"])
+    # The CPU provider's training graph (the head in the training model's Loop), checked by onnx only, as ggml's below
+    # (a session of a training graph costs seconds at 0.5B); tests/test_portable.py and the ort-session parity tests
+    # run it.
+    onnx.checker.check_model(str(directory / portable_graph.CPU_TRAINING), full_check=True)
     four_bit = any(place["dtype"] == "uint4" for place in places.values())
     # One provider's graphs: OpenVINO's of a bf16 / int8 / int4 base, loaded unoptimized (the CPU provider would fold a
     # float32 copy of each matrix), or checked by onnx only for int4 (ONNX Runtime 1.19 cannot Reshape uint4 blocks);
@@ -432,12 +436,10 @@ def _check_loads(directory: Path, lora_names: list[str], places: dict[str, dict]
     # tests/test_precision.py run the rewrites against the default graphs).
     float_base = not any(place["dtype"] in ("bfloat16", "int8", "uint4") for place in places.values())
     for name in (portable_graph.OPENVINO_TRAINING, portable_graph.OPENVINO_EVAL, portable_graph.OPENVINO_BF16_TRAINING,
-                 portable_graph.OPENVINO_BF16_EVAL, dense_loss.GGML_TRAINING, dense_loss.GGML_EVAL,
-                 portable_graph.CPU_TRAINING):
+                 portable_graph.OPENVINO_BF16_EVAL, dense_loss.GGML_TRAINING, dense_loss.GGML_EVAL):
         if not (directory / name).is_file():
             continue
-        if four_bit or float_base or name in (dense_loss.GGML_TRAINING, dense_loss.GGML_EVAL,
-                                              portable_graph.CPU_TRAINING):
+        if four_bit or float_base or name in (dense_loss.GGML_TRAINING, dense_loss.GGML_EVAL):
             onnx.checker.check_model(str(directory / name), full_check=True)
             continue
         unoptimized = options()

@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ortlora.build.portable_ops import weight_shapes
+from ortlora.build.portable_ops import read_names, weight_shapes
 from ortlora.errors import OrtloraError
 
 # Rows of logits a chunk holds: [1024, 151936] float32 is 622 MB. Measured at 8 x 512 on the 0.5B
@@ -239,19 +239,6 @@ def _through_reshapes(name: str, producer: dict) -> onnx.NodeProto | None:
     while node is not None and node.op_type == "Reshape":
         node = producer.get(node.input[0])
     return node
-
-
-def read_names(node: onnx.NodeProto) -> list[str]:
-    """The tensors a node reads: its inputs and whatever its subgraphs (a Loop's body) read from outside."""
-    names = [x for x in node.input if x]
-    for attribute in node.attribute:
-        if attribute.type == onnx.AttributeProto.GRAPH:
-            inner = attribute.g
-            defined = {i.name for i in inner.input} | {t.name for t in inner.initializer}
-            for n in inner.node:
-                defined.update(n.output)
-                names += [x for x in read_names(n) if x not in defined]
-    return names
 
 
 def _without_dead_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:

@@ -33,8 +33,16 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ortlora.build import openvino_precision, openvino_quantized, quantize
-from ortlora.build.chunked_loss import read_names
-from ortlora.build.portable_ops import PROVIDER_SPELLINGS, UnsupportedNode, attrs, is_standard, rewrite_node
+from ortlora.build.portable_ops import (
+    PROVIDER_SPELLINGS,
+    UnsupportedNode,
+    attrs,
+    is_standard,
+    local_names,
+    read_names,
+    rewrite_node,
+    subgraphs,
+)
 from ortlora.build.training_artifacts import disable_dropout, spell_out_slow_kernels
 
 OPSET = 17
@@ -209,14 +217,11 @@ def _rename_reads(node: onnx.NodeProto, renamed: dict[str, str]) -> None:
     """``node``'s inputs renamed, and what its subgraphs (a Loop's body) read from the graph."""
     for k, name in enumerate(node.input):
         node.input[k] = renamed.get(name, name)
-    for attribute in node.attribute:
-        if attribute.type == onnx.AttributeProto.GRAPH:
-            inner = attribute.g
-            local = {i.name for i in inner.input} | {t.name for t in inner.initializer} | \
-                {out for n in inner.node for out in n.output}
-            outer = {name: new for name, new in renamed.items() if name not in local}
-            for n in inner.node:
-                _rename_reads(n, outer)
+    for inner in subgraphs(node):
+        local = local_names(inner)
+        outer = {name: new for name, new in renamed.items() if name not in local}
+        for n in inner.node:
+            _rename_reads(n, outer)
 
 
 # -- files -------------------------------------------------------------------------------------

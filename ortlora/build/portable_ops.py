@@ -79,6 +79,26 @@ def attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs a node holds (a Loop's body, which reads tensors of the graph around it by name)."""
+    return [attribute.g for attribute in node.attribute if attribute.type == onnx.AttributeProto.GRAPH]
+
+
+def local_names(graph: onnx.GraphProto) -> set[str]:
+    """The tensors a (sub)graph defines itself: its inputs, initializers and nodes' outputs."""
+    return {i.name for i in graph.input} | {t.name for t in graph.initializer} | \
+        {out for node in graph.node for out in node.output}
+
+
+def read_names(node: onnx.NodeProto) -> list[str]:
+    """The tensors a node reads: its inputs and whatever its subgraphs (a Loop's body) read from outside."""
+    names = [x for x in node.input if x]
+    for inner in subgraphs(node):
+        local = local_names(inner)
+        names += [x for n in inner.node for x in read_names(n) if x not in local]
+    return names
+
+
 def weight_shapes(graph: onnx.GraphProto) -> dict[str, list[int]]:
     """The dims of the graph's weights: its initializers, and the graph inputs of fixed shape (frozen weights
     still read as inputs before frozen_weights.attach)."""

@@ -38,7 +38,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ortlora.build.chunked_loss import read_names
+from ortlora.build.portable_ops import read_names, subgraphs
 
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
 BF16 = "bf16"
@@ -114,9 +114,8 @@ def _axes_as_inputs(graph: onnx.GraphProto) -> None:
     """raise_opset's rewrite of ``graph`` and of its subgraphs (the chunked loss's Loop body)."""
     nodes = []
     for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                _axes_as_inputs(attribute.g)
+        for inner in subgraphs(node):
+            _axes_as_inputs(inner)
         axes = next((a for a in node.attribute if a.name == "axes"), None)
         if node.domain in ("", "ai.onnx") and node.op_type in AXES_AS_INPUT and axes is not None:
             name = f"{node.name or node.output[0]}/axes"
@@ -166,11 +165,10 @@ def dequantize_per_use(model: onnx.ModelProto, matrices: dict[str, tuple[str, in
         nonlocal count
         nodes = []
         for node in graph_nodes:
-            for attribute in node.attribute:  # a Loop's body (chunked_loss) reads the matrices from outside
-                if attribute.type == onnx.AttributeProto.GRAPH:
-                    inner = rewrite(attribute.g.node)
-                    del attribute.g.node[:]
-                    attribute.g.node.extend(inner)
+            for inner in subgraphs(node):  # a Loop's body (chunked_loss) reads the matrices from outside
+                rewritten = rewrite(inner.node)
+                del inner.node[:]
+                inner.node.extend(rewritten)
             for k, name in enumerate(node.input):
                 if name not in matrices:
                     continue
